@@ -1,0 +1,64 @@
+"""The typed configuration of one training run: every `tlserve train` option."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("scratch", "frozen", "finetune", "full")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+HEADS = ("gap", "gap-dense", "flatten-dense-bn")
+
+
+@dataclass
+class DataConfig:
+    spec: str = "synthetic"            # cifar10 | cifar10:PATH | folder:PATH | synthetic
+    classes: str | None = None         # "0-4" | "cat,dog" | None for all
+    val_split: float = 0.1
+    limit: int | None = None           # per split, for quick runs
+    image_size: int | None = None      # folder sets: resize to this (default: own size or 224)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: str = "cnn"
+    weights: str = "none"              # imagenet | none | PATH.h5
+    strategy: str = "scratch"
+    input_size: int | None = None      # resize inside the model; None = backbone default
+    head: str = "gap"
+    head_units: int = 256
+    dropout: float = 0.2
+    augment: bool = False
+    cnn_layers: str = "seed003"        # preset name or layer spec (see backbones.CNN_PRESETS)
+    cnn_padding: str = "same"
+    bn_momentum: float = 0.99
+    l2: float = 0.0
+    truncate_at: str | None = None
+    unfreeze: int | None = None        # finetune: top N backbone layers
+    unfreeze_from: str | None = None   # finetune: from this layer on
+    from_run: str | None = None        # transfer from one of our runs (seed 004)
+    train_last: int = 1                # with from_run: train the last K weighted layers
+    epochs: int = 5
+    finetune_epochs: int = 3
+    lr: float = 1e-3
+    finetune_lr: float = 1e-5
+    optimizer: str = "adam"
+    momentum: float = 0.9              # sgd
+    batch_size: int = 64
+    target: float = 0.8
+    patience: int | None = 5           # early stopping on val_loss; None = off
+    seed: int = 0
+    name: str | None = None
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        raw = dict(raw)
+        data = DataConfig(**raw.pop("data", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(data=data, **{k: v for k, v in raw.items() if k in known})

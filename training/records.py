@@ -1,0 +1,131 @@
+"""Run records: `runs/<name>/record.json` and the files beside it.
+
+A finished run folder holds:
+  record.json    the record below (written last: its presence means finished)
+  history.csv    one row per epoch: epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds
+  model.keras    the trained tf-keras model (load with training.models.load_model)
+  checkpoint.weights.h5   weights after the last completed epoch
+  curves.png     accuracy / loss per epoch
+
+record.json (schema 1):
+  name, schema, created_at, status ("finished")
+  config          TrainConfig.to_dict(): every CLI option
+  data            spec, source, class_names, num_classes, image_size [h, w],
+                  splits {train, val, test}, skipped [file names that would not decode], seed
+  model           backbone, strategy, weights, input_shape [h, w, 3], input_dtype "float32",
+                  input_range [0, 255], input_size (resize inside the model), interpolation,
+                  layers, depth, total_params, trainable_params, non_trainable_params,
+                  trainable_layers, frozen_layers, size_bytes
+  history         [{epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds}]
+  epochs, avg_epoch_time_sec, total_time_sec, target, epochs_to_target (int | null)
+  test            {loss, accuracy, per_class_accuracy {class: acc}, confusion_matrix [[int]]}
+  environment     {machine {...}, versions {...}, devices [..], precision, distribution}
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training import storage
+from training.errors import UserError
+
+SCHEMA = 1
+RECORD = "record.json"
+HISTORY = "history.csv"
+MODEL = "model.keras"
+CHECKPOINT = "checkpoint.weights.h5"
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+# Seed 001's CSV columns, then ours.
+TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
+                "trainable_params", "non_trainable_params", "epochs_to_target")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL
+
+
+def resolve_run_dir(name_or_path: str, runs_dir: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if (candidate / RECORD).is_file() or (candidate.is_dir() and candidate.parent != Path(".")):
+        return candidate
+    return storage.runs_dir(runs_dir) / name_or_path
+
+
+def load_run(name_or_path: str, runs_dir: Path | None = None) -> Run:
+    """A finished run, or a UserError that says why not."""
+    path = resolve_run_dir(name_or_path, runs_dir)
+    if not path.is_dir():
+        known = [r.name for r in list_runs(runs_dir)]
+        from training.errors import nearest  # noqa: PLC0415
+        raise UserError(f"no run named '{name_or_path}' in {storage.runs_dir(runs_dir)}{nearest(name_or_path, known)}")
+    if not (path / RECORD).is_file():
+        raise UserError(f"run '{name_or_path}' did not finish (no {RECORD} in {path})")
+    return Run(path, storage.read_json(path / RECORD))
+
+
+def list_runs(runs_dir: Path | None = None) -> list[Run]:
+    root = storage.runs_dir(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not (child / RECORD).is_file():
+            continue
+        try:
+            runs.append(Run(child, storage.read_json(child / RECORD)))
+        except (OSError, ValueError):
+            continue
+    return sorted(runs, key=lambda r: r.record.get("created_at", ""))
+
+
+def table_row(record: dict[str, Any]) -> dict[str, Any]:
+    """Seed 001's columns (plus epochs_to_target), derived from a record."""
+    return {
+        "model": record["name"],
+        "epochs": record["epochs"],
+        "avg_epoch_time_sec": record["avg_epoch_time_sec"],
+        "total_time_sec": record["total_time_sec"],
+        "test_accuracy": record["test"]["accuracy"],
+        "trainable_params": record["model"]["trainable_params"],
+        "non_trainable_params": record["model"]["non_trainable_params"],
+        "epochs_to_target": record["epochs_to_target"],
+    }
+
+
+def table_csv(records: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=TABLE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(table_row(record))
+    return buf.getvalue()
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def epochs_to_target(history: list[dict[str, Any]], target: float) -> int | None:
+    """The first epoch (1-based, over all phases) whose val accuracy reaches target."""
+    for row in history:
+        val = row.get("val_accuracy")
+        if val is not None and val >= target:
+            return int(row["epoch"])
+    return None

@@ -1,0 +1,103 @@
+"""Where runs and models live, and writes that are never seen half-done."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def home() -> Path:
+    return Path(os.environ.get("TLSERVE_HOME", "."))
+
+
+def runs_dir(override: str | Path | None = None) -> Path:
+    return Path(override) if override else home() / "runs"
+
+
+def models_dir(override: str | Path | None = None) -> Path:
+    return Path(override) if override else home() / "models"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays reach records from metrics; keep them plain JSON.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, *, overwrite: bool, staging: Path | None = None) -> Iterator[Path]:
+    """Yield a staging folder that becomes `final` only if the block succeeds.
+
+    An existing `final` is swapped out only at the very end (so a failure
+    leaves it intact) and removed after the new one is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    else:
+        staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    promote(staging, final, overwrite=overwrite)
+
+
+def promote(staging: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename a finished staging folder into place, replacing `final` if allowed."""
+    old = None
+    if final.exists():
+        if not overwrite:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FileExistsError(str(final))
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
