@@ -33,6 +33,212 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 # ---- training (issue 2) ----------------------------------------------------------------
 
+Data = Annotated[str, typer.Option("--data", help="cifar10 | cifar10:PATH | folder:PATH | synthetic.")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help="Subset and re-index: '0-4', '5,7', 'cat,dog'.")]
+Backbone = Annotated[str, typer.Option("--backbone", "-b", help="See `tlserve backbones`.")]
+Strategy = Annotated[str, typer.Option("--strategy", "-s", help="scratch | frozen | finetune | full.")]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="imagenet | none | PATH.h5 (default: imagenet for transfer, none for scratch).")]
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Resize inside the model to this square size (default: the backbone's).")]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Folder data: resize images to this size on load (default: their own size if they agree, else 224).")]
+Head = Annotated[Optional[str], typer.Option("--head", help="gap | gap-dense | flatten-dense-bn (pretrained backbones).")]
+CnnLayers = Annotated[str, typer.Option("--cnn-layers", help="CNN body: a preset (seed001..seed004) or tokens like c32,p,c64,p,f,d128,dr0.5.")]
+Unfreeze = Annotated[Optional[int], typer.Option("--unfreeze", help="finetune phase 2: unfreeze the top N backbone layers (default 30).")]
+UnfreezeFrom = Annotated[Optional[str], typer.Option("--unfreeze-from", help="finetune phase 2: unfreeze from this backbone layer on.")]
+TruncateAt = Annotated[Optional[str], typer.Option("--truncate-at", help="Cut the backbone after this layer (e.g. block3_pool).")]
+BnMomentum = Annotated[float, typer.Option("--bn-momentum", help="cnn-bn BatchNorm momentum.")]
+L2 = Annotated[float, typer.Option("--l2", help="L2 factor on conv and dense kernels of the CNN.")]
+
+
+@app.command()
+def train(
+    data: Data = "synthetic",
+    backbone: Backbone = "cnn",
+    strategy: Strategy = "scratch",
+    weights: Weights = None,
+    classes: Classes = None,
+    val_split: Annotated[float, typer.Option(help="Fraction of train held out for validation when the data has no val split.")] = 0.1,
+    limit: Annotated[Optional[int], typer.Option(help="At most N images per split (quick runs).")] = None,
+    image_size: ImageSize = None,
+    input_size: InputSize = None,
+    head: Head = None,
+    head_units: Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")] = 256,
+    dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = 0.2,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flip/rotation/zoom layers, active in training only.")] = False,
+    cnn_layers: CnnLayers = "seed003",
+    cnn_padding: Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")] = None,
+    bn_momentum: BnMomentum = 0.99,
+    l2: L2 = 0.0,
+    truncate_at: TruncateAt = None,
+    unfreeze: Unfreeze = None,
+    unfreeze_from: UnfreezeFrom = None,
+    from_run: Annotated[Optional[str], typer.Option(help="Start from one of our runs: its layers, a new output layer (seed 004).")] = None,
+    train_last: Annotated[int, typer.Option(help="With --from-run: train only the last K layers that have weights.")] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs (finetune: phase 1).")] = 5,
+    finetune_epochs: Annotated[int, typer.Option(help="finetune: phase 2 epochs.")] = 3,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    finetune_lr: Annotated[float, typer.Option(help="finetune: phase 2 learning rate.")] = 1e-5,
+    optimizer: Annotated[str, typer.Option(help="adam | sgd | rmsprop.")] = "adam",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for data splits, shuffles and initial weights.")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: backbone-strategy-data-time).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name.")] = False,
+    runs_dir: RunsDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
+) -> None:
+    """Train one model and write its run record to runs/<name>/."""
+    from training.config import DataConfig, TrainConfig  # noqa: PLC0415
+    from training.train import train as run_training  # noqa: PLC0415
+
+    cfg = TrainConfig(
+        data=DataConfig(spec=data, classes=classes, val_split=val_split, limit=limit, image_size=image_size, seed=seed),
+        backbone=backbone, weights=weights, strategy=strategy, input_size=input_size, head=head,
+        head_units=head_units, dropout=dropout, augment=augment, cnn_layers=cnn_layers, cnn_padding=cnn_padding,
+        bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at, unfreeze=unfreeze, unfreeze_from=unfreeze_from,
+        from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
+        finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, batch_size=batch_size, target=target,
+        patience=patience or None, seed=seed, name=name, overwrite=overwrite,
+    )
+    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
+    run = run_training(cfg, runs_dir, log=log)
+    if json_out:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(run.record, indent=2))
+        return
+    _print_record(run)
+
+
+def _print_record(run) -> None:
+    from training.records import table_row  # noqa: PLC0415
+
+    r = run.record
+    row = table_row(r)
+    table = Table(title=f"run {r['name']}  ({run.path})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    m = r["model"]
+    facts = {
+        "data": f"{r['data']['source']}, {r['data']['num_classes']} classes, splits {r['data']['splits']}",
+        "model": f"{m['backbone']} / {m['strategy']}, input {m['input_shape'][0]}x{m['input_shape'][1]} -> {m['input_size']}, "
+                 f"{m['layers']} layers (depth {m['depth']})",
+        "params": f"total {m['total_params']:,}  trainable {m['trainable_params']:,}  non-trainable {m['non_trainable_params']:,}",
+        "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
+        "epochs_to_target": f"{row['epochs_to_target']} (target {r['target']})",
+        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}",
+        "record": str(run.path / "record.json"),
+    }
+    for key, value in facts.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def summary(
+    backbone: Backbone = "cnn",
+    strategy: Strategy = "scratch",
+    image_size: Annotated[int, typer.Option("--image-size", help="The data's image size.")] = 32,
+    num_classes: Annotated[int, typer.Option(help="Classes of the output layer.")] = 10,
+    weights: Annotated[str, typer.Option(help="Weights do not change the counts; none avoids a download.")] = "none",
+    input_size: InputSize = None,
+    head: Head = None,
+    head_units: Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")] = 256,
+    cnn_layers: CnnLayers = "seed003",
+    cnn_padding: Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")] = None,
+    bn_momentum: BnMomentum = 0.99,
+    l2: L2 = 0.0,
+    truncate_at: TruncateAt = None,
+    unfreeze: Unfreeze = None,
+    unfreeze_from: UnfreezeFrom = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Also list every layer with its trainable flag.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Inspect a backbone + strategy without training: depth, parameters, trainable vs frozen layers."""
+    from training.summary import describe  # noqa: PLC0415
+
+    result = describe(backbone=backbone, strategy=strategy, image_size=image_size, num_classes=num_classes,
+                      weights=weights, input_size=input_size, head=head, head_units=head_units, cnn_layers=cnn_layers,
+                      cnn_padding=cnn_padding, bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at,
+                      unfreeze=unfreeze, unfreeze_from=unfreeze_from)
+    if json_out:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{backbone} / {result['strategy']}: {image_size}x{image_size} images -> input "
+                        f"{result['input_size']}, {num_classes} classes")
+    table.add_column("")
+    for phase in result["phases"]:
+        table.add_column(phase["phase"], justify="right")
+    for key in ("layers", "depth", "total_params", "trainable_params", "non_trainable_params", "trainable_layers", "frozen_layers"):
+        table.add_row(key, *(f"{phase['facts'][key]:,}" for phase in result["phases"]))
+    console.print(table)
+    if layers:
+        listing = Table(title="layers (last phase)")
+        for col in ("#", "layer", "type", "params", "trainable"):
+            listing.add_column(col)
+        for i, layer in enumerate(result["layers"]):
+            listing.add_row(str(i), layer["name"], layer["type"], f"{layer['params']:,}", "yes" if layer["trainable"] else "no")
+        console.print(listing)
+
+
+@app.command("backbones")
+def list_backbones() -> None:
+    """List the backbones `--backbone` accepts, and the CNN presets."""
+    from training.backbones import CNN_PRESETS, REGISTRY  # noqa: PLC0415
+
+    table = Table(title="backbones")
+    for col in ("name", "weights", "default input", "preprocess", "description"):
+        table.add_column(col)
+    for spec in REGISTRY.values():
+        table.add_row(spec.name, "imagenet | none | PATH" if spec.pretrained else "none (random init)",
+                      str(spec.default_input or "image size"), spec.preprocess, spec.description)
+    console.print(table)
+    presets = Table(title="CNN presets (--cnn-layers)")
+    presets.add_column("preset")
+    presets.add_column("layers")
+    presets.add_column("padding")
+    for preset, (spec, padding) in CNN_PRESETS.items():
+        presets.add_row(preset, spec, padding)
+    console.print(presets)
+
+
+@app.command("runs")
+def list_runs_cmd(
+    runs_dir: RunsDir = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write seed 001's CSV to this file.")] = None,
+) -> None:
+    """List finished runs with seed 001's columns plus epochs_to_target."""
+    from training import storage  # noqa: PLC0415
+    from training.records import TABLE_FIELDS, list_runs, table_csv, table_row  # noqa: PLC0415
+
+    runs = list_runs(runs_dir)
+    if not runs:
+        raise UserError(f"no finished runs in {storage.runs_dir(runs_dir)}; train one with `tlserve train`")
+    table = Table(title=f"runs in {storage.runs_dir(runs_dir)}")
+    for col in TABLE_FIELDS:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for run in runs:
+        row = table_row(run.record)
+        table.add_row(*(_fmt(row[c]) for c in TABLE_FIELDS))
+    console.print(table)
+    if csv:
+        storage.write_text(csv, table_csv([r.record for r in runs]))
+        console.print(f"wrote {csv}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
 # ---- export / predict / models (issue 3) -----------------------------------------------
 
 # ---- serve / build (issue 4) -----------------------------------------------------------
@@ -40,10 +246,10 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 # ---- compare / bench / features (issue 5) ----------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user's mistake is one line and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except UserError as exc:
         raise SystemExit(_report(str(exc))) from None
     except typer.Exit as exc:

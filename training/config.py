@@ -24,15 +24,15 @@ class DataConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: str = "cnn"
-    weights: str = "none"              # imagenet | none | PATH.h5
+    weights: str | None = None         # imagenet | none | PATH.h5; None: imagenet for transfer, none for scratch
     strategy: str = "scratch"
     input_size: int | None = None      # resize inside the model; None = backbone default
-    head: str = "gap"
+    head: str | None = None            # pretrained backbones only; None: gap
     head_units: int = 256
     dropout: float = 0.2
     augment: bool = False
     cnn_layers: str = "seed003"        # preset name or layer spec (see backbones.CNN_PRESETS)
-    cnn_padding: str = "same"
+    cnn_padding: str | None = None     # None: the preset's own
     bn_momentum: float = 0.99
     l2: float = 0.0
     truncate_at: str | None = None

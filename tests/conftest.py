@@ -1,0 +1,70 @@
+"""Shared test helpers: run the CLI in-process (TensorFlow loads once per session)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Call `tlserve ARGS...` through cli.main (the console script's own entry point)."""
+    import cli  # noqa: PLC0415
+
+    def run(*args: str | Path) -> CliResult:
+        capsys.readouterr()
+        code = 0
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tlserve_bin() -> Path:
+    """The installed console script, for tests that need a separate process."""
+    exe = Path(sys.executable).with_name("tlserve")
+    assert exe.exists(), f"tlserve console script not installed next to {sys.executable}"
+    return exe
+
+
+def cli_call(*args: str | Path) -> None:
+    """Run `tlserve ARGS...` in-process for fixtures; fails the test on a non-zero exit."""
+    import cli  # noqa: PLC0415
+
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            pytest.fail(f"tlserve {' '.join(map(str, args))} exited {exc.code}")
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def cnn_run(runs_root) -> Path:
+    """One small CNN trained on synthetic data, shared by every test that needs a finished run."""
+    cli_call("train", "--data", "synthetic", "--backbone", "cnn", "--epochs", "4", "--name", "cnn",
+             "--runs-dir", runs_root, "--seed", "0")
+    return runs_root / "cnn"

@@ -1,0 +1,144 @@
+"""The backbone registry: what `--backbone` accepts and how each one is built.
+
+Like timm's pretrained configs, each entry carries its own preprocessing and
+default input size, so a model built from it needs nothing else from the caller.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from training.env import keras
+from training.errors import UserError, nearest
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    description: str
+    app: str | None = None              # keras.applications constructor, None for our CNNs
+    preprocess: str = "unit"            # key into layers.PREPROCESSORS
+    min_input: int = 32                 # smallest input keras.applications accepts
+    default_input: int | None = None    # resize target when --input-size is not given (None: image size)
+    batchnorm: bool = False             # cnn-bn: BatchNorm between every conv/dense and its activation
+
+    @property
+    def pretrained(self) -> bool:
+        return self.app is not None
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        BackboneSpec("cnn", "the seeds' baseline CNN; layer sizes from --cnn-layers (presets seed001-seed004)"),
+        BackboneSpec("cnn-bn", "seed 002's CNN with BatchNorm before each activation (--bn-momentum, --l2)", batchnorm=True),
+        BackboneSpec("mobilenetv2", "MobileNetV2 (depthwise-separable, 2.3M params), ImageNet weights",
+                     app="MobileNetV2", preprocess="mobilenet_v2", default_input=96),
+        BackboneSpec("vgg16", "VGG16 (13 conv + pools, 14.7M params), ImageNet weights",
+                     app="VGG16", preprocess="vgg16", default_input=32),
+        BackboneSpec("resnet50v2", "ResNet50V2 (pre-activation residual, 23.6M params), ImageNet weights",
+                     app="ResNet50V2", preprocess="resnet_v2", default_input=96),
+    )
+}
+
+# Each seed's baseline CNN: (layer spec, padding). Tokens: cN conv N filters 3x3 (cNkK: KxK),
+# p / pK max-pool, drX dropout, f flatten, g global-average-pool, dN dense N relu.
+CNN_PRESETS: dict[str, tuple[str, str]] = {
+    "seed001": ("c32,p,c64,p,c128,p,f,d128,dr0.5", "valid"),
+    "seed002": ("c32,c32,p3,dr0.2,c64,c64,p3,dr0.2,c128,c128,p3,dr0.2,f,d128,dr0.2", "same"),
+    "seed003": ("c32,p,c64,p,f,d128", "same"),
+    "seed004": ("c32,c64,p,dr0.2,f,d128,dr0.2,d64,dr0.2", "valid"),
+}
+_TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|g|d(\d+))$")
+
+
+def get(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown backbone '{name}'; choose from {', '.join(REGISTRY)}{nearest(name, list(REGISTRY))}") from None
+
+
+def resolve_cnn_layers(layers_or_preset: str, padding: str | None) -> tuple[str, str]:
+    """A preset name or a layer spec → (validated spec, padding)."""
+    spec, preset_padding = CNN_PRESETS.get(layers_or_preset, (layers_or_preset, "same"))
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in tokens if not _TOKEN.match(t)]
+    if not tokens or bad:
+        raise UserError(
+            f"bad --cnn-layers '{layers_or_preset}' (token {bad[0] if bad else '(none)'}); use a preset "
+            f"({', '.join(CNN_PRESETS)}) or tokens like c32,p,c64,p,f,d128,dr0.5")
+    padding = padding or preset_padding
+    if padding not in ("same", "valid"):
+        raise UserError(f"--cnn-padding must be 'same' or 'valid', not '{padding}'")
+    return ",".join(tokens), padding
+
+
+def cnn_layers(spec: str, padding: str, *, batchnorm: bool, bn_momentum: float, l2: float) -> list:
+    """Keras layers for a CNN body; cnn-bn puts BatchNorm between each conv/dense and its ReLU."""
+    K = keras()
+    reg = K.regularizers.l2(l2) if l2 > 0 else None
+    out: list = []
+    for token in spec.split(","):
+        m = _TOKEN.match(token)
+        assert m is not None  # validated by resolve_cnn_layers
+        if m.group(2):
+            kernel = int(m.group(3) or 3)
+            out.append(K.layers.Conv2D(int(m.group(2)), kernel, padding=padding, kernel_regularizer=reg,
+                                       activation=None if batchnorm else "relu"))
+            if batchnorm:
+                out += [K.layers.BatchNormalization(momentum=bn_momentum), K.layers.Activation("relu")]
+        elif token.startswith("p"):
+            size = int(m.group(4) or 2)
+            out.append(K.layers.MaxPooling2D(size))
+        elif token.startswith("dr"):
+            out.append(K.layers.Dropout(float(m.group(5))))
+        elif token == "f":
+            out.append(K.layers.Flatten())
+        elif token == "g":
+            out.append(K.layers.GlobalAveragePooling2D())
+        else:
+            out.append(K.layers.Dense(int(m.group(6)), kernel_regularizer=reg, activation=None if batchnorm else "relu"))
+            if batchnorm:
+                out += [K.layers.BatchNormalization(momentum=bn_momentum), K.layers.Activation("relu")]
+    return out
+
+
+def build_pretrained(spec: BackboneSpec, input_size: int, weights: str):
+    """The keras.applications model without its top, with weights: imagenet | none | PATH."""
+    K = keras()
+    constructor = getattr(K.applications, spec.app)
+    shape = (input_size, input_size, 3)
+    if weights == "none":
+        return constructor(include_top=False, weights=None, input_shape=shape)
+    if weights == "imagenet":
+        try:
+            return constructor(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as exc:  # Keras raises bare Exception on a failed download
+            raise UserError(
+                f"could not download ImageNet weights for {spec.name} ({_first_line(exc)}); "
+                "pass --weights PATH.h5 (a Keras weights file) or --weights none") from None
+    from pathlib import Path  # noqa: PLC0415
+
+    if not Path(weights).is_file():
+        raise UserError(f"--weights: no such file '{weights}' (use imagenet, none, or a Keras .h5 weights file)")
+    model = constructor(include_top=False, weights=None, input_shape=shape)
+    try:
+        model.load_weights(weights)
+    except Exception as exc:  # h5py/Keras raise ValueError, OSError or KeyError for a mismatch
+        raise UserError(f"--weights {weights} does not match {spec.name} at input {input_size}: {_first_line(exc)}") from None
+    return model
+
+
+def truncate(base, layer_name: str):
+    """The backbone cut after `layer_name` (seed 002: VGG16 up to block3_pool)."""
+    K = keras()
+    names = [layer.name for layer in base.layers]
+    if layer_name not in names:
+        raise UserError(f"--truncate-at: no layer '{layer_name}' in {base.name}{nearest(layer_name, names)}")
+    return K.Model(base.input, base.get_layer(layer_name).output, name=f"{base.name}_to_{layer_name}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__

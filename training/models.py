@@ -1,0 +1,179 @@
+"""Whole models: raw pixels in, probabilities out, everything else inside.
+
+DESIGN.md's input contract: float32 NHWC 0..255 at the dataset's image size.
+Augmentation (training only), the resize to the backbone's input size and the
+backbone's own preprocess_input are layers of the model, so Keras, SavedModel,
+ONNX and HTTP clients all send the same pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training import backbones
+from training.config import TrainConfig
+from training.env import keras
+from training.errors import UserError
+
+PREPROCESSORS = ("unit", "mobilenet_v2", "vgg16", "resnet_v2")
+_preprocess_layer_cls = None
+
+
+def preprocess_layer_class():
+    """A serializable layer applying a keras.applications preprocess_input.
+
+    A Lambda would not survive saving; this calls the application's own function,
+    so preprocessing stays exactly Keras's rather than our re-implementation of it.
+    """
+    global _preprocess_layer_cls
+    if _preprocess_layer_cls is not None:
+        return _preprocess_layer_cls
+    K = keras()
+
+    @K.utils.register_keras_serializable(package="tlserve")
+    class BackbonePreprocess(K.layers.Layer):
+        def __init__(self, mode: str = "unit", **kwargs):
+            super().__init__(**kwargs)
+            if mode not in PREPROCESSORS:
+                raise ValueError(f"unknown preprocess mode {mode}")
+            self.mode = mode
+
+        def call(self, inputs):
+            if self.mode == "unit":
+                return inputs / 255.0
+            module = {"mobilenet_v2": K.applications.mobilenet_v2, "vgg16": K.applications.vgg16,
+                      "resnet_v2": K.applications.resnet_v2}[self.mode]
+            return module.preprocess_input(inputs)
+
+        def get_config(self):
+            return {**super().get_config(), "mode": self.mode}
+
+    _preprocess_layer_cls = BackbonePreprocess
+    return BackbonePreprocess
+
+
+@dataclass
+class BuiltModel:
+    model: Any                     # keras.Model, raw pixels -> probabilities
+    backbone: Any | None           # the nested keras.applications model (None for CNNs)
+    input_size: int                # the resize target inside the model
+    backbone_training: bool | None # how the backbone is called: False keeps BatchNorm in inference mode
+
+
+def augmentation(seed: int):
+    """The seeds' flip/rotation/zoom; Keras's random layers are identity outside training."""
+    K = keras()
+    return K.Sequential([
+        K.layers.RandomFlip("horizontal", seed=seed),
+        K.layers.RandomRotation(0.05, seed=seed),
+        K.layers.RandomZoom(0.1, seed=seed),
+    ], name="augmentation")
+
+
+def resolve_input_size(cfg: TrainConfig, image_size: tuple[int, int]) -> int:
+    spec = backbones.get(cfg.backbone)
+    size = cfg.input_size or max(image_size[0], spec.default_input or 0)
+    if size < spec.min_input:
+        raise UserError(f"--input-size {size} is below {spec.name}'s minimum of {spec.min_input}")
+    return size
+
+
+def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> BuiltModel:
+    K = keras()
+    spec = backbones.get(cfg.backbone)
+    h, w = image_size
+    inputs = K.Input((h, w, 3), dtype="float32", name="image")
+    x = inputs
+    if cfg.augment:
+        x = augmentation(cfg.seed)(x)
+    size = resolve_input_size(cfg, image_size) if spec.pretrained or cfg.input_size else h
+    if (size, size) != (h, w):
+        x = K.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
+    x = preprocess_layer_class()(spec.preprocess, name="preprocess")(x)
+
+    base = None
+    backbone_training = None
+    if spec.pretrained:
+        base = backbones.build_pretrained(spec, size, cfg.weights)
+        if cfg.truncate_at:
+            base = backbones.truncate(base, cfg.truncate_at)
+        # Frozen and fine-tuned backbones keep BatchNorm in inference mode (Keras's
+        # transfer-learning guide): their statistics must not drift on a small head task.
+        backbone_training = False if cfg.strategy in ("frozen", "finetune") else None
+        x = base(x, training=backbone_training)
+        x = _head(x, cfg)
+    else:
+        if cfg.truncate_at:
+            raise UserError("--truncate-at applies to pretrained backbones (mobilenetv2, vgg16, resnet50v2), not CNNs")
+        layer_spec, padding = backbones.resolve_cnn_layers(cfg.cnn_layers, cfg.cnn_padding)
+        for layer in backbones.cnn_layers(layer_spec, padding, batchnorm=spec.batchnorm,
+                                          bn_momentum=cfg.bn_momentum, l2=cfg.l2):
+            x = layer(x)
+        if len(x.shape) == 4:  # a spec without f/g still needs a vector for the classifier
+            x = K.layers.GlobalAveragePooling2D()(x)
+    outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    model = K.Model(inputs, outputs, name=f"{cfg.backbone}_{cfg.strategy}")
+    return BuiltModel(model, base, size, backbone_training)
+
+
+def _head(x, cfg: TrainConfig):
+    K = keras()
+    head = cfg.head or "gap"
+    if head == "gap":
+        x = K.layers.GlobalAveragePooling2D(name="head_pool")(x)
+        return K.layers.Dropout(cfg.dropout, name="head_dropout")(x) if cfg.dropout else x
+    if head == "gap-dense":
+        x = K.layers.GlobalAveragePooling2D(name="head_pool")(x)
+        x = K.layers.Dense(cfg.head_units, activation="relu", name="head_dense")(x)
+        return K.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    if head == "flatten-dense-bn":
+        x = K.layers.Flatten(name="head_flatten")(x)
+        x = K.layers.Dense(cfg.head_units, name="head_dense")(x)
+        x = K.layers.BatchNormalization(name="head_bn")(x)
+        x = K.layers.Activation("relu", name="head_relu")(x)
+        return K.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    from training.config import HEADS  # noqa: PLC0415
+
+    raise UserError(f"unknown --head '{head}'; choose from {', '.join(HEADS)}")
+
+
+def load_model(path: Path | str):
+    """Load a run's model.keras with tlserve's layers registered."""
+    K = keras()
+    preprocess_layer_class()
+    return K.models.load_model(str(path), compile=False)
+
+
+def leaf_layers(model) -> list:
+    """Every layer, with nested models (a backbone) expanded in place."""
+    K = keras()
+    out = []
+    for layer in model.layers:
+        out.extend(leaf_layers(layer) if isinstance(layer, K.Model) else [layer])
+    return out
+
+
+def count_params(weights) -> int:
+    """Keras's own count (what model.summary() prints): each distinct variable once."""
+    K = keras()
+    unique = {id(w): w for w in weights}
+    return int(sum(K.backend.count_params(w) for w in unique.values()))
+
+
+def facts(model) -> dict[str, Any]:
+    """Seed 000's inspection: depth, parameters, trainable vs frozen layers (Keras's own counts)."""
+    leaves = leaf_layers(model)
+    weighted = [layer for layer in leaves if layer.weights]
+    trainable = count_params(model.trainable_weights)
+    non_trainable = count_params(model.non_trainable_weights)
+    return {
+        "layers": len(model.layers),
+        "depth": len(leaves),
+        "weighted_layers": len(weighted),
+        "total_params": int(trainable + non_trainable),
+        "trainable_params": int(trainable),
+        "non_trainable_params": int(non_trainable),
+        "trainable_layers": sum(1 for layer in weighted if layer.trainable and layer.trainable_weights),
+        "frozen_layers": sum(1 for layer in weighted if not (layer.trainable and layer.trainable_weights)),
+    }

@@ -1,0 +1,35 @@
+"""The effective configuration: defaults that depend on other options, and every check
+that can fail before any data is loaded or any model is built."""
+from __future__ import annotations
+
+import dataclasses
+
+from training import backbones, strategies
+from training.config import OPTIMIZERS, TrainConfig
+from training.errors import UserError
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other options, so the record holds the effective values."""
+    spec = backbones.get(cfg.backbone)
+    cfg = dataclasses.replace(cfg)
+    if cfg.from_run:
+        cfg.strategy = "from-run"
+    if cfg.weights is None:
+        cfg.weights = "imagenet" if spec.pretrained and cfg.strategy not in ("scratch",) else "none"
+    if spec.pretrained and cfg.head is None:
+        cfg.head = "gap"
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{cfg.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+    if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.strategy != "finetune"):
+        raise UserError("--epochs must be at least 1 (0 only with --strategy finetune, to go straight to phase 2)")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not 0 < cfg.target <= 1:
+        raise UserError("--target is an accuracy between 0 and 1")
+    if not spec.pretrained and cfg.head is not None:
+        raise UserError(f"--head applies to pretrained backbones; the {spec.name} body comes from --cnn-layers")
+    if not spec.pretrained:
+        backbones.resolve_cnn_layers(cfg.cnn_layers, cfg.cnn_padding)
+    strategies.validate(cfg, spec.pretrained)
+    return cfg
