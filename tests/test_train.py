@@ -96,6 +96,11 @@ def test_existing_run_is_not_overwritten(cnn_run, runs_root, run_cli):
     # seed 001: MobileNetV2 frozen at 128 with a Dense(128) head, 6 classes
     (["-b", "mobilenetv2", "-s", "frozen", "--input-size", "128", "--image-size", "128", "--head", "gap-dense",
       "--head-units", "128", "--num-classes", "6"], [164_742], [2_257_984]),
+    # seed 001: MobileNetV2 fully unfrozen, and "partial" (trainable from block_15_expand)
+    (["-b", "mobilenetv2", "-s", "full", "--input-size", "128", "--image-size", "128", "--head", "gap-dense",
+      "--head-units", "128", "--num-classes", "6"], [2_388_614], [34_112]),
+    (["-b", "mobilenetv2", "-s", "finetune", "--input-size", "128", "--image-size", "128", "--head", "gap-dense",
+      "--head-units", "128", "--num-classes", "6", "--unfreeze-from", "block_15_expand"], [164_742, 1_370_822], [2_257_984, 1_051_904]),
     # seed 001: its Simple_CNN at 128 (3,305,414 parameters)
     (["-b", "cnn", "--cnn-layers", "seed001", "--image-size", "128", "--num-classes", "6"], [3_305_414], [0]),
     # seed 004: Conv32-Conv64-Pool-Dropout-Dense128-Dropout-Dense64-Dropout, 5 classes
@@ -156,22 +161,24 @@ def empty_runs(tmp_path) -> Path:
 def test_bad_inputs_one_line_exit_2(run_cli, empty_runs, tmp_path):
     assert "unknown backbone" in _bad(run_cli, empty_runs, "--backbone", "resnet9000")
     assert "unknown strategy" in _bad(run_cli, empty_runs, "-b", "mobilenetv2", "--strategy", "frozn", "--weights", "none")
-    assert "no such folder" in _bad(run_cli, empty_runs, "--data", f"folder:{tmp_path / 'nope'}").lower() or True
+    assert "no such folder" in _bad(run_cli, empty_runs, "--data", f"folder:{tmp_path / 'nope'}")
+    assert "unknown --data" in _bad(run_cli, empty_runs, "--data", "imagenet21k")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _bad(run_cli, empty_runs, "--data", f"folder:{empty}")
+    assert "no class sub-folders" in _bad(run_cli, empty_runs, "--data", f"folder:{empty}")
     one = tmp_path / "one" / "only"
     one.mkdir(parents=True)
     from PIL import Image
 
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(one / f"{i}.png")
-    _bad(run_cli, empty_runs, "--data", f"folder:{one.parent}")
+    assert "only one class" in _bad(run_cli, empty_runs, "--data", f"folder:{one.parent}")
     assert "larger than" in _bad(run_cli, empty_runs, "-b", "mobilenetv2", "-s", "finetune", "--weights", "none",
                                  "--input-size", "32", "--unfreeze", "1000")
     line = _bad(run_cli, empty_runs, "-b", "vgg16", "-s", "finetune", "--weights", "none", "--unfreeze-from", "block5_conv9")
     assert "nearest" in line and "block5_conv" in line
-    _bad(run_cli, empty_runs, "--classes", "0-12")
+    assert "out of range" in _bad(run_cli, empty_runs, "--classes", "0-12")
+    assert "nearest: circle" in _bad(run_cli, empty_runs, "--classes", "circel,square")
     weights = tmp_path / "wrong.h5"
     _write_cnn_weights(weights)
     assert "does not match" in _bad(run_cli, empty_runs, "-b", "mobilenetv2", "-s", "frozen", "--input-size", "32",
