@@ -85,12 +85,22 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for data splits, shuffles and initial weights.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: backbone-strategy-data-time).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name.")] = False,
+    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Frozen backbone without augmentation: compute its features once and train the head on them.")] = True,
+    precision: Annotated[str, typer.Option(help="auto (mixed_float16 on a GPU, float32 on CPU) | float32 | mixed_float16.")] = "auto",
+    jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA compilation (default: on for GPUs, never on CPU).")] = None,
+    distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = "auto",
+    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
 ) -> None:
     """Train one model and write its run record to runs/<name>/."""
     from training.config import DataConfig, TrainConfig  # noqa: PLC0415
-    from training.train import train as run_training  # noqa: PLC0415
+    from training.train import resume as resume_training, train as run_training  # noqa: PLC0415
+
+    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
+    if resume:
+        _show_run(resume_training(resume, runs_dir, log=log), json_out)
+        return
 
     cfg = TrainConfig(
         data=DataConfig(spec=data, classes=classes, val_split=val_split, limit=limit, image_size=image_size, seed=seed),
@@ -99,10 +109,13 @@ def train(
         bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at, unfreeze=unfreeze, unfreeze_from=unfreeze_from,
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
         finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, batch_size=batch_size, target=target,
-        patience=patience or None, seed=seed, name=name, overwrite=overwrite,
+        patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
+        precision=precision, jit=jit, distribute=distribute,
     )
-    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
-    run = run_training(cfg, runs_dir, log=log)
+    _show_run(run_training(cfg, runs_dir, log=log), json_out)
+
+
+def _show_run(run, json_out: bool) -> None:
     if json_out:
         import json  # noqa: PLC0415
 
@@ -251,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
-        raise SystemExit(_report(str(exc))) from None
+        _report(str(exc))
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:

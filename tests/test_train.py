@@ -60,7 +60,10 @@ def test_record_has_every_field(cnn_run):
     with open(cnn_run / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == r["epochs"] and float(rows[0]["loss"]) == pytest.approx(r["history"][0]["loss"])
-    assert (cnn_run / "checkpoint.weights.h5").is_file()
+    assert any((cnn_run / "checkpoint").glob("ckpt-*.index"))
+    assert not (cnn_run / "state.json").exists() and not (cnn_run / "config.json").exists()
+    assert r["training"]["feature_cache"] is False and r["training"]["global_batch_size"] == 64
+    assert r["environment"]["precision"] == "float32" and r["environment"]["jit"] is False
 
 
 def test_model_takes_raw_pixels_and_returns_probabilities(cnn_run):

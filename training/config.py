@@ -50,6 +50,10 @@ class TrainConfig:
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off
     seed: int = 0
+    feature_cache: bool = True         # frozen backbones: extract features once, train the head on them
+    precision: str = "auto"            # auto (mixed_float16 on GPU) | float32 | mixed_float16
+    jit: bool | None = None            # XLA; None = on for GPU, never on CPU
+    distribute: str = "auto"           # auto | none | mirrored (TF_CONFIG set: multi-worker)
     name: str | None = None
     overwrite: bool = False
 

@@ -65,9 +65,18 @@ def tf():
                 absl.logging.set_verbosity(absl.logging.ERROR)
             except ImportError:
                 pass
+            _split_cpu(tensorflow)
             tensorflow.config.list_physical_devices()  # device probing prints too
         _tf = tensorflow
     return _tf
+
+
+def _split_cpu(tensorflow) -> None:
+    """TLSERVE_LOGICAL_CPUS=N makes N logical CPU devices, so multi-device code runs on one CPU."""
+    n = int(os.environ.get("TLSERVE_LOGICAL_CPUS", "0") or 0)
+    if n > 1:
+        cpu = tensorflow.config.list_physical_devices("CPU")[0]
+        tensorflow.config.set_logical_device_configuration(cpu, [tensorflow.config.LogicalDeviceConfiguration()] * n)
 
 
 def keras():

@@ -15,3 +15,9 @@ def nearest(name: str, candidates: list[str], n: int = 5) -> str:
 
     close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
     return f"; nearest: {', '.join(close)}" if close else ""
+
+
+class Interrupted(UserError):
+    """Training stopped by the user (Ctrl-C) after some epochs; the run can be resumed."""
+
+    exit_code = 130

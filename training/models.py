@@ -59,6 +59,7 @@ class BuiltModel:
     backbone: Any | None           # the nested keras.applications model (None for CNNs)
     input_size: int                # the resize target inside the model
     backbone_training: bool | None # how the backbone is called: False keeps BatchNorm in inference mode
+    features: Any | None = None    # the backbone's output tensor in the model's graph (feature caching)
 
 
 def augmentation(seed: int):
@@ -92,7 +93,7 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
         x = K.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
     x = preprocess_layer_class()(spec.preprocess, name="preprocess")(x)
 
-    base = None
+    base = features = None
     backbone_training = None
     if spec.pretrained:
         base = backbones.build_pretrained(spec, size, cfg.weights)
@@ -101,7 +102,7 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
         # Frozen and fine-tuned backbones keep BatchNorm in inference mode (Keras's
         # transfer-learning guide): their statistics must not drift on a small head task.
         backbone_training = False if cfg.strategy in ("frozen", "finetune") else None
-        x = base(x, training=backbone_training)
+        features = x = base(x, training=backbone_training)
         x = _head(x, cfg)
     else:
         if cfg.truncate_at:
@@ -114,7 +115,7 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
             x = K.layers.GlobalAveragePooling2D()(x)
     outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     model = K.Model(inputs, outputs, name=f"{cfg.backbone}_{cfg.strategy}")
-    return BuiltModel(model, base, size, backbone_training)
+    return BuiltModel(model, base, size, backbone_training, features)
 
 
 def _head(x, cfg: TrainConfig):

@@ -4,7 +4,7 @@ A finished run folder holds:
   record.json    the record below (written last: its presence means finished)
   history.csv    one row per epoch: epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds
   model.keras    the trained tf-keras model (load with training.models.load_model)
-  checkpoint.weights.h5   weights after the last completed epoch
+  checkpoint/     TensorFlow checkpoint (model + optimizer) after the last completed epoch
   curves.png     accuracy / loss per epoch
 
 record.json (schema 1):
@@ -36,7 +36,6 @@ SCHEMA = 1
 RECORD = "record.json"
 HISTORY = "history.csv"
 MODEL = "model.keras"
-CHECKPOINT = "checkpoint.weights.h5"
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 # Seed 001's CSV columns, then ours.
 TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",

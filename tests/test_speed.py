@@ -1,0 +1,133 @@
+"""Training speed and scale: feature caching equals the uncached path, accelerator decisions,
+MirroredStrategy over two logical CPUs, and resuming a killed run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli_call
+from training.accel import choose_distribution, choose_jit, choose_precision
+from training.errors import UserError
+
+
+def _record(path: Path) -> dict:
+    return json.loads((path / "record.json").read_text())
+
+
+def test_feature_cache_matches_uncached_training(tmp_path):
+    common = ["train", "--data", "synthetic", "--limit", "128", "-b", "vgg16", "-s", "frozen", "--weights", "none",
+              "--input-size", "32", "--epochs", "3", "--dropout", "0", "--patience", "0", "--runs-dir", tmp_path]
+    cli_call(*common, "--name", "cached")
+    cli_call(*common, "--name", "plain", "--no-feature-cache")
+    cached, plain = _record(tmp_path / "cached"), _record(tmp_path / "plain")
+    assert cached["training"]["feature_cache"] is True and cached["training"]["extract_seconds"] > 0
+    assert plain["training"]["feature_cache"] is False and plain["training"]["feature_cache_reason"] == "--no-feature-cache"
+    for a, b in zip(cached["history"], plain["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert cached["test"]["accuracy"] == pytest.approx(plain["test"]["accuracy"], abs=1e-6)
+    from training.models import load_model
+
+    wa = load_model(tmp_path / "cached" / "model.keras").get_layer("probabilities").get_weights()
+    wb = load_model(tmp_path / "plain" / "model.keras").get_layer("probabilities").get_weights()
+    for x, y in zip(wa, wb):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_augmentation_turns_the_cache_off(tmp_path):
+    cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "vgg16", "-s", "frozen", "--weights", "none",
+             "--input-size", "32", "--epochs", "1", "--augment", "--runs-dir", tmp_path, "--name", "aug")
+    training = _record(tmp_path / "aug")["training"]
+    assert training["feature_cache"] is False and "augment" in training["feature_cache_reason"]
+
+
+def test_accelerator_decisions():
+    assert choose_precision(0) == "float32"
+    assert choose_precision(1) == "mixed_float16"
+    assert choose_precision(1, "float32") == "float32"
+    assert choose_jit(0) is False and choose_jit(0, True) is False  # never XLA on CPU
+    assert choose_jit(2) is True and choose_jit(2, False) is False
+    assert choose_distribution(0) == "default" and choose_distribution(1) == "default"
+    assert choose_distribution(4) == "mirrored"
+    assert choose_distribution(4, "none") == "default"
+    cluster = json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}})
+    assert choose_distribution(1, "auto", cluster) == "multiworker"
+    with pytest.raises(UserError):
+        choose_precision(0, "bfloat8")
+    with pytest.raises(UserError):
+        choose_distribution(0, "auto", "{not json")
+
+
+def _tlserve(tlserve_bin: Path, *args, env=None, **kw):
+    return subprocess.run([str(tlserve_bin), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tlserve_bin, tmp_path):
+    result = _tlserve(tlserve_bin, "train", "--data", "synthetic", "--limit", "256", "--epochs", "2",
+                      "--distribute", "mirrored", "--batch-size", "32", "--runs-dir", tmp_path, "--name", "mirrored",
+                      env={"TLSERVE_LOGICAL_CPUS": "2"})
+    assert result.returncode == 0, result.stderr
+    env = _record(tmp_path / "mirrored")["environment"]
+    assert env["distribution"] == "mirrored" and env["replicas"] == 2
+    assert sum("CPU" in d for d in env["devices"]) == 2
+    assert _record(tmp_path / "mirrored")["training"]["global_batch_size"] == 64
+    # without two devices, asking for mirrored is a clear error, not a crash
+    result = _tlserve(tlserve_bin, "train", "--epochs", "1", "--distribute", "mirrored", "--runs-dir", tmp_path)
+    assert result.returncode == 2 and "TLSERVE_LOGICAL_CPUS" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_killed_run_resumes_with_history_continuing(tlserve_bin, tmp_path):
+    args = ["train", "--data", "synthetic", "-b", "cnn", "--cnn-layers", "seed002", "--epochs", "6", "--patience", "0",
+            "--runs-dir", tmp_path, "--name", "long"]
+    proc = subprocess.Popen([str(tlserve_bin), *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".long.partial" / "state.json"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            if state.is_file() and len(json.loads(state.read_text())["history"]) >= 1:
+                break
+            if proc.poll() is not None:
+                pytest.fail("training ended before it could be interrupted")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no epoch finished in time")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    done_before = len(json.loads(state.read_text())["history"])
+    assert 1 <= done_before < 6 and not (tmp_path / "long").exists()
+    # starting it again by name is refused: it must be resumed or overwritten
+    again = _tlserve(tlserve_bin, *args)
+    assert again.returncode == 2 and "--resume long" in again.stderr
+    resumed = _tlserve(tlserve_bin, "train", "--resume", "long", "--runs-dir", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    r = _record(tmp_path / "long")
+    assert [h["epoch"] for h in r["history"]] == [1, 2, 3, 4, 5, 6]
+    assert r["training"]["resumed"] is True and r["epochs"] == 6
+    assert not (tmp_path / ".long.partial").exists()
+    assert r["test"]["accuracy"] > 0.3
+
+
+def test_sigint_leaves_a_resumable_run(tlserve_bin, tmp_path):
+    args = ["train", "--data", "synthetic", "-b", "cnn", "--cnn-layers", "seed002", "--epochs", "6", "--patience", "0",
+            "--runs-dir", tmp_path, "--name", "ctrlc"]
+    proc = subprocess.Popen([str(tlserve_bin), *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / ".ctrlc.partial" / "state.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (state.is_file() and json.loads(state.read_text())["history"]):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "resume with: tlserve train --resume ctrlc" in stderr and "Traceback" not in stderr
+    assert state.is_file()
