@@ -254,6 +254,93 @@ def _fmt(value) -> str:
 
 # ---- export / predict / models (issue 3) -----------------------------------------------
 
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="A finished run (name under runs/ or a path).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the run's name).")] = None,
+    formats: Annotated[str, typer.Option(help="Comma-separated: savedmodel,onnx.")] = "savedmodel,onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 inside, float32 in/out; for GPUs).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static QDQ, calibrated on training images; for CPUs).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = False,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
+    runs_dir: RunsDir = None,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
+    from training.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
+
+    opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
+                         overwrite=overwrite, register=register)
+    path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
+                                log=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"exported {manifest['name']}:{manifest['version']} -> {path}")
+    for col in ("file", "MB", "max |diff| vs Keras", "top-1 agree", "test accuracy", "delta"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for file, facts in manifest["artifacts"].items():
+        table.add_row(file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
+                      _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta")))
+    console.print(table)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many classes to show per image.")] = 3,
+    runtime: Annotated[str, typer.Option(help="onnx | savedmodel | keras.")] = "onnx",
+    variant: Annotated[str, typer.Option(help="ONNX file: fp32 | fp16 | int8.")] = "fp32",
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per image.")] = False,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Classify image files (any mode, EXIF orientation honoured)."""
+    import json  # noqa: PLC0415
+
+    from serving.manifest import resolve_model  # noqa: PLC0415
+    from serving.predict import predict_files  # noqa: PLC0415
+
+    results, failures = predict_files(resolve_model(model, models_dir), paths, runtime=runtime, variant=variant, k=top_k)
+    if json_out:
+        for r in results:
+            print(json.dumps({"path": r.path, "top": r.top}))
+    elif results:
+        table = Table(title=f"{model} ({runtime})")
+        table.add_column("image")
+        table.add_column("prediction")
+        for r in results:
+            table.add_row(r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top))
+        console.print(table)
+    for failure in failures:
+        err.print(f"[bold red]error:[/] {failure}", highlight=False)
+    if failures:
+        raise typer.Exit(2)
+
+
+@app.command("models")
+def list_models_cmd(
+    models_dir: ModelsDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List exported models (models/ and the BentoML model store)."""
+    from training.export import list_models  # noqa: PLC0415
+
+    rows = list_models(models_dir)
+    if json_out:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        raise UserError("no exported models; export a run with `tlserve export RUN`")
+    table = Table(title="exported models")
+    for col in ("name", "backbone", "strategy", "test_accuracy", "onnx_mb", "formats", "bentoml_tag"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_fmt(row[c]) for c in ("name", "backbone", "strategy", "test_accuracy", "onnx_mb", "formats", "bentoml_tag")))
+    console.print(table)
+
+
 # ---- serve / build (issue 4) -----------------------------------------------------------
 
 # ---- compare / bench / features (issue 5) ----------------------------------------------
@@ -262,7 +349,9 @@ def _fmt(value) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user's mistake is one line and exit 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # a typer.Exit(code) comes back as a return value here
+            raise SystemExit(code)
     except UserError as exc:
         _report(str(exc))
         raise SystemExit(getattr(exc, "exit_code", 2)) from None

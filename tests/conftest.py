@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# Tests never touch the user's BentoML store or working directory.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tlserve-test-bentoml-")
+os.environ["TLSERVE_HOME"] = tempfile.mkdtemp(prefix="tlserve-test-home-")
 
 
 @dataclass
@@ -68,3 +72,33 @@ def cnn_run(runs_root) -> Path:
     cli_call("train", "--data", "synthetic", "--backbone", "cnn", "--epochs", "4", "--name", "cnn",
              "--runs-dir", runs_root, "--seed", "0")
     return runs_root / "cnn"
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def cnn_model(cnn_run, runs_root, models_root) -> Path:
+    """The shared CNN run exported with every variant (SavedModel, ONNX fp32, fp16, int8)."""
+    cli_call("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--fp16", "--int8")
+    return models_root / "cnn"
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> Path:
+    """A few generated test images as PNG and JPEG files, in several modes."""
+    from PIL import Image
+
+    from training.data import make_synthetic
+
+    folder = tmp_path_factory.mktemp("images")
+    x, y, names = make_synthetic(12, seed=123)
+    for i in range(8):
+        Image.fromarray(x[i]).save(folder / f"{i:02d}-{names[y[i]]}.png")
+    Image.fromarray(x[8]).save(folder / "08-jpeg.jpg", quality=95)
+    Image.fromarray(x[9]).convert("RGBA").save(folder / "09-rgba.png")
+    Image.fromarray(x[10]).convert("P").save(folder / "10-palette.png")
+    Image.fromarray(x[11]).convert("L").save(folder / "11-gray.png")
+    return folder

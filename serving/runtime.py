@@ -1,0 +1,119 @@
+"""onnxruntime sessions for exported models: CUDA only when it really loads, else CPU, quietly."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.manifest import VARIANTS, load_manifest, verify_artifacts
+from training.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _ort():
+    import onnxruntime as ort  # noqa: PLC0415
+
+    return ort
+
+
+def physical_cores() -> int:
+    """intra-op threads: physical cores (hyper-threads only contend for the same FPU)."""
+    try:
+        import psutil  # noqa: PLC0415 (installed with bentoml)
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(path: Path, *, device: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+    """(session, provider in use). CUDA is tried only if this build has it, with ORT's logger
+    silenced for the attempt: a missing libcublas is a normal fallback here, not an error to print."""
+    ort = _ort()
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}")
+    opts = session_options(threads)
+    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    if want_cuda:
+        ort.set_default_logger_severity(4)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts,
+                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        finally:
+            ort.set_default_logger_severity(3)
+        provider = session.get_providers()[0]
+        if provider == "CUDAExecutionProvider":
+            return session, provider
+    if device == "cuda":
+        raise UserError("--device cuda: the CUDA execution provider did not load on this machine (no GPU or no CUDA libraries)")
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return session, session.get_providers()[0]
+
+
+@dataclass
+class OnnxClassifier:
+    manifest: dict[str, Any]
+    session: Any
+    provider: str
+    variant: str = "fp32"
+
+    @classmethod
+    def load(cls, model_dir: Path, *, variant: str = "fp32", device: str = "auto", verify: bool = True,
+             threads: int | None = None) -> "OnnxClassifier":
+        model_dir = Path(model_dir)
+        manifest = load_manifest(model_dir)
+        if variant not in VARIANTS:
+            raise UserError(f"unknown variant '{variant}'; choose from {', '.join(VARIANTS)}")
+        filename = VARIANTS[variant]
+        if filename not in manifest.get("artifacts", {}):
+            raise UserError(f"{model_dir} has no {variant} model ({filename}); export it with "
+                            f"`tlserve export RUN --{variant}`" if variant != "fp32" else f"{model_dir} has no ONNX model")
+        if verify:
+            verify_artifacts(model_dir, manifest, [filename])
+        session, provider = make_session(model_dir / filename, device=device, threads=threads)
+        return cls(manifest, session, provider, variant)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        shape = self.manifest["input"]["shape"]
+        return int(shape[1]), int(shape[2])
+
+    @property
+    def interpolation(self) -> str:
+        return self.manifest["input"].get("interpolation", "bilinear")
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, H, W, 3) pixels 0..255 → (N, classes) probabilities."""
+        batch = np.asarray(batch)
+        h, w = self.input_hw
+        if batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
+            raise UserError(f"expected images of shape (N, {h}, {w}, 3), got {tuple(batch.shape)}")
+        if batch.dtype != np.float32:
+            batch = batch.astype(np.float32)
+        return self.session.run(None, {self.manifest["input"]["name"]: batch})[0]

@@ -1,0 +1,182 @@
+"""Export: SavedModel and ONNX files that agree with Keras, load anywhere, and refuse tampering."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from conftest import cli_call
+from serving.manifest import sha256_file
+from serving.runtime import OnnxClassifier
+from training.errors import UserError
+
+
+def _manifest(model_dir: Path) -> dict:
+    return json.loads((model_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def backbone_models(runs_root, models_root) -> dict[str, Path]:
+    """Tiny runs of every pretrained backbone (random weights, input 32), exported once."""
+    out = {}
+    for backbone in ("mobilenetv2", "vgg16", "resnet50v2"):
+        name = f"exp-{backbone}"
+        cli_call("train", "--data", "synthetic", "--limit", "48", "-b", backbone, "-s", "frozen", "--weights", "none",
+                 "--input-size", "32", "--epochs", "1", "--batch-size", "16", "--runs-dir", runs_root, "--name", name)
+        cli_call("export", name, "--runs-dir", runs_root, "--models-dir", models_root, "--no-register")
+        out[backbone] = models_root / name
+    return out
+
+
+def _check_onnx_everywhere(model_dir: Path, run_dir: Path) -> None:
+    from training.models import load_model
+
+    path = model_dir / "model.onnx"
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert not dim0.HasField("dim_value")  # dynamic batch
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    keras_probs = load_model(run_dir / "model.keras").predict(x, verbose=0)
+    ort_probs = OnnxClassifier.load(model_dir).predict(x)
+    ref_probs = ReferenceEvaluator(proto).run(None, {"image": x})[0]
+    np.testing.assert_allclose(ort_probs, keras_probs, atol=1e-4)
+    np.testing.assert_allclose(ref_probs, keras_probs, atol=1e-4)
+    facts = _manifest(model_dir)["artifacts"]["model.onnx"]
+    assert facts["max_abs_diff"] <= 1e-4 and facts["top1_agreement"] == 1.0
+
+
+def test_cnn_export_agrees_everywhere(cnn_model, cnn_run):
+    _check_onnx_everywhere(cnn_model, cnn_run)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "vgg16", "resnet50v2"])
+def test_backbone_exports_agree_everywhere(backbone_models, runs_root, backbone):
+    _check_onnx_everywhere(backbone_models[backbone], runs_root / f"exp-{backbone}")
+
+
+def test_manifest_contract(cnn_model, cnn_run):
+    m = _manifest(cnn_model)
+    record = json.loads((cnn_run / "record.json").read_text())
+    assert m["name"] == "cnn" and m["run"] == "cnn" and m["class_names"] == record["data"]["class_names"]
+    assert m["input"] == {"name": "image", "shape": [None, 32, 32, 3], "dtype": "float32", "range": [0, 255],
+                          "layout": "NHWC", "interpolation": "bilinear"}
+    assert m["output"] == {"name": "probabilities", "shape": [None, 10]}
+    assert m["backbone"] == "cnn" and m["strategy"] == "scratch" and m["test_accuracy"] == record["test"]["accuracy"]
+    assert m["export"]["opset"] == 17 and m["export"]["versions"]["tf2onnx"]
+    for file in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        assert m["artifacts"][file]["sha256"] == sha256_file(cnn_model / file)
+        assert m["artifacts"][file]["bytes"] == (cnn_model / file).stat().st_size
+    assert set(m["artifacts"]) == {"saved_model", "model.onnx", "model.fp16.onnx", "model.int8.onnx"}
+
+
+def test_quantized_variants_are_smaller_and_measured(cnn_model):
+    a = _manifest(cnn_model)["artifacts"]
+    fp32 = a["model.onnx"]
+    for variant in ("model.fp16.onnx", "model.int8.onnx"):
+        facts = a[variant]
+        assert facts["bytes"] < fp32["bytes"]
+        assert facts["accuracy_delta"] == pytest.approx(facts["test_accuracy"] - fp32["test_accuracy"])
+        assert facts["test_accuracy"] > 0.5
+    int8 = onnx.load(str(cnn_model / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # static QDQ, not dynamic
+    assert "DynamicQuantizeLinear" not in ops
+    assert a["model.int8.onnx"]["calibration_images"] > 0
+
+
+def test_savedmodel_loads_without_tlserve(cnn_model, tmp_path):
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"m = tf.saved_model.load({str(cnn_model / 'saved_model')!r})\n"
+        f"p = m.signatures['serving_default'](image=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))['probabilities']\n"
+        f"np.save({str(tmp_path / 'p.npy')!r}, p.numpy())\n"
+        "assert not any(k in sys.modules for k in ('training', 'serving', 'cli'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), OnnxClassifier.load(cnn_model).predict(x), atol=1e-4)
+
+
+def test_predict_same_top1_through_every_runtime(cnn_model, sample_images, run_cli):
+    tops = {}
+    for runtime in ("onnx", "savedmodel", "keras"):
+        result = run_cli("predict", cnn_model, sample_images, "--runtime", runtime, "--json", "-k", "2")
+        assert result.code == 0, result.err
+        lines = [json.loads(line) for line in result.out.splitlines() if line.startswith("{")]
+        assert len(lines) == 12
+        tops[runtime] = [(line["path"], line["top"][0]["label"]) for line in lines]
+    assert tops["onnx"] == tops["savedmodel"] == tops["keras"]
+    labels = dict(tops["onnx"])
+    correct = sum(Path(p).stem.split("-", 1)[1] == label for p, label in labels.items() if Path(p).stem[:2] < "08")
+    assert correct >= 6  # 8 clean generated images, a model at ~95% test accuracy
+
+
+def test_predict_names_bad_files_and_exits_nonzero(cnn_model, sample_images, run_cli, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    result = run_cli("predict", cnn_model, sample_images, bad, "--json")
+    assert result.code == 2
+    assert "notes.png" in result.err and "Traceback" not in result.err
+    assert len([line for line in result.out.splitlines() if line.startswith("{")]) == 12
+
+
+def test_tampered_model_is_refused(cnn_model, tmp_path, run_cli, sample_images):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(cnn_model, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model.onnx does not match its sha256"):
+        OnnxClassifier.load(copy)
+    result = run_cli("predict", copy, sample_images, "--json")
+    assert result.code == 2 and "sha256" in result.err
+
+
+def test_registered_in_bentoml_store(cnn_model, run_cli):
+    import bentoml
+
+    m = _manifest(cnn_model)
+    stored = bentoml.models.get(m["bentoml_tag"])
+    assert (Path(stored.path) / "model.onnx").is_file()
+    assert stored.info.metadata["backbone"] == "cnn"
+    # the tag resolves as a model reference too
+    from serving.manifest import resolve_model
+
+    assert (resolve_model(m["bentoml_tag"]) / "manifest.json").is_file()
+    result = run_cli("models", "--models-dir", cnn_model.parent, "--json")
+    assert result.code == 0 and any(r["name"] == "cnn" for r in json.loads(result.out))
+
+
+def test_failed_export_keeps_the_earlier_one(cnn_model, runs_root, run_cli):
+    before = (cnn_model / "manifest.json").read_bytes()
+    result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", cnn_model.parent)
+    assert result.code == 2 and "already exists" in result.err
+    result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", cnn_model.parent, "--overwrite",
+                     "--formats", "savedmodel,tflite")
+    assert result.code == 2 and "unknown format 'tflite'" in result.err
+    assert (cnn_model / "manifest.json").read_bytes() == before
+    assert not [p for p in cnn_model.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_runs(run_cli, runs_root, tmp_path):
+    result = run_cli("export", "no-such-run", "--runs-dir", runs_root, "--models-dir", tmp_path)
+    assert result.code == 2 and "no run named 'no-such-run'" in result.err
+    (runs_root / "half").mkdir()
+    result = run_cli("export", "half", "--runs-dir", runs_root, "--models-dir", tmp_path)
+    assert result.code == 2 and "did not finish" in result.err
+    result = run_cli("predict", "nothing-here", tmp_path, "--models-dir", tmp_path)
+    assert result.code == 2 and "no exported model" in result.err

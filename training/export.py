@@ -1,0 +1,307 @@
+"""`tlserve export`: a finished run → models/<name>/ with SavedModel, ONNX (fp32, optional fp16 and
+int8), a manifest, and the same files registered in the BentoML model store.
+
+Parity is measured, not assumed: one check batch of real images goes through Keras, the SavedModel
+and every ONNX file, and the export fails when fp32 disagrees.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from serving.manifest import MANIFEST, VARIANTS, artifact_digest, tree_bytes
+from training import env, records, storage
+from training.config import DataConfig
+from training.errors import UserError
+
+FORMATS = ("savedmodel", "onnx")
+PARITY_TOLERANCE = 1e-4
+DEFAULT_OPSET = 17
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    name: str | None = None
+    formats: tuple[str, ...] = FORMATS
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    int8: bool = False
+    overwrite: bool = False
+    check_images: int = 32
+    calibration_images: int = 256
+    register: bool = True
+
+
+@dataclass
+class _Check:
+    images: np.ndarray
+    keras_probs: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    calib_x: np.ndarray
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def bento_name(name: str) -> str:
+    """BentoML tag names are lowercase [a-z0-9._-], starting and ending alphanumeric."""
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    if not cleaned:
+        raise UserError(f"--name '{name}' has no letters or digits")
+    return cleaned[:60]
+
+
+def parse_formats(spec: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in spec.split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown format '{bad[0] if bad else spec}'; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, models_dir: Path | None = None,
+           log: Log = print) -> tuple[Path, dict[str, Any]]:
+    run = records.load_run(run_ref, runs_dir)
+    if not run.model_path.is_file():
+        raise UserError(f"run '{run.name}' has no {records.MODEL}")
+    if (opts.fp16 or opts.int8) and "onnx" not in opts.formats:
+        raise UserError("--fp16 / --int8 are ONNX variants; include onnx in --formats")
+    if not 9 <= opts.opset <= 21:
+        raise UserError("--opset must be between 9 and 21")
+    name = bento_name(opts.name or run.name)
+    final = storage.models_dir(models_dir) / name
+    if final.exists() and not opts.overwrite:
+        raise UserError(f"model '{name}' already exists in {final.parent}; pass --overwrite or choose --name")
+
+    from training.models import load_model  # noqa: PLC0415
+
+    model = load_model(run.model_path)
+    check = _check_data(run, model, opts)
+    version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}{secrets.token_hex(2)}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=final.parent))
+    try:
+        artifacts: dict[str, dict[str, Any]] = {}
+        if "savedmodel" in opts.formats:
+            artifacts["saved_model"] = _export_savedmodel(model, staging / "saved_model", check, log)
+        if "onnx" in opts.formats:
+            artifacts.update(_export_onnx(model, staging, check, opts, log))
+        manifest = _manifest(run, name, version, opts, artifacts, check)
+        storage.write_json(staging / MANIFEST, manifest)
+        if opts.register:
+            _register(name, version, staging, manifest)
+            log(f"registered in the BentoML model store as {name}:{version}")
+        storage.promote(staging, final, overwrite=opts.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final, manifest
+
+
+def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
+    from training.data import load_dataset  # noqa: PLC0415
+
+    data = load_dataset(DataConfig(**run.record["config"]["data"]))
+    images = data.test.x[: opts.check_images].astype(np.float32)
+    keras_probs = model.predict(images, verbose=0)
+    calib = data.train.x[: opts.calibration_images].astype(np.float32)
+    return _Check(images, keras_probs, data.test.x, data.test.y, calib)
+
+
+def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
+    diff = float(np.max(np.abs(probs.astype(np.float64) - check.keras_probs)))
+    agree = float(np.mean(probs.argmax(1) == check.keras_probs.argmax(1)))
+    return {"max_abs_diff": diff, "top1_agreement": agree}
+
+
+def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> dict[str, Any]:
+    T = env.tf()
+    h, w = model.input_shape[1:3]
+
+    @T.function(input_signature=[T.TensorSpec([None, h, w, 3], T.float32, name="image")])
+    def serve(image):
+        return {"probabilities": model(image, training=False)}
+
+    T.saved_model.save(model, str(path), signatures={"serving_default": serve})
+    loaded = T.saved_model.load(str(path))
+    probs = loaded.signatures["serving_default"](image=T.constant(check.images))["probabilities"].numpy()
+    parity = _compare(probs, check)
+    _require_parity("SavedModel", parity)
+    log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.0%}")
+    return {"sha256": artifact_digest(path), "bytes": tree_bytes(path), **parity}
+
+
+def _require_parity(what: str, parity: dict[str, Any]) -> None:
+    if parity["max_abs_diff"] > PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
+        raise UserError(f"{what} disagrees with Keras (max |diff| {parity['max_abs_diff']:.2e}, top-1 agreement "
+                        f"{parity['top1_agreement']:.1%}); export refused, nothing written")
+
+
+def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, dict[str, Any]]:
+    import onnx  # noqa: PLC0415
+    import tf2onnx  # noqa: PLC0415
+
+    from serving.runtime import make_session  # noqa: PLC0415
+
+    T = env.tf()
+    h, w = model.input_shape[1:3]
+    fp32_path = staging / VARIANTS["fp32"]
+    with env._quiet_stderr_fd():  # tf2onnx logs every graph rewrite at INFO
+        tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
+                                   opset=opts.opset, output_path=str(fp32_path))
+    proto = onnx.load(str(fp32_path))
+    if proto.graph.output[0].name != "probabilities":
+        raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
+    onnx.checker.check_model(proto)
+
+    out: dict[str, dict[str, Any]] = {}
+    fp32_accuracy = None
+    for variant in ("fp32", "fp16", "int8"):
+        if variant == "fp16" and not opts.fp16 or variant == "int8" and not opts.int8:
+            continue
+        path = staging / VARIANTS[variant]
+        if variant == "fp16":
+            _to_fp16(fp32_path, path)
+        elif variant == "int8":
+            _to_int8(fp32_path, path, check)
+        session, _ = make_session(path, device="cpu")
+        probs = session.run(None, {"image": check.images})[0]
+        parity = _compare(probs, check)
+        if variant == "fp32":
+            _require_parity("ONNX", parity)
+        accuracy = _accuracy(session, check)
+        entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity, "test_accuracy": accuracy}
+        if variant == "fp32":
+            fp32_accuracy = accuracy
+        else:
+            entry["accuracy_delta"] = accuracy - fp32_accuracy
+        if variant == "int8":
+            entry["calibration_images"] = int(len(check.calib_x))
+            entry["quantization"] = "static QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
+        out[VARIANTS[variant]] = entry
+        delta = f", accuracy delta {entry['accuracy_delta']:+.4f}" if "accuracy_delta" in entry else ""
+        log(f"{VARIANTS[variant]}: {entry['bytes'] / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
+            f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {accuracy:.4f}{delta}")
+    return out
+
+
+def _accuracy(session, check: _Check, batch: int = 256) -> float:
+    correct = 0
+    for start in range(0, len(check.test_y), batch):
+        x = check.test_x[start:start + batch].astype(np.float32)
+        correct += int((session.run(None, {"image": x})[0].argmax(1) == check.test_y[start:start + batch]).sum())
+    return correct / max(1, len(check.test_y))
+
+
+def _to_fp16(src: Path, dst: Path) -> None:
+    import onnx  # noqa: PLC0415
+    from onnxconverter_common import float16  # noqa: PLC0415
+
+    import warnings  # noqa: PLC0415
+
+    # float32 inputs/outputs, float16 inside: clients send the same pixels as to every other file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one line per tiny weight clipped to fp16's range
+        converted = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(converted, str(dst))
+
+
+def _to_int8(src: Path, dst: Path, check: _Check) -> None:
+    """Static QDQ quantization calibrated on training images (dynamic int8 runs these CNNs slower than fp32)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,  # noqa: PLC0415
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, images: np.ndarray, batch: int = 32):
+            self._batches = iter([{"image": images[i:i + batch]} for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    prepared = dst.with_name("model.prep.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(dst), Reader(check.calib_x), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prepared.unlink(missing_ok=True)
+        for leftover in dst.parent.glob("*.onnx.data"):
+            leftover.unlink(missing_ok=True)
+
+
+def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Any],
+              check: _Check) -> dict[str, Any]:
+    r = run.record
+    h, w = r["data"]["image_size"]
+    return {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run.name,
+        "run_path": str(run.path.resolve()),
+        "class_names": r["data"]["class_names"],
+        "input": {"name": "image", "shape": [None, h, w, 3], "dtype": "float32", "range": [0, 255],
+                  "layout": "NHWC", "interpolation": r["data"].get("interpolation", "bilinear")},
+        "output": {"name": "probabilities", "shape": [None, len(r["data"]["class_names"])]},
+        "backbone": r["model"]["backbone"],
+        "strategy": r["model"]["strategy"],
+        "test_accuracy": r["test"]["accuracy"],
+        "params": r["model"]["total_params"],
+        "export": {"opset": opts.opset if "onnx" in opts.formats else None, "formats": list(opts.formats),
+                   "check_batch": int(len(check.images)), "parity_tolerance": PARITY_TOLERANCE,
+                   "versions": env.package_versions()},
+        "artifacts": artifacts,
+        "bentoml_tag": f"{name}:{version}" if opts.register else None,
+    }
+
+
+def _register(name: str, version: str, folder: Path, manifest: dict[str, Any]) -> None:
+    import bentoml  # noqa: PLC0415
+
+    metadata = {"run": manifest["run"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
+                "test_accuracy": float(manifest["test_accuracy"]), "classes": len(manifest["class_names"])}
+    with bentoml.models.create(bentoml.Tag(name, version), labels={"tool": "tlserve"}, metadata=metadata) as ref:
+        shutil.copytree(folder, ref.path, dirs_exist_ok=True)
+
+
+def list_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Exported models in models/ and, for those not there, in the BentoML model store."""
+    from serving.manifest import list_local, load_manifest  # noqa: PLC0415
+
+    rows = []
+    seen = set()
+    root = storage.models_dir(models_dir)
+    for name in list_local(models_dir):
+        manifest = load_manifest(root / name)
+        rows.append(_row(manifest, str(root / name)))
+        seen.add(manifest.get("bentoml_tag"))
+    try:
+        import bentoml  # noqa: PLC0415
+
+        for model in bentoml.models.list():
+            path = Path(model.path)
+            if str(model.tag) in seen or not (path / MANIFEST).is_file():
+                continue
+            rows.append(_row(load_manifest(path), f"bentoml:{model.tag}"))
+    except ImportError:
+        pass
+    return rows
+
+
+def _row(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    artifacts = manifest.get("artifacts", {})
+    return {"name": manifest["name"], "version": manifest["version"], "backbone": manifest["backbone"],
+            "strategy": manifest["strategy"], "test_accuracy": manifest["test_accuracy"],
+            "onnx_mb": round(artifacts.get("model.onnx", {}).get("bytes", 0) / 1e6, 2),
+            "formats": ",".join(sorted(artifacts)), "bentoml_tag": manifest.get("bentoml_tag"), "where": where}
