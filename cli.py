@@ -343,6 +343,47 @@ def list_models_cmd(
 
 # ---- serve / build (issue 4) -----------------------------------------------------------
 
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    workers: Annotated[int, typer.Option(help="BentoML worker processes.")] = 1,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Serve a model over HTTP with BentoML (POST /predict, /predict_batch; GET /metadata)."""
+    import subprocess  # noqa: PLC0415
+
+    from serving.bento import serve_command  # noqa: PLC0415
+    from serving.manifest import resolve_model  # noqa: PLC0415
+
+    model_dir = resolve_model(model, models_dir)
+    command, env = serve_command(model_dir, host, port, workers)
+    url = f"http://{host}:{port}"
+    console.print(f"serving {model_dir} at {url}  (Ctrl-C to stop)", highlight=False)
+    console.print(f"try: curl -F image=@some.png {url}/predict", highlight=False)
+    try:
+        raise typer.Exit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def build(
+    model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    models_dir: ModelsDir = None,
+) -> None:
+    """Build a bento (service + model + pinned requirements + Dockerfile) with `bentoml build`."""
+    from serving.bento import build as build_bento  # noqa: PLC0415
+
+    tag, _ = build_bento(model, models_dir)
+    console.print(f"built bento {tag}", highlight=False)
+    console.print(f"container image: bentoml containerize {tag}", highlight=False)
+    console.print(f"run it:          docker run --rm -p 3000:3000 {tag}   (add --gpus all on a GPU host)",
+                  highlight=False)
+
+
 # ---- compare / bench / features (issue 5) ----------------------------------------------
 
 

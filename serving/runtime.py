@@ -51,6 +51,8 @@ def make_session(path: Path, *, device: str = "auto", threads: int | None = None
     if want_cuda:
         ort.set_default_logger_severity(4)
         try:
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn])
+                ort.preload_dlls()
             session = ort.InferenceSession(str(path), sess_options=opts,
                                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         finally:

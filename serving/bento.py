@@ -1,0 +1,66 @@
+"""`tlserve serve` and `tlserve build`: thin wrappers over `bentoml serve` and `bentoml build`."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from serving.manifest import load_manifest, resolve_model
+from training.errors import UserError
+
+SERVICE = "serving.service:ImageClassifier"
+ROOT = Path(__file__).resolve().parents[1]
+BENTOFILE = ROOT / "bentofile.yaml"
+
+
+def bentoml_exe() -> str:
+    exe = Path(sys.executable).with_name("bentoml")
+    return str(exe) if exe.exists() else "bentoml"
+
+
+def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers)}
+    return [bentoml_exe(), "serve", SERVICE, "--host", host, "--port", str(port)], env
+
+
+def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:
+    """Build a bento carrying the model; returns (bento tag, build output)."""
+    if not BENTOFILE.is_file():
+        raise UserError(f"{BENTOFILE} not found: `tlserve build` runs from a tlserve source checkout")
+    manifest = load_manifest(resolve_model(model_ref, models_dir))
+    tag = manifest.get("bentoml_tag")
+    if not tag:
+        raise UserError(f"model '{model_ref}' was exported with --no-register; export it again to register it")
+    config = yaml.safe_load(BENTOFILE.read_text())
+    config["models"] = [tag]
+    config.setdefault("envs", [])
+    config["envs"] = [e for e in config["envs"] if e.get("name") != "TLSERVE_MODEL"] + [{"name": "TLSERVE_MODEL", "value": tag}]
+    config.setdefault("labels", {})["model"] = manifest["name"]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+        generated = Path(fh.name)
+    try:
+        result = subprocess.run([bentoml_exe(), "build", "-f", str(generated), str(ROOT), "--output", "tag"],
+                                capture_output=True, text=True, env={**os.environ, "TLSERVE_MODEL": tag}, cwd=ROOT,
+                                timeout=600)
+    finally:
+        generated.unlink(missing_ok=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"bentoml build failed: {tail[0]}")
+    match = re.search(r"__tag__:(\S+)", result.stdout) or re.search(r"(tlserve:[a-z0-9]+)", result.stdout)
+    if not match:
+        raise UserError(f"bentoml build printed no bento tag: {result.stdout.strip()[-200:]}")
+    return match.group(1), result.stdout
+
+
+def docker_available() -> bool:
+    return shutil.which("docker") is not None

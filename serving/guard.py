@@ -1,0 +1,160 @@
+"""Request checks in front of BentoML's endpoints: every client mistake is a 4xx JSON answer.
+
+BentoML 1.4 validates a request while parsing it, outside the endpoint: a
+non-image upload, an unknown multipart field or JSON where a file belongs comes
+back as a 500 or as a 400 logged at ERROR with a traceback, there is no request
+size limit, and a JSON body holding a URL makes the server download it. This
+ASGI middleware sees each image request first: it bounds the body, parses the
+multipart form, checks the field names and decodes every image once with
+training.images (bombs refused by header). The decoded images travel to the
+endpoint in the request state, so nothing is decoded twice.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from training import images
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
+OPTIONAL_FIELDS = {"top_k"}
+STATE_KEY = "tlserve_images"
+MAX_BATCH_FILES = 64
+
+
+@dataclass
+class GuardState:
+    """Filled by the service once its model is loaded (the guard is created before that)."""
+    input_hw: tuple[int, int] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+STATE = GuardState()
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RequestGuard:
+    def __init__(self, app, max_bytes: int = 8 * 2**20, max_pixels: int = images.DEFAULT_MAX_PIXELS):
+        self.app, self.max_bytes, self.max_pixels = app, max_bytes, max_pixels
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path in ("/metadata", "/metadata/"):
+            if method != "GET":
+                return await _json(send, 405, {"error": "use GET /metadata"})
+            if not STATE.metadata:
+                return await _json(send, 503, {"error": "model is still loading"})
+            return await _json(send, 200, STATE.metadata)
+        if path not in IMAGE_ROUTES and path != "/infer":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._read_body(scope, receive)
+            if path == "/infer":
+                _check_infer(body)
+            else:
+                scope.setdefault("state", {})[STATE_KEY] = await self._images(scope, body, *IMAGE_ROUTES[path])
+        except RequestError as exc:
+            return await _json(send, exc.status, {"error": str(exc)})
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise RequestError(413, f"request of {int(declared):,} bytes is over the {self.max_bytes:,}-byte limit")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise RequestError(413, f"request is over the {self.max_bytes:,}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _images(self, scope: Scope, body: bytes, field_name: str, many: bool) -> list:
+        from starlette.requests import Request  # noqa: PLC0415
+
+        hint = f"send the image{'s' if many else ''} as multipart/form-data field '{field_name}'"
+        if not body:
+            raise RequestError(400, f"empty request; {hint}")
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        if not content_type.startswith("multipart/form-data"):
+            raise RequestError(415, f"expected multipart/form-data, got '{content_type or 'no content type'}'; {hint}")
+        try:
+            form = await Request(scope, _replay(body)).form(max_files=MAX_BATCH_FILES, max_fields=8)
+        except Exception as exc:  # python-multipart and Starlette raise several types for a malformed body
+            raise RequestError(400, f"malformed multipart body ({exc}); {hint}") from None
+        try:
+            unknown = sorted(set(form.keys()) - {field_name} - OPTIONAL_FIELDS)
+            if unknown:
+                raise RequestError(400, f"unknown field '{unknown[0]}'; {hint}")
+            uploads = form.getlist(field_name)
+            if not uploads:
+                raise RequestError(400, f"no '{field_name}' field; {hint}")
+            if len(uploads) > 1 and not many:
+                raise RequestError(400, "one image per request on /predict; use /predict_batch for several")
+            decoded = []
+            for n, upload in enumerate(uploads):
+                if isinstance(upload, str):
+                    raise RequestError(400, f"field '{field_name}' must be a file upload, not text")
+                data = await upload.read()
+                label = upload.filename or f"{field_name}[{n}]"
+                try:
+                    decoded.append(images.open_image(data, max_pixels=self.max_pixels, name=label))
+                except images.ImageError as exc:
+                    status = 413 if "limit" in str(exc) else 400
+                    raise RequestError(status, str(exc)) from None
+            return decoded
+        finally:
+            await form.close()
+
+
+def _check_infer(body: bytes) -> None:
+    """The batchable /infer API concatenates callers' arrays: one wrong shape would fail everyone's batch."""
+    try:
+        payload = json.loads(body or b"{}")
+        array = np.asarray(payload.get("images"), dtype=np.float32)
+    except (ValueError, TypeError, AttributeError):
+        raise RequestError(400, "expected JSON {\"images\": [N, H, W, 3] pixel array}") from None
+    hw = STATE.input_hw
+    if array.ndim != 4 or (hw is not None and array.shape[1:] != (*hw, 3)) or len(array) == 0:
+        expected = f"(N, {hw[0]}, {hw[1]}, 3)" if hw else "(N, H, W, 3)"
+        raise RequestError(400, f"images must have shape {expected}, got {tuple(array.shape)}")
+
+
+def _replay(body: bytes, then: Receive | None = None) -> Receive:
+    """Hand the buffered body on once; afterwards wait on the real channel (for a disconnect)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await then() if then is not None else {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

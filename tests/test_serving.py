@@ -1,0 +1,248 @@
+"""The BentoML service, started for real on 127.0.0.1: endpoints, client mistakes, batching, the bento."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.predict import predict_files
+
+MAX_BYTES = 1_000_000
+START_TIMEOUT = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _server(args: list[str], env: dict[str, str], log: Path):
+    port = _free_port()
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([bentoml, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"server not ready in {START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(cnn_model, server_log):
+    env = {"TLSERVE_MODEL": str(cnn_model), "TLSERVE_MAX_REQUEST_BYTES": str(MAX_BYTES)}
+    with _server(["serving.service:ImageClassifier"], env, server_log) as url:
+        yield url
+
+
+def _post(url: str, files, data=None, **kw) -> httpx.Response:
+    return httpx.post(url, files=files, data=data, timeout=30, **kw)
+
+
+def _png_bytes(size=(32, 32), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_matches_local_prediction(server, cnn_model, sample_images):
+    files = sorted(sample_images.iterdir())
+    local, failures = predict_files(cnn_model, files, k=3)
+    assert not failures
+    for path, expected in zip(files, local):
+        r = _post(f"{server}/predict", {"image": (path.name, path.read_bytes())})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "cnn" and body["version"]
+        assert [t["label"] for t in body["top"]] == [t["label"] for t in expected.top]
+        np.testing.assert_allclose([t["probability"] for t in body["top"]], [t["probability"] for t in expected.top],
+                                   atol=1e-5)
+
+
+def test_predict_batch_and_top_k(server, cnn_model, sample_images):
+    files = sorted(sample_images.iterdir())[:5]
+    local, _ = predict_files(cnn_model, files, k=1)
+    r = _post(f"{server}/predict_batch", [("images", (p.name, p.read_bytes())) for p in files], data={"top_k": "1"})
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert [p["top"][0]["label"] for p in predictions] == [p.top[0]["label"] for p in local]
+    assert all(len(p["top"]) == 1 for p in predictions)
+
+
+def test_metadata_and_bentoml_endpoints(server, cnn_model):
+    meta = httpx.get(f"{server}/metadata", timeout=10).json()
+    manifest = json.loads((cnn_model / "manifest.json").read_text())
+    assert meta["class_names"] == manifest["class_names"] and meta["input"]["shape"] == [None, 32, 32, 3]
+    assert meta["backbone"] == "cnn" and meta["test_accuracy"] == manifest["test_accuracy"]
+    assert meta["runtime"] == "onnxruntime" and meta["provider"] == "CPUExecutionProvider"
+    for path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(f"{server}{path}", timeout=10).status_code == 200
+
+
+def test_bentoml_client(server, sample_images):
+    import bentoml
+
+    path = sorted(sample_images.iterdir())[0]
+    with bentoml.SyncHTTPClient(server) as client:
+        body = client.predict(image=path)
+        batch = client.predict_batch(images=[path, path], top_k=2)
+    expected = _post(f"{server}/predict", {"image": (path.name, path.read_bytes())}).json()
+    assert body["top"] == expected["top"]
+    assert len(batch["predictions"]) == 2 and len(batch["predictions"][0]["top"]) == 2
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: a decompression bomb must be refused from this alone."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+BAD_REQUESTS = {
+    "empty body": dict(content=b"", headers={"content-type": "multipart/form-data; boundary=x"}),
+    "no body at all": dict(),
+    "non-image file": dict(files={"image": ("notes.txt", b"hello, not an image", "text/plain")}),
+    "truncated png": dict(files={"image": ("cut.png", _png_bytes()[:60], "image/png")}),
+    "zero-byte file": dict(files={"image": ("empty.png", b"", "image/png")}),
+    "decompression bomb": dict(files={"image": ("bomb.png", _huge_png_header(20000, 20000), "image/png")}),
+    "wrong field name": dict(files={"picture": ("a.png", _png_bytes(), "image/png")}),
+    "extra unknown field": dict(files={"image": ("a.png", _png_bytes(), "image/png")}, data={"colour": "blue"}),
+    "over the size limit": dict(files={"image": ("big.bin", os.urandom(MAX_BYTES + 10), "image/png")}),
+    "json instead of a file": dict(json={"image": "http://127.0.0.1:9/cat.png"}),
+    "text field instead of a file": dict(data={"image": "not a file"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_client_mistakes_are_4xx_json(server, server_log, case):
+    r = httpx.post(f"{server}/predict", timeout=30, **BAD_REQUESTS[case])
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    ok = _post(f"{server}/predict", {"image": ("ok.png", _png_bytes())})
+    assert ok.status_code == 200  # still serving
+
+
+def test_odd_but_valid_images_are_served(server):
+    tiny = _post(f"{server}/predict", {"image": ("1x1.png", _png_bytes((1, 1)))})
+    assert tiny.status_code == 200
+    # a PNG declared as JPEG: decoded by content, not by the declared type
+    mislabeled = _post(f"{server}/predict", {"image": ("photo.jpg", _png_bytes(), "image/jpeg")})
+    assert mislabeled.status_code == 200
+    for mode in ("L", "P", "RGBA", "I;16", "CMYK"):
+        buf = io.BytesIO()
+        Image.new(mode, (40, 30)).save(buf, "TIFF" if mode == "CMYK" else "PNG")
+        assert _post(f"{server}/predict", {"image": (f"{mode}.img", buf.getvalue())}).status_code == 200, mode
+    webp, gif, bmp = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(webp, "WEBP")
+    Image.new("RGB", (20, 20), "red").save(gif, "GIF")
+    Image.new("RGB", (20, 20), "red").save(bmp, "BMP")
+    for name, data in (("a.webp", webp), ("a.gif", gif), ("a.bmp", bmp)):
+        assert _post(f"{server}/predict", {"image": (name, data.getvalue())}).status_code == 200, name
+
+
+def test_wrong_shape_to_the_batching_api_is_refused(server):
+    r = httpx.post(f"{server}/infer", json={"images": np.zeros((1, 8, 8, 3)).tolist()}, timeout=30)
+    assert r.status_code == 400 and "shape" in r.json()["error"]
+
+
+def test_client_mistakes_leave_no_tracebacks(server, server_log):
+    for case in ("non-image file", "wrong field name", "json instead of a file"):
+        httpx.post(f"{server}/predict", timeout=30, **BAD_REQUESTS[case])
+    log = server_log.read_text()
+    assert "Traceback" not in log and "[ERROR]" not in log
+
+
+def _batch_sizes(metrics: str) -> tuple[float, float]:
+    """(requests seen by the batching API, those that ran alone) from the Prometheus histogram."""
+    count = sum(float(m) for m in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)', metrics))
+    alone = sum(float(m) for m in re.findall(r'adaptive_batch_size_bucket\{[^}]*le="1\.0"[^}]*method_name="infer"[^}]*\} (\S+)', metrics)
+                + re.findall(r'adaptive_batch_size_bucket\{[^}]*method_name="infer"[^}]*le="1\.0"[^}]*\} (\S+)', metrics))
+    return count, alone
+
+
+def test_concurrent_requests_are_batched(server, sample_images):
+    payload = sorted(sample_images.iterdir())[0].read_bytes()
+    before = _batch_sizes(httpx.get(f"{server}/metrics", timeout=10).text)
+
+    def client(_: int) -> list[int]:
+        with httpx.Client(timeout=30) as http:
+            return [http.post(f"{server}/predict", files={"image": ("x.png", payload)}).status_code for _ in range(25)]
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [c for batch in pool.map(client, range(8)) for c in batch]
+    assert codes == [200] * 200
+    after = _batch_sizes(httpx.get(f"{server}/metrics", timeout=10).text)
+    batches, single = after[0] - before[0], after[1] - before[1]
+    assert batches > 0 and single < batches, (batches, single)  # some onnxruntime calls served several requests
+
+
+def test_bento_builds_offline_carries_the_model_and_serves(cnn_model, tmp_path, run_cli, sample_images):
+    import bentoml
+
+    result = run_cli("build", cnn_model)
+    assert result.code == 0, result.err
+    tag = re.search(r"built bento (\S+)", result.out).group(1)
+    assert f"bentoml containerize {tag}" in result.out
+    bento = bentoml.get(tag)
+    root = Path(bento.path)
+    dockerfile = (root / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile and "requirements.txt" in dockerfile
+    requirements = (root / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime-gpu[cuda,cudnn]==" in requirements and "tensorflow" not in requirements
+    model_tag = json.loads((cnn_model / "manifest.json").read_text())["bentoml_tag"]
+    info = (root / "bento.yaml").read_text()
+    assert model_tag in info
+    exported = bentoml.export_bento(tag, str(tmp_path / "cnn.bento"))
+    with tarfile.open(exported) as tar:
+        names = tar.getnames()
+    name, version = model_tag.split(":")
+    assert any(n.endswith(f"models/{name}/{version}/model.onnx") for n in names)
+    env = {k: v for k, v in os.environ.items() if k != "TLSERVE_MODEL"}
+    with _server([tag], {**env, "TLSERVE_MODEL": ""}, tmp_path / "bento.log") as url:
+        path = sorted(sample_images.iterdir())[0]
+        r = _post(f"{url}/predict", {"image": (path.name, path.read_bytes())})
+        assert r.status_code == 200 and r.json()["model"] == "cnn"
