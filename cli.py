@@ -353,7 +353,7 @@ def serve(
     models_dir: ModelsDir = None,
 ) -> None:
     """Serve a model over HTTP with BentoML (POST /predict, /predict_batch; GET /metadata)."""
-    import subprocess  # noqa: PLC0415
+    import os  # noqa: PLC0415
 
     from serving.bento import serve_command  # noqa: PLC0415
     from serving.manifest import resolve_model  # noqa: PLC0415
@@ -363,10 +363,9 @@ def serve(
     url = f"http://{host}:{port}"
     console.print(f"serving {model_dir} at {url}  (Ctrl-C to stop)", highlight=False)
     console.print(f"try: curl -F image=@some.png {url}/predict", highlight=False)
-    try:
-        raise typer.Exit(subprocess.call(command, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    sys.stdout.flush()
+    # Become the server: signals (Ctrl-C, a supervisor's TERM) then reach BentoML directly.
+    os.execve(command[0], command, env)
 
 
 @app.command()

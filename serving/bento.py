@@ -21,7 +21,12 @@ BENTOFILE = ROOT / "bentofile.yaml"
 
 def bentoml_exe() -> str:
     exe = Path(sys.executable).with_name("bentoml")
-    return str(exe) if exe.exists() else "bentoml"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("bentoml")
+    if found is None:
+        raise UserError("the bentoml command is not installed next to this Python")
+    return found
 
 
 def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
