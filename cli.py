@@ -386,6 +386,60 @@ def build(
 # ---- compare / bench / features (issue 5) ----------------------------------------------
 
 
+def _ints(spec: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated whole numbers, not '{spec}'") from None
+
+
+@app.command()
+def bench(
+    model: Annotated[Optional[str], typer.Argument(help="An exported model (name, folder or BentoML tag). With --url: optional, adds the in-process floor and stores the result.")] = None,
+    runtimes: Annotated[str, typer.Option(help="keras, tf-function, savedmodel, onnx, onnx-fp16, onnx-int8 (missing variants are skipped).")] = "keras,savedmodel,onnx,onnx-int8,onnx-fp16",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    duration: Annotated[float, typer.Option(help="Seconds per runtime and batch size.")] = 3.0,
+    iterations: Annotated[Optional[int], typer.Option(help="A fixed number of timed calls instead of --duration.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 5,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: physical cores).")] = None,
+    url: Annotated[Optional[str], typer.Option(help="Benchmark a running service end to end instead (e.g. http://127.0.0.1:3000).")] = None,
+    concurrency: Annotated[str, typer.Option(help="With --url: comma-separated client counts.")] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="With --url: requests per concurrency level.")] = 200,
+    images: Annotated[Optional[Path], typer.Option(help="With --url: upload images from this folder (default: generated).")] = None,
+    allow_remote: Annotated[bool, typer.Option(help="With --url: allow a non-loopback address.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the stored result as JSON.")] = False,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Latency (p50/p90/p99/max) and throughput, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
+    import json  # noqa: PLC0415
+
+    from serving import bench as benchmarks  # noqa: PLC0415
+    from serving.manifest import resolve_model  # noqa: PLC0415
+
+    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
+    model_dir = resolve_model(model, models_dir) if model else None
+    if url:
+        uploads = None
+        target = benchmarks.check_url(url, allow_remote)
+        if images is not None:
+            from serving.bench import sample_uploads  # noqa: PLC0415
+
+            uploads = sample_uploads((0, 0), folder=images)
+        report = benchmarks.bench_http(target, concurrency=_ints(concurrency, "--concurrency"), requests=requests,
+                                       uploads=uploads, model_dir=model_dir, log=log)
+    elif model_dir is None:
+        raise UserError("give a MODEL to benchmark in-process, or --url for a running service")
+    else:
+        report = benchmarks.bench_model(model_dir, runtimes=tuple(r.strip() for r in runtimes.split(",") if r.strip()),
+                                        batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations,
+                                        duration=None if iterations else duration, warmup=warmup, threads=threads, log=log)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    elif "path" in report:
+        console.print(f"stored {report['path']}", highlight=False)
+
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user's mistake is one line and exit 2, never a traceback."""
     try:

@@ -51,8 +51,7 @@ def make_session(path: Path, *, device: str = "auto", threads: int | None = None
     if want_cuda:
         ort.set_default_logger_severity(4)
         try:
-            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn])
-                ort.preload_dlls()
+            _preload_cuda_wheels(ort)
             session = ort.InferenceSession(str(path), sess_options=opts,
                                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         finally:
@@ -64,6 +63,22 @@ def make_session(path: Path, *, device: str = "auto", threads: int | None = None
         raise UserError("--device cuda: the CUDA execution provider did not load on this machine (no GPU or no CUDA libraries)")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     return session, session.get_providers()[0]
+
+
+def _preload_cuda_wheels(ort) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) when they are installed.
+
+    Without them preload_dlls prints a line per missing library, so it is only called when the
+    wheels' `nvidia` package exists, and its printing is kept off the user's terminal.
+    """
+    import contextlib  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    if not hasattr(ort, "preload_dlls") or importlib.util.find_spec("nvidia") is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ort.preload_dlls()
 
 
 @dataclass

@@ -1,0 +1,248 @@
+"""`tlserve bench`: inference latency and throughput, in-process per runtime or end to end over HTTP.
+
+Every result is stored under models/<name>/bench/ with the machine it came from, so figures
+from different machines are never mixed silently.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from serving.manifest import VARIANTS, load_manifest
+from training import env, storage
+from training.errors import UserError
+
+RUNTIMES = ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
+DEFAULT_RUNTIMES = ("keras", "savedmodel", "onnx", "onnx-int8", "onnx-fp16")
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass
+class Result:
+    runtime: str
+    batch_size: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    images_per_sec: float
+    provider: str
+    threads: int | None
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "mean_ms": float(a.mean())}
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int | None, duration: float | None) -> list[float]:
+    """Milliseconds per call after `warmup` calls; stops at `iterations` or after `duration` seconds."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + (duration or 0)
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+        if iterations is not None and len(samples) >= iterations:
+            return samples
+        if iterations is None and time.perf_counter() >= deadline and len(samples) >= 5:
+            return samples
+
+
+def _runner(model_dir: Path, manifest: dict[str, Any], runtime: str, threads: int | None):
+    """(predict function, provider, threads) for a runtime, or None with the reason it is missing."""
+    if runtime.startswith("onnx"):
+        variant = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}[runtime]
+        if VARIANTS[variant] not in manifest["artifacts"]:
+            return None, f"no {VARIANTS[variant]} (export with --{variant})"
+        from serving.runtime import OnnxClassifier, physical_cores  # noqa: PLC0415
+
+        model = OnnxClassifier.load(model_dir, variant=variant, threads=threads)
+        return (model.predict, model.provider, threads or physical_cores()), None
+    T = env.tf()
+    if runtime == "savedmodel":
+        if "saved_model" not in manifest["artifacts"]:
+            return None, "no saved_model in this export"
+        fn = T.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
+        return (lambda x: fn(image=T.constant(x))["probabilities"].numpy(), _tf_device(), None), None
+    keras_path = Path(manifest["run_path"]) / "model.keras"
+    if not keras_path.is_file():
+        return None, f"the run's model.keras is not at {keras_path}"
+    from training.models import load_model  # noqa: PLC0415
+
+    model = load_model(keras_path)
+    if runtime == "keras":
+        return (lambda x: model.predict(x, verbose=0), _tf_device(), None), None
+    call = T.function(lambda x: model(x, training=False))
+    return (lambda x: call(T.constant(x)).numpy(), _tf_device(), None), None
+
+
+def _tf_device() -> str:
+    return "GPU" if env.tf().config.list_physical_devices("GPU") else "CPU"
+
+
+def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
+                iterations: int | None = None, duration: float | None = 3.0, warmup: int = 5,
+                threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    manifest = load_manifest(model_dir)
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise UserError(f"unknown runtime '{bad[0]}'; choose from {', '.join(RUNTIMES)}")
+    if any(b < 1 for b in batch_sizes):
+        raise UserError("batch sizes must be at least 1")
+    if iterations is not None and iterations < 1 or duration is not None and duration <= 0:
+        raise UserError("--iterations and --duration must be positive")
+    h, w = int(manifest["input"]["shape"][1]), int(manifest["input"]["shape"][2])
+    rng = np.random.default_rng(0)
+    results, skipped = [], {}
+    for runtime in runtimes:
+        runner, why = _runner(model_dir, manifest, runtime, threads)
+        if runner is None:
+            skipped[runtime] = why
+            log(f"skipped {runtime}: {why}")
+            continue
+        predict, provider, used_threads = runner
+        for batch in batch_sizes:
+            x = rng.uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
+            samples = time_calls(lambda: predict(x), warmup=warmup, iterations=iterations, duration=duration)
+            stats = percentiles(samples)
+            result = Result(runtime, batch, len(samples), **stats, images_per_sec=batch * 1000 / stats["mean_ms"],
+                            provider=provider, threads=used_threads)
+            results.append(result)
+            log(f"{runtime:12s} batch {batch:3d}: p50 {result.p50_ms:8.3f} ms  p99 {result.p99_ms:8.3f} ms  "
+                f"{result.images_per_sec:9.1f} img/s")
+    return _save(model_dir, manifest, "inprocess", {"results": [asdict(r) for r in results], "skipped": skipped})
+
+
+def _save(model_dir: Path, manifest: dict[str, Any], kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    now = datetime.now(timezone.utc)
+    report = {"schema": 1, "kind": kind, "model": manifest["name"], "version": manifest["version"],
+              "created_at": now.isoformat(timespec="seconds"), "machine": env.machine_facts(),
+              "versions": env.package_versions(), **body}
+    if env._tf is not None:  # GPUs only if TensorFlow was loaded anyway
+        report["machine"]["gpus"] = [d.name for d in env._tf.config.list_physical_devices("GPU")]
+    path = Path(model_dir) / "bench" / f"{kind}-{now:%Y%m%d-%H%M%S}.json"
+    storage.write_json(path, report)
+    report["path"] = str(path)
+    return report
+
+
+# ---- over HTTP ------------------------------------------------------------------------------
+
+def check_url(url: str, allow_remote: bool) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"--url must look like http://127.0.0.1:3000, not '{url}'")
+    if parsed.hostname not in LOOPBACK and not allow_remote:
+        raise UserError(f"--url {parsed.hostname} is not a loopback address; load tests stay on this machine "
+                        "unless you pass --allow-remote")
+    return url.rstrip("/")
+
+
+def sample_uploads(hw: tuple[int, int], n: int = 16, folder: Path | None = None) -> list[bytes]:
+    """PNG uploads: images from `folder` if given, else generated shapes at the model's input size."""
+    from PIL import Image  # noqa: PLC0415
+
+    from training import images  # noqa: PLC0415
+
+    if folder is not None:
+        files = sorted(p for p in Path(folder).rglob("*") if images.is_image_path(p))[:n]
+        if not files:
+            raise UserError(f"--images {folder}: no image files")
+        return [p.read_bytes() for p in files]
+    from training.data import make_synthetic  # noqa: PLC0415
+
+    x, _, _ = make_synthetic(n, seed=7, image_size=hw[0])
+    out = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(img).resize((hw[1], hw[0])).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests: int = 200, warmup: int = 10,
+               timeout: float = 30.0, uploads: list[bytes] | None = None, log: Callable[[str], None] = print,
+               model_dir: Path | None = None, max_seconds: float = 120.0) -> dict[str, Any]:
+    """POST real image uploads to URL/predict from `c` threads; bounded by `requests` and `max_seconds`."""
+    import httpx  # noqa: PLC0415
+
+    if requests < 1 or any(c < 1 for c in concurrency):
+        raise UserError("--requests and --concurrency must be positive")
+    try:
+        meta = httpx.get(f"{url}/metadata", timeout=timeout).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise UserError(f"no tlserve service answering at {url} ({exc.__class__.__name__})") from None
+    hw = (int(meta["input"]["shape"][1]), int(meta["input"]["shape"][2]))
+    uploads = uploads or sample_uploads(hw)
+    results = []
+    for c in concurrency:
+        latencies: list[float] = []
+        errors = 0
+        lock = threading.Lock()
+        counter = iter(range(requests))
+        deadline = time.monotonic() + max_seconds
+
+        def worker(_: int) -> None:
+            nonlocal errors
+            with httpx.Client(timeout=timeout) as client:
+                for _ in range(warmup // max(1, c) + 1):
+                    client.post(f"{url}/predict", files={"image": ("w.png", uploads[0], "image/png")})
+                while time.monotonic() < deadline:
+                    with lock:
+                        i = next(counter, None)
+                    if i is None:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        r = client.post(f"{url}/predict", files={"image": (f"{i}.png", uploads[i % len(uploads)], "image/png")})
+                        ok = r.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    elapsed = (time.perf_counter() - t0) * 1000
+                    with lock:
+                        if ok:
+                            latencies.append(elapsed)
+                        else:
+                            errors += 1
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            list(pool.map(worker, range(c)))
+        wall = time.perf_counter() - t0
+        stats = percentiles(latencies) if latencies else {k: None for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms")}
+        row = {"concurrency": c, "requests": len(latencies) + errors, "errors": errors, **stats,
+               "requests_per_sec": len(latencies) / wall if wall else None}
+        results.append(row)
+        log(f"concurrency {c:3d}: p50 {row['p50_ms'] or 0:8.3f} ms  p99 {row['p99_ms'] or 0:8.3f} ms  "
+            f"{row['requests_per_sec'] or 0:8.1f} req/s  errors {errors}")
+    floor = None
+    if model_dir is not None:
+        from serving.runtime import OnnxClassifier  # noqa: PLC0415
+
+        model = OnnxClassifier.load(model_dir)
+        x = np.random.default_rng(0).uniform(0, 255, (1, *hw, 3)).astype(np.float32)
+        floor = percentiles(time_calls(lambda: model.predict(x), warmup=10, iterations=200, duration=None))["p50_ms"]
+        for row in results:
+            row["overhead_ms_p50"] = row["p50_ms"] - floor if row["p50_ms"] is not None else None
+    body = {"url": url, "server": {k: meta.get(k) for k in ("name", "version", "provider", "max_batch_size")},
+            "inprocess_onnx_p50_ms": floor, "results": results}
+    if model_dir is not None:
+        return _save(model_dir, load_manifest(model_dir), "http", body)
+    return {"schema": 1, "kind": "http", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": env.machine_facts(), **body}
+
