@@ -439,6 +439,47 @@ def bench(
         console.print(f"stored {report['path']}", highlight=False)
 
 
+@app.command()
+def compare(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to compare (default: every finished run).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, report.html, PNGs).")] = Path("report"),
+    runs_dir: RunsDir = None,
+    models_dir: ModelsDir = None,
+) -> None:
+    """One report: training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
+    from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
+    from training.report import answers, build as build_report, gather  # noqa: PLC0415
+
+    folder = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
+    entries = gather(runs or [], runs_dir, models_dir)
+    table = Table(title="runs")
+    for col in TABLE_FIELDS:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for e in entries:
+        row = table_row(e.record)
+        table.add_row(*(_fmt(row[c]) for c in TABLE_FIELDS))
+    console.print(table)
+    for line in answers(entries):
+        console.print(f"- {line}", highlight=False)
+    console.print(f"report: {folder / 'report.html'} and {folder / 'report.md'}", highlight=False)
+
+
+@app.command()
+def features(
+    run: Annotated[str, typer.Argument(help="A finished run.")],
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    layer: Annotated[str, typer.Option(help="Layer name (nested backbone layers too, e.g. block_13_expand_relu).")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN-LAYER.png).")] = None,
+    max_maps: Annotated[int, typer.Option(help="At most this many channels.")] = 32,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Save a grid of one layer's feature maps for an image (seed 003, step 4)."""
+    from training.features import feature_maps  # noqa: PLC0415
+
+    path = feature_maps(run, image, layer, out, max_maps=max_maps, runs_dir=runs_dir)
+    console.print(f"wrote {path}", highlight=False)
+
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user's mistake is one line and exit 2, never a traceback."""

@@ -246,3 +246,17 @@ def test_bento_builds_offline_carries_the_model_and_serves(cnn_model, tmp_path, 
         path = sorted(sample_images.iterdir())[0]
         r = _post(f"{url}/predict", {"image": (path.name, path.read_bytes())})
         assert r.status_code == 200 and r.json()["model"] == "cnn"
+
+
+def test_http_bench_against_the_running_service(server, cnn_model, run_cli):
+    result = run_cli("bench", cnn_model, "--url", server, "--concurrency", "1,4", "--requests", "20", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [r["concurrency"] for r in report["results"]] == [1, 4]
+    for row in report["results"]:
+        assert row["errors"] == 0 and row["requests"] == 20
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["requests_per_sec"] > 0
+        assert row["overhead_ms_p50"] == pytest.approx(row["p50_ms"] - report["inprocess_onnx_p50_ms"])
+    assert Path(report["path"]).parent == cnn_model / "bench" and report["machine"]["cpu"]
+    refused = run_cli("bench", "--url", "http://192.0.2.1:3000")
+    assert refused.code == 2 and "not a loopback address" in refused.err

@@ -1,0 +1,129 @@
+"""compare (report from real runs), bench (in-process figures, stored with machine facts), features."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_call
+
+
+@pytest.fixture(scope="module")
+def benched(cnn_model, run_cli_module):
+    result = run_cli_module("bench", cnn_model, "--runtimes", "keras,tf-function,savedmodel,onnx,onnx-int8,onnx-fp16",
+                            "--batch-sizes", "1,4", "--iterations", "5", "--warmup", "2", "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+@pytest.fixture(scope="module")
+def run_cli_module():
+    """run_cli for module fixtures: output captured by redirecting the rich consoles' files."""
+    import contextlib
+    import io
+
+    import cli
+    from conftest import CliResult
+
+    def run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code or 0
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+def test_bench_measures_every_runtime_and_stores_machine_facts(benched, cnn_model):
+    rows = benched["results"]
+    assert {(r["runtime"], r["batch_size"]) for r in rows} == {
+        (rt, b) for rt in ("keras", "tf-function", "savedmodel", "onnx", "onnx-int8", "onnx-fp16") for b in (1, 4)}
+    for r in rows:
+        assert r["iterations"] == 5
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["images_per_sec"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
+        assert r["provider"]
+    onnx = next(r for r in rows if r["runtime"] == "onnx")
+    assert onnx["provider"] == "CPUExecutionProvider" and onnx["threads"] >= 1
+    assert benched["machine"]["cpu"] and benched["machine"]["cpu_count"] >= 1
+    assert benched["versions"]["onnxruntime-gpu"] or benched["versions"]["onnxruntime"]
+    stored = Path(benched["path"])
+    assert stored.parent == cnn_model / "bench" and json.loads(stored.read_text())["results"] == rows
+
+
+def test_bench_skips_missing_variants(runs_root, models_root, run_cli):
+    cli_call("export", "cnn", "--name", "cnn-plain", "--formats", "onnx", "--runs-dir", runs_root,
+             "--models-dir", models_root, "--no-register")
+    result = run_cli("bench", models_root / "cnn-plain", "--runtimes", "onnx,onnx-int8,savedmodel",
+                     "--batch-sizes", "1", "--iterations", "3", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [r["runtime"] for r in report["results"]] == ["onnx"]
+    assert set(report["skipped"]) == {"onnx-int8", "savedmodel"}
+    bad = run_cli("bench", models_root / "cnn-plain", "--runtimes", "tensorrt")
+    assert bad.code == 2 and "unknown runtime" in bad.err
+    import shutil
+
+    shutil.rmtree(models_root / "cnn-plain")  # a second benchmarked export of run cnn would change the report's pick
+
+
+@pytest.fixture(scope="module")
+def finetune_run(runs_root) -> str:
+    cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "mobilenetv2", "-s", "finetune", "--weights", "none",
+             "--input-size", "32", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32",
+             "--runs-dir", runs_root, "--name", "rep-mnv2-ft")
+    return "rep-mnv2-ft"
+
+
+def test_compare_report(cnn_run, benched, finetune_run, runs_root, models_root, tmp_path, run_cli):
+    out = tmp_path / "report"
+    result = run_cli("compare", "cnn", finetune_run, "--runs-dir", runs_root, "--models-dir", models_root, "--out", out)
+    assert result.code == 0, result.err
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    cnn = json.loads((cnn_run / "record.json").read_text())
+    ft = json.loads((runs_root / finetune_run / "record.json").read_text())
+    # the seed 001 table carries each run's real numbers
+    assert f"| cnn | {cnn['epochs']} | {cnn['avg_epoch_time_sec']:.4f} | {cnn['total_time_sec']:.4f} | " \
+           f"{cnn['test']['accuracy']:.4f} | {cnn['model']['trainable_params']:,} |" in md
+    # frozen vs fine-tuned: the finetune run's phase-1 (frozen) and final accuracy
+    assert f"{ft['test']['phase1_accuracy']:.4f} | {ft['test']['accuracy']:.4f}" in md
+    onnx_b1 = next(r["p50_ms"] for r in benched["results"] if r["runtime"] == "onnx" and r["batch_size"] == 1)
+    assert f"{onnx_b1:.4f}" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"curves.png", "test_accuracy.png", "accuracy_vs_latency.png", "confusion-cnn.png"} <= set(pngs)
+    # self-contained: every figure embedded, nothing fetched from elsewhere
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert not re.search(r'(src|href)="(http|//)', page)
+    best = max((cnn, ft), key=lambda r: r["test"]["accuracy"])
+    assert f"Most accurate: {best['name']} at {best['test']['accuracy']:.4f}" in md
+    fastest = min((cnn, ft), key=lambda r: r["total_time_sec"])
+    assert f"Fastest to train: {fastest['name']}" in md
+    assert "Fastest to serve: cnn" in md  # the only benchmarked export
+
+
+def test_compare_without_runs_is_one_line(tmp_path, run_cli):
+    result = run_cli("compare", "--runs-dir", tmp_path / "none", "--out", tmp_path / "r")
+    assert result.code == 2 and "no finished runs" in result.err
+    result = run_cli("compare", "nope", "--runs-dir", tmp_path / "none", "--out", tmp_path / "r")
+    assert result.code == 2 and "no run named 'nope'" in result.err
+
+
+def test_features_grid(cnn_run, finetune_run, runs_root, sample_images, tmp_path, run_cli):
+    image = sorted(sample_images.glob("*.png"))[0]
+    out = tmp_path / "maps.png"
+    result = run_cli("features", "cnn", image, "--layer", "conv2d_1", "--runs-dir", runs_root, "--out", out)
+    assert result.code == 0, result.err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nested = tmp_path / "nested.png"
+    result = run_cli("features", finetune_run, image, "--layer", "block_13_expand_relu", "--runs-dir", runs_root,
+                     "--out", nested)
+    assert result.code == 0, result.err and nested.is_file()
+    result = run_cli("features", "cnn", image, "--layer", "conv2d_7", "--runs-dir", runs_root)
+    assert result.code == 2 and "nearest: conv2d" in result.err
