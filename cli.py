@@ -47,6 +47,8 @@ UnfreezeFrom = Annotated[Optional[str], typer.Option("--unfreeze-from", help="fi
 TruncateAt = Annotated[Optional[str], typer.Option("--truncate-at", help="Cut the backbone after this layer (e.g. block3_pool).")]
 BnMomentum = Annotated[float, typer.Option("--bn-momentum", help="cnn-bn BatchNorm momentum.")]
 L2 = Annotated[float, typer.Option("--l2", help="L2 factor on conv and dense kernels of the CNN.")]
+HeadUnits = Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")]
+CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")]
 
 
 @app.command()
@@ -61,11 +63,11 @@ def train(
     image_size: ImageSize = None,
     input_size: InputSize = None,
     head: Head = None,
-    head_units: Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")] = 256,
+    head_units: HeadUnits = 256,
     dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flip/rotation/zoom layers, active in training only.")] = False,
     cnn_layers: CnnLayers = "seed003",
-    cnn_padding: Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")] = None,
+    cnn_padding: CnnPadding = None,
     bn_momentum: BnMomentum = 0.99,
     l2: L2 = 0.0,
     truncate_at: TruncateAt = None,
@@ -157,9 +159,9 @@ def summary(
     weights: Annotated[str, typer.Option(help="Weights do not change the counts; none avoids a download.")] = "none",
     input_size: InputSize = None,
     head: Head = None,
-    head_units: Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")] = 256,
+    head_units: HeadUnits = 256,
     cnn_layers: CnnLayers = "seed003",
-    cnn_padding: Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")] = None,
+    cnn_padding: CnnPadding = None,
     bn_momentum: BnMomentum = 0.99,
     l2: L2 = 0.0,
     truncate_at: TruncateAt = None,
@@ -243,13 +245,9 @@ def list_runs_cmd(
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    from training.records import format_cell  # noqa: PLC0415
+
+    return format_cell(value)
 
 
 # ---- export / predict / models (issue 3) -----------------------------------------------

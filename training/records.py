@@ -36,6 +36,7 @@ SCHEMA = 1
 RECORD = "record.json"
 HISTORY = "history.csv"
 MODEL = "model.keras"
+CURVES = "curves.png"
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 # Seed 001's CSV columns, then ours.
 TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
@@ -128,3 +129,14 @@ def epochs_to_target(history: list[dict[str, Any]], target: float) -> int | None
         if val is not None and val >= target:
             return int(row["epoch"])
     return None
+
+
+def format_cell(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to `digits` places, ints with thousands separators, missing as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

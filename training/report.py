@@ -62,14 +62,6 @@ def _exports(models_dir: Path | None) -> dict[str, tuple[dict[str, Any], dict[st
     return found
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 class Doc:
@@ -92,7 +84,7 @@ class Doc:
         self.html.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
 
     def table(self, headers: list[str], rows: list[list[Any]]) -> None:
-        cells = [[_fmt(c) for c in row] for row in rows]
+        cells = [[records.format_cell(c) for c in row] for row in rows]
         self.md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         self.md += ["| " + " | ".join(row) + " |" for row in cells] + [""]
         head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)

@@ -201,6 +201,9 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         test["phase1_accuracy"] = phase1_accuracy
     model.save(str(staging / records.MODEL))
     storage.write_text(staging / records.HISTORY, records.history_csv(history))
+    from training.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
+
+    curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
     training_facts = {"feature_cache": use_cache, "feature_cache_reason": cache_reason,
                       "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
                       "resumed": bool(state.get("resumed"))}
