@@ -105,6 +105,10 @@ class RequestGuard:
             unknown = sorted(set(form.keys()) - {field_name} - OPTIONAL_FIELDS)
             if unknown:
                 raise RequestError(400, f"unknown field '{unknown[0]}'; {hint}")
+            top_k = form.get("top_k")
+            if top_k is not None and (not isinstance(top_k, str) or not top_k.strip().isdigit()
+                                      or not 1 <= int(top_k) <= 1000):
+                raise RequestError(400, "top_k must be a whole number from 1 to 1000")
             uploads = form.getlist(field_name)
             if not uploads:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")

@@ -153,6 +153,9 @@ BAD_REQUESTS = {
     "over the size limit": dict(files={"image": ("big.bin", os.urandom(MAX_BYTES + 10), "image/png")}),
     "json instead of a file": dict(json={"image": "http://127.0.0.1:9/cat.png"}),
     "text field instead of a file": dict(data={"image": "not a file"}),
+    "top_k not a number": dict(files={"image": ("a.png", _png_bytes(), "image/png")}, data={"top_k": "many"}),
+    "two images on /predict": dict(files=[("image", ("a.png", _png_bytes(), "image/png")),
+                                          ("image", ("b.png", _png_bytes(), "image/png"))]),
 }
 
 
