@@ -26,11 +26,6 @@ RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Where runs 
 ModelsDir = Annotated[Optional[Path], typer.Option("--models-dir", help="Where exported models live (default: $TLSERVE_HOME/models or ./models).")]
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
-
-
 # ---- training (issue 2) ----------------------------------------------------------------
 
 Data = Annotated[str, typer.Option("--data", help="cifar10 | cifar10:PATH | folder:PATH | synthetic.")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,9 +85,7 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     model = load_model(run.model_path)
     check = _check_data(run, model, opts)
     version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}{secrets.token_hex(2)}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=final.parent))
-    try:
+    with storage.staged_dir(final, overwrite=opts.overwrite) as staging:
         artifacts: dict[str, dict[str, Any]] = {}
         if "savedmodel" in opts.formats:
             artifacts["saved_model"] = _export_savedmodel(model, staging / "saved_model", check, log)
@@ -99,10 +96,6 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
         if opts.register:
             _register(name, version, staging, manifest)
             log(f"registered in the BentoML model store as {name}:{version}")
-        storage.promote(staging, final, overwrite=opts.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final, manifest
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,16 +105,9 @@ class Doc:
 
 def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None, models_dir: Path | None = None) -> Path:
     entries = gather(run_refs, runs_dir, models_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with storage.staged_dir(Path(out), overwrite=True) as staging:
         _write(entries, staging)
-        storage.promote(staging, out, overwrite=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _write(entries: list[Entry], folder: Path) -> None:

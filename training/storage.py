@@ -23,25 +23,11 @@ def models_dir(override: str | Path | None = None) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _umask_mode(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename over the target: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -49,6 +35,8 @@ def write_text(path: Path, text: str) -> None:
         _umask_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -78,24 +66,21 @@ def _json_default(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path, *, overwrite: bool, staging: Path | None = None) -> Iterator[Path]:
-    """Yield a staging folder that becomes `final` only if the block succeeds.
+def staged_dir(final: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden staging folder beside `final` that becomes `final` only if the block succeeds.
 
     An existing `final` is swapped out only at the very end (so a failure
     leaves it intact) and removed after the new one is in place.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if staging is None:
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    else:
-        staging.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield staging
+        promote(staging, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    promote(staging, final, overwrite=overwrite)
 
 
 def promote(staging: Path, final: Path, *, overwrite: bool) -> None:
