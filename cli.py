@@ -441,10 +441,9 @@ def compare(
 ) -> None:
     """One report: training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
     from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
-    from training.report import answers, build as build_report, gather  # noqa: PLC0415
+    from training.report import answers, build as build_report  # noqa: PLC0415
 
-    folder = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
-    entries = gather(runs or [], runs_dir, models_dir)
+    folder, entries = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
     table = Table(title="runs")
     for col in TABLE_FIELDS:
         table.add_column(col, justify="left" if col == "model" else "right")

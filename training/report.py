@@ -103,11 +103,13 @@ class Doc:
                 f"<style>{style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
 
 
-def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None, models_dir: Path | None = None) -> Path:
+def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
+          models_dir: Path | None = None) -> tuple[Path, list[Entry]]:
+    """Write the report folder; returns it with the entries it was made from."""
     entries = gather(run_refs, runs_dir, models_dir)
     with storage.staged_dir(Path(out), overwrite=True) as staging:
         _write(entries, staging)
-    return Path(out)
+    return Path(out), entries
 
 
 def _write(entries: list[Entry], folder: Path) -> None:

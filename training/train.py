@@ -165,11 +165,11 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
             target = checkpoint if done_in_phase else T.train.Checkpoint(model=model)
             target.restore(manager.latest_checkpoint).expect_partial()
             restored = True
-        train_data = _pipeline(_as_split(features["train"], dataset.train.y), batch, shuffle=True, seed=cfg.seed) \
+        train_data = _pipeline(datasets.Split(features["train"], dataset.train.y), batch, shuffle=True, seed=cfg.seed) \
             if cached else pipes["train"]
         val_data = None
         if pipes["val"] is not None:
-            val_data = _pipeline(_as_split(features["val"], dataset.val.y), batch) if cached else pipes["val"]
+            val_data = _pipeline(datasets.Split(features["val"], dataset.val.y), batch) if cached else pipes["val"]
         log(f"phase {phase.name}: {phase.epochs} epoch(s) at lr {phase.lr:g}; trainable params "
             f"{models.facts(model)['trainable_params']:,}" + (" (on cached features)" if cached else ""))
         elapsed_before = state["elapsed"]
@@ -189,7 +189,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                       epochs=first + phase.epochs - done_in_phase, callbacks=callbacks,
                       verbose=1 if interactive else 0)
         if phase.name == "head" and len(phases) > 1:
-            test_data = _pipeline(_as_split(features["test"], dataset.test.y), batch) if cached else pipes["test"]
+            test_data = _pipeline(datasets.Split(features["test"], dataset.test.y), batch) if cached else pipes["test"]
             phase1_accuracy = state["phase1_accuracy"] = float(fit_model.evaluate(test_data, verbose=0)[1])
         state["phases_done"].append(phase.name)
         state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
@@ -238,10 +238,6 @@ def _prepare(cfg: TrainConfig, dataset, source: records.Run | None):
                        _Phase("finetune", cfg.finetune_epochs, cfg.finetune_lr,
                               before=lambda: strategies.unfreeze_top(built.backbone, cfg))]
     return built, [_Phase("train", cfg.epochs, cfg.lr)]
-
-
-def _as_split(x: np.ndarray, y: np.ndarray) -> datasets.Split:
-    return datasets.Split(x, y)
 
 
 def _pipeline(split, batch_size: int, *, shuffle: bool = False, seed: int = 0):
@@ -303,9 +299,15 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
 
 
 def _evaluate(model, test_ds, dataset) -> dict[str, Any]:
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, accuracy = model.evaluate(test_ds, verbose=0)
-    pred = model.predict(test_ds, verbose=0).argmax(axis=1)
+    """Test loss (as Keras's evaluate reports it: cross-entropy plus regularization), accuracy,
+    per-class accuracy and confusion matrix, from a single pass over the test split."""
+    probs = model.predict(test_ds, verbose=0)
+    y = dataset.test.y
+    picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)  # Keras's epsilon clip
+    regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
+    loss = float(np.mean(-np.log(picked))) + regularization
+    pred = probs.argmax(axis=1)
+    accuracy = float(np.mean(pred == y))
     n = len(dataset.class_names)
     matrix = np.zeros((n, n), dtype=np.int64)
     np.add.at(matrix, (dataset.test.y, pred), 1)
