@@ -36,7 +36,7 @@ Weights = Annotated[Optional[str], typer.Option("--weights", help="imagenet | no
 InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Resize inside the model to this square size (default: the backbone's).")]
 ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Folder data: resize images to this size on load (default: their own size if they agree, else 224).")]
 Head = Annotated[Optional[str], typer.Option("--head", help="gap | gap-dense | flatten-dense-bn (pretrained backbones).")]
-CnnLayers = Annotated[str, typer.Option("--cnn-layers", help="CNN body: a preset (seed001..seed004) or tokens like c32,p,c64,p,f,d128,dr0.5.")]
+CnnLayers = Annotated[str, typer.Option("--cnn-layers", help="CNN body: a preset (seed001..seed004, vgg3, resnet9-s/-m, resnet9; see `tlserve backbones`) or tokens like c32,p,c64,p,f,d128,dr0.5.")]
 Unfreeze = Annotated[Optional[int], typer.Option("--unfreeze", help="finetune phase 2: unfreeze the top N backbone layers (default 30).")]
 UnfreezeFrom = Annotated[Optional[str], typer.Option("--unfreeze-from", help="finetune phase 2: unfreeze from this backbone layer on.")]
 TruncateAt = Annotated[Optional[str], typer.Option("--truncate-at", help="Cut the backbone after this layer (e.g. block3_pool).")]
@@ -60,7 +60,8 @@ def train(
     head: Head = None,
     head_units: HeadUnits = 256,
     dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = 0.2,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flip/rotation/zoom layers, active in training only.")] = False,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random augmentation layers, active in training only.")] = False,
+    augment_policy: Annotated[str, typer.Option(help="With --augment: seed (flip/rotation/zoom, as the seeds) | flip-crop (flip + 4-pixel shifts, the fast CIFAR-10 recipe).")] = "seed",
     cnn_layers: CnnLayers = "seed003",
     cnn_padding: CnnPadding = None,
     bn_momentum: BnMomentum = 0.99,
@@ -76,6 +77,9 @@ def train(
     finetune_lr: Annotated[float, typer.Option(help="finetune: phase 2 learning rate.")] = 1e-5,
     optimizer: Annotated[str, typer.Option(help="adam | sgd | rmsprop.")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")] = False,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels (0 = off).")] = 0.0,
+    schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = "constant",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
@@ -102,10 +106,12 @@ def train(
     cfg = TrainConfig(
         data=DataConfig(spec=data, classes=classes, val_split=val_split, limit=limit, image_size=image_size, seed=seed),
         backbone=backbone, weights=weights, strategy=strategy, input_size=input_size, head=head,
-        head_units=head_units, dropout=dropout, augment=augment, cnn_layers=cnn_layers, cnn_padding=cnn_padding,
+        head_units=head_units, dropout=dropout, augment=augment, augment_policy=augment_policy,
+        cnn_layers=cnn_layers, cnn_padding=cnn_padding,
         bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at, unfreeze=unfreeze, unfreeze_from=unfreeze_from,
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
-        finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, batch_size=batch_size, target=target,
+        finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, schedule=schedule, batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
         precision=precision, jit=jit, distribute=distribute,
     )

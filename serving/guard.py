@@ -6,14 +6,22 @@ back as a 500 or as a 400 logged at ERROR with a traceback, there is no request
 size limit, and a JSON body holding a URL makes the server download it. This
 ASGI middleware sees each image request first: it bounds the body, parses the
 multipart form, checks the field names and decodes every image once with
-training.images (bombs refused by header). The decoded images travel to the
-endpoint in the request state, so nothing is decoded twice.
+training.images (bombs refused by header).
+
+It then answers the request itself with the service's `classify`, the same
+function the endpoints call. Passing the request on to BentoML's endpoint layer
+would parse the multipart body a second time, spool each upload to a temporary
+file and validate it again through pydantic and its JSON schema: measured here
+as about a third of the server's time for a 32x32 upload (1 ms of ~3 ms).
+BentoML's own middleware (metrics, tracing, access log, concurrency limit) sits
+outside this one and still sees every request; the endpoints stay declared, so
+the OpenAPI page and BentoML's clients describe and call the same routes.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 
@@ -25,7 +33,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
 OPTIONAL_FIELDS = {"top_k"}
-STATE_KEY = "tlserve_images"
 MAX_BATCH_FILES = 64
 
 
@@ -34,6 +41,8 @@ class GuardState:
     """Filled by the service once its model is loaded (the guard is created before that)."""
     input_hw: tuple[int, int] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The service's classify(decoded images, top_k, batch=...) -> the JSON answer; None until loaded.
+    classify: Optional[Callable[..., Awaitable[dict[str, Any]]]] = None
 
 
 STATE = GuardState()
@@ -65,11 +74,20 @@ class RequestGuard:
             body = await self._read_body(scope, receive)
             if path == "/infer":
                 _check_infer(body)
-            else:
-                scope.setdefault("state", {})[STATE_KEY] = await self._images(scope, body, *IMAGE_ROUTES[path])
+                return await self.app(scope, _replay(body, receive), send)
+            field_name, many = IMAGE_ROUTES[path]
+            decoded, top_k = await self._images(scope, body, field_name, many)
         except RequestError as exc:
             return await _json(send, exc.status, {"error": str(exc)})
-        await self.app(scope, _replay(body, receive), send)
+        if STATE.classify is None:
+            return await _json(send, 503, {"error": "model is still loading"})
+        from bentoml.exceptions import ServiceUnavailable  # noqa: PLC0415
+
+        try:
+            answer = await STATE.classify(decoded, top_k, batch=many)
+        except ServiceUnavailable as exc:  # the batching queue is over its latency bound
+            return await _json(send, 503, {"error": str(exc)})
+        await _json(send, 200, answer)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         declared = dict(scope["headers"]).get(b"content-length")
@@ -88,7 +106,7 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _images(self, scope: Scope, body: bytes, field_name: str, many: bool) -> list:
+    async def _images(self, scope: Scope, body: bytes, field_name: str, many: bool) -> tuple[list, int | None]:
         from starlette.requests import Request  # noqa: PLC0415
 
         hint = f"send the image{'s' if many else ''} as multipart/form-data field '{field_name}'"
@@ -125,7 +143,7 @@ class RequestGuard:
                 except images.ImageError as exc:
                     status = 413 if "limit" in str(exc) else 400
                     raise RequestError(status, str(exc)) from None
-            return decoded
+            return decoded, int(top_k) if top_k is not None else None
         finally:
             await form.close()
 

@@ -200,10 +200,9 @@ def test_client_mistakes_leave_no_tracebacks(server, server_log):
 
 
 def _batch_sizes(metrics: str) -> tuple[float, float]:
-    """(requests seen by the batching API, those that ran alone) from the Prometheus histogram."""
-    count = sum(float(m) for m in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)', metrics))
-    alone = sum(float(m) for m in re.findall(r'adaptive_batch_size_bucket\{[^}]*le="1\.0"[^}]*method_name="infer"[^}]*\} (\S+)', metrics)
-                + re.findall(r'adaptive_batch_size_bucket\{[^}]*method_name="infer"[^}]*le="1\.0"[^}]*\} (\S+)', metrics))
+    """(onnxruntime calls, those that served one request alone) from tlserve's Prometheus histogram."""
+    count = sum(float(m) for m in re.findall(r'tlserve_requests_per_call_count(?:\{[^}]*\})? (\S+)', metrics))
+    alone = sum(float(m) for m in re.findall(r'tlserve_requests_per_call_bucket\{[^}]*le="1\.0"[^}]*\} (\S+)', metrics))
     return count, alone
 
 
@@ -263,3 +262,37 @@ def test_http_bench_against_the_running_service(server, cnn_model, run_cli):
     assert Path(report["path"]).parent == cnn_model / "bench" and report["machine"]["cpu"]
     refused = run_cli("bench", "--url", "http://192.0.2.1:3000")
     assert refused.code == 2 and "not a loopback address" in refused.err
+
+
+def test_endpoints_called_in_process_answer_like_http(cnn_model, server, sample_images):
+    """Over HTTP the request guard answers the image routes; the endpoints themselves still serve
+    in-process callers (BentoML's composition, tests) with the same answers."""
+    path = sorted(sample_images.iterdir())[0]
+    script = f"""
+import asyncio, json
+from pathlib import Path
+from serving.service import ImageClassifier
+
+async def main():
+    svc = ImageClassifier.inner()
+    one = await svc.predict(Path({str(path)!r}), top_k=2)
+    many = await svc.predict_batch([Path({str(path)!r})] * 3, top_k=1)
+    try:
+        await svc.predict(Path({str(cnn_model / 'manifest.json')!r}))
+        refused = ""
+    except Exception as exc:
+        refused = type(exc).__name__
+    print(json.dumps({{"one": one, "many": many, "refused": refused}}))
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TLSERVE_MODEL": str(cnn_model)}, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    answers = json.loads(out.stdout.strip().splitlines()[-1])
+    over_http = _post(f"{server}/predict", {"image": (path.name, path.read_bytes())}, data={"top_k": "2"}).json()
+    assert [t["label"] for t in answers["one"]["top"]] == [t["label"] for t in over_http["top"]]
+    np.testing.assert_allclose([t["probability"] for t in answers["one"]["top"]],
+                               [t["probability"] for t in over_http["top"]], atol=1e-5)
+    assert len(answers["many"]["predictions"]) == 3 and all(len(p["top"]) == 1 for p in answers["many"]["predictions"])
+    assert answers["refused"] == "InvalidArgument"

@@ -49,6 +49,40 @@ def test_augmentation_turns_the_cache_off(tmp_path):
     assert training["feature_cache"] is False and "augment" in training["feature_cache_reason"]
 
 
+def test_residual_onecycle_bfloat16_recipe_trains_and_exports(tmp_path):
+    """The fast-CIFAR recipe's parts on a tiny residual net: flip-crop augmentation, Nesterov SGD with
+    weight decay, a one-cycle schedule, bfloat16 compute; the export computes in float32 and agrees."""
+    runs, exported = tmp_path / "runs", tmp_path / "models"
+    cli_call("train", "--data", "synthetic", "--limit", "600", "-b", "cnn-bn", "--cnn-layers", "c16,r16,p,c32,r32,g",
+             "--augment", "--augment-policy", "flip-crop", "--optimizer", "sgd", "--nesterov", "--weight-decay", "5e-4",
+             "--schedule", "onecycle", "--lr", "0.1", "--batch-size", "50", "--epochs", "6", "--patience", "0", "--bn-momentum", "0.9",
+             "--precision", "mixed_bfloat16", "--runs-dir", runs, "--name", "res")
+    record = _record(runs / "res")
+    assert record["environment"]["precision"] == "mixed_bfloat16"
+    cfg = record["config"]
+    assert (cfg["schedule"], cfg["augment_policy"], cfg["nesterov"], cfg["weight_decay"]) == ("onecycle", "flip-crop", True, 5e-4)
+    lrs = [row["lr"] for row in record["history"]]
+    # 12 steps an epoch: warm-up (30% of 72 steps) from lr/25 to the peak, then a cosine down to zero.
+    assert lrs[0] > 0.1 / 25 and max(lrs) <= 0.1 + 1e-6 and lrs[-1] < 0.01 and lrs.index(max(lrs)) in (0, 1)
+    assert record["test"]["accuracy"] > 0.3  # chance is 0.1
+    from training import models
+    from training.env import keras
+
+    assert keras().mixed_precision.global_policy().name == "float32"  # the run did not leak its policy
+    model = models.load_model(runs / "res" / "model.keras")
+    assert {layer.dtype_policy.name for layer in models.leaf_layers(model)} == {"float32"}
+    assert any(layer.__class__.__name__ == "Add" for layer in model.layers)
+    cli_call("export", "res", "--runs-dir", runs, "--models-dir", exported, "--formats", "onnx", "--no-register")
+    facts = json.loads((exported / "res" / "manifest.json").read_text())["artifacts"]["model.onnx"]
+    assert facts["max_abs_diff"] <= 1e-4 and facts["top1_agreement"] == 1.0
+
+
+def test_residual_block_needs_matching_channels(run_cli, tmp_path):
+    result = run_cli("train", "--data", "synthetic", "--limit", "50", "-b", "cnn-bn", "--cnn-layers", "c16,r32,g",
+                     "--runs-dir", tmp_path)
+    assert result.code == 2 and "r32 needs an input of 32 channels" in result.err and "Traceback" not in result.err
+
+
 def test_accelerator_decisions():
     assert choose_precision(0) == "float32"
     assert choose_precision(1) == "mixed_float16"

@@ -31,7 +31,8 @@ REGISTRY: dict[str, BackboneSpec] = {
     s.name: s
     for s in (
         BackboneSpec("cnn", "the seeds' baseline CNN; layer sizes from --cnn-layers (presets seed001-seed004)"),
-        BackboneSpec("cnn-bn", "seed 002's CNN with BatchNorm before each activation (--bn-momentum, --l2)", batchnorm=True),
+        BackboneSpec("cnn-bn", "seed 002's CNN with BatchNorm before each activation (--bn-momentum, --l2); "
+                     "residual presets resnet9-*", batchnorm=True),
         BackboneSpec("mobilenetv2", "MobileNetV2 (depthwise-separable, 2.3M params), ImageNet weights",
                      app="MobileNetV2", preprocess="mobilenet_v2", default_input=96),
         BackboneSpec("vgg16", "VGG16 (13 conv + pools, 14.7M params), ImageNet weights",
@@ -42,14 +43,24 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 # Each seed's baseline CNN: (layer spec, padding). Tokens: cN conv N filters 3x3 (cNkK: KxK),
+# rN residual block (x + two conv-BN-ReLU of N filters; the input must have N channels),
 # p / pK max-pool, drX dropout, f flatten, g global-average-pool, dN dense N relu.
 CNN_PRESETS: dict[str, tuple[str, str]] = {
     "seed001": ("c32,p,c64,p,c128,p,f,d128,dr0.5", "valid"),
     "seed002": ("c32,c32,p3,dr0.2,c64,c64,p3,dr0.2,c128,c128,p3,dr0.2,f,d128,dr0.2", "same"),
     "seed003": ("c32,p,c64,p,f,d128", "same"),
     "seed004": ("c32,c64,p,dr0.2,f,d128,dr0.2,d64,dr0.2", "valid"),
+    # seed002 with 2x2 pools, as in the seed's first BN block (its full model pools 3x3, which
+    # leaves a 1x1 map after the third block).
+    "vgg3": ("c32,c32,p,dr0.2,c64,c64,p,dr0.2,c128,c128,p,dr0.2,f,d128,dr0.2", "same"),
+    # The ResNet-9 layout of the fast CIFAR-10 training records (Page, "How to train your
+    # ResNet"): prep conv, three stages each halving the map, residual blocks after stages 1 and 3.
+    # -s is a quarter of its width (1/16 of the compute), -m half.
+    "resnet9-s": ("c16,c32,p,r32,c64,p,c128,p,r128,g", "same"),
+    "resnet9-m": ("c32,c64,p,r64,c128,p,c256,p,r256,g", "same"),
+    "resnet9": ("c64,c128,p,r128,c256,p,c512,p,r512,g", "same"),
 }
-_TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|g|d(\d+))$")
+_TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|g|d(\d+)|r(\d+))$")
 
 
 def get(name: str) -> BackboneSpec:
@@ -74,34 +85,47 @@ def resolve_cnn_layers(layers_or_preset: str, padding: str | None) -> tuple[str,
     return ",".join(tokens), padding
 
 
-def cnn_layers(spec: str, padding: str, *, batchnorm: bool, bn_momentum: float, l2: float) -> list:
-    """Keras layers for a CNN body; cnn-bn puts BatchNorm between each conv/dense and its ReLU."""
+def cnn_body(x, spec: str, padding: str, *, batchnorm: bool, bn_momentum: float, l2: float):
+    """Apply a CNN body to the tensor x; cnn-bn puts BatchNorm between each conv/dense and its ReLU."""
     K = keras()
     reg = K.regularizers.l2(l2) if l2 > 0 else None
-    out: list = []
+
+    def conv(t, filters: int, kernel: int = 3):
+        t = K.layers.Conv2D(filters, kernel, padding=padding, kernel_regularizer=reg,
+                            activation=None if batchnorm else "relu")(t)
+        if batchnorm:
+            t = K.layers.BatchNormalization(momentum=bn_momentum)(t)
+            t = K.layers.Activation("relu")(t)
+        return t
+
     for token in spec.split(","):
         m = _TOKEN.match(token)
         assert m is not None  # validated by resolve_cnn_layers
         if m.group(2):
-            kernel = int(m.group(3) or 3)
-            out.append(K.layers.Conv2D(int(m.group(2)), kernel, padding=padding, kernel_regularizer=reg,
-                                       activation=None if batchnorm else "relu"))
-            if batchnorm:
-                out += [K.layers.BatchNormalization(momentum=bn_momentum), K.layers.Activation("relu")]
+            x = conv(x, int(m.group(2)), int(m.group(3) or 3))
+        elif m.group(7):
+            filters = int(m.group(7))
+            if len(x.shape) != 4 or x.shape[-1] != filters:
+                raise UserError(f"--cnn-layers: residual block r{filters} needs an input of {filters} channels, "
+                                f"not {x.shape[-1]} (put c{filters} before it)")
+            if padding != "same":
+                raise UserError("--cnn-layers: residual blocks need --cnn-padding same")
+            x = K.layers.Add()([x, conv(conv(x, filters), filters)])
         elif token.startswith("p"):
-            size = int(m.group(4) or 2)
-            out.append(K.layers.MaxPooling2D(size))
+            x = K.layers.MaxPooling2D(int(m.group(4) or 2))(x)
         elif token.startswith("dr"):
-            out.append(K.layers.Dropout(float(m.group(5))))
+            x = K.layers.Dropout(float(m.group(5)))(x)
         elif token == "f":
-            out.append(K.layers.Flatten())
+            x = K.layers.Flatten()(x)
         elif token == "g":
-            out.append(K.layers.GlobalAveragePooling2D())
+            x = K.layers.GlobalAveragePooling2D()(x)
         else:
-            out.append(K.layers.Dense(int(m.group(6)), kernel_regularizer=reg, activation=None if batchnorm else "relu"))
+            x = K.layers.Dense(int(m.group(6)), kernel_regularizer=reg,
+                               activation=None if batchnorm else "relu")(x)
             if batchnorm:
-                out += [K.layers.BatchNormalization(momentum=bn_momentum), K.layers.Activation("relu")]
-    return out
+                x = K.layers.BatchNormalization(momentum=bn_momentum)(x)
+                x = K.layers.Activation("relu")(x)
+    return x
 
 
 def build_pretrained(spec: BackboneSpec, input_size: int, weights: str):

@@ -8,6 +8,8 @@ from typing import Any
 STRATEGIES = ("scratch", "frozen", "finetune", "full")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 HEADS = ("gap", "gap-dense", "flatten-dense-bn")
+AUGMENT_POLICIES = ("seed", "flip-crop")
+SCHEDULES = ("constant", "onecycle", "cosine")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class TrainConfig:
     head_units: int = 256
     dropout: float = 0.2
     augment: bool = False
+    augment_policy: str = "seed"       # seed: flip/rotation/zoom | flip-crop: flip + 4-pixel translation (reflect)
     cnn_layers: str = "seed003"        # preset name or layer spec (see backbones.CNN_PRESETS)
     cnn_padding: str | None = None     # None: the preset's own
     bn_momentum: float = 0.99
@@ -46,6 +49,9 @@ class TrainConfig:
     finetune_lr: float = 1e-5
     optimizer: str = "adam"
     momentum: float = 0.9              # sgd
+    nesterov: bool = False             # sgd
+    weight_decay: float = 0.0          # decoupled (AdamW-style), kernels only
+    schedule: str = "constant"         # constant | onecycle (warm-up then cosine to 0) | cosine
     batch_size: int = 64
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off

@@ -62,9 +62,18 @@ class BuiltModel:
     features: Any | None = None    # the backbone's output tensor in the model's graph (feature caching)
 
 
-def augmentation(seed: int):
-    """The seeds' flip/rotation/zoom; Keras's random layers are identity outside training."""
+def augmentation(policy: str, seed: int):
+    """Training-only random layers (Keras's random layers are identity outside training).
+
+    seed: the seeds' flip/rotation/zoom. flip-crop: the fast CIFAR-10 records' flip plus a random
+    crop of the 4-pixel reflect-padded image, done as a whole-pixel translation (nearest), which
+    moves the same pixels without changing the input size."""
     K = keras()
+    if policy == "flip-crop":
+        return K.Sequential([
+            K.layers.RandomFlip("horizontal", seed=seed),
+            K.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", interpolation="nearest", seed=seed),
+        ], name="augmentation")
     return K.Sequential([
         K.layers.RandomFlip("horizontal", seed=seed),
         K.layers.RandomRotation(0.05, seed=seed),
@@ -87,7 +96,7 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
     inputs = K.Input((h, w, 3), dtype="float32", name="image")
     x = inputs
     if cfg.augment:
-        x = augmentation(cfg.seed)(x)
+        x = augmentation(cfg.augment_policy, cfg.seed)(x)
     size = resolve_input_size(cfg, image_size) if spec.pretrained or cfg.input_size else h
     if (size, size) != (h, w):
         x = K.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
@@ -108,9 +117,8 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
         if cfg.truncate_at:
             raise UserError("--truncate-at applies to pretrained backbones (mobilenetv2, vgg16, resnet50v2), not CNNs")
         layer_spec, padding = backbones.resolve_cnn_layers(cfg.cnn_layers, cfg.cnn_padding)
-        for layer in backbones.cnn_layers(layer_spec, padding, batchnorm=spec.batchnorm,
-                                          bn_momentum=cfg.bn_momentum, l2=cfg.l2):
-            x = layer(x)
+        x = backbones.cnn_body(x, layer_spec, padding, batchnorm=spec.batchnorm,
+                               bn_momentum=cfg.bn_momentum, l2=cfg.l2)
         if len(x.shape) == 4:  # a spec without f/g still needs a vector for the classifier
             x = K.layers.GlobalAveragePooling2D()(x)
     outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
@@ -140,10 +148,31 @@ def _head(x, cfg: TrainConfig):
 
 
 def load_model(path: Path | str):
-    """Load a run's model.keras with tlserve's layers registered."""
+    """Load a run's model.keras with tlserve's layers registered, computing in float32.
+
+    A model trained under a mixed policy (float16 on a GPU, bfloat16 on a CPU) keeps float32
+    weights; it is rebuilt here with float32 layers so export, parity checks and inference do
+    not depend on the precision it was trained in."""
     K = keras()
     preprocess_layer_class()
-    return K.models.load_model(str(path), compile=False)
+    model = K.models.load_model(str(path), compile=False)
+    if all(getattr(layer, "dtype_policy", None) is None or layer.dtype_policy.name == "float32"
+           for layer in leaf_layers(model)):
+        return model
+    rebuilt = K.Model.from_config(_float32_config(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _float32_config(config: Any) -> Any:
+    """A model config with every layer's dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("Policy", "DTypePolicy") and "config" in config:
+            return "float32"
+        return {k: _float32_config(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(v) for v in config]
+    return config
 
 
 def leaf_layers(model) -> list:

@@ -2,7 +2,7 @@
 
 A finished run folder holds:
   record.json    the record below (written last: its presence means finished)
-  history.csv    one row per epoch: epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds
+  history.csv    one row per epoch: epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds, lr (the rate at the epoch's last step)
   model.keras    the trained tf-keras model (load with training.models.load_model)
   checkpoint/     TensorFlow checkpoint (model + optimizer) after the last completed epoch
   curves.png     accuracy / loss per epoch
@@ -16,7 +16,7 @@ record.json (schema 1):
                   input_range [0, 255], input_size (resize inside the model), interpolation,
                   layers, depth, total_params, trainable_params, non_trainable_params,
                   trainable_layers, frozen_layers, size_bytes
-  history         [{epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds}]
+  history         [{epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds, lr}]
   epochs, avg_epoch_time_sec, total_time_sec, target, epochs_to_target (int | null)
   test            {loss, accuracy, per_class_accuracy {class: acc}, confusion_matrix [[int]]}
   environment     {machine {...}, versions {...}, devices [..], precision, distribution}
@@ -37,7 +37,7 @@ RECORD = "record.json"
 HISTORY = "history.csv"
 MODEL = "model.keras"
 CURVES = "curves.png"
-HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 # Seed 001's CSV columns, then ours.
 TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
                 "trainable_params", "non_trainable_params", "epochs_to_target")

@@ -9,6 +9,7 @@ resumes from there (`tlserve train --resume NAME`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 import sys
@@ -89,6 +90,7 @@ class _Phase:
 def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str, Any], log: Log,
          progress: bool | None) -> records.Run:
     history: list[dict[str, Any]] = state["history"]
+    policy = keras().mixed_precision.global_policy()
     try:
         return _train_in(cfg, runs_dir, staging, state, log, progress)
     except KeyboardInterrupt:
@@ -102,6 +104,10 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str
         if not history:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        # The run's precision is a global Keras policy; later work in this process (export,
+        # another run) must not inherit it.
+        keras().mixed_precision.set_global_policy(policy)
 
 
 def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, progress: bool | None) -> records.Run:
@@ -155,7 +161,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                 f"in {extract_seconds:.1f}s; the head trains on them")
         with acc.strategy.scope():
             fit_model = feature_cache.head_model(model, built.backbone, built.features) if cached else model
-            optimizer = _optimizer(cfg, phase.lr)
+            optimizer = _optimizer(cfg, phase.lr, phase.epochs * math.ceil(len(dataset.train) / batch))
             fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                               jit_compile=acc.jit)
         checkpoint = T.train.Checkpoint(model=model, optimizer=optimizer)
@@ -253,13 +259,31 @@ def _pipeline(split, batch_size: int, *, shuffle: bool = False, seed: int = 0):
     return ds.prefetch(T.data.AUTOTUNE)
 
 
-def _optimizer(cfg: TrainConfig, lr: float):
+def _optimizer(cfg: TrainConfig, lr: float, total_steps: int):
+    """The optimizer with its learning-rate schedule over the phase's steps. The schedule is a
+    function of the optimizer's step count, which the checkpoint holds, so a resumed run continues it."""
     K = keras()
+    rate: Any = lr
+    if cfg.schedule == "onecycle":
+        # One-cycle (Smith; the fast CIFAR-10 records): linear warm-up from lr/25 over the first
+        # 30% of steps, then a cosine down to 0, with Keras's own warm-up schedule.
+        warmup = max(1, int(0.3 * total_steps))
+        rate = K.optimizers.schedules.CosineDecay(lr / 25, max(1, total_steps - warmup),
+                                                  warmup_target=lr, warmup_steps=warmup)
+    elif cfg.schedule == "cosine":
+        rate = K.optimizers.schedules.CosineDecay(lr, max(1, total_steps))
+    decay = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
-        return K.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "rmsprop":
-        return K.optimizers.RMSprop(learning_rate=lr)
-    return K.optimizers.Adam(learning_rate=lr)
+        optimizer = K.optimizers.SGD(learning_rate=rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                     weight_decay=decay)
+    elif cfg.optimizer == "rmsprop":
+        optimizer = K.optimizers.RMSprop(learning_rate=rate, weight_decay=decay)
+    else:
+        optimizer = K.optimizers.Adam(learning_rate=rate, weight_decay=decay)
+    if decay:
+        # Decay the kernels only: shrinking BatchNorm scales and biases regularizes nothing useful.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
 
 
 _epoch_log_cls = None
@@ -286,6 +310,8 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
                 row = {"epoch": epoch + 1, "phase": self.phase, "seconds": round(time.perf_counter() - self._t0, 4)}
                 for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
                     row[key] = float(logs[key]) if key in logs else None
+                # The rate of the epoch's last step: a schedule's shape shows in the history.
+                row["lr"] = float(keras().backend.get_value(self.model.optimizer.learning_rate))
                 self.history.append(row)
                 self.on_epoch(row)
                 if self.log:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from training import backbones, strategies
-from training.config import OPTIMIZERS, TrainConfig
+from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TrainConfig
 from training.errors import UserError
 
 
@@ -21,6 +21,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.head = "gap"
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer '{cfg.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown --schedule '{cfg.schedule}'; choose from {', '.join(SCHEDULES)}")
+    if cfg.augment_policy not in AUGMENT_POLICIES:
+        raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
+    if cfg.weight_decay < 0:
+        raise UserError("--weight-decay must be at least 0")
     if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.strategy != "finetune"):
         raise UserError("--epochs must be at least 1 (0 only with --strategy finetune, to go straight to phase 2)")
     if cfg.batch_size < 1:
