@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 
 from training import images
 
@@ -70,6 +71,8 @@ class RequestGuard:
             return await _json(send, 200, STATE.metadata)
         if path not in IMAGE_ROUTES and path != "/infer":
             return await self.app(scope, receive, send)
+        if method != "POST":
+            return await _json(send, 405, {"error": f"use POST {path}"})
         try:
             body = await self._read_body(scope, receive)
             if path == "/infer":
@@ -81,8 +84,6 @@ class RequestGuard:
             return await _json(send, exc.status, {"error": str(exc)})
         if STATE.classify is None:
             return await _json(send, 503, {"error": "model is still loading"})
-        from bentoml.exceptions import ServiceUnavailable  # noqa: PLC0415
-
         try:
             answer = await STATE.classify(decoded, top_k, batch=many)
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound

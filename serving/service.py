@@ -103,6 +103,8 @@ class ImageClassifier:
         (`/predict`) or a list of them (`/predict_batch`). Over HTTP the
         request guard calls this directly with the images it has already decoded (see
         serving.guard); the endpoints above call it for in-process callers."""
+        if not decoded:
+            raise bentoml.exceptions.InvalidArgument("no images")
         pixels = np.stack([images.to_array(img, self.model.input_hw, self.model.interpolation) for img in decoded])
         probs = await self._batched(pixels)
         k = DEFAULT_TOP_K if top_k is None else top_k

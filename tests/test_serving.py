@@ -187,6 +187,12 @@ def test_odd_but_valid_images_are_served(server):
         assert _post(f"{server}/predict", {"image": (name, data.getvalue())}).status_code == 200, name
 
 
+def test_image_routes_take_post_only(server):
+    for route in ("/predict", "/predict_batch", "/infer"):
+        r = httpx.get(f"{server}{route}", timeout=30)
+        assert r.status_code == 405 and "POST" in r.json()["error"], route
+
+
 def test_wrong_shape_to_the_batching_api_is_refused(server):
     r = httpx.post(f"{server}/infer", json={"images": np.zeros((1, 8, 8, 3)).tolist()}, timeout=30)
     assert r.status_code == 400 and "shape" in r.json()["error"]
