@@ -80,6 +80,8 @@ def train(
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")] = False,
     weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels (0 = off).")] = 0.0,
     schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = "constant",
+    label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
+    logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
@@ -111,7 +113,8 @@ def train(
         bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at, unfreeze=unfreeze, unfreeze_from=unfreeze_from,
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
         finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
-        weight_decay=weight_decay, schedule=schedule, batch_size=batch_size, target=target,
+        weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
+        batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
         precision=precision, jit=jit, distribute=distribute,
     )
@@ -203,7 +206,7 @@ def summary(
 @app.command("backbones")
 def list_backbones() -> None:
     """List the backbones `--backbone` accepts, and the CNN presets."""
-    from training.backbones import CNN_PRESETS, REGISTRY  # noqa: PLC0415
+    from training.backbones import CNN_PRESETS, CNN_TOKENS, REGISTRY  # noqa: PLC0415
 
     table = Table(title="backbones")
     for col in ("name", "weights", "default input", "preprocess", "description"):
@@ -212,7 +215,7 @@ def list_backbones() -> None:
         table.add_row(spec.name, "imagenet | none | PATH" if spec.pretrained else "none (random init)",
                       str(spec.default_input or "image size"), spec.preprocess, spec.description)
     console.print(table)
-    presets = Table(title="CNN presets (--cnn-layers)")
+    presets = Table(title="CNN presets (--cnn-layers)", caption=f"Tokens: {CNN_TOKENS}.")
     presets.add_column("preset")
     presets.add_column("layers")
     presets.add_column("padding")

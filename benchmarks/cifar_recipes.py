@@ -1,6 +1,6 @@
 """From-scratch accuracy on CIFAR-10 (the JPEG copy in shared/): recipe, epochs, wall time, test accuracy.
 
-    .venv/bin/python benchmarks/cifar_recipes.py [--recipes cnn-bn,resnet9s,resnet9m] [--epochs N] [--limit N]
+    .venv/bin/python benchmarks/cifar_recipes.py [--recipes cnn-bn,resnet9s,resnet9m,resnet9m-page] [--epochs N] [--limit N]
 
 Trains each recipe on the full 45,000 / 5,000 / 10,000 split (or --limit images per split for
 a quick check) and prints the test accuracy beside the target the issue sets and the wall time
@@ -36,6 +36,11 @@ RECIPES: dict[str, tuple[list[str], int, float, str]] = {
     # Twice resnet9-s's width (half of Page's ResNet-9): about 4x the compute per image.
     "resnet9m": (["-b", "cnn-bn", "--cnn-layers", "resnet9-m", "--bn-momentum", "0.9", "--lr", "0.2",
                   "--batch-size", "256", *_FAST], 30, 0.90, "90%, the fast CIFAR-10 records' class"),
+    # resnet9m with the rest of Page's ResNet-9 head: global max pool, logits scaled by 1/8, and label
+    # smoothing 0.2 (on 10,000 images, 10 epochs: 0.696 -> 0.757 test accuracy from the head alone).
+    "resnet9m-page": (["-b", "cnn-bn", "--cnn-layers", "c32,c64,p,r64,c128,p,c256,p,r256,gm", "--logit-scale", "0.125",
+                       "--label-smoothing", "0.2", "--bn-momentum", "0.9", "--lr", "0.2", "--batch-size", "256",
+                       *_FAST], 30, 0.90, "90%, the fast CIFAR-10 records' class"),
 }
 
 
@@ -54,7 +59,7 @@ def run(name: str, args: list[str], retrain: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=f"folder:{ROOT.parent / 'shared' / 'datasets' / 'cifar10-jpg'}")
-    parser.add_argument("--recipes", default="cnn-bn,resnet9s,resnet9m", help=f"comma-separated: {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default="cnn-bn,resnet9s,resnet9m,resnet9m-page", help=f"comma-separated: {', '.join(RECIPES)}")
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs")
     parser.add_argument("--limit", type=int, help="images per split (a quick check, not the benchmark)")
     parser.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")

@@ -83,6 +83,48 @@ def test_residual_block_needs_matching_channels(run_cli, tmp_path):
     assert result.code == 2 and "r32 needs an input of 32 channels" in result.err and "Traceback" not in result.err
 
 
+def test_label_smoothing_loss_matches_its_definition():
+    from training.train import _loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    labels = np.array([0, 2])
+    targets = 0.8 * np.eye(3)[labels] + 0.2 / 3
+    expected = -(targets * np.log(probs)).sum(axis=1)
+    np.testing.assert_allclose(_loss(0.2)(labels, probs).numpy(), expected, rtol=1e-5)
+    assert _loss(0.0) == "sparse_categorical_crossentropy"
+
+
+def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
+    """Page's ResNet-9 head (global max pool, logits scaled by 1/8) with label smoothing: the model
+    computes softmax(scale * logits), exports with parity, and --from-run replaces its whole output."""
+    runs, exported = tmp_path / "runs", tmp_path / "models"
+    common = ["--data", "synthetic", "--limit", "100", "--runs-dir", runs, "--batch-size", "25", "--epochs", "1"]
+    cli_call("train", *common, "-b", "cnn-bn", "--cnn-layers", "c8,p,c16,gm", "--logit-scale", "0.125",
+             "--label-smoothing", "0.1", "--name", "scaled")
+    cfg = _record(runs / "scaled")["config"]
+    assert (cfg["logit_scale"], cfg["label_smoothing"]) == (0.125, 0.1)
+    from training import models
+    from training.env import keras
+
+    K = keras()
+    model = models.load_model(runs / "scaled" / "model.keras")
+    assert any(layer.__class__.__name__ == "GlobalMaxPooling2D" for layer in model.layers)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    logits = K.Model(model.input, model.get_layer("logits").output)(x).numpy() * 0.125
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model(x).numpy(), expected, atol=1e-5)
+    cli_call("export", "scaled", "--runs-dir", runs, "--models-dir", exported, "--formats", "onnx", "--no-register")
+    facts = json.loads((exported / "scaled" / "manifest.json").read_text())["artifacts"]["model.onnx"]
+    assert facts["max_abs_diff"] <= 1e-4 and facts["top1_agreement"] == 1.0
+    cli_call("train", *common, "--from-run", "scaled", "--classes", "0-4", "--name", "moved")
+    moved = _record(runs / "moved")
+    assert moved["model"]["trainable_params"] == 16 * 5 + 5
+    result = run_cli("train", *common, "-b", "mobilenetv2", "--weights", "none", "--logit-scale", "0.5")
+    assert result.code == 2 and "scratch CNNs" in result.err
+    result = run_cli("train", *common, "--label-smoothing", "1")
+    assert result.code == 2 and "--label-smoothing" in result.err
+
+
 def test_accelerator_decisions():
     assert choose_precision(0) == "float32"
     assert choose_precision(1) == "mixed_float16"

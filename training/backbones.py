@@ -42,9 +42,10 @@ REGISTRY: dict[str, BackboneSpec] = {
     )
 }
 
-# Each seed's baseline CNN: (layer spec, padding). Tokens: cN conv N filters 3x3 (cNkK: KxK),
-# rN residual block (x + two conv-BN-ReLU of N filters; the input must have N channels),
-# p / pK max-pool, drX dropout, f flatten, g global-average-pool, dN dense N relu.
+# Each seed's baseline CNN: (layer spec, padding).
+CNN_TOKENS = ("cN conv of N 3x3 filters (cNkK: KxK), rN residual block (x + two convs of N filters; the "
+              "input must have N channels), p / pK max-pool, drX dropout, f flatten, g global average pool, "
+              "gm global max pool, dN dense of N units")
 CNN_PRESETS: dict[str, tuple[str, str]] = {
     "seed001": ("c32,p,c64,p,c128,p,f,d128,dr0.5", "valid"),
     "seed002": ("c32,c32,p3,dr0.2,c64,c64,p3,dr0.2,c128,c128,p3,dr0.2,f,d128,dr0.2", "same"),
@@ -60,7 +61,7 @@ CNN_PRESETS: dict[str, tuple[str, str]] = {
     "resnet9-m": ("c32,c64,p,r64,c128,p,c256,p,r256,g", "same"),
     "resnet9": ("c64,c128,p,r128,c256,p,c512,p,r512,g", "same"),
 }
-_TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|g|d(\d+)|r(\d+))$")
+_TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|gm?|d(\d+)|r(\d+))$")
 
 
 def get(name: str) -> BackboneSpec:
@@ -119,6 +120,8 @@ def cnn_body(x, spec: str, padding: str, *, batchnorm: bool, bn_momentum: float,
             x = K.layers.Flatten()(x)
         elif token == "g":
             x = K.layers.GlobalAveragePooling2D()(x)
+        elif token == "gm":
+            x = K.layers.GlobalMaxPooling2D()(x)
         else:
             x = K.layers.Dense(int(m.group(6)), kernel_regularizer=reg,
                                activation=None if batchnorm else "relu")(x)

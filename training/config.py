@@ -52,6 +52,8 @@ class TrainConfig:
     nesterov: bool = False             # sgd
     weight_decay: float = 0.0          # decoupled (AdamW-style), kernels only
     schedule: str = "constant"         # constant | onecycle (warm-up then cosine to 0) | cosine
+    label_smoothing: float = 0.0       # share of each target spread over all classes
+    logit_scale: float = 1.0           # scratch CNNs: multiply the logits before softmax (Page's ResNet-9: 0.125)
     batch_size: int = 64
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off

@@ -121,7 +121,13 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
                                bn_momentum=cfg.bn_momentum, l2=cfg.l2)
         if len(x.shape) == 4:  # a spec without f/g still needs a vector for the classifier
             x = K.layers.GlobalAveragePooling2D()(x)
-    outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    if cfg.logit_scale == 1:
+        outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    else:
+        # Page's ResNet-9 scales its logits by 1/8: small initial logits and a slower-moving classifier.
+        x = K.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+        x = K.layers.Rescaling(cfg.logit_scale, dtype="float32", name="logit_scale")(x)
+        outputs = K.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     model = K.Model(inputs, outputs, name=f"{cfg.backbone}_{cfg.strategy}")
     return BuiltModel(model, base, size, backbone_training, features)
 

@@ -69,7 +69,9 @@ def transfer_from(source_model, num_classes: int, train_last: int):
     K = keras()
     if source_model.layers[-1].name != "probabilities":
         raise UserError("--from-run: that run's model has no 'probabilities' output layer to replace")
-    features = source_model.layers[-2].output
+    # A --logit-scale model ends Dense 'logits' -> scale -> softmax: replace all three.
+    names = {layer.name for layer in source_model.layers}
+    features = source_model.get_layer("logits" if "logits" in names else "probabilities").input
     outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(features)
     model = K.Model(source_model.input, outputs, name=f"{source_model.name}_transfer")
     weighted = [layer for layer in model.layers if layer.weights]

@@ -163,7 +163,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         with acc.strategy.scope():
             fit_model = feature_cache.head_model(model, built.backbone, built.features) if cached else model
             optimizer = _optimizer(cfg, phase.lr, phase.epochs * steps_per_epoch)
-            fit_model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+            fit_model.compile(optimizer=optimizer, loss=_loss(cfg.label_smoothing), metrics=["accuracy"],
                               jit_compile=acc.jit)
         checkpoint = T.train.Checkpoint(model=model, optimizer=optimizer)
         manager = T.train.CheckpointManager(checkpoint, str(staging / CHECKPOINT_DIR), max_to_keep=1)
@@ -265,6 +265,20 @@ def _pipeline(split, batch_size: int, *, shuffle: bool = False, seed: int = 0, r
     if repeat:
         ds = ds.repeat()
     return ds.prefetch(T.data.AUTOTUNE)
+
+
+def _loss(label_smoothing: float):
+    """Cross-entropy on integer labels; with smoothing, on one-hot targets (Keras's sparse loss has no smoothing)."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+    T, K = tf(), keras()
+
+    def smoothed_crossentropy(y_true, y_pred):
+        labels = T.cast(T.reshape(y_true, [-1]), T.int32)
+        return K.losses.categorical_crossentropy(T.one_hot(labels, T.shape(y_pred)[-1]), y_pred,
+                                                 label_smoothing=label_smoothing)
+
+    return smoothed_crossentropy
 
 
 def _optimizer(cfg: TrainConfig, lr: float, total_steps: int):

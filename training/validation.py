@@ -27,6 +27,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
     if cfg.weight_decay < 0:
         raise UserError("--weight-decay must be at least 0")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError("--label-smoothing must be at least 0 and below 1")
+    if cfg.logit_scale <= 0:
+        raise UserError("--logit-scale must be above 0")
+    if cfg.logit_scale != 1 and spec.pretrained:
+        raise UserError("--logit-scale applies to the scratch CNNs (cnn, cnn-bn), not pretrained backbones")
     if cfg.epochs < 0 or (cfg.epochs == 0 and cfg.strategy != "finetune"):
         raise UserError("--epochs must be at least 1 (0 only with --strategy finetune, to go straight to phase 2)")
     if cfg.batch_size < 1:
