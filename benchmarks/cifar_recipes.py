@@ -21,9 +21,12 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
 from training import env  # noqa: E402
+from training.accel import BF16_FLAGS  # noqa: E402
 
+# bfloat16 where the CPU computes it (AVX512-BF16, AMX); emulated elsewhere and many times slower than float32.
+_PRECISION = "mixed_bfloat16" if (env.cpu_flags() or set()) & BF16_FLAGS else "float32"
 _FAST = ["--augment", "--augment-policy", "flip-crop", "--optimizer", "sgd", "--nesterov", "--weight-decay", "5e-4",
-         "--schedule", "onecycle", "--patience", "0", "--precision", "mixed_bfloat16"]
+         "--schedule", "onecycle", "--patience", "0", "--precision", _PRECISION]
 # name: (arguments, default epochs, target test accuracy, what the target is)
 RECIPES: dict[str, tuple[list[str], int, float, str]] = {
     "seed002-as-written": (["-b", "cnn-bn", "--cnn-layers", "seed002", "--bn-momentum", "0.8", "--l2", "0.001",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import cli_call
-from training.accel import choose_distribution, choose_jit, choose_precision
+from training.accel import choose_distribution, choose_jit, choose_precision, precision_note
 from training.errors import UserError
 
 
@@ -123,6 +123,15 @@ def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     assert result.code == 2 and "scratch CNNs" in result.err
     result = run_cli("train", *common, "--label-smoothing", "1")
     assert result.code == 2 and "--label-smoothing" in result.err
+
+
+def test_emulated_bfloat16_is_named():
+    assert "much slower than float32" in precision_note("mixed_bfloat16", 0, {"avx2", "fma"})
+    assert precision_note("mixed_bfloat16", 0, {"avx2", "avx512_bf16"}) is None
+    assert precision_note("mixed_bfloat16", 0, {"amx_bf16"}) is None
+    assert precision_note("mixed_bfloat16", 1, {"avx2"}) is None      # a GPU computes it
+    assert precision_note("mixed_bfloat16", 0, None) is None          # unknown CPU: no guess
+    assert precision_note("float32", 0, {"avx2"}) is None
 
 
 def test_accelerator_decisions():

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from training.env import keras, tf
+from training.env import cpu_flags, keras, tf
 from training.errors import UserError
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -27,6 +27,18 @@ def choose_precision(gpus: int, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     return "mixed_float16" if gpus > 0 else "float32"
+
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def precision_note(precision: str, gpus: int, flags: set[str] | None) -> str | None:
+    """A warning when bfloat16 will be emulated: on a CPU without bfloat16 instructions it is far slower
+    than float32 (a Zen 3 here: 16x slower per resnet9-m training step), which a user cannot guess from the flag."""
+    if precision != "mixed_bfloat16" or gpus or flags is None or flags & BF16_FLAGS:
+        return None
+    return ("mixed_bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX) is emulated and "
+            "much slower than float32; --precision float32 is faster here")
 
 
 def choose_jit(gpus: int, requested: bool | None = None) -> bool:
@@ -61,6 +73,7 @@ class Accel:
     distribution: str
     strategy: Any
     devices: list[str]
+    note: str | None = None        # a warning for the log (emulated bfloat16)
 
     @property
     def replicas(self) -> int:
@@ -89,4 +102,4 @@ def setup(precision: str = "auto", jit: bool | None = None, distribute: str = "a
     else:
         strategy = T.distribute.get_strategy()
     return Accel(chosen_precision, choose_jit(gpus, jit), chosen, strategy,
-                 [d.name for d in T.config.list_logical_devices()])
+                 [d.name for d in T.config.list_logical_devices()], precision_note(chosen_precision, gpus, cpu_flags()))

@@ -110,6 +110,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's instruction-set flags (Linux); None where /proc/cpuinfo is not there to say."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU, cores, memory and GPUs; cheap, and safe without TensorFlow loaded."""
     facts: dict[str, Any] = {

@@ -114,6 +114,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     K, T = keras(), tf()
     history: list[dict[str, Any]] = state["history"]
     acc = accelerators.setup(cfg.precision, cfg.jit, cfg.distribute)
+    if acc.note:
+        log(f"warning: {acc.note}")
     K.utils.set_random_seed(cfg.seed)
     dataset = datasets.load_dataset(cfg.data)
     for name in dataset.skipped:
