@@ -78,7 +78,7 @@ def train(
     optimizer: Annotated[str, typer.Option(help="adam | sgd | rmsprop.")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")] = False,
-    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels (0 = off).")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels: each step shrinks them by lr x this (0 = off).")] = 0.0,
     schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = "constant",
     label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
     logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
