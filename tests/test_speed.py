@@ -98,6 +98,22 @@ def test_label_smoothing_loss_matches_its_definition():
     assert _loss(0.0) == "sparse_categorical_crossentropy"
 
 
+
+def test_recorded_test_loss_is_the_training_loss():
+    """With label smoothing the recorded test loss is the smoothed loss trained on, as val_loss is, so the two compare."""
+    from types import SimpleNamespace
+
+    from training.train import _evaluate, _loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    labels = np.array([0, 2])
+    model = SimpleNamespace(predict=lambda ds, verbose=0: probs, losses=[])
+    dataset = SimpleNamespace(test=SimpleNamespace(y=labels), class_names=["a", "b", "c"])
+    assert _evaluate(model, None, dataset, 0.0)["loss"] == pytest.approx(-np.log([0.7, 0.8]).mean(), rel=1e-5)
+    test = _evaluate(model, None, dataset, 0.2)
+    assert test["loss"] == pytest.approx(float(np.mean(_loss(0.2)(labels, probs))), rel=1e-5)
+    assert test["accuracy"] == 1.0 and test["confusion_matrix"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+
 def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     """Page's ResNet-9 head (global max pool, logits scaled by 1/8) with label smoothing: the model
     computes softmax(scale * logits), exports with parity, and --from-run replaces its whole output."""

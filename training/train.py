@@ -205,7 +205,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         storage.write_json(staging / STATE, state)
 
     total_time = state["elapsed"] + extract_seconds
-    test = _evaluate(model, pipes["test"], dataset)
+    test = _evaluate(model, pipes["test"], dataset, cfg.label_smoothing)
     if phase1_accuracy is not None:
         test["phase1_accuracy"] = phase1_accuracy
     model.save(str(staging / records.MODEL))
@@ -348,14 +348,16 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
     return _epoch_log_cls(phase, history, log, on_epoch)
 
 
-def _evaluate(model, test_ds, dataset) -> dict[str, Any]:
-    """Test loss (as Keras's evaluate reports it: cross-entropy plus regularization), accuracy,
-    per-class accuracy and confusion matrix, from a single pass over the test split."""
+def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
+    """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
+    regularization, so it compares with val_loss), accuracy, per-class accuracy and confusion matrix,
+    from a single pass over the test split."""
     probs = model.predict(test_ds, verbose=0)
     y = dataset.test.y
-    picked = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)  # Keras's epsilon clip
+    targets = np.eye(probs.shape[1], dtype=np.float32)[y]
+    crossentropy = keras().losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
-    loss = float(np.mean(-np.log(picked))) + regularization
+    loss = float(crossentropy(targets, probs)) + regularization
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == y))
     n = len(dataset.class_names)
