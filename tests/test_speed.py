@@ -98,7 +98,6 @@ def test_label_smoothing_loss_matches_its_definition():
     assert _loss(0.0) == "sparse_categorical_crossentropy"
 
 
-
 def test_recorded_test_loss_is_the_training_loss():
     """With label smoothing the recorded test loss is the smoothed loss trained on, as val_loss is, so the two compare."""
     from types import SimpleNamespace
@@ -113,6 +112,7 @@ def test_recorded_test_loss_is_the_training_loss():
     test = _evaluate(model, None, dataset, 0.2)
     assert test["loss"] == pytest.approx(float(np.mean(_loss(0.2)(labels, probs))), rel=1e-5)
     assert test["accuracy"] == 1.0 and test["confusion_matrix"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+
 
 def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     """Page's ResNet-9 head (global max pool, logits scaled by 1/8) with label smoothing: the model

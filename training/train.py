@@ -354,10 +354,9 @@ def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]
     from a single pass over the test split."""
     probs = model.predict(test_ds, verbose=0)
     y = dataset.test.y
-    targets = np.eye(probs.shape[1], dtype=np.float32)[y]
-    crossentropy = keras().losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    per_image = keras().losses.get(_loss(label_smoothing))(y, probs)  # the very loss the run trained on
     regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
-    loss = float(crossentropy(targets, probs)) + regularization
+    loss = float(np.mean(per_image)) + regularization
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == y))
     n = len(dataset.class_names)
