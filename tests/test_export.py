@@ -93,6 +93,24 @@ def test_quantized_variants_are_smaller_and_measured(cnn_model):
     assert a["model.int8.onnx"]["calibration_images"] > 0
 
 
+def test_int8_keeps_pixels_and_probabilities_float(cnn_model):
+    graph = onnx.load(str(cnn_model / "model.int8.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    assert producer[graph.output[0].name].op_type == "Softmax"  # float softmax: no 1/255 steps, no argmax ties
+    rescale = next(n for n in graph.node if n.op_type == "Mul")  # the model's own 1/255 rescaling
+    assert producer.get(rescale.input[0]) is None or producer[rescale.input[0]].op_type != "DequantizeLinear"
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert producer[first_conv.input[1]].op_type == "DequantizeLinear"  # the network itself is int8
+
+
+def test_int8_weights_are_seven_bit(cnn_model):
+    """Full 8-bit weights saturate onnxruntime's AVX2 (no VNNI) uint8 x int8 kernel; 7 bits do not."""
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(cnn_model / "model.int8.onnx")).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(int(np.abs(w.astype(np.int16)).max()) <= 64 for w in weights)
+    assert _manifest(cnn_model)["artifacts"]["model.int8.onnx"]["top1_agreement"] >= 0.9
+
+
 def test_savedmodel_loads_without_tlserve(cnn_model, tmp_path):
     x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
