@@ -40,7 +40,8 @@ CnnLayers = Annotated[str, typer.Option("--cnn-layers", help="CNN body: a preset
 Unfreeze = Annotated[Optional[int], typer.Option("--unfreeze", help="finetune phase 2: unfreeze the top N backbone layers (default 30).")]
 UnfreezeFrom = Annotated[Optional[str], typer.Option("--unfreeze-from", help="finetune phase 2: unfreeze from this backbone layer on.")]
 TruncateAt = Annotated[Optional[str], typer.Option("--truncate-at", help="Cut the backbone after this layer (e.g. block3_pool).")]
-BnMomentum = Annotated[float, typer.Option("--bn-momentum", help="cnn-bn BatchNorm momentum.")]
+BnMomentum = Annotated[float, typer.Option(
+    "--bn-momentum", help="BatchNorm momentum of cnn-bn, and of a backbone trained with -s scratch.")]
 L2 = Annotated[float, typer.Option("--l2", help="L2 factor on conv and dense kernels of the CNN.")]
 HeadUnits = Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")]
 CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")]

@@ -148,6 +148,19 @@ def test_finetune_two_phases_on_tiny_mobilenet(runs_root):
     assert model.count_params() == r["model"]["total_params"]
 
 
+@pytest.mark.parametrize("strategy, momentum", [("scratch", 0.9), ("frozen", 0.999)])
+def test_backbone_batchnorm_momentum_from_scratch_only(strategy, momentum):
+    """Keras's MobileNetV2 BatchNorm momentum (0.999) left validation at chance in short scratch runs."""
+    from training.config import TrainConfig
+    from training.env import keras
+    from training.models import build, leaf_layers
+
+    cfg = TrainConfig(backbone="mobilenetv2", strategy=strategy, weights="none", input_size=32, bn_momentum=0.9)
+    model = build(cfg, (32, 32), 10).model
+    bns = [layer for layer in leaf_layers(model) if isinstance(layer, keras().layers.BatchNormalization)]
+    assert bns and {layer.momentum for layer in bns} == {momentum}
+
+
 def _bad(run_cli, runs_root, *args):
     result = run_cli("train", "--runs-dir", runs_root, "--epochs", "1", "--limit", "50", *args)
     assert result.code == 2, (result.code, result.err)
