@@ -83,6 +83,7 @@ def train(
     schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = "constant",
     label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
     logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
+    tta: Annotated[str, typer.Option(help="none | flip: the saved model averages its logits over each image and its mirror (twice the inference work).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
@@ -115,7 +116,7 @@ def train(
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
         finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
-        batch_size=batch_size, target=target,
+        tta=tta, batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
         precision=precision, jit=jit, distribute=distribute,
     )

@@ -70,7 +70,7 @@ def test_manifest_contract(cnn_model, cnn_run):
     assert m["input"] == {"name": "image", "shape": [None, 32, 32, 3], "dtype": "float32", "range": [0, 255],
                           "layout": "NHWC", "interpolation": "bilinear"}
     assert m["output"] == {"name": "probabilities", "shape": [None, 10]}
-    assert m["backbone"] == "cnn" and m["strategy"] == "scratch" and m["test_accuracy"] == record["test"]["accuracy"]
+    assert m["backbone"] == "cnn" and m["strategy"] == "scratch" and m["tta"] == "none" and m["test_accuracy"] == record["test"]["accuracy"]
     assert m["export"]["opset"] == 17 and m["export"]["versions"]["tf2onnx"]
     for file in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
         assert m["artifacts"][file]["sha256"] == sha256_file(cnn_model / file)
@@ -198,3 +198,31 @@ def test_bad_runs(run_cli, runs_root, tmp_path):
     assert result.code == 2 and "did not finish" in result.err
     result = run_cli("predict", "nothing-here", tmp_path, "--models-dir", tmp_path)
     assert result.code == 2 and "no exported model" in result.err
+
+
+def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_root, run_cli):
+    """--tta flip: the saved model averages each image with its mirror, so an image and its mirror get the same
+    answer from Keras, SavedModel-exported ONNX and int8; --from-run still sees one flat model."""
+    from training.models import load_model
+
+    common = ["--data", "synthetic", "--limit", "96", "--batch-size", "32", "--runs-dir", runs_root]
+    cli_call("train", *common, "-b", "cnn-bn", "--cnn-layers", "c8,p,r8,gm", "--logit-scale", "0.125",
+             "--tta", "flip", "--augment", "--augment-policy", "flip-crop", "--epochs", "1", "--name", "tta")
+    cli_call("export", "tta", "--runs-dir", runs_root, "--models-dir", models_root, "--int8", "--no-register")
+    record = json.loads((runs_root / "tta" / "record.json").read_text())
+    assert record["config"]["tta"] == "flip" and _manifest(models_root / "tta")["tta"] == "flip"
+    x = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    mirrored = x[:, :, ::-1].copy()
+    keras_probs = load_model(runs_root / "tta" / "model.keras").predict(x, verbose=0)
+    assert keras_probs.shape == (5, 10)
+    np.testing.assert_allclose(load_model(runs_root / "tta" / "model.keras").predict(mirrored, verbose=0),
+                               keras_probs, atol=1e-5)
+    for variant, atol in (("fp32", 1e-5), ("int8", 2e-3)):  # int8: within its own rounding noise vs Keras
+        sess = OnnxClassifier.load(models_root / "tta", variant=variant)
+        np.testing.assert_allclose(sess.predict(mirrored), sess.predict(x), atol=atol)
+    np.testing.assert_allclose(OnnxClassifier.load(models_root / "tta").predict(x), keras_probs, atol=1e-4)
+
+    cli_call("train", *common, "--from-run", "tta", "--classes", "0-4", "--epochs", "1", "--name", "tta-transfer")
+    transfer = load_model(runs_root / "tta-transfer" / "model.keras")
+    assert transfer.predict(x, verbose=0).shape == (5, 5)
+    assert "unknown --tta" in run_cli("train", *common, "--tta", "rotate").err

@@ -114,7 +114,7 @@ def test_metadata_and_bentoml_endpoints(server, cnn_model):
     meta = httpx.get(f"{server}/metadata", timeout=10).json()
     manifest = json.loads((cnn_model / "manifest.json").read_text())
     assert meta["class_names"] == manifest["class_names"] and meta["input"]["shape"] == [None, 32, 32, 3]
-    assert meta["backbone"] == "cnn" and meta["test_accuracy"] == manifest["test_accuracy"]
+    assert meta["backbone"] == "cnn" and meta["tta"] == "none" and meta["test_accuracy"] == manifest["test_accuracy"]
     assert meta["runtime"] == "onnxruntime" and meta["provider"] == "CPUExecutionProvider"
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 200

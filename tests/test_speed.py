@@ -49,6 +49,16 @@ def test_augmentation_turns_the_cache_off(tmp_path):
     assert training["feature_cache"] is False and "augment" in training["feature_cache_reason"]
 
 
+def test_flip_tta_turns_the_cache_off():
+    """With --tta flip the backbone sees each image twice (it and its mirror): no one feature row per image."""
+    from training.config import TrainConfig
+    from training.feature_cache import decide
+
+    assert decide(TrainConfig(backbone="vgg16", strategy="frozen"), True)[0] is True
+    use, reason = decide(TrainConfig(backbone="vgg16", strategy="frozen", tta="flip"), True)
+    assert use is False and "--tta" in reason
+
+
 def test_residual_onecycle_bfloat16_recipe_trains_and_exports(tmp_path):
     """The fast-CIFAR recipe's parts on a tiny residual net: flip-crop augmentation, Nesterov SGD with
     weight decay, a one-cycle schedule; then bfloat16 compute, whose export computes in float32 and

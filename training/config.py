@@ -10,6 +10,7 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 HEADS = ("gap", "gap-dense", "flatten-dense-bn")
 AUGMENT_POLICIES = ("seed", "flip-crop")
 SCHEDULES = ("constant", "onecycle", "cosine")
+TTA_MODES = ("none", "flip")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainConfig:
     schedule: str = "constant"         # constant | onecycle (warm-up then cosine to 0) | cosine
     label_smoothing: float = 0.0       # share of each target spread over all classes
     logit_scale: float = 1.0           # scratch CNNs: multiply the logits before softmax (Page's ResNet-9: 0.125)
+    tta: str = "none"                  # flip: the model averages its logits over the image and its mirror
     batch_size: int = 64
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off

@@ -274,6 +274,7 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
         "output": {"name": "probabilities", "shape": [None, len(r["data"]["class_names"])]},
         "backbone": r["model"]["backbone"],
         "strategy": r["model"]["strategy"],
+        "tta": r["config"].get("tta", "none"),  # flip: every image is run twice (it and its mirror)
         "test_accuracy": r["test"]["accuracy"],
         "params": r["model"]["total_params"],
         "export": {"opset": opts.opset if "onnx" in opts.formats else None, "formats": list(opts.formats),

@@ -27,6 +27,8 @@ def decide(cfg: TrainConfig, has_backbone: bool) -> tuple[bool, str]:
         return False, "no frozen phase to cache"
     if cfg.augment:
         return False, "--augment changes every epoch's input, so features cannot be reused"
+    if cfg.tta != "none":
+        return False, "--tta runs the backbone on each image and its mirror, so features are not one per image"
     if not cfg.feature_cache:
         return False, "--no-feature-cache"
     return True, "frozen backbone without augmentation: features computed once"

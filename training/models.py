@@ -7,28 +7,26 @@ ONNX and HTTP clients all send the same pixels.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training import backbones
 from training.config import TrainConfig
-from training.env import keras
+from training.env import keras, tf
 from training.errors import UserError
 
 PREPROCESSORS = ("unit", "mobilenet_v2", "vgg16", "resnet_v2")
-_preprocess_layer_cls = None
 
 
+@functools.cache  # one class per process: Keras registers each serializable name once
 def preprocess_layer_class():
     """A serializable layer applying a keras.applications preprocess_input.
 
     A Lambda would not survive saving; this calls the application's own function,
     so preprocessing stays exactly Keras's rather than our re-implementation of it.
     """
-    global _preprocess_layer_cls
-    if _preprocess_layer_cls is not None:
-        return _preprocess_layer_cls
     K = keras()
 
     @K.utils.register_keras_serializable(package="tlserve")
@@ -49,8 +47,36 @@ def preprocess_layer_class():
         def get_config(self):
             return {**super().get_config(), "mode": self.mode}
 
-    _preprocess_layer_cls = BackbonePreprocess
     return BackbonePreprocess
+
+
+@functools.cache
+def tta_layer_classes():
+    """(MirrorViews, MeanOfViews): flip test-time augmentation as two serializable layers.
+
+    Outside training, MirrorViews stacks each batch with its horizontal mirror (2N images) and
+    MeanOfViews, on the pooled features just before the classifier, averages the two halves back
+    to N; the classifier is linear, so this averages the logits of the two views. In training
+    both are identity, so the network trains on single images as usual. Kept in one graph (not a
+    wrapper around a nested model) so layer names, --from-run and the exports see one flat model."""
+    K, T = keras(), tf()
+
+    @K.utils.register_keras_serializable(package="tlserve")
+    class MirrorViews(K.layers.Layer):
+        def call(self, inputs, training=None):
+            if training:
+                return inputs
+            return T.concat([inputs, T.reverse(inputs, axis=[2])], axis=0)
+
+    @K.utils.register_keras_serializable(package="tlserve")
+    class MeanOfViews(K.layers.Layer):
+        def call(self, inputs, training=None):
+            if training:
+                return inputs
+            half = T.shape(inputs)[0] // 2
+            return (inputs[:half] + inputs[half:]) / 2
+
+    return MirrorViews, MeanOfViews
 
 
 @dataclass
@@ -97,6 +123,8 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
     x = inputs
     if cfg.augment:
         x = augmentation(cfg.augment_policy, cfg.seed)(x)
+    if cfg.tta == "flip":
+        x = tta_layer_classes()[0](name="tta_views")(x)
     size = resolve_input_size(cfg, image_size) if spec.pretrained or cfg.input_size else h
     if (size, size) != (h, w):
         x = K.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
@@ -130,6 +158,8 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
                                bn_momentum=cfg.bn_momentum, l2=cfg.l2)
         if len(x.shape) == 4:  # a spec without f/g still needs a vector for the classifier
             x = K.layers.GlobalAveragePooling2D()(x)
+    if cfg.tta == "flip":
+        x = tta_layer_classes()[1](name="tta_mean")(x)
     if cfg.logit_scale == 1:
         outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     else:
@@ -170,6 +200,7 @@ def load_model(path: Path | str):
     not depend on the precision it was trained in."""
     K = keras()
     preprocess_layer_class()
+    tta_layer_classes()
     model = K.models.load_model(str(path), compile=False)
     if all(getattr(layer, "dtype_policy", None) is None or layer.dtype_policy.name == "float32"
            for layer in leaf_layers(model)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from training import backbones, strategies
-from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TrainConfig
+from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
 from training.errors import UserError
 
 
@@ -25,6 +25,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown --schedule '{cfg.schedule}'; choose from {', '.join(SCHEDULES)}")
     if cfg.augment_policy not in AUGMENT_POLICIES:
         raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
+    if cfg.tta not in TTA_MODES:
+        raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
     if cfg.weight_decay < 0:
         raise UserError("--weight-decay must be at least 0")
     if not 0 <= cfg.label_smoothing < 1:
