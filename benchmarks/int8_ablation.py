@@ -6,7 +6,9 @@ For each model exported by `tlserve export` it quantizes the float32 ONNX file t
 calibration images (the run's first training images, as export does): the plain recipe (every node,
 8-bit weights) and tlserve's (pixel preprocessing and softmax kept float32, 7-bit weights). The three files
 are timed in interleaved rounds, so a noisy VM slows all of them alike, at batch 1 and 32; then
-scored on the run's test images (top-1 accuracy and agreement with float32).
+scored on the run's test images (top-1 accuracy and agreement with float32). Switching sessions can
+itself favour one file (on an AMD Zen 5 it slowed float32 more at batch 1: 0.69 ms here, 0.42 ms
+under `tlserve bench`), so this compares the recipes; quote `tlserve bench` for absolute speed-ups.
 """
 from __future__ import annotations
 

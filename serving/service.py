@@ -78,8 +78,9 @@ class ImageClassifier:
         STATE.metadata = {
             "name": manifest["name"], "version": manifest["version"], "class_names": manifest["class_names"],
             "input": manifest["input"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
-            "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime", "variant": self.model.variant,
-            "provider": self.model.provider, "max_batch_size": MAX_BATCH, "max_latency_ms": MAX_LATENCY_MS,
+            "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
+            "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": MAX_BATCH,
+            "max_latency_ms": MAX_LATENCY_MS,
         }
         STATE.classify = self.classify
 
