@@ -203,7 +203,7 @@ def test_bad_runs(run_cli, runs_root, tmp_path):
 
 def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_root, run_cli):
     """--tta flip: the saved model averages each image with its mirror, so an image and its mirror get the same
-    answer from Keras, SavedModel-exported ONNX and int8; --from-run still sees one flat model."""
+    answer from Keras, ONNX fp32 and ONNX int8; --from-run still sees one flat model."""
     from training.models import load_model
 
     common = ["--data", "synthetic", "--limit", "96", "--batch-size", "32", "--runs-dir", runs_root]
@@ -214,11 +214,11 @@ def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_ro
     assert record["config"]["tta"] == "flip" and _manifest(models_root / "tta")["tta"] == "flip"
     x = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
     mirrored = x[:, :, ::-1].copy()
-    keras_probs = load_model(runs_root / "tta" / "model.keras").predict(x, verbose=0)
+    model = load_model(runs_root / "tta" / "model.keras")
+    keras_probs = model.predict(x, verbose=0)
     assert keras_probs.shape == (5, 10)
-    np.testing.assert_allclose(load_model(runs_root / "tta" / "model.keras").predict(mirrored, verbose=0),
-                               keras_probs, atol=1e-5)
-    for variant, atol in (("fp32", 1e-5), ("int8", 2e-3)):  # int8: within its own rounding noise vs Keras
+    np.testing.assert_allclose(model.predict(mirrored, verbose=0), keras_probs, atol=1e-5)
+    for variant, atol in (("fp32", 1e-5), ("int8", 2e-3)):  # int8: equal within its rounding noise (1.5e-4 seen)
         sess = OnnxClassifier.load(models_root / "tta", variant=variant)
         np.testing.assert_allclose(sess.predict(mirrored), sess.predict(x), atol=atol)
     np.testing.assert_allclose(OnnxClassifier.load(models_root / "tta").predict(x), keras_probs, atol=1e-4)
