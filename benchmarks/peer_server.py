@@ -1,7 +1,8 @@
 """The server a user would otherwise write: Starlette + onnxruntime, one image per request, no batching.
 
-Run: python benchmarks/peer_server.py MODEL_DIR PORT   (serves POST /predict with multipart field `image`)
-It decodes with the same training.images code as tlserve, so only the serving machinery differs.
+Run: python benchmarks/peer_server.py MODEL_DIR PORT [--no-access-log]   (serves POST /predict, field `image`)
+It decodes with the same training.images code as tlserve, so only the serving machinery differs, and
+it keeps uvicorn's defaults, access log included, as tlserve keeps BentoML's.
 """
 from __future__ import annotations
 
@@ -43,4 +44,5 @@ def make_app(model_dir: str) -> Starlette:
 
 
 if __name__ == "__main__":
-    uvicorn.run(make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    uvicorn.run(make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
+                access_log="--no-access-log" not in sys.argv[3:])

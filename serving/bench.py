@@ -218,6 +218,15 @@ async def _load(url: str, uploads: list[bytes], clients: int, requests: int, war
     return latencies, errors, time.perf_counter() - start
 
 
+def inprocess_p50_ms(model_dir: Path, hw: tuple[int, int]) -> float:
+    """The floor under any HTTP figure: onnxruntime fp32 p50 at batch 1, in this process."""
+    from serving.runtime import OnnxClassifier  # noqa: PLC0415
+
+    model = OnnxClassifier.load(model_dir)
+    x = np.random.default_rng(0).uniform(0, 255, (1, *hw, 3)).astype(np.float32)
+    return percentiles(time_calls(lambda: model.predict(x), warmup=10, iterations=200, duration=None))["p50_ms"]
+
+
 def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests: int = 200, warmup: int = 10,
                timeout: float = 30.0, uploads: list[bytes] | None = None, log: Callable[[str], None] = print,
                model_dir: Path | None = None, max_seconds: float = 120.0) -> dict[str, Any]:
@@ -245,11 +254,7 @@ def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests:
             f"{row['requests_per_sec'] or 0:8.1f} req/s  errors {errors}")
     floor = None
     if model_dir is not None:
-        from serving.runtime import OnnxClassifier  # noqa: PLC0415
-
-        model = OnnxClassifier.load(model_dir)
-        x = np.random.default_rng(0).uniform(0, 255, (1, *hw, 3)).astype(np.float32)
-        floor = percentiles(time_calls(lambda: model.predict(x), warmup=10, iterations=200, duration=None))["p50_ms"]
+        floor = inprocess_p50_ms(model_dir, hw)
         for row in results:
             row["overhead_ms_p50"] = row["p50_ms"] - floor if row["p50_ms"] is not None else None
     body = {"url": url, "server": {k: meta.get(k) for k in ("name", "version", "provider", "max_batch_size")},

@@ -30,23 +30,28 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, *, spin: bool = True):
+    """spin=False: idle intra-op threads sleep instead of busy-waiting for the next parallel
+    section. Right for a server, whose event loop needs the cores between and during calls."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def make_session(path: Path, *, device: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+def make_session(path: Path, *, device: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> tuple[Any, str]:
     """(session, provider in use). CUDA is tried only if this build has it, with ORT's logger
     silenced for the attempt: a missing libcublas is a normal fallback here, not an error to print."""
     ort = _ort()
     if device not in DEVICES:
         raise UserError(f"device must be one of {', '.join(DEVICES)}")
-    opts = session_options(threads)
+    opts = session_options(threads, spin=spin)
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if want_cuda:
         ort.set_default_logger_severity(4)
@@ -90,7 +95,7 @@ class OnnxClassifier:
 
     @classmethod
     def load(cls, model_dir: Path, *, variant: str = "fp32", device: str = "auto", verify: bool = True,
-             threads: int | None = None) -> "OnnxClassifier":
+             threads: int | None = None, spin: bool = True) -> "OnnxClassifier":
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         if variant not in VARIANTS:
@@ -101,7 +106,7 @@ class OnnxClassifier:
                             f"`tlserve export RUN --{variant}`" if variant != "fp32" else f"{model_dir} has no ONNX model")
         if verify:
             verify_artifacts(model_dir, manifest, [filename])
-        session, provider = make_session(model_dir / filename, device=device, threads=threads)
+        session, provider = make_session(model_dir / filename, device=device, threads=threads, spin=spin)
         return cls(manifest, session, provider, variant)
 
     @property
