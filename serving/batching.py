@@ -83,11 +83,14 @@ class BatchWorker:
             return taken
 
     def _serve(self) -> None:
-        while jobs := self._take():
-            now = time.monotonic()
-            late = [job for job in jobs if now - job.queued_at > self.max_wait_s]
+        while taken := self._take():
+            jobs, late, now = [], [], time.monotonic()
+            for job in taken:
+                if now - job.queued_at > self.max_wait_s:
+                    late.append(job)
+                elif not job.future.cancelled():
+                    jobs.append(job)
             _settle(late, [Overloaded("the server is overloaded; retry shortly")] * len(late))
-            jobs = [job for job in jobs if now - job.queued_at <= self.max_wait_s and not job.future.cancelled()]
             if not jobs:
                 continue
             try:
