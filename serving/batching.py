@@ -36,11 +36,19 @@ class _Job:
 
 
 class BatchWorker:
-    """`await worker(pixels)` → that request's rows of `predict(concatenated pixels)`."""
+    """`await worker(pixels)` → that request's rows of `predict(concatenated pixels)`.
+
+    `lone_predict`, when given, answers a call that holds the only request in the queue while
+    `quiet()` says no other request is being served: a model call that may use the whole machine
+    (the service gives it a session whose threads busy-wait during the call) because nothing else
+    wants the cores."""
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_wait_s: float,
-                 on_call: Callable[[int], None] | None = None) -> None:
+                 on_call: Callable[[int], None] | None = None,
+                 lone_predict: Callable[[np.ndarray], np.ndarray] | None = None,
+                 quiet: Callable[[], bool] = lambda: True) -> None:
         self._predict, self._on_call = predict, on_call
+        self._lone_predict, self._quiet = lone_predict, quiet
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
@@ -93,8 +101,11 @@ class BatchWorker:
             _settle(late, [Overloaded("the server is overloaded; retry shortly")] * len(late))
             if not jobs:
                 continue
+            predict = self._predict
+            if self._lone_predict is not None and len(jobs) == 1 and not self._jobs and self._quiet():
+                predict = self._lone_predict
             try:
-                probs = self._predict(np.concatenate([job.pixels for job in jobs]))
+                probs = predict(np.concatenate([job.pixels for job in jobs]))
                 answers: list = np.split(probs, np.cumsum([len(job.pixels) for job in jobs])[:-1])
             except Exception as exc:  # noqa: BLE001 (handed to the callers, whose handlers report it)
                 answers = [exc] * len(jobs)

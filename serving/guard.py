@@ -44,6 +44,9 @@ class GuardState:
     metadata: dict[str, Any] = field(default_factory=dict)
     # The service's classify(decoded images, top_k, batch=...) -> the JSON answer; None until loaded.
     classify: Optional[Callable[..., Awaitable[dict[str, Any]]]] = None
+    # Requests on the model routes now inside this guard, from arrival to answer: the batching
+    # thread reads it to tell a request served alone from one on a busy server.
+    in_flight: int = 0
 
 
 STATE = GuardState()
@@ -73,6 +76,13 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         if method != "POST":
             return await _json(send, 405, {"error": f"use POST {path}"})
+        STATE.in_flight += 1
+        try:
+            return await self._handle(scope, receive, send, path)
+        finally:
+            STATE.in_flight -= 1
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         try:
             body = await self._read_body(scope, receive)
             if path == "/infer":

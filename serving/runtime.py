@@ -30,22 +30,31 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, *, spin: bool = True):
-    """spin=False: idle intra-op threads sleep instead of busy-waiting for the next parallel
-    section. Right for a server, whose event loop needs the cores between and during calls."""
+# How onnxruntime's idle intra-op threads wait for work. "always" is onnxruntime's default: they
+# busy-wait between a call's parallel sections and for a while after it returns. "in-run" keeps the
+# busy-wait inside a call and parks them when it returns. "never" parks them whenever idle: right
+# for a loaded server, whose event loop needs the cores between and during calls.
+SPIN = ("always", "in-run", "never")
+
+
+def session_options(threads: int | None = None, *, spin: str = "always"):
+    if spin not in SPIN:
+        raise UserError(f"spin must be one of {', '.join(SPIN)}")
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if not spin:
+    if spin == "in-run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    elif spin == "never":
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
 def make_session(path: Path, *, device: str = "auto", threads: int | None = None,
-                 spin: bool = True) -> tuple[Any, str]:
+                 spin: str = "always") -> tuple[Any, str]:
     """(session, provider in use). CUDA is tried only if this build has it, with ORT's logger
     silenced for the attempt: a missing libcublas is a normal fallback here, not an error to print."""
     ort = _ort()
@@ -95,7 +104,7 @@ class OnnxClassifier:
 
     @classmethod
     def load(cls, model_dir: Path, *, variant: str = "fp32", device: str = "auto", verify: bool = True,
-             threads: int | None = None, spin: bool = True) -> "OnnxClassifier":
+             threads: int | None = None, spin: str = "always") -> "OnnxClassifier":
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         if variant not in VARIANTS:

@@ -17,7 +17,7 @@ from serving.batching import BatchWorker, Overloaded
 from serving.guard import STATE, RequestGuard
 from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
-from serving.runtime import OnnxClassifier
+from serving.runtime import OnnxClassifier, physical_cores
 from training import images
 
 
@@ -41,10 +41,12 @@ MAX_BATCH = int(os.environ.get("TLSERVE_MAX_BATCH", "32"))
 # An upper bound, not a wait: a request that has queued this long for the model is answered 503.
 MAX_LATENCY_MS = int(os.environ.get("TLSERVE_MAX_LATENCY_MS", "1000"))
 DEFAULT_TOP_K = 3
-# onnxruntime's idle threads busy-wait by default; in a server they take the CPU the event loop
-# needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). The price is
-# batch-1 latency (one client, resnet50v2: 8.0 ms p50 against 6.6), so TLSERVE_ORT_SPIN=1 turns it back on.
-ORT_SPIN = os.environ.get("TLSERVE_ORT_SPIN", "0") == "1"
+# onnxruntime's idle threads busy-wait by default; under load they take the CPU the event loop
+# needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). Parking them
+# costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so
+# "auto" loads the model twice on CPU: a session that never spins for batches and busy times, and
+# one that spins during the call for a request served alone (5.98 ms). 1 = always spin, 0 = never.
+ORT_SPIN = os.environ.get("TLSERVE_ORT_SPIN", "auto")
 
 
 @functools.cache
@@ -55,6 +57,14 @@ def _requests_per_call():
 
     return Histogram("tlserve_requests_per_call", "Requests answered by one onnxruntime call (adaptive batching)",
                      buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+
+@functools.cache
+def _lone_calls():
+    """Prometheus counter: onnxruntime calls answered by the session kept for lone requests."""
+    from prometheus_client import Counter  # noqa: PLC0415
+
+    return Counter("tlserve_lone_calls", "Requests served alone on an idle server, by the session that spins during the call")
 
 
 def _is_tag(ref: str) -> bool:
@@ -74,9 +84,16 @@ class ImageClassifier:
         if not MODEL_REF:
             raise RuntimeError("set TLSERVE_MODEL to an exported model folder or a BentoML model tag")
         model_dir = Path(self.bento_model.path) if self.bento_model is not None else resolve_model(MODEL_REF)
-        self.model = OnnxClassifier.load(model_dir, device=os.environ.get("TLSERVE_DEVICE", "auto"), spin=ORT_SPIN)
+        if ORT_SPIN not in ("auto", "1", "0"):
+            raise RuntimeError(f"TLSERVE_ORT_SPIN must be auto, 1 or 0, not {ORT_SPIN!r}")
+        self.model = OnnxClassifier.load(model_dir, device=os.environ.get("TLSERVE_DEVICE", "auto"),
+                                         spin="always" if ORT_SPIN == "1" else "never")
+        self._lone = None
+        if ORT_SPIN == "auto" and self.model.provider == "CPUExecutionProvider" and physical_cores() > 1:
+            self._lone = OnnxClassifier.load(model_dir, device="cpu", verify=False, spin="in-run")
         h, w = self.model.input_hw
-        self.model.predict(np.zeros((1, h, w, 3), np.float32))  # warm-up: first-run allocations off the request path
+        for model in filter(None, (self.model, self._lone)):
+            model.predict(np.zeros((1, h, w, 3), np.float32))  # warm-up: first-run allocations off the request path
         manifest = self.model.manifest
         STATE.input_hw = (h, w)
         STATE.metadata = {
@@ -92,8 +109,14 @@ class ImageClassifier:
         # again (measured ~4 ms plus ~5 ms of JSON per 32x32 image, more than the model itself);
         # serving/batching.py says why not BentoML's dispatcher either.
         self._batched = BatchWorker(self.model.predict, max_batch=MAX_BATCH, max_wait_s=MAX_LATENCY_MS / 1000,
-                                    on_call=_requests_per_call().observe)
+                                    on_call=_requests_per_call().observe,
+                                    lone_predict=self._predict_lone if self._lone else None,
+                                    quiet=lambda: STATE.in_flight <= 1)
         STATE.classify = self.classify
+
+    def _predict_lone(self, pixels: np.ndarray) -> np.ndarray:
+        _lone_calls().inc()
+        return self._lone.predict(pixels)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, images: np.ndarray) -> np.ndarray:

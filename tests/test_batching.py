@@ -111,3 +111,29 @@ def test_closing_refuses_queued_and_new_requests():
     assert running.shape == (1, 2) and isinstance(queued, Overloaded)
     with pytest.raises(Overloaded):
         asyncio.run(worker(np.ones((1, 2))))
+
+
+def test_a_lone_request_on_a_quiet_server_goes_to_the_lone_model():
+    """The lone model answers only a call holding the one request in flight; batches and busy
+    times stay on the main model."""
+    model, lone, busy = SlowModel(), SlowModel(), threading.Event()
+    worker = BatchWorker(model, max_batch=8, max_wait_s=5, lone_predict=lone, quiet=lambda: not busy.is_set())
+
+    async def scenario():
+        first = await worker(np.ones((1, 2)))  # nothing else queued or in flight
+        batch = await _gather(worker, _requests([1, 1, 1, 1]))  # at least three wait together
+        busy.set()  # another request is being served (decoded, say), so even a lone call is not alone
+        third = await worker(np.ones((1, 2)))
+        return first, batch, third
+
+    try:
+        first, batch, third = asyncio.run(scenario())
+    finally:
+        worker.close()
+    np.testing.assert_array_equal(first, [[2.0]])
+    np.testing.assert_array_equal(third, [[2.0]])
+    for i, answer in enumerate(batch):
+        np.testing.assert_array_equal(answer, [[2.0 * i]])
+    assert lone.calls[0] == 1 and set(lone.calls) == {1}
+    assert max(model.calls[:-1]) >= 3  # the requests that queued together
+    assert model.calls[-1] == 1 and len(lone.calls) + sum(model.calls) == 6  # the request while busy

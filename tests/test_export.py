@@ -227,3 +227,15 @@ def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_ro
     transfer = load_model(runs_root / "tta-transfer" / "model.keras")
     assert transfer.predict(x, verbose=0).shape == (5, 5)
     assert "unknown --tta" in run_cli("train", *common, "--tta", "rotate").err
+
+
+def test_session_spin_settings_reach_onnxruntime():
+    from serving.runtime import session_options
+
+    assert session_options(spin="never").get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    in_run = session_options(spin="in-run")
+    assert in_run.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError):  # allow_spinning left at onnxruntime's default: it spins during the call
+        in_run.get_session_config_entry("session.intra_op.allow_spinning")
+    with pytest.raises(UserError, match="spin must be one of"):
+        session_options(spin="sometimes")

@@ -228,6 +228,24 @@ def test_concurrent_requests_are_batched(server, sample_images):
     assert batches > 0 and single < batches, (batches, single)  # some onnxruntime calls served several requests
 
 
+def test_a_lone_request_uses_the_spinning_session(server, sample_images):
+    """One client at a time: every call goes to the session whose threads spin during the call
+    (loaded when there is more than one core to spin on)."""
+    from serving.runtime import physical_cores
+
+    payload = sorted(sample_images.iterdir())[0].read_bytes()
+
+    def lone_calls() -> float:
+        metrics = httpx.get(f"{server}/metrics", timeout=10).text
+        return sum(float(m) for m in re.findall(r'^tlserve_lone_calls_total(?:\{[^}]*\})? (\S+)', metrics, re.M))
+
+    before = lone_calls()
+    with httpx.Client(timeout=30) as http:
+        codes = [http.post(f"{server}/predict", files={"image": ("x.png", payload)}).status_code for _ in range(5)]
+    assert codes == [200] * 5
+    assert lone_calls() - before == (5 if physical_cores() > 1 else 0)
+
+
 def test_bento_builds_offline_carries_the_model_and_serves(cnn_model, tmp_path, run_cli, sample_images):
     import bentoml
 
