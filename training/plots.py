@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def accuracy_bars(records: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     bars = ax.bar(names, acc, color="#4C72B0")
     ax.bar_label(bars, labels=[f"{a:.3f}" for a in acc], fontsize=8)
+    ax.set_title("test accuracy per run")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.tick_params(axis="x", rotation=30)
@@ -56,6 +58,13 @@ def tradeoff(points: list[tuple[str, float, float]], path: Path) -> Path:
         ax.scatter(latency, accuracy, s=50)
         ax.annotate(name, (latency, accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
+    # plain milliseconds (0.4, 2) rather than matplotlib's 4x10^-1 on a log axis
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.margins(x=0.2)  # room for the labels of the points at either end
+    ax.set_title("accuracy against serving latency")
     ax.set_xlabel("onnxruntime p50 latency, batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
