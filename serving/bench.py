@@ -257,7 +257,8 @@ def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests:
         floor = inprocess_p50_ms(model_dir, hw)
         for row in results:
             row["overhead_ms_p50"] = row["p50_ms"] - floor if row["p50_ms"] is not None else None
-    body = {"url": url, "server": {k: meta.get(k) for k in ("name", "version", "provider", "max_batch_size")},
+    server_keys = ("name", "version", "provider", "max_batch_size", "ort_spin", "lone_session")
+    body = {"url": url, "server": {k: meta.get(k) for k in server_keys},
             "inprocess_onnx_p50_ms": floor, "results": results}
     if model_dir is not None:
         return _save(model_dir, load_manifest(model_dir), "http", body)

@@ -101,7 +101,7 @@ class ImageClassifier:
             "input": manifest["input"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
             "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
             "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": MAX_BATCH,
-            "max_latency_ms": MAX_LATENCY_MS,
+            "max_latency_ms": MAX_LATENCY_MS, "ort_spin": ORT_SPIN, "lone_session": self._lone is not None,
         }
         # One onnxruntime call for the requests waiting together; requests per call go to /metrics.
         # Not through the batchable `infer` API: reaching it from another endpoint goes through

@@ -116,6 +116,7 @@ def test_metadata_and_bentoml_endpoints(server, cnn_model):
     assert meta["class_names"] == manifest["class_names"] and meta["input"]["shape"] == [None, 32, 32, 3]
     assert meta["backbone"] == "cnn" and meta["tta"] == "none" and meta["test_accuracy"] == manifest["test_accuracy"]
     assert meta["runtime"] == "onnxruntime" and meta["provider"] == "CPUExecutionProvider"
+    assert meta["ort_spin"] == "auto" and isinstance(meta["lone_session"], bool)
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 200
 
@@ -284,6 +285,7 @@ def test_http_bench_against_the_running_service(server, cnn_model, run_cli):
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] and row["requests_per_sec"] > 0
         assert row["overhead_ms_p50"] == pytest.approx(row["p50_ms"] - report["inprocess_onnx_p50_ms"])
     assert Path(report["path"]).parent == cnn_model / "bench" and report["machine"]["cpu"]
+    assert report["server"]["provider"] == "CPUExecutionProvider" and report["server"]["ort_spin"] == "auto"
     refused = run_cli("bench", "--url", "http://192.0.2.1:3000")
     assert refused.code == 2 and "not a loopback address" in refused.err
 
