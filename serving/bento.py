@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from serving.manifest import load_manifest, resolve_model
+from serving.settings import ServiceSettings
 from training.errors import UserError
 
 SERVICE = "serving.service:ImageClassifier"
@@ -33,6 +34,7 @@ def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[
     if workers < 1:
         raise UserError("--workers must be at least 1")
     env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers)}
+    ServiceSettings.from_env(env)  # a bad TLSERVE_* setting is one line here, not a traceback from the server
     return [bentoml_exe(), "serve", SERVICE, "--host", host, "--port", str(port)], env
 
 

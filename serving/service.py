@@ -18,6 +18,7 @@ from serving.guard import STATE, RequestGuard
 from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
 from serving.runtime import OnnxClassifier, physical_cores
+from serving.settings import ServiceSettings
 from training import images
 
 
@@ -35,18 +36,13 @@ def _model_ref() -> str:
 
 
 MODEL_REF = _model_ref()
-MAX_REQUEST_BYTES = int(os.environ.get("TLSERVE_MAX_REQUEST_BYTES", str(8 * 2**20)))
-MAX_PIXELS = int(os.environ.get("TLSERVE_MAX_PIXELS", str(images.DEFAULT_MAX_PIXELS)))
-MAX_BATCH = int(os.environ.get("TLSERVE_MAX_BATCH", "32"))
-# An upper bound, not a wait: a request that has queued this long for the model is answered 503.
-MAX_LATENCY_MS = int(os.environ.get("TLSERVE_MAX_LATENCY_MS", "1000"))
+SETTINGS = ServiceSettings.from_env()
 DEFAULT_TOP_K = 3
 # onnxruntime's idle threads busy-wait by default; under load they take the CPU the event loop
 # needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). Parking them
-# costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so
-# "auto" loads the model twice on CPU: a session that never spins for batches and busy times, and
-# one that spins during the call for a request served alone (5.98 ms). 1 = always spin, 0 = never.
-ORT_SPIN = os.environ.get("TLSERVE_ORT_SPIN", "auto")
+# costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so with
+# TLSERVE_ORT_SPIN=auto the model is loaded twice on CPU: a session that never spins for batches
+# and busy times, and one that spins during the call for a request served alone (5.98 ms).
 
 
 @functools.cache
@@ -73,7 +69,7 @@ def _is_tag(ref: str) -> bool:
 
 @bentoml.service(
     name="tlserve",
-    workers=int(os.environ.get("TLSERVE_WORKERS", "1")),
+    workers=SETTINGS.workers,
     traffic={"timeout": 60, "max_concurrency": 256},
 )
 class ImageClassifier:
@@ -84,12 +80,10 @@ class ImageClassifier:
         if not MODEL_REF:
             raise RuntimeError("set TLSERVE_MODEL to an exported model folder or a BentoML model tag")
         model_dir = Path(self.bento_model.path) if self.bento_model is not None else resolve_model(MODEL_REF)
-        if ORT_SPIN not in ("auto", "1", "0"):
-            raise RuntimeError(f"TLSERVE_ORT_SPIN must be auto, 1 or 0, not {ORT_SPIN!r}")
-        self.model = OnnxClassifier.load(model_dir, device=os.environ.get("TLSERVE_DEVICE", "auto"),
-                                         spin="always" if ORT_SPIN == "1" else "never")
+        self.model = OnnxClassifier.load(model_dir, device=SETTINGS.device,
+                                         spin="always" if SETTINGS.ort_spin == "1" else "never")
         self._lone = None
-        if ORT_SPIN == "auto" and self.model.provider == "CPUExecutionProvider" and physical_cores() > 1:
+        if SETTINGS.ort_spin == "auto" and self.model.provider == "CPUExecutionProvider" and physical_cores() > 1:
             self._lone = OnnxClassifier.load(model_dir, device="cpu", verify=False, spin="in-run")
         h, w = self.model.input_hw
         for model in filter(None, (self.model, self._lone)):
@@ -100,15 +94,16 @@ class ImageClassifier:
             "name": manifest["name"], "version": manifest["version"], "class_names": manifest["class_names"],
             "input": manifest["input"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
             "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
-            "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": MAX_BATCH,
-            "max_latency_ms": MAX_LATENCY_MS, "ort_spin": ORT_SPIN, "lone_session": self._lone is not None,
+            "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": SETTINGS.max_batch,
+            "max_latency_ms": SETTINGS.max_latency_ms, "ort_spin": SETTINGS.ort_spin, "lone_session": self._lone is not None,
         }
         # One onnxruntime call for the requests waiting together; requests per call go to /metrics.
         # Not through the batchable `infer` API: reaching it from another endpoint goes through
         # BentoML's self-proxy, the array serialized to JSON and sent through the whole HTTP app
         # again (measured ~4 ms plus ~5 ms of JSON per 32x32 image, more than the model itself);
         # serving/batching.py says why not BentoML's dispatcher either.
-        self._batched = BatchWorker(self.model.predict, max_batch=MAX_BATCH, max_wait_s=MAX_LATENCY_MS / 1000,
+        self._batched = BatchWorker(self.model.predict, max_batch=SETTINGS.max_batch,
+                                    max_wait_s=SETTINGS.max_latency_ms / 1000,
                                     on_call=_requests_per_call().observe,
                                     lone_predict=self._predict_lone if self._lone else None,
                                     quiet=lambda: STATE.in_flight <= 1)
@@ -118,7 +113,7 @@ class ImageClassifier:
         _lone_calls().inc()
         return self._lone.predict(pixels)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of (N, H, W, 3) pixels; concurrent callers share one onnxruntime call."""
         return self.model.predict(np.asarray(images, dtype=np.float32))
@@ -156,7 +151,7 @@ class ImageClassifier:
 
     def _open(self, path: Path):
         try:
-            return images.open_image(path, max_pixels=MAX_PIXELS, name=path.name)
+            return images.open_image(path, max_pixels=SETTINGS.max_pixels, name=path.name)
         except images.ImageError as exc:
             raise bentoml.exceptions.InvalidArgument(str(exc)) from None
 
@@ -167,4 +162,4 @@ class ImageClassifier:
         return {"model": self.model.name, "version": self.model.version}
 
 
-ImageClassifier.add_asgi_middleware(RequestGuard, max_bytes=MAX_REQUEST_BYTES, max_pixels=MAX_PIXELS)
+ImageClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes, max_pixels=SETTINGS.max_pixels)

@@ -322,3 +322,24 @@ asyncio.run(main())
                                [t["probability"] for t in over_http["top"]], atol=1e-5)
     assert len(answers["many"]["predictions"]) == 3 and all(len(p["top"]) == 1 for p in answers["many"]["predictions"])
     assert answers["refused"] == "InvalidArgument"
+
+
+def test_service_settings_come_from_the_environment():
+    from serving.settings import ServiceSettings
+
+    assert ServiceSettings.from_env({}) == ServiceSettings()
+    custom = ServiceSettings.from_env({"TLSERVE_MAX_BATCH": "8", "TLSERVE_ORT_SPIN": "0", "TLSERVE_DEVICE": "cpu"})
+    assert (custom.max_batch, custom.ort_spin, custom.device, custom.max_latency_ms) == (8, "0", "cpu", 1000)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("TLSERVE_MAX_BATCH", "lots", "TLSERVE_MAX_BATCH must be a positive whole number, not 'lots'"),
+    ("TLSERVE_MAX_LATENCY_MS", "0", "TLSERVE_MAX_LATENCY_MS must be a positive whole number"),
+    ("TLSERVE_ORT_SPIN", "yes", "TLSERVE_ORT_SPIN must be one of auto, 1, 0, not 'yes'"),
+    ("TLSERVE_DEVICE", "tpu", "TLSERVE_DEVICE must be one of auto, cpu, cuda"),
+])
+def test_serve_refuses_a_bad_setting_in_one_line(cnn_model, run_cli, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    result = run_cli("serve", cnn_model, "--port", str(_free_port()))
+    assert result.code == 2 and message in result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err

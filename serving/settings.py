@@ -1,0 +1,57 @@
+"""The service's settings: TLSERVE_* environment variables, read and checked in one place.
+
+The service reads them when BentoML (or a bento's container) imports it; `tlserve serve` reads
+them first, so a mistake is one line and exit code 2 rather than a traceback from the server.
+TLSERVE_MODEL is not here: which model to serve is resolved by serving.manifest.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from serving.runtime import DEVICES
+from training.errors import UserError
+from training.images import DEFAULT_MAX_PIXELS
+
+ORT_SPIN_MODES = ("auto", "1", "0")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    max_request_bytes: int = 8 * 2**20  # TLSERVE_MAX_REQUEST_BYTES: larger bodies get a 413
+    max_pixels: int = DEFAULT_MAX_PIXELS  # TLSERVE_MAX_PIXELS: larger images are refused from their header
+    max_batch: int = 32  # TLSERVE_MAX_BATCH: images per onnxruntime call
+    # TLSERVE_MAX_LATENCY_MS: an upper bound, not a wait: a request queued this long for the model gets a 503.
+    max_latency_ms: int = 1000
+    # TLSERVE_ORT_SPIN: auto = batches on a session whose threads never busy-wait, a request served
+    # alone on one that busy-waits during the call (serving/service.py says why); 1 = always, 0 = never.
+    ort_spin: str = "auto"
+    device: str = "auto"  # TLSERVE_DEVICE: auto | cpu | cuda
+    workers: int = 1  # TLSERVE_WORKERS: BentoML worker processes
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        env = os.environ if environ is None else environ
+        ints = {field: _positive_int(env, f"TLSERVE_{field.upper()}", getattr(cls, field))
+                for field in ("max_request_bytes", "max_pixels", "max_batch", "max_latency_ms", "workers")}
+        ort_spin = env.get("TLSERVE_ORT_SPIN", cls.ort_spin)
+        if ort_spin not in ORT_SPIN_MODES:
+            raise UserError(f"TLSERVE_ORT_SPIN must be one of {', '.join(ORT_SPIN_MODES)}, not {ort_spin!r}")
+        device = env.get("TLSERVE_DEVICE", cls.device)
+        if device not in DEVICES:
+            raise UserError(f"TLSERVE_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
+        return cls(**ints, ort_spin=ort_spin, device=device)
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{name} must be a positive whole number, not {raw!r}")
+    return value
