@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,26 @@ def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[
         raise UserError("--workers must be at least 1")
     env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers)}
     ServiceSettings.from_env(env)  # a bad TLSERVE_* setting is one line here, not a traceback from the server
+    _check_address(host, port)
     return [bentoml_exe(), "serve", SERVICE, "--host", host, "--port", str(port)], env
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind and release the address BentoML is about to listen on: a port in use or a host that
+    is not this machine's is one line here; from BentoML's process manager it is a traceback.
+    Another process could still take the port in between; then BentoML reports it."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, not {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:

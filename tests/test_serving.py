@@ -343,3 +343,15 @@ def test_serve_refuses_a_bad_setting_in_one_line(cnn_model, run_cli, monkeypatch
     result = run_cli("serve", cnn_model, "--port", str(_free_port()))
     assert result.code == 2 and message in result.err
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(cnn_model, run_cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", cnn_model, "--port", str(port))
+    assert result.code == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    unknown = run_cli("serve", cnn_model, "--host", "no-such-host.invalid", "--port", "3000")
+    assert unknown.code == 2 and "cannot listen on no-such-host.invalid" in unknown.err
