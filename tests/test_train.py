@@ -203,6 +203,10 @@ def test_bad_inputs_one_line_exit_2(run_cli, empty_runs, tmp_path):
     line = _bad(run_cli, empty_runs, "-b", "mobilenetv2", "-s", "frozen", "--input-size", "32", "--weights", "imagenet")
     assert "--weights none" in line
     assert "needs a pretrained backbone" in _bad(run_cli, empty_runs, "-b", "cnn", "-s", "frozen")
+    assert "--lr and --finetune-lr must be above 0" in _bad(run_cli, empty_runs, "--lr", "-0.01")
+    assert "--momentum must be at least 0 and below 1" in _bad(run_cli, empty_runs, "--optimizer", "sgd", "--momentum", "1.5")
+    assert "--dropout must be" in _bad(run_cli, empty_runs, "--dropout", "1")
+    assert "--patience must be at least 0" in _bad(run_cli, empty_runs, "--patience", "-2")
     # nothing, not even a staging folder, is left behind by any of these
     assert not empty_runs.exists() or not any(empty_runs.iterdir())
 

@@ -27,8 +27,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
     if cfg.tta not in TTA_MODES:
         raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
-    if cfg.weight_decay < 0:
-        raise UserError("--weight-decay must be at least 0")
+    if cfg.lr <= 0 or cfg.finetune_lr <= 0:
+        raise UserError("--lr and --finetune-lr must be above 0")
+    for flag, value in (("--momentum", cfg.momentum), ("--bn-momentum", cfg.bn_momentum), ("--dropout", cfg.dropout)):
+        if not 0 <= value < 1:
+            raise UserError(f"{flag} must be at least 0 and below 1")
+    if cfg.patience is not None and cfg.patience < 0:
+        raise UserError("--patience must be at least 0 (0 turns early stopping off)")
+    if cfg.weight_decay < 0 or cfg.l2 < 0:
+        raise UserError("--weight-decay and --l2 must be at least 0")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError("--label-smoothing must be at least 0 and below 1")
     if cfg.logit_scale <= 0:
