@@ -501,10 +501,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise SystemExit(130) from None
+    except OSError as exc:  # a path the user gave that cannot be read or written, a full disk
+        if not exc.filename:
+            raise
+        _report(f"{exc.strerror}: {exc.filename}")
+        raise SystemExit(2) from None
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click  # noqa: PLC0415
 
-        if isinstance(exc, click.ClickException):
+        # typer 0.2x raises its own vendored copy of click's errors (typer._click), under TyperException
+        if isinstance(exc, (click.ClickException, getattr(typer, "TyperException", click.ClickException))):
             exc.show()
             raise SystemExit(2) from None
         raise

@@ -127,3 +127,16 @@ def test_features_grid(cnn_run, finetune_run, runs_root, sample_images, tmp_path
     assert result.code == 0, result.err and nested.is_file()
     result = run_cli("features", "cnn", image, "--layer", "conv2d_7", "--runs-dir", runs_root)
     assert result.code == 2 and "nearest: conv2d" in result.err
+
+
+def test_compare_to_an_unwritable_place_is_one_line(cnn_run, runs_root, models_root, tmp_path, run_cli):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("compare", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--out", blocker / "report")
+    assert result.code == 2 and f"cannot write {blocker / 'report'}" in result.err.replace("\n", "")
+    assert "Traceback" not in result.err and blocker.read_text() == "not a folder"
+
+
+def test_mistyped_option_is_a_usage_error_not_a_traceback(run_cli):
+    result = run_cli("compare", "--no-such-option")
+    assert result.code == 2 and "No such option" in result.err and "Traceback" not in result.err

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from training.errors import UserError
+
 
 def home() -> Path:
     return Path(os.environ.get("TLSERVE_HOME", "."))
@@ -29,8 +31,11 @@ def write_json(path: Path, data: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, then rename over the target: never half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:
         _umask_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -73,8 +78,11 @@ def staged_dir(final: Path, *, overwrite: bool) -> Iterator[Path]:
     leaves it intact) and removed after the new one is in place.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write {final}: {exc.strerror}") from None
     try:
         yield staging
         promote(staging, final, overwrite=overwrite)
