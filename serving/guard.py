@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Optional
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
+from serving.settings import ServiceSettings
 from training import images
 
 Scope = dict[str, Any]
@@ -59,7 +60,8 @@ class RequestError(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app, max_bytes: int = 8 * 2**20, max_pixels: int = images.DEFAULT_MAX_PIXELS):
+    def __init__(self, app, max_bytes: int = ServiceSettings.max_request_bytes,
+                 max_pixels: int = ServiceSettings.max_pixels):
         self.app, self.max_bytes, self.max_pixels = app, max_bytes, max_pixels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

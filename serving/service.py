@@ -38,11 +38,6 @@ def _model_ref() -> str:
 MODEL_REF = _model_ref()
 SETTINGS = ServiceSettings.from_env()
 DEFAULT_TOP_K = 3
-# onnxruntime's idle threads busy-wait by default; under load they take the CPU the event loop
-# needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). Parking them
-# costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so with
-# TLSERVE_ORT_SPIN=auto the model is loaded twice on CPU: a session that never spins for batches
-# and busy times, and one that spins during the call for a request served alone (5.98 ms).
 
 
 @functools.cache
@@ -80,6 +75,11 @@ class ImageClassifier:
         if not MODEL_REF:
             raise RuntimeError("set TLSERVE_MODEL to an exported model folder or a BentoML model tag")
         model_dir = Path(self.bento_model.path) if self.bento_model is not None else resolve_model(MODEL_REF)
+        # onnxruntime's idle threads busy-wait by default; under load they take the CPU the event loop
+        # needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). Parking them
+        # costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so with
+        # TLSERVE_ORT_SPIN=auto the model is loaded twice on CPU: a session that never spins for batches
+        # and busy times, and one that spins during the call for a request served alone (5.98 ms).
         self.model = OnnxClassifier.load(model_dir, device=SETTINGS.device,
                                          spin="always" if SETTINGS.ort_spin == "1" else "never")
         self._lone = None
