@@ -31,11 +31,9 @@ def write_json(path: Path, data: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, then rename over the target: never half-written."""
     path = Path(path)
-    try:
+    with _writable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:
         _umask_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -47,6 +45,15 @@ def write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _writable(target: Path) -> Iterator[None]:
+    """Name the user's path when its folder cannot be made or written, not our temporary file's."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}") from None
 
 
 def _umask_mode(path: str) -> None:
@@ -78,11 +85,9 @@ def staged_dir(final: Path, *, overwrite: bool) -> Iterator[Path]:
     leaves it intact) and removed after the new one is in place.
     """
     final = Path(final)
-    try:
+    with _writable(final):
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write {final}: {exc.strerror}") from None
     try:
         yield staging
         promote(staging, final, overwrite=overwrite)
