@@ -22,6 +22,37 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
+
+def _table(title: str, columns: list[str], rows: list[list[str]], *, text: tuple[str, ...] = ()) -> Table:
+    """A table that shows every name and number whole on an 80-column terminal: no vertical rules,
+    a number column never narrower than its longest value (headers wrap instead), and the `text`
+    columns (names) wrap inside their cell rather than being cut."""
+    from rich import box  # noqa: PLC0415
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+    for i, col in enumerate(columns):
+        if col in text:
+            table.add_column(col, overflow="fold", ratio=1, min_width=8)
+        else:
+            widest = max((len(row[i]) for row in rows), default=1)
+            table.add_column(col, justify="right", overflow="fold", min_width=widest)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# Short headers for the run table (its CSV keeps the full field names).
+RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/epoch", "total_time_sec": "total s",
+               "test_accuracy": "test acc", "trainable_params": "trainable", "non_trainable_params": "frozen",
+               "epochs_to_target": "to target", "macro_f1": "macro F1"}
+
+
+def _runs_table(title: str, records: list[dict]) -> Table:
+    from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
+
+    rows = [[_fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
+    return _table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",))
+
 RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Where runs live (default: $TLSERVE_HOME/runs or ./runs).")]
 ModelsDir = Annotated[Optional[Path], typer.Option("--models-dir", help="Where exported models live (default: $TLSERVE_HOME/models or ./models).")]
 
@@ -137,9 +168,9 @@ def _print_record(run) -> None:
 
     r = run.record
     row = table_row(r)
-    table = Table(title=f"run {r['name']}  ({run.path})", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table = Table(title=f"run {r['name']}", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     m = r["model"]
     facts = {
         "data": f"{r['data']['source']}, {r['data']['num_classes']} classes, splits {r['data']['splits']}",
@@ -233,18 +264,20 @@ def list_runs_cmd(
 ) -> None:
     """List finished runs with seed 001's columns plus epochs_to_target."""
     from training import storage  # noqa: PLC0415
-    from training.records import TABLE_FIELDS, list_runs, table_csv, table_row  # noqa: PLC0415
+    from training.records import list_runs, table_csv  # noqa: PLC0415
 
-    runs = list_runs(runs_dir)
-    if not runs:
+    from training.train import interrupted  # noqa: PLC0415
+
+    for stale in storage.remove_stale_staging(storage.runs_dir(runs_dir)):
+        console.print(f"removed {stale.name}: left by a command that was killed", highlight=False)
+    runs, paused = list_runs(runs_dir), interrupted(runs_dir)
+    if not runs and not paused:
         raise UserError(f"no finished runs in {storage.runs_dir(runs_dir)}; train one with `tlserve train`")
-    table = Table(title=f"runs in {storage.runs_dir(runs_dir)}")
-    for col in TABLE_FIELDS:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for run in runs:
-        row = table_row(run.record)
-        table.add_row(*(_fmt(row[c]) for c in TABLE_FIELDS))
-    console.print(table)
+    if runs:
+        console.print(_runs_table(f"runs in {storage.runs_dir(runs_dir)}", [r.record for r in runs]))
+    for name, epochs in paused:
+        console.print(f"interrupted after {epochs} epoch(s): {name}  (continue: tlserve train --resume {name})",
+                      highlight=False, soft_wrap=True)
     if csv:
         storage.write_text(csv, table_csv([r.record for r in runs]))
         console.print(f"wrote {csv}")
@@ -279,13 +312,16 @@ def export(
                          overwrite=overwrite, register=register)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
                                 log=lambda line: console.print(line, highlight=False))
-    table = Table(title=f"exported {manifest['name']}:{manifest['version']} -> {path}")
-    for col in ("file", "MB", "max |diff| vs Keras", "top-1 agree", "test accuracy", "delta"):
-        table.add_column(col, justify="left" if col == "file" else "right")
-    for file, facts in manifest["artifacts"].items():
-        table.add_row(file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
-                      _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta")))
-    console.print(table)
+    rows = [[file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
+             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta"))]
+            for file, facts in manifest["artifacts"].items()]
+    console.print(_table(f"exported {manifest['name']}:{manifest['version']}",
+                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta"], rows, text=("file",)))
+    console.print(f"max diff: largest |output - Keras output| on the check batch; folder: {path}", highlight=False,
+                  soft_wrap=True)
+    if not manifest["export"]["check_informative"]:
+        console.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
+                      "nothing about whether the runtimes compute the same function", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -327,8 +363,11 @@ def list_models_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List exported models (models/ and the BentoML model store)."""
+    from training import storage  # noqa: PLC0415
     from training.export import list_models  # noqa: PLC0415
 
+    for stale in storage.remove_stale_staging(storage.models_dir(models_dir)):
+        err.print(f"removed {stale.name}: left by an export that was killed", highlight=False)
     rows = list_models(models_dir)
     if json_out:
         import json  # noqa: PLC0415
@@ -337,12 +376,13 @@ def list_models_cmd(
         return
     if not rows:
         raise UserError("no exported models; export a run with `tlserve export RUN`")
-    table = Table(title="exported models")
-    for col in ("name", "backbone", "strategy", "test_accuracy", "onnx_mb", "formats", "bentoml_tag"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(_fmt(row[c]) for c in ("name", "backbone", "strategy", "test_accuracy", "onnx_mb", "formats", "bentoml_tag")))
-    console.print(table)
+    console.print(_table("exported models", ["name", "backbone", "strategy", "test acc", "MB", "variants"],
+                         [[r["name"], r["backbone"], r["strategy"], _fmt(r["test_accuracy"]), _fmt(r["onnx_mb"]),
+                           r["variants"].replace(",", " ")] for r in rows], text=("name", "variants")))
+    for r in rows:
+        tag = r["bentoml_tag"] if r["bentoml_tag"] and not r["where"].startswith("bentoml:") else None
+        console.print(f"{r['name']}: {r['where']}" + (f"  (BentoML {tag})" if tag else ""),
+                      highlight=False, soft_wrap=True)
 
 
 # ---- serve / build (issue 4) -----------------------------------------------------------
@@ -368,7 +408,8 @@ def serve(
     console.print(f"serving {model_dir} at {url}  (Ctrl-C to stop)", highlight=False)
     console.print(f"try: curl -F image=@some.png {url}/predict", highlight=False)
     sys.stdout.flush()
-    # Become the server: signals (Ctrl-C, a supervisor's TERM) then reach BentoML directly.
+    # Become the server: signals (Ctrl-C, a supervisor's TERM) then reach BentoML directly, and
+    # this pid is the supervisor's, which its workers watch (serving/lifecycle.py).
     os.execve(command[0], command, env)
 
 
@@ -451,17 +492,10 @@ def compare(
     models_dir: ModelsDir = None,
 ) -> None:
     """One report: training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
-    from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
     from training.report import answers, build as build_report  # noqa: PLC0415
 
     folder, entries = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
-    table = Table(title="runs")
-    for col in TABLE_FIELDS:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for e in entries:
-        row = table_row(e.record)
-        table.add_row(*(_fmt(row[c]) for c in TABLE_FIELDS))
-    console.print(table)
+    console.print(_runs_table("runs", [e.record for e in entries]))
     for line in answers(entries):
         console.print(f"- {line}", highlight=False)
     console.print(f"report: {folder / 'report.html'} and {folder / 'report.md'}", highlight=False)

@@ -66,7 +66,7 @@ def _runner(model_dir: Path, manifest: dict[str, Any], runtime: str, threads: in
     if runtime.startswith("onnx"):
         variant = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}[runtime]
         if VARIANTS[variant] not in manifest["artifacts"]:
-            return None, f"no {VARIANTS[variant]} (export with --{variant})"
+            return None, f"no {VARIANTS[variant]}; make it with: {_export_command(manifest, variant)}"
         from serving.runtime import OnnxClassifier, physical_cores  # noqa: PLC0415
 
         model = OnnxClassifier.load(model_dir, variant=variant, threads=threads)
@@ -74,7 +74,7 @@ def _runner(model_dir: Path, manifest: dict[str, Any], runtime: str, threads: in
     T = env.tf()
     if runtime == "savedmodel":
         if "saved_model" not in manifest["artifacts"]:
-            return None, "no saved_model in this export"
+            return None, f"no saved_model in this export; make it with: {_export_command(manifest, 'savedmodel')}"
         fn = T.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
         return (lambda x: fn(image=T.constant(x))["probabilities"].numpy(), _tf_device(), None), None
     keras_path = Path(manifest["run_path"]) / "model.keras"
@@ -87,6 +87,17 @@ def _runner(model_dir: Path, manifest: dict[str, Any], runtime: str, threads: in
         return (lambda x: model.predict(x, verbose=0), _tf_device(), None), None
     call = T.function(lambda x: model(x, training=False))
     return (lambda x: call(T.constant(x)).numpy(), _tf_device(), None), None
+
+
+def _export_command(manifest: dict[str, Any], wanted: str) -> str:
+    """The `tlserve export` line that writes this model again with `wanted` (a variant or format) added."""
+    formats = {"onnx"} if wanted in VARIANTS else {"savedmodel"}
+    formats |= {"savedmodel" for f in manifest["artifacts"] if f == "saved_model"}
+    formats |= {"onnx" for f in manifest["artifacts"] if f.endswith(".onnx")}
+    flags = [f"--{v}" for v in ("fp16", "int8") if v == wanted or VARIANTS[v] in manifest["artifacts"]]
+    order = [f for f in ("savedmodel", "onnx") if f in formats]
+    return " ".join(["tlserve export", manifest["run"], "--name", manifest["name"], "--formats", ",".join(order),
+                     *flags, "--overwrite"])
 
 
 def _tf_device() -> str:
@@ -111,7 +122,6 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
         runner, why = _runner(model_dir, manifest, runtime, threads)
         if runner is None:
             skipped[runtime] = why
-            log(f"skipped {runtime}: {why}")
             continue
         predict, provider, used_threads = runner
         for batch in batch_sizes:
@@ -123,6 +133,11 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
             results.append(result)
             log(f"{runtime:12s} batch {batch:3d}: p50 {result.p50_ms:8.3f} ms  p99 {result.p99_ms:8.3f} ms  "
                 f"{result.images_per_sec:9.1f} img/s")
+    if not results:
+        # Nothing requested exists: an empty result file would read as a benchmark that ran.
+        raise UserError("nothing to measure: " + "; ".join(f"{r}: {why}" for r, why in skipped.items()))
+    for runtime, why in skipped.items():
+        log(f"skipped {runtime}: {why}")
     return _save(model_dir, manifest, "inprocess", {"results": [asdict(r) for r in results], "skipped": skipped})
 
 

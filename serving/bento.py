@@ -1,6 +1,7 @@
 """`tlserve serve` and `tlserve build`: thin wrappers over `bentoml serve` and `bentoml build`."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
 from serving.manifest import load_manifest, resolve_model
 from serving.settings import ServiceSettings
 from training.errors import UserError
@@ -32,12 +34,17 @@ def bentoml_exe() -> str:
 
 
 def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that this process execs to become the server: `bentoml serve`
+    run by serving.lifecycle, which adds a log line for each worker that dies (see there)."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers)}
+    bentoml_exe()  # a missing BentoML is one line here
+    env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers),
+           # exec keeps this pid: workers check that their parent still has it (serving/lifecycle.py)
+           SUPERVISOR_PID_ENV: str(os.getpid())}
     ServiceSettings.from_env(env)  # a bad TLSERVE_* setting is one line here, not a traceback from the server
     _check_address(host, port)
-    return [bentoml_exe(), "serve", SERVICE, "--host", host, "--port", str(port)], env
+    return [sys.executable, "-m", "serving.lifecycle", "serve", SERVICE, "--host", host, "--port", str(port)], env
 
 
 def _check_address(host: str, port: int) -> None:
@@ -55,7 +62,27 @@ def _check_address(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(_port_in_use(host, port, exc.strerror)) from None
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _port_in_use(host: str, port: int, reason: str) -> str:
+    """The error line for a port in use, naming who holds it: above all a worker left behind by a
+    killed server, which serves on, re-parented to PID 1, with nothing pointing at it."""
+    holders = port_holders(port)
+    orphans = [h for h in holders if h.orphaned]
+    if orphans:
+        pids = " ".join(str(h.pid) for h in orphans)
+        who = f"an orphaned {orphans[0].kind} (pid {pids})" if len(orphans) == 1 else f"orphaned {orphans[0].kind}s (pids {pids})"
+        return f"port {port} is held by {who}; stop it with: kill {pids}"
+    line = f"cannot listen on {host}:{port}: {reason}"
+    if not holders:
+        return line
+    first = holders[0]
+    if first.kind != "process" and first.parent is not None:
+        return f"{line} (held by a running {first.kind.split()[0]} server, pid {first.parent}; its worker is pid {first.pid})"
+    return f"{line} (held by pid {first.pid}: {first.command})" if first.command else f"{line} (held by pid {first.pid})"
 
 
 def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:

@@ -6,7 +6,7 @@ back as a 500 or as a 400 logged at ERROR with a traceback, there is no request
 size limit, and a JSON body holding a URL makes the server download it. This
 ASGI middleware sees each image request first: it bounds the body, parses the
 multipart form, checks the field names and decodes every image once with
-training.images (bombs refused by header).
+training.images (bombs refused by header), straight to the model's input size.
 
 It then answers the request itself with the service's `classify`, the same
 function the endpoints call. Passing the request on to BentoML's endpoint layer
@@ -19,7 +19,13 @@ the OpenAPI page and BentoML's clients describe and call the same routes.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
@@ -36,6 +42,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
 OPTIONAL_FIELDS = {"top_k"}
 MAX_BATCH_FILES = 64
+# Images up to this many pixels (by header) decode on the event loop: a 256x256 noisy PNG takes
+# ~1.5 ms here against ~0.1 ms for a hop to a thread; a 1000x1000 one would hold the loop ~18 ms.
+INLINE_DECODE_PIXELS = 256 * 256
 
 
 @dataclass
@@ -45,8 +54,8 @@ class GuardState:
     metadata: dict[str, Any] = field(default_factory=dict)
     # The service's classify(decoded images, top_k, batch=...) -> the JSON answer; None until loaded.
     classify: Optional[Callable[..., Awaitable[dict[str, Any]]]] = None
-    # Requests on the model routes now inside this guard, from arrival to answer: the batching
-    # thread reads it to tell a request served alone from one on a busy server.
+    # Requests now waiting for or running on the model (uploads still arriving or decoding are not
+    # counted): the batching thread reads it to tell a request served alone from one on a busy server.
     in_flight: int = 0
 
 
@@ -61,8 +70,21 @@ class RequestError(Exception):
 
 class RequestGuard:
     def __init__(self, app, max_bytes: int = ServiceSettings.max_request_bytes,
-                 max_pixels: int = ServiceSettings.max_pixels):
+                 max_pixels: int = ServiceSettings.max_pixels,
+                 max_request_pixels: int = ServiceSettings.max_request_pixels,
+                 body_timeout_s: float = ServiceSettings.body_timeout_s):
         self.app, self.max_bytes, self.max_pixels = app, max_bytes, max_pixels
+        self.max_request_pixels, self.body_timeout_s = max_request_pixels, body_timeout_s
+        self._decoder: ThreadPoolExecutor | None = None
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        """One thread for large images, created on first use: a heavy request takes one core at most,
+        and as each request waits for its image before sending the next, another request's image
+        waits behind one decode, not behind a whole batch. Pillow releases the GIL while it decodes."""
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlserve-decode",
+                                               initializer=_yield_cpu)
+        return self._decoder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,18 +100,14 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         if method != "POST":
             return await _json(send, 405, {"error": f"use POST {path}"})
-        STATE.in_flight += 1
-        try:
-            return await self._handle(scope, receive, send, path)
-        finally:
-            STATE.in_flight -= 1
+        return await self._handle(scope, receive, send, path)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         try:
             body = await self._read_body(scope, receive)
             if path == "/infer":
                 _check_infer(body)
-                return await self.app(scope, _replay(body, receive), send)
+                return await _counted(self.app(scope, _replay(body, receive), send))
             field_name, many = IMAGE_ROUTES[path]
             decoded, top_k = await self._images(scope, body, field_name, many)
         except RequestError as exc:
@@ -97,7 +115,7 @@ class RequestGuard:
         if STATE.classify is None:
             return await _json(send, 503, {"error": "model is still loading"})
         try:
-            answer = await STATE.classify(decoded, top_k, batch=many)
+            answer = await _counted(STATE.classify(decoded, top_k, batch=many))
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound
             return await _json(send, 503, {"error": str(exc)})
         await _json(send, 200, answer)
@@ -108,7 +126,11 @@ class RequestGuard:
             raise RequestError(413, f"request of {int(declared):,} bytes is over the {self.max_bytes:,}-byte limit")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"no request body data for {self.body_timeout_s:g} s; "
+                                        "send the whole body the Content-Length announces") from None
             if message["type"] == "http.disconnect":
                 raise RequestError(400, "client disconnected")
             chunk = message.get("body", b"")
@@ -145,20 +167,64 @@ class RequestGuard:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")
             if len(uploads) > 1 and not many:
                 raise RequestError(400, "one image per request on /predict; use /predict_batch for several")
-            decoded = []
+            files = []
             for n, upload in enumerate(uploads):
                 if isinstance(upload, str):
                     raise RequestError(400, f"field '{field_name}' must be a file upload, not text")
-                data = await upload.read()
-                label = upload.filename or f"{field_name}[{n}]"
-                try:
-                    decoded.append(images.open_image(data, max_pixels=self.max_pixels, name=label))
-                except images.ImageError as exc:
-                    status = 413 if "limit" in str(exc) else 400
-                    raise RequestError(status, str(exc)) from None
-            return decoded, int(top_k) if top_k is not None else None
+                files.append((upload.filename or f"{field_name}[{n}]", await upload.read()))
         finally:
             await form.close()
+        return await self._decode(files), int(top_k) if top_k is not None else None
+
+    async def _decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
+        """Each upload as a model-sized uint8 array, one at a time, so no two full-size images of a
+        request are alive together; the request's pixels are bounded from the headers first."""
+        if STATE.input_hw is None:
+            raise RequestError(503, "model is still loading")
+        try:
+            sizes = [images.header_size(data, max_pixels=self.max_pixels, name=label) for label, data in files]
+        except images.ImageError as exc:
+            raise _image_error(exc) from None
+        pixels = [width * height for width, height in sizes]
+        if sum(pixels) > self.max_request_pixels:
+            raise RequestError(413, f"the images hold {sum(pixels):,} pixels in all, over the per-request limit "
+                                    f"of {self.max_request_pixels:,}; send fewer or smaller images per request")
+        interpolation = STATE.metadata.get("input", {}).get("interpolation", images.DEFAULT_INTERPOLATION)
+        loop = asyncio.get_running_loop()
+        arrays = []
+        for (label, data), count in zip(files, pixels):
+            decode = functools.partial(images.load_array, data, STATE.input_hw, interpolation=interpolation,
+                                       max_pixels=self.max_pixels, name=label)
+            try:
+                arrays.append(decode() if count <= INLINE_DECODE_PIXELS
+                              else await loop.run_in_executor(self._decode_pool(), decode))
+            except images.ImageError as exc:
+                raise _image_error(exc) from None
+        return arrays
+
+
+async def _counted(call: Awaitable[Any]) -> Any:
+    """Await a call on the model, counted in STATE.in_flight while it waits and runs."""
+    STATE.in_flight += 1
+    try:
+        return await call
+    finally:
+        STATE.in_flight -= 1
+
+
+def _yield_cpu() -> None:
+    """Linux's nice value is per thread: the decode thread gives way to the event loop and onnxruntime
+    (small requests' p50 during a 64 x 36 MP batch: 5.3 ms at equal priority, 3.9 ms with this)."""
+    if sys.platform == "linux":
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except OSError:  # an initializer that raises would break the pool; equal priority still works
+            pass
+
+
+def _image_error(exc: images.ImageError) -> RequestError:
+    return RequestError(413 if isinstance(exc, images.ImageTooLarge) else 400, str(exc))
 
 
 def _check_infer(body: bytes) -> None:

@@ -14,7 +14,8 @@ import bentoml
 import numpy as np
 
 from serving.batching import BatchWorker, Overloaded
-from serving.guard import STATE, RequestGuard
+from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, STATE, RequestGuard
+from serving.lifecycle import supervise_parent
 from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
 from serving.runtime import OnnxClassifier, physical_cores
@@ -72,6 +73,7 @@ class ImageClassifier:
     bento_model = bentoml.models.BentoModel(MODEL_REF) if _is_tag(MODEL_REF) else None
 
     def __init__(self) -> None:
+        supervise_parent()  # first: a worker whose supervisor dies must not serve on, holding the port
         if not MODEL_REF:
             raise RuntimeError("set TLSERVE_MODEL to an exported model folder or a BentoML model tag")
         model_dir = Path(self.bento_model.path) if self.bento_model is not None else resolve_model(MODEL_REF)
@@ -96,6 +98,10 @@ class ImageClassifier:
             "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
             "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": SETTINGS.max_batch,
             "max_latency_ms": SETTINGS.max_latency_ms, "ort_spin": SETTINGS.ort_spin, "lone_session": self._lone is not None,
+            # What a client can meet before the model: each is a 4xx with a JSON reason.
+            "limits": {"files_per_request": MAX_BATCH_FILES, "fields": ["image", "images", *sorted(OPTIONAL_FIELDS)],
+                       "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels_per_image": SETTINGS.max_pixels,
+                       "max_pixels_per_request": SETTINGS.max_request_pixels, "body_timeout_s": SETTINGS.body_timeout_s},
         }
         # One onnxruntime call for the requests waiting together; requests per call go to /metrics.
         # Not through the batchable `infer` API: reaching it from another endpoint goes through
@@ -162,4 +168,5 @@ class ImageClassifier:
         return {"model": self.model.name, "version": self.model.version}
 
 
-ImageClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes, max_pixels=SETTINGS.max_pixels)
+ImageClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes, max_pixels=SETTINGS.max_pixels,
+                                    max_request_pixels=SETTINGS.max_request_pixels, body_timeout_s=SETTINGS.body_timeout_s)

@@ -6,6 +6,7 @@ TLSERVE_MODEL is not here: which model to serve is resolved by serving.manifest.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ ORT_SPIN_MODES = ("auto", "1", "0")
 class ServiceSettings:
     max_request_bytes: int = 8 * 2**20  # TLSERVE_MAX_REQUEST_BYTES: larger bodies get a 413
     max_pixels: int = DEFAULT_MAX_PIXELS  # TLSERVE_MAX_PIXELS: larger images are refused from their header
+    # TLSERVE_MAX_REQUEST_PIXELS: all images of one request together, summed from their headers before
+    # any decode (413 over it); bounds the decode work one request can cost (64 x 4 MP by default).
+    max_request_pixels: int = 256_000_000
+    # TLSERVE_BODY_TIMEOUT_S: seconds to wait for the next piece of a request body before a 408, so a
+    # stalled upload is answered rather than held until BentoML's 60 s timeout.
+    body_timeout_s: float = 5.0
     max_batch: int = 32  # TLSERVE_MAX_BATCH: images per onnxruntime call
     # TLSERVE_MAX_LATENCY_MS: an upper bound, not a wait: a request queued this long for the model gets a 503.
     max_latency_ms: int = 1000
@@ -34,14 +41,16 @@ class ServiceSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         env = os.environ if environ is None else environ
         ints = {field: _positive_int(env, f"TLSERVE_{field.upper()}", getattr(cls, field))
-                for field in ("max_request_bytes", "max_pixels", "max_batch", "max_latency_ms", "workers")}
+                for field in ("max_request_bytes", "max_pixels", "max_request_pixels", "max_batch", "max_latency_ms",
+                              "workers")}
+        body_timeout_s = _positive_float(env, "TLSERVE_BODY_TIMEOUT_S", cls.body_timeout_s)
         ort_spin = env.get("TLSERVE_ORT_SPIN", cls.ort_spin)
         if ort_spin not in ORT_SPIN_MODES:
             raise UserError(f"TLSERVE_ORT_SPIN must be one of {', '.join(ORT_SPIN_MODES)}, not {ort_spin!r}")
         device = env.get("TLSERVE_DEVICE", cls.device)
         if device not in DEVICES:
             raise UserError(f"TLSERVE_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
-        return cls(**ints, ort_spin=ort_spin, device=device)
+        return cls(**ints, body_timeout_s=body_timeout_s, ort_spin=ort_spin, device=device)
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -54,4 +63,17 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         value = 0
     if value < 1:
         raise UserError(f"{name} must be a positive whole number, not {raw!r}")
+    return value
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{name} must be a positive number of seconds, not {raw!r}")
     return value

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +106,47 @@ def sample_images(tmp_path_factory) -> Path:
     Image.fromarray(x[10]).convert("P").save(folder / "10-palette.png")
     Image.fromarray(x[11]).convert("L").save(folder / "11-gray.png")
     return folder
+
+
+SERVER_START_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def bentoml_server(args: list[str], env: dict[str, str], log: Path):
+    """`bentoml serve ARGS` on 127.0.0.1 and a free port, ready when /readyz says so; its URL.
+    Stopped with its process group, whatever the test did."""
+    import httpx  # noqa: PLC0415
+
+    port = free_port()
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([bentoml, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"server not ready in {SERVER_START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)

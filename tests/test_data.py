@@ -1,7 +1,6 @@
 """Data sources: generated, CIFAR-10 pickles and tarball, image folders, the real sets in shared/."""
 from __future__ import annotations
 
-import io
 import pickle
 import tarfile
 from pathlib import Path

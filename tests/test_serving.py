@@ -10,10 +10,8 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,47 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import bentoml_server, free_port
 from serving.predict import predict_files
 
 MAX_BYTES = 1_000_000
-START_TIMEOUT = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _server(args: list[str], env: dict[str, str], log: Path):
-    port = _free_port()
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    with open(log, "w") as out:
-        proc = subprocess.Popen([bentoml, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not ready in {START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +33,7 @@ def server_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(cnn_model, server_log):
     env = {"TLSERVE_MODEL": str(cnn_model), "TLSERVE_MAX_REQUEST_BYTES": str(MAX_BYTES)}
-    with _server(["serving.service:ImageClassifier"], env, server_log) as url:
+    with bentoml_server(["serving.service:ImageClassifier"], env, server_log) as url:
         yield url
 
 
@@ -117,6 +78,10 @@ def test_metadata_and_bentoml_endpoints(server, cnn_model):
     assert meta["backbone"] == "cnn" and meta["tta"] == "none" and meta["test_accuracy"] == manifest["test_accuracy"]
     assert meta["runtime"] == "onnxruntime" and meta["provider"] == "CPUExecutionProvider"
     assert meta["ort_spin"] == "auto" and isinstance(meta["lone_session"], bool)
+    limits = meta["limits"]  # what a client can meet, as the README lists it
+    assert limits["max_request_bytes"] == MAX_BYTES and limits["files_per_request"] == 64
+    assert {"max_pixels_per_image", "max_pixels_per_request", "body_timeout_s"} <= set(limits)
+    assert "images" in limits["fields"] and "top_k" in limits["fields"]
     for path in ("/readyz", "/livez", "/metrics"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 200
 
@@ -269,7 +234,7 @@ def test_bento_builds_offline_carries_the_model_and_serves(cnn_model, tmp_path, 
     name, version = model_tag.split(":")
     assert any(n.endswith(f"models/{name}/{version}/model.onnx") for n in names)
     env = {k: v for k, v in os.environ.items() if k != "TLSERVE_MODEL"}
-    with _server([tag], {**env, "TLSERVE_MODEL": ""}, tmp_path / "bento.log") as url:
+    with bentoml_server([tag], {**env, "TLSERVE_MODEL": ""}, tmp_path / "bento.log") as url:
         path = sorted(sample_images.iterdir())[0]
         r = _post(f"{url}/predict", {"image": (path.name, path.read_bytes())})
         assert r.status_code == 200 and r.json()["model"] == "cnn"
@@ -340,7 +305,7 @@ def test_service_settings_come_from_the_environment():
 ])
 def test_serve_refuses_a_bad_setting_in_one_line(cnn_model, run_cli, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
-    result = run_cli("serve", cnn_model, "--port", str(_free_port()))
+    result = run_cli("serve", cnn_model, "--port", str(free_port()))
     assert result.code == 2 and message in result.err
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
 

@@ -60,7 +60,7 @@ def test_record_has_every_field(cnn_run):
     with open(cnn_run / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == r["epochs"] and float(rows[0]["loss"]) == pytest.approx(r["history"][0]["loss"])
-    assert any((cnn_run / "checkpoint").glob("ckpt-*.index"))
+    assert any((cnn_run / "checkpoint").glob("phase-*.index"))  # the weights the last phase ended with
     assert (cnn_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (cnn_run / "state.json").exists() and not (cnn_run / "config.json").exists()
     assert r["training"]["feature_cache"] is False and r["training"]["global_batch_size"] == 64

@@ -292,10 +292,13 @@ def _files(root: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray]:
 
 
 def _folder(cfg: DataConfig, root: Path) -> Dataset:
+    if root.is_file():
+        raise UserError(f"--data folder:{root}: this is a file; give the folder that holds one sub-folder per class")
     if not root.is_dir():
         raise UserError(f"--data folder:{root}: no such folder")
-    split_dirs = {name: root / name for name in ("train", "val", "validation", "test") if (root / name).is_dir()}
-    has_splits = "train" in split_dirs and "test" in split_dirs
+    split_dirs = {name: root / name for name in ("train", "val", "valid", "validation", "test") if (root / name).is_dir()}
+    val_name = next((name for name in ("val", "valid", "validation") if name in split_dirs), None)
+    has_splits = "train" in split_dirs and ("test" in split_dirs or val_name is not None)
     class_root = split_dirs["train"] if has_splits else root
     class_names = [d.name for d in _class_dirs(class_root)]
     if not class_names:
@@ -307,13 +310,19 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
     class_names = [class_names[i] for i in parse_classes(cfg.classes, class_names)]
     if has_splits:
         train_files, train_y = _files(split_dirs["train"], class_names)
-        test_files, test_y = _files(split_dirs["test"], class_names)
-        val_dir = split_dirs.get("val") or split_dirs.get("validation")
-        if val_dir is not None:
-            val_files, val_y = _files(val_dir, class_names)
+        if "test" in split_dirs:
+            test_files, test_y = _files(split_dirs["test"], class_names)
+        if val_name is not None and "test" in split_dirs:
+            val_files, val_y = _files(split_dirs[val_name], class_names)
+            layout = f"train/{val_name}/test sub-folders"
+        elif val_name is not None:
+            # train/ and val/ only: val/ is the held-out set we report on; validation comes from train.
+            test_files, test_y = _files(split_dirs[val_name], class_names)
+            train_files, train_y, val_files, val_y = _split_files(train_files, train_y, cfg.val_split, cfg.seed + 1)
+            layout = f"train/{val_name} sub-folders; {val_name}/ is the test split, validation drawn from train"
         else:
             train_files, train_y, val_files, val_y = _split_files(train_files, train_y, cfg.val_split, cfg.seed + 1)
-        layout = "train/test sub-folders"
+            layout = "train/test sub-folders; validation drawn from train"
     else:
         files, labels = _files(root, class_names)
         rest_files, rest_y, test_files, test_y = _split_files(files, labels, FOLDER_TEST_FRACTION, cfg.seed)

@@ -46,6 +46,22 @@ def _quiet_stderr_fd() -> Iterator[None]:
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def quiet_library_logging() -> Iterator[None]:
+    """Hold back WARNING lines that libraries send to Python's root logger (onnxruntime's quantizer
+    prints one `Axis 1 is out-of-range` per weight of a resnet50v2); TLSERVE_DEBUG=1 shows them."""
+    if os.environ.get("TLSERVE_DEBUG"):
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 _tf = None
 
 

@@ -49,6 +49,19 @@ class _Check:
     calib_x: np.ndarray
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def spread(self) -> float:
+        """How far any check image's output is from the first one's: about 0 for a model that
+        answers every image the same (untrained, or collapsed), where parity can tell nothing."""
+        return float(np.max(np.abs(self.keras_probs - self.keras_probs[:1]))) if len(self.keras_probs) else 0.0
+
+    @property
+    def informative(self) -> bool:
+        return self.spread > DEGENERATE_SPREAD
+
+
+DEGENERATE_SPREAD = 1e-6
+
 
 def bento_name(name: str) -> str:
     """BentoML tag names are lowercase [a-z0-9._-], starting and ending alphanumeric."""
@@ -76,6 +89,12 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     if not 9 <= opts.opset <= 21:
         raise UserError("--opset must be between 9 and 21")
     name = bento_name(opts.name or run.name)
+    if opts.name and name != opts.name:
+        # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
+        raise UserError(f"--name '{opts.name}': a model name is lowercase letters, digits, '.', '_' and '-' "
+                        f"(starting and ending with a letter or digit), at most 60 characters; e.g. '{name}'")
+    if name != run.name:
+        log(f"model name: '{name}' (from run '{run.name}': BentoML names are lowercase letters, digits, '.', '_', '-')")
     final = storage.models_dir(models_dir) / name
     if final.exists() and not opts.overwrite:
         raise UserError(f"model '{name}' already exists in {final.parent}; pass --overwrite or choose --name")
@@ -84,7 +103,12 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
 
     model = load_model(run.model_path)
     check = _check_data(run, model, opts)
+    if not check.informative:
+        log(f"warning: the model gives the same output for every check image (spread {check.spread:.1e}); "
+            "the parity check below can only show that the runtimes agree on that constant")
     version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}{secrets.token_hex(2)}"
+    for stale in storage.remove_stale_staging(final.parent, name):
+        log(f"removed {stale.name}: left by an export that was killed")
     with storage.staged_dir(final, overwrite=opts.overwrite) as staging:
         artifacts: dict[str, dict[str, Any]] = {}
         if "savedmodel" in opts.formats:
@@ -246,11 +270,12 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
 
     prepared = dst.with_name(dst.stem + ".prep.onnx")
     try:
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(dst), Reader(calib_x), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
-                        nodes_to_exclude=float_nodes(prepared) if keep_float else [])
+        with env.quiet_library_logging():
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(dst), Reader(calib_x), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
+                            nodes_to_exclude=float_nodes(prepared) if keep_float else [])
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in dst.parent.glob("*.onnx.data"):
@@ -279,6 +304,8 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
         "params": r["model"]["total_params"],
         "export": {"opset": opts.opset if "onnx" in opts.formats else None, "formats": list(opts.formats),
                    "check_batch": int(len(check.images)), "parity_tolerance": PARITY_TOLERANCE,
+                   # False: every check image gave the same output, so parity says nothing about the function.
+                   "check_informative": check.informative, "check_output_spread": check.spread,
                    "versions": env.package_versions()},
         "artifacts": artifacts,
         "bentoml_tag": f"{name}:{version}" if opts.register else None,
@@ -318,9 +345,17 @@ def list_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _variants(artifacts: dict[str, Any]) -> str:
+    """'savedmodel,fp32,int8': what a model folder can be served or benchmarked as, in a few letters."""
+    from serving.manifest import VARIANTS  # noqa: PLC0415
+
+    names = ["savedmodel"] if "saved_model" in artifacts else []
+    return ",".join(names + [v for v, file in VARIANTS.items() if file in artifacts])
+
+
 def _row(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     artifacts = manifest.get("artifacts", {})
     return {"name": manifest["name"], "version": manifest["version"], "backbone": manifest["backbone"],
             "strategy": manifest["strategy"], "test_accuracy": manifest["test_accuracy"],
             "onnx_mb": round(artifacts.get("model.onnx", {}).get("bytes", 0) / 1e6, 2),
-            "formats": ",".join(sorted(artifacts)), "bentoml_tag": manifest.get("bentoml_tag"), "where": where}
+            "formats": ",".join(sorted(artifacts)), "variants": _variants(artifacts), "bentoml_tag": manifest.get("bentoml_tag"), "where": where}

@@ -1,61 +1,190 @@
-"""Frozen-backbone feature caching.
+"""Caching what a frozen part of the model computes, so training runs only the part that learns.
 
-A frozen backbone (BatchNorm in inference mode, no augmentation) maps each image
-to the same features every epoch, so the seeds' loop recomputes identical numbers
-on every pass. Here the backbone runs once per image and the head trains on the
-features; the head model reuses the full model's own head layers, so training it
-trains the full model, and the saved model is unchanged.
+A frozen backbone (BatchNorm in inference mode, no augmentation, no TTA) maps each image to the
+same activations every epoch, so the seeds' loop recomputes identical numbers on every pass.
+
+Phase 1 (frozen, and finetune's first phase): the backbone runs once per image; when the head
+starts with global pooling the pooled vector is kept (1,280 floats for MobileNetV2, not a
+7x7x1280 map: 5 KB an image instead of 245 KB at 224), and the head trains on it.
+
+Phase 2 of finetune: everything below the unfreeze point is still frozen. Its output at the
+boundary (every tensor that crosses it; a residual add can make that two) is computed once, and
+only the top of the backbone and the head train on it.
+
+The cached models are made of the full model's own layers, so training them trains the full
+model, and the saved model is the one full model. Caches too large for memory are memory-mapped
+files under the run's staging folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from training.config import TrainConfig
-from training.env import keras
+from training.env import keras, tf
 
-EXTRACT_BATCH = 128
+EXTRACT_BATCH = 64
+# A cache larger than this goes to a memory-mapped file under the staging folder, not into memory.
+IN_MEMORY_BYTES = 4 * 2**30
+
+
+@dataclass
+class Plan:
+    """How one phase trains on cached activations: what computes them, and what trains on them."""
+    extractor: Any          # raw pixels -> the cached tensor(s)
+    trainable: Any          # the cached tensor(s) -> probabilities, sharing the full model's layers
+    where: str              # what is cached, for the log and the record
+    bottom: Any = None      # finetune: the backbone below the unfreeze point, and above it
+    top: Any = None
+
+
+@dataclass
+class Cache:
+    """Cached activations per split: one array per tensor, in memory or memory-mapped."""
+    splits: dict[str, list[np.ndarray]]
+    nbytes: int
+    storage: str            # "memory" | "disk"
+    seconds: float = 0.0
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def decide(cfg: TrainConfig, has_backbone: bool) -> tuple[bool, str]:
-    """(use the cache?, why) for this config."""
+    """(cache the frozen backbone in phase 1?, why) for this config."""
     if cfg.strategy not in ("frozen", "finetune") or not has_backbone:
         return False, "the backbone trains, so its features change every step"
     if cfg.epochs == 0:
         return False, "no frozen phase to cache"
+    return _cacheable(cfg, "frozen backbone without augmentation: features computed once")
+
+
+def decide_finetune(cfg: TrainConfig, base, start: int) -> tuple[bool, str]:
+    """(cache the still-frozen bottom in finetune's phase 2?, why); `start` is the first unfrozen layer."""
+    if cfg.strategy != "finetune" or base is None:
+        return False, "not a fine-tune"
+    if not any(layer.weights for layer in base.layers[:start]):
+        return False, "nothing below the unfreeze point is frozen"
+    return _cacheable(cfg, "the bottom below the unfreeze point is frozen: its output computed once")
+
+
+def _cacheable(cfg: TrainConfig, yes: str) -> tuple[bool, str]:
     if cfg.augment:
         return False, "--augment changes every epoch's input, so features cannot be reused"
     if cfg.tta != "none":
         return False, "--tta runs the backbone on each image and its mirror, so features are not one per image"
     if not cfg.feature_cache:
         return False, "--no-feature-cache"
-    return True, "frozen backbone without augmentation: features computed once"
+    return True, yes
 
 
-@dataclass
-class CachedFeatures:
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    seconds: float
-
-
-def head_model(model, backbone, features_tensor):
-    """A model from backbone features to probabilities, sharing the full model's head layers."""
+def head_plan(model, backbone, features_tensor) -> Plan:
+    """Phase 1: cache the backbone's output, pooled when the head starts by pooling it."""
     K = keras()
     head_layers = model.layers[model.layers.index(backbone) + 1:]
-    inputs = K.Input(tuple(features_tensor.shape[1:]), dtype=features_tensor.dtype, name="features")
+    cached, where = features_tensor, f"{backbone.name} output"
+    if head_layers and isinstance(head_layers[0], K.layers.GlobalAveragePooling2D):
+        # Pooling is the head's first step and has no weights: caching after it is the same maths.
+        cached, where = head_layers[0].get_output_at(0), f"{backbone.name} output, pooled"
+        head_layers = head_layers[1:]
+    inputs = K.Input(tuple(cached.shape[1:]), dtype=cached.dtype, name="features")
     x = inputs
     for layer in head_layers:
         x = layer(x)
-    return K.Model(inputs, x, name=f"{model.name}_head")
+    return Plan(K.Model(model.input, cached, name="feature_extractor"),
+                K.Model(inputs, x, name=f"{model.name}_head"), where)
 
 
-def extract(model, features_tensor, splits: dict[str, Any], pipeline) -> dict[str, np.ndarray]:
-    """Run input → resize → preprocess → backbone once over each split."""
+def finetune_plan(model, backbone, backbone_training: bool | None, start: int) -> Plan:
+    """Phase 2: split the backbone at the unfreeze point (layer `start`) into a frozen bottom and a
+    trainable top."""
     K = keras()
-    extractor = K.Model(model.input, features_tensor, name="feature_extractor")
-    return {name: extractor.predict(pipeline(split, EXTRACT_BATCH), verbose=0) if len(split.y) else
-            np.zeros((0, *features_tensor.shape[1:]), np.float32) for name, split in splits.items()}
+    frozen = {id(layer) for layer in backbone.layers[:start]}
+    boundary: list[Any] = []
+    for layer in backbone.layers:
+        if id(layer) in frozen:
+            continue
+        node = layer._inbound_nodes[0]  # the node of the backbone's own graph
+        for source, tensor in zip(tf().nest.flatten(node.inbound_layers), tf().nest.flatten(node.input_tensors)):
+            if id(source) in frozen and all(tensor is not seen for seen in boundary):
+                boundary.append(tensor)
+    bottom = K.Model(backbone.input, boundary, name=f"{backbone.name}_bottom")
+    top = K.Model(boundary, backbone.output, name=f"{backbone.name}_top")
+    # The bottom sees what the backbone sees in the full model: the resized, preprocessed pixels.
+    backbone_input = model.get_layer("preprocess").get_output_at(0)
+    extractor = K.Model(model.input, bottom(backbone_input, training=False), name="bottom_extractor")
+    inputs = [K.Input(tuple(t.shape[1:]), dtype=t.dtype, name=f"boundary_{i}") for i, t in enumerate(boundary)]
+    x = top(inputs if len(inputs) > 1 else inputs[0], training=backbone_training)
+    for layer in model.layers[model.layers.index(backbone) + 1:]:
+        x = layer(x)
+    names = ", ".join(t._keras_history.layer.name for t in boundary)
+    return Plan(extractor, K.Model(inputs, x, name=f"{model.name}_top"),
+                f"boundary below the unfreeze point ({names})", bottom, top)
+
+
+def shared_extractor(model, backbone, head: Plan, finetune: Plan):
+    """One pass over the data for both phases of a fine-tune: the bottom's boundary tensors, and the
+    head's input computed from them by the top (the bottom is frozen in both phases, so phase 2's
+    cache is a by-product of phase 1's). Outputs: [head input, *boundary]."""
+    K = keras()
+    boundary = finetune.bottom(model.get_layer("preprocess").get_output_at(0), training=False)
+    boundary = list(boundary) if isinstance(boundary, (list, tuple)) else [boundary]
+    x = finetune.top(boundary if len(boundary) > 1 else boundary[0], training=False)
+    head_layers = model.layers[model.layers.index(backbone) + 1:]
+    if "pooled" in head.where:
+        x = head_layers[0](x)
+    return K.Model(model.input, [x, *boundary], name="shared_extractor")
+
+
+def split_cache(cache: Cache, first: int) -> tuple[Cache, Cache]:
+    """A shared extractor's cache as (the first `first` arrays, the rest)."""
+    def part(sl: slice) -> Cache:
+        shapes = cache.shapes[sl]
+        nbytes = sum(a.nbytes for arrays in cache.splits.values() for a in arrays[sl])
+        return Cache({k: v[sl] for k, v in cache.splits.items()}, nbytes, cache.storage, cache.seconds, shapes)
+
+    return part(slice(0, first)), part(slice(first, None))
+
+
+def extract(extractor, splits: dict[str, Any], pipeline, folder: Path) -> Cache:
+    """Run the extractor once over each split, into memory or, when large, memory-mapped files."""
+    outputs = extractor.outputs
+    shapes = [tuple(int(d) for d in t.shape[1:]) for t in outputs]
+    total = sum(len(split.y) for split in splits.values())
+    per_image = sum(4 * math.prod(shape) for shape in shapes)
+    on_disk = per_image * total > IN_MEMORY_BYTES
+    if on_disk:
+        folder.mkdir(parents=True, exist_ok=True)
+    run = tf().function(lambda x: extractor(x, training=False))
+    cached: dict[str, list[np.ndarray]] = {}
+    for name, split in splits.items():
+        n = len(split.y)
+        if on_disk:
+            arrays = [np.lib.format.open_memmap(folder / f"{name}-{i}.npy", mode="w+", dtype=np.float32,
+                                                shape=(n, *shape)) for i, shape in enumerate(shapes)]
+        else:
+            arrays = [np.empty((n, *shape), np.float32) for shape in shapes]
+        start = 0
+        for x, _ in pipeline(split, EXTRACT_BATCH) if n else ():
+            result = run(x)
+            result = result if isinstance(result, (list, tuple)) else [result]
+            stop = start + int(x.shape[0])
+            for array, value in zip(arrays, result):
+                array[start:stop] = value.numpy()
+            start = stop
+        for array in arrays:
+            if isinstance(array, np.memmap):
+                array.flush()
+        cached[name] = arrays
+    return Cache(cached, per_image * total, "disk" if on_disk else "memory", shapes=shapes)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import sys  # noqa: PLC0415
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

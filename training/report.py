@@ -107,6 +107,7 @@ def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
           models_dir: Path | None = None) -> tuple[Path, list[Entry]]:
     """Write the report folder; returns it with the entries it was made from."""
     entries = gather(run_refs, runs_dir, models_dir)
+    storage.remove_stale_staging(Path(out).resolve().parent, Path(out).name)
     with storage.staged_dir(Path(out), overwrite=True) as staging:
         _write(entries, staging)
     return Path(out), entries

@@ -39,22 +39,26 @@ def freeze_backbone(base) -> None:
     base.trainable = False
 
 
-def unfreeze_top(base, cfg: TrainConfig) -> list[str]:
-    """Phase 2 of finetune: make the chosen top of the backbone trainable; returns their names."""
+def unfreeze_start(base, cfg: TrainConfig) -> int:
+    """Index of the first backbone layer that phase 2 of finetune trains."""
     names = [layer.name for layer in base.layers]
     if cfg.unfreeze_from:
         if cfg.unfreeze_from not in names:
             raise UserError(f"--unfreeze-from: no layer '{cfg.unfreeze_from}' in {base.name}{nearest(cfg.unfreeze_from, names)}")
-        start = names.index(cfg.unfreeze_from)
-    else:
-        n = cfg.unfreeze or DEFAULT_UNFREEZE
-        if n > len(names):
-            raise UserError(f"--unfreeze {n} is larger than {base.name}, which has {len(names)} layers")
-        start = len(names) - n
+        return names.index(cfg.unfreeze_from)
+    n = cfg.unfreeze or DEFAULT_UNFREEZE
+    if n > len(names):
+        raise UserError(f"--unfreeze {n} is larger than {base.name}, which has {len(names)} layers")
+    return len(names) - n
+
+
+def unfreeze_top(base, cfg: TrainConfig) -> list[str]:
+    """Phase 2 of finetune: make the chosen top of the backbone trainable; returns their names."""
+    start = unfreeze_start(base, cfg)
     base.trainable = True
     for layer in base.layers[:start]:
         layer.trainable = False
-    return names[start:]
+    return [layer.name for layer in base.layers[start:]]
 
 
 def check_unfreeze(base, cfg: TrainConfig) -> None:

@@ -52,6 +52,8 @@ def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, p
     if final.exists() and not cfg.overwrite:
         raise UserError(f"run '{cfg.name}' already exists in {final.parent}; pick another --name or pass --overwrite")
     staging = partial_dir(cfg.name, runs_dir)
+    if staging.exists() and not (staging / CONFIG).is_file():
+        shutil.rmtree(staging, ignore_errors=True)  # killed before it wrote its config: nothing to resume
     if staging.exists():
         if not cfg.overwrite:
             raise UserError(f"an interrupted run '{cfg.name}' exists; continue it with `tlserve train --resume {cfg.name}` "
@@ -59,9 +61,20 @@ def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, p
         shutil.rmtree(staging)
     if cfg.from_run:
         records.load_run(cfg.from_run, runs_dir)  # fail now, not after loading data
-    staging.mkdir(parents=True)
-    storage.write_json(staging / CONFIG, cfg.to_dict())
+    # The folder appears with its config already in it, so a partial folder is always resumable.
+    with storage.staged_dir(staging, overwrite=False) as fresh:
+        storage.write_json(fresh / CONFIG, cfg.to_dict())
     return _run(cfg, runs_dir, staging, {"history": [], "phases_done": [], "elapsed": 0.0}, log, progress)
+
+
+def interrupted(runs_dir: Path | None = None) -> list[tuple[str, int]]:
+    """(name, epochs done) of every run that can be resumed."""
+    found = []
+    for path in sorted(storage.runs_dir(runs_dir).glob(".*.partial")):
+        if (path / CONFIG).is_file():
+            state = storage.read_json(path / STATE) if (path / STATE).is_file() else {"history": []}
+            found.append((path.name[1:-len(".partial")], len(state.get("history", []))))
+    return found
 
 
 def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progress: bool | None = None) -> records.Run:
@@ -84,13 +97,13 @@ class _Phase:
     epochs: int
     lr: float
     before: Callable[[], None] | None = None
-    cached: bool = False
 
 
 def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str, Any], log: Log,
          progress: bool | None) -> records.Run:
     history: list[dict[str, Any]] = state["history"]
     policy = keras().mixed_precision.global_policy()
+    generator_rng = keras().backend.experimental.is_tf_random_generator_enabled()
     try:
         return _train_in(cfg, runs_dir, staging, state, log, progress)
     except KeyboardInterrupt:
@@ -108,14 +121,22 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str
         # The run's precision is a global Keras policy; later work in this process (export,
         # another run) must not inherit it.
         keras().mixed_precision.set_global_policy(policy)
+        if not generator_rng:
+            keras().backend.experimental.disable_tf_random_generator()
 
 
 def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, progress: bool | None) -> records.Run:
-    K, T = keras(), tf()
+    K = keras()
     history: list[dict[str, Any]] = state["history"]
     acc = accelerators.setup(cfg.precision, cfg.jit, cfg.distribute)
     if acc.note:
         log(f"warning: {acc.note}")
+    if cfg.strategy in ("frozen", "finetune") and cfg.weights == "none":
+        log(f"warning: --weights none with -s {cfg.strategy}: the frozen backbone keeps its random weights, so the "
+            "head learns from random features (expect little above chance); give --weights imagenet or PATH.h5")
+    # Dropout and augmentation draw from tf.random.Generator objects, whose state the run's checkpoints
+    # keep: a run resumed mid-phase draws the masks the uninterrupted run would have drawn.
+    K.backend.experimental.enable_tf_random_generator()
     K.utils.set_random_seed(cfg.seed)
     dataset = datasets.load_dataset(cfg.data)
     for name in dataset.skipped:
@@ -136,73 +157,107 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     interactive = sys.stdout.isatty() if progress is None else progress
     splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     steps_per_epoch = math.ceil(len(dataset.train) / batch)
-    pipes = {"train": _pipeline(dataset.train, batch, shuffle=True, seed=cfg.seed, repeat=True),
-             "val": _pipeline(dataset.val, batch) if len(dataset.val) else None,
+    pipes = {"val": _pipeline(dataset.val, batch) if len(dataset.val) else None,
              "test": _pipeline(dataset.test, batch)}
 
-    started = time.perf_counter()
     extract_seconds = 0.0
-    features: dict[str, np.ndarray] | None = None
-    phase1_accuracy = state.get("phase1_accuracy")
-    restored = not history  # nothing to restore on a fresh run
+    cache_facts: dict[str, Any] = {}
+    carried: dict[str, tuple[Any, Any]] = {}  # a later phase's (plan, cache), made ahead
+    ckpts = _Checkpoints(staging, _random_generators(model))
+    if state.get("checkpoint"):
+        # Every finished epoch or phase left the weights it ended with; a resumed run starts from
+        # exactly those, whatever is left to do (even nothing but the test and the save).
+        ckpts.read(state["checkpoint"], model=model)
     for phase in phases:
+        if phase.before is not None:
+            phase.before()  # a finished phase's unfreezing too: the record counts trainable params
         if phase.name in state["phases_done"]:
             continue
-        if phase.before is not None:
-            phase.before()
         done_in_phase = sum(1 for row in history if row["phase"] == phase.name)
-        if phase.epochs == 0 or done_in_phase >= phase.epochs:
-            state["phases_done"].append(phase.name)
-            continue
-        cached = phase.name == "head" and use_cache
-        if cached and features is None:
+        stopping = state.get("stopping") if (state.get("stopping") or {}).get("phase") == phase.name else None
+        trained_out = phase.epochs == 0 or done_in_phase >= phase.epochs or bool(stopping and stopping["stopped"])
+        evaluate_phase = phase.name == "head" and len(phases) > 1
+        plan, cache = carried.pop(phase.name, (None, None))  # phase 2's cache, made in phase 1's pass
+        if plan is None:
+            plan = _cache_plan(cfg, built, model, phase.name, use_cache, log, cache_facts)
+        if plan is not None and cache is None and (not trained_out or evaluate_phase):
+            later = None
+            if phase.name == "head" and cfg.strategy == "finetune" and not trained_out:
+                later = _cache_plan(cfg, built, model, "finetune", use_cache, log, cache_facts)
+            extractor = plan.extractor if later is None else \
+                feature_cache.shared_extractor(model, built.backbone, plan, later)
             t0 = time.perf_counter()
             with acc.strategy.scope():
-                features = feature_cache.extract(model, built.features, splits, _pipeline)
-            extract_seconds = time.perf_counter() - t0
-            log(f"features: backbone ran once over {sum(len(s) for s in splits.values())} images "
-                f"in {extract_seconds:.1f}s; the head trains on them")
+                cache = feature_cache.extract(extractor, splits, _pipeline, staging / "cache" / phase.name)
+            cache.seconds = time.perf_counter() - t0
+            extract_seconds += cache.seconds
+            log(f"cache: {plan.where}" + (f" and {later.where}" if later else "") +
+                f", computed once over {sum(len(s) for s in splits.values())} images in {cache.seconds:.1f}s "
+                f"({cache.nbytes / 1e6:,.0f} MB {'on disk' if cache.storage == 'disk' else 'in memory'})")
+            if later is not None:
+                cache, phase2 = feature_cache.split_cache(cache, 1)
+                carried["finetune"] = (later, phase2)
+                cache_facts["finetune"].update(bytes=phase2.nbytes, storage=phase2.storage, shapes=phase2.shapes,
+                                               seconds=0.0, shared_with="head")
+            cache_facts[phase.name].update(bytes=cache.nbytes, storage=cache.storage, shapes=cache.shapes,
+                                           seconds=round(cache.seconds, 4))
         with acc.strategy.scope():
-            fit_model = feature_cache.head_model(model, built.backbone, built.features) if cached else model
+            # The phase trains the cached model's layers; its early-stopping weights are of that model too.
+            fit_model = plan.trainable if plan is not None else model
             optimizer = _optimizer(cfg, phase.lr, phase.epochs * steps_per_epoch)
             fit_model.compile(optimizer=optimizer, loss=_loss(cfg.label_smoothing), metrics=["accuracy"],
                               jit_compile=acc.jit)
-        checkpoint = T.train.Checkpoint(model=model, optimizer=optimizer)
-        manager = T.train.CheckpointManager(checkpoint, str(staging / CHECKPOINT_DIR), max_to_keep=1)
-        if not restored:
-            # Mid-phase: model and optimizer state; at a phase boundary the optimizer is new.
-            target = checkpoint if done_in_phase else T.train.Checkpoint(model=model)
-            target.restore(manager.latest_checkpoint).expect_partial()
-            restored = True
-        train_data = _pipeline(datasets.Split(features["train"], dataset.train.y), batch, shuffle=True, seed=cfg.seed,
-                               repeat=True) if cached else pipes["train"]
-        val_data = None
-        if pipes["val"] is not None:
-            val_data = _pipeline(datasets.Split(features["val"], dataset.val.y), batch) if cached else pipes["val"]
-        log(f"phase {phase.name}: {phase.epochs} epoch(s) at lr {phase.lr:g}; trainable params "
-            f"{models.facts(model)['trainable_params']:,}" + (" (on cached features)" if cached else ""))
-        elapsed_before = state["elapsed"]
-        phase_started = time.perf_counter()
+        early = None
+        if cfg.patience and pipes["val"] is not None:
+            early = _EarlyStopping(cfg.patience, stopping, ckpts)
+        if not trained_out:
+            if done_in_phase:
+                # Mid-phase: the optimizer's moments and step count (the schedule) come back too.
+                with acc.strategy.scope():
+                    optimizer.build(fit_model.trainable_variables)
+                ckpts.read(state["checkpoint"], model=model, optimizer=optimizer)
+            if cache is not None:
+                train_x, val_data = cache.splits["train"], _cached_pipeline(cache, "val", dataset.val.y, batch)
+            else:
+                train_x, val_data = dataset.train.x, pipes["val"]
+            log(f"phase {phase.name}: {phase.epochs} epoch(s) at lr {phase.lr:g}; trainable params "
+                f"{models.facts(model)['trainable_params']:,}" + (" (on cached activations)" if cache else ""))
+            first = len(history)
+            remaining = phase.epochs - done_in_phase
+            train_data = epoch_batches(train_x, dataset.train.y, batch, seed=cfg.seed,
+                                       epochs=range(first, first + remaining))
+            elapsed_before = state["elapsed"]
+            phase_started = time.perf_counter()
 
-        def save_state(_row: dict[str, Any]) -> None:
-            manager.save()
+            def save_state(_row: dict[str, Any]) -> None:
+                # Checkpoint first, then the state that points to it: a kill between the two leaves
+                # the state naming the previous checkpoint, which is still there.
+                state["checkpoint"] = ckpts.write(f"epoch-{len(history)}", model=model, optimizer=optimizer)
+                state["stopping"] = early.snapshot(phase.name) if early is not None else None
+                state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
+                storage.write_json(staging / STATE, state)
+                ckpts.prune(keep=(state["checkpoint"], (state["stopping"] or {}).get("best_weights")))
+
+            # The early-stopping decision comes first, so the state saved after the epoch includes it.
+            callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state))
+                         if c is not None]
+            fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
+                          epochs=first + remaining, callbacks=callbacks, verbose=1 if interactive else 0)
             state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
-            storage.write_json(staging / STATE, state)
-
-        callbacks = [_EpochLog(phase.name, history, None if interactive else log, save_state)]
-        if cfg.patience and val_data is not None:
-            callbacks.append(K.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                                       restore_best_weights=True))
-        first = len(history)
-        fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
-                      epochs=first + phase.epochs - done_in_phase, callbacks=callbacks,
-                      verbose=1 if interactive else 0)
-        if phase.name == "head" and len(phases) > 1:
-            test_data = _pipeline(datasets.Split(features["test"], dataset.test.y), batch) if cached else pipes["test"]
-            phase1_accuracy = state["phase1_accuracy"] = float(fit_model.evaluate(test_data, verbose=0)[1])
+        if early is not None:
+            early.restore_best(fit_model)
+        if evaluate_phase:
+            test_data = _cached_pipeline(cache, "test", dataset.test.y, batch) if cache is not None else pipes["test"]
+            state["phase1_accuracy"] = float(fit_model.evaluate(test_data, verbose=0)[1])
+        if cache is not None and not carried:
+            shutil.rmtree(staging / "cache", ignore_errors=True)  # memory-mapped arrays, if any
+        del cache
         state["phases_done"].append(phase.name)
-        state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
+        state["stopping"] = None
+        state["checkpoint"] = ckpts.write(f"phase-{phase.name}", model=model)
         storage.write_json(staging / STATE, state)
+        ckpts.prune(keep=(state["checkpoint"],))
+    phase1_accuracy = state.get("phase1_accuracy")
 
     total_time = state["elapsed"] + extract_seconds
     test = _evaluate(model, pipes["test"], dataset, cfg.label_smoothing)
@@ -213,15 +268,18 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     from training.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
 
     curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
-    training_facts = {"feature_cache": use_cache, "feature_cache_reason": cache_reason,
+    shutil.rmtree(staging / "cache", ignore_errors=True)
+    training_facts = {"feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": cache_facts,
+                      "peak_rss_bytes": feature_cache.peak_rss_bytes(),
                       "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
                       "resumed": bool(state.get("resumed"))}
     record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
     storage.write_json(staging / records.RECORD, record)
     final = storage.runs_dir(runs_dir) / cfg.name
-    for leftover in (CONFIG, STATE):
-        (staging / leftover).unlink(missing_ok=True)
+    # The rename is the moment the run is finished; until then config.json keeps it resumable.
     storage.promote(staging, final, overwrite=cfg.overwrite)
+    for leftover in (CONFIG, STATE):
+        (final / leftover).unlink(missing_ok=True)
     return records.Run(final, record)
 
 
@@ -249,23 +307,177 @@ def _prepare(cfg: TrainConfig, dataset, source: records.Run | None):
     return built, [_Phase("train", cfg.epochs, cfg.lr)]
 
 
-def _pipeline(split, batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False):
-    """tf.data over in-memory arrays: pixels stay uint8 until a batch is formed (a quarter of float32's
-    memory); the model itself takes float32 0..255.
+def epoch_batches(x, y: np.ndarray, batch_size: int, *, seed: int, epochs: range, shuffle: bool = True):
+    """Batches for the given epochs, one iterator over all of them; x is an array or a list of them
+    (a model with several inputs), in memory or memory-mapped.
 
-    repeat: one endless iterator for the whole fit, read `steps_per_epoch` batches an epoch (each
-    epoch still ends with its partial batch: the repeat comes after batching). Keras otherwise makes
-    a new iterator every epoch, and on full CIFAR-10 the switch measured 11-40 s per epoch here
-    (resnet9-m: 42 s epochs with a 38 s pause between them; with one iterator, none)."""
+    Epoch e's order depends on (seed, e) alone, so a run resumed at epoch e sees the very batches
+    the uninterrupted run saw there. One iterator for the whole fit, read `steps_per_epoch` batches
+    an epoch (each epoch still ends with its partial batch): Keras otherwise makes a new iterator
+    every epoch, and on full CIFAR-10 the switch measured 11-40 s per epoch here."""
     T = tf()
-    ds = T.data.Dataset.from_tensor_slices((split.x, split.y))
-    if shuffle:
-        ds = ds.shuffle(len(split.y), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    n = len(y)
+    orders = np.stack([np.random.default_rng((seed, e)).permutation(n) if shuffle else np.arange(n)
+                       for e in epochs]) if len(epochs) else np.zeros((0, n), np.int64)
+    arrays = list(x) if isinstance(x, (list, tuple)) else [x]
+    take = [_gatherer(a) for a in arrays]
+    labels = T.convert_to_tensor(y)
+
+    def batch_of(idx):
+        xs = tuple(T.cast(t(idx), T.float32) for t in take)
+        return (xs if len(xs) > 1 else xs[0]), T.gather(labels, idx)
+
+    ds = T.data.Dataset.from_tensor_slices(orders).flat_map(
+        lambda order: T.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE)
+
+
+def _gatherer(array: np.ndarray):
+    """idx -> array[idx] inside tf.data: from a tensor, or, for a memory-mapped cache, read from disk
+    batch by batch (turning it into a tensor would read the whole file into memory)."""
+    T = tf()
+    if isinstance(array, np.memmap):
+        shape = array.shape[1:]
+
+        def read(idx):
+            return np.asarray(array[idx], dtype=np.float32)
+
+        def gather(idx):
+            out = T.numpy_function(read, [idx], T.float32, stateful=False)
+            out.set_shape((None, *shape))
+            return out
+
+        return gather
+    tensor = T.convert_to_tensor(array)
+    return lambda idx: T.gather(tensor, idx)
+
+
+def _cached_pipeline(cache, split: str, y: np.ndarray, batch_size: int):
+    """A split's cached activations in order (validation and test)."""
+    return epoch_batches(cache.splits[split], y, batch_size, seed=0, epochs=range(1), shuffle=False) if len(y) else None
+
+
+def _cache_plan(cfg: TrainConfig, built, model, phase: str, use_cache: bool, log: Log, facts: dict[str, Any]):
+    """The phase's feature_cache.Plan, or None (with the reason logged and recorded)."""
+    if phase == "head" and use_cache:
+        plan = feature_cache.head_plan(model, built.backbone, built.features)
+    elif phase == "finetune":
+        start = strategies.unfreeze_start(built.backbone, cfg)
+        ok, why = feature_cache.decide_finetune(cfg, built.backbone, start)
+        if not ok:
+            if phase not in facts:
+                log(f"phase {phase} cache off: {why}")
+            facts[phase] = {"used": False, "reason": why}
+            return None
+        plan = feature_cache.finetune_plan(model, built.backbone, built.backbone_training, start)
+    else:
+        return None
+    facts[phase] = {"used": True, "what": plan.where}
+    return plan
+
+
+class _Checkpoints:
+    """The run's TensorFlow checkpoints and best-epoch weights, named by what they hold.
+
+    A name is recorded in state.json only after its files are complete, and the files of the
+    names state.json holds are never removed, so the state always points at a whole checkpoint."""
+
+    def __init__(self, staging: Path, generators: list[Any]):
+        self.staging = staging
+        self.folder = staging / CHECKPOINT_DIR
+        self.generators = generators  # Keras leaves random state out of model checkpoints
+
+    def write(self, name: str, **objects) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tf().train.Checkpoint(random=self.generators, **objects).write(str(self.folder / name))
+        return f"{CHECKPOINT_DIR}/{name}"
+
+    def read(self, ref: str, **objects) -> None:
+        tf().train.Checkpoint(random=self.generators, **objects).read(str(self.staging / ref)).expect_partial()
+
+    def write_arrays(self, name: str, arrays: list[np.ndarray]) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *arrays)
+        tmp.replace(self.folder / name)
+        return f"{CHECKPOINT_DIR}/{name}"
+
+    def read_arrays(self, ref: str) -> list[np.ndarray]:
+        with np.load(self.staging / ref) as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def prune(self, keep: tuple[str | None, ...]) -> None:
+        kept = {Path(ref).name for ref in keep if ref}
+        for path in self.folder.glob("*"):
+            stem = path.name.split(".index")[0].split(".data-")[0]
+            if stem not in kept and path.name != "checkpoint":
+                path.unlink(missing_ok=True)
+
+
+def _random_generators(model) -> list[Any]:
+    """The tf.random.Generator of every random layer (dropout, augmentation), in layer order."""
+    found = []
+    for layer in models.leaf_layers(model):
+        rng = getattr(layer, "_random_generator", None)
+        if rng is not None:
+            rng._maybe_init()
+            if getattr(rng, "_generator", None) is not None:
+                found.append(rng._generator)
+    return found
+
+
+_early_stopping_cls = None
+
+
+def _EarlyStopping(patience: int, snapshot: dict[str, Any] | None, ckpts: _Checkpoints):  # noqa: N802
+    """Keras's EarlyStopping on val_loss with best-weight restoring, whose progress survives a resume:
+    the counter, the best loss and the best epoch's weights (a file) go into the run's state."""
+    global _early_stopping_cls
+    if _early_stopping_cls is None:
+        K = keras()
+
+        class ResumableEarlyStopping(K.callbacks.EarlyStopping):
+            def __init__(self, patience: int, snapshot: dict[str, Any] | None, ckpts: _Checkpoints):
+                super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+                self.ckpts, self.best_ref = ckpts, None
+                super().on_train_begin()
+                if snapshot is not None:
+                    self.wait, self.best, self.best_epoch = snapshot["wait"], snapshot["best"], snapshot["best_epoch"]
+                    self.stopped_epoch, self.best_ref = snapshot["stopped"], snapshot["best_weights"]
+                    self.best_weights = ckpts.read_arrays(self.best_ref) if self.best_ref else None
+
+            def on_train_begin(self, logs=None):
+                pass  # set up once, in __init__, from the saved state: fit must not reset it
+
+            def on_epoch_end(self, epoch, logs=None):
+                before = self.best_weights
+                super().on_epoch_end(epoch, logs)
+                if self.best_weights is not before:
+                    self.best_ref = self.ckpts.write_arrays(f"best-epoch-{epoch + 1}.npz", self.best_weights)
+
+            def on_train_end(self, logs=None):
+                pass  # restore_best, called by the loop, also runs when a resumed phase has no epoch left
+
+            def restore_best(self, model) -> None:
+                if self.best_weights is not None:
+                    model.set_weights(self.best_weights)
+
+            def snapshot(self, phase: str) -> dict[str, Any]:
+                return {"phase": phase, "wait": self.wait, "best": float(self.best), "best_epoch": self.best_epoch,
+                        "stopped": self.stopped_epoch, "best_weights": self.best_ref}
+
+        _early_stopping_cls = ResumableEarlyStopping
+    return _early_stopping_cls(patience, snapshot, ckpts)
+
+
+def _pipeline(split, batch_size: int):
+    """tf.data over in-memory arrays, in order: pixels stay uint8 until a batch is formed (a quarter
+    of float32's memory); the model itself takes float32 0..255."""
+    T = tf()
+    ds = T.data.Dataset.from_tensor_slices((split.x, split.y)).batch(batch_size)
     if split.x.dtype == np.uint8:
         ds = ds.map(lambda x, y: (T.cast(x, T.float32), y), num_parallel_calls=T.data.AUTOTUNE)
-    if repeat:
-        ds = ds.repeat()
     return ds.prefetch(T.data.AUTOTUNE)
 
 
