@@ -332,11 +332,15 @@ def epoch_batches(x, y: np.ndarray, batch_size: int, *, seed: int, epochs: range
     return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE)
 
 
+LARGE_ARRAY_BYTES = 256 * 2**20
+
+
 def _gatherer(array: np.ndarray):
-    """idx -> array[idx] inside tf.data: from a tensor, or, for a memory-mapped cache, read from disk
-    batch by batch (turning it into a tensor would read the whole file into memory)."""
+    """idx -> array[idx] inside tf.data: from a tensor, or, for a memory-mapped or large cache, read
+    from the array batch by batch (a tensor would read a whole file into memory, and would copy a
+    large in-memory cache: seed 000's 1.9 GB phase-2 cache twice in memory)."""
     T = tf()
-    if isinstance(array, np.memmap):
+    if isinstance(array, np.memmap) or array.nbytes > LARGE_ARRAY_BYTES:
         shape = array.shape[1:]
 
         def read(idx):
