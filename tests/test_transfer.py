@@ -126,3 +126,12 @@ def test_pooled_and_memory_mapped_caches(tmp_path, monkeypatch):
     assert not (tmp_path / "on-disk" / "cache").exists()
     for a, b in zip(_weights(tmp_path / "pooled"), _weights(tmp_path / "on-disk"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_fine_tune_without_phase_1_records_no_frozen_accuracy(tmp_path):
+    """--epochs 0 (seed 001's "partial"): there is no frozen phase, so no frozen accuracy to report."""
+    cli_call("train", "--data", "synthetic", "--limit", "32", "-b", "mobilenetv2", "-s", "finetune", "--weights", "none",
+             "--input-size", "32", "--epochs", "0", "--finetune-epochs", "1", "--unfreeze", "10", "--runs-dir", tmp_path,
+             "--name", "partial")
+    record = _record(tmp_path / "partial")
+    assert "phase1_accuracy" not in record["test"] and [h["phase"] for h in record["history"]] == ["finetune"]

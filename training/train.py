@@ -176,7 +176,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         done_in_phase = sum(1 for row in history if row["phase"] == phase.name)
         stopping = state.get("stopping") if (state.get("stopping") or {}).get("phase") == phase.name else None
         trained_out = phase.epochs == 0 or done_in_phase >= phase.epochs or bool(stopping and stopping["stopped"])
-        evaluate_phase = phase.name == "head" and len(phases) > 1
+        evaluate_phase = phase.name == "head" and len(phases) > 1 and phase.epochs > 0
         plan, cache = carried.pop(phase.name, (None, None))  # phase 2's cache, made in phase 1's pass
         if plan is None:
             plan = _cache_plan(cfg, built, model, phase.name, use_cache, log, cache_facts)
