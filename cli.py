@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from training.errors import UserError
+from serving.errors import UserError
 
 app = typer.Typer(
     name="tlserve",
@@ -263,7 +263,7 @@ def list_runs_cmd(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write seed 001's CSV to this file.")] = None,
 ) -> None:
     """List finished runs with seed 001's columns plus epochs_to_target."""
-    from training import storage  # noqa: PLC0415
+    from serving import storage  # noqa: PLC0415
     from training.records import list_runs, table_csv  # noqa: PLC0415
 
     from training.train import interrupted  # noqa: PLC0415
@@ -338,7 +338,7 @@ def predict(
     import json  # noqa: PLC0415
 
     from serving.manifest import resolve_model  # noqa: PLC0415
-    from serving.predict import predict_files  # noqa: PLC0415
+    from training.runtimes import predict_files  # noqa: PLC0415 (onnx, savedmodel, keras)
 
     results, failures = predict_files(resolve_model(model, models_dir), paths, runtime=runtime, variant=variant, k=top_k)
     if json_out:
@@ -363,7 +363,7 @@ def list_models_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List exported models (models/ and the BentoML model store)."""
-    from training import storage  # noqa: PLC0415
+    from serving import storage  # noqa: PLC0415
     from training.export import list_models  # noqa: PLC0415
 
     for stale in storage.remove_stale_staging(storage.models_dir(models_dir)):
@@ -460,6 +460,7 @@ def bench(
 
     from serving import bench as benchmarks  # noqa: PLC0415
     from serving.manifest import resolve_model  # noqa: PLC0415
+    from training.runtimes import bench_model  # noqa: PLC0415 (onnx runtimes and the TensorFlow ones)
 
     log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
     model_dir = resolve_model(model, models_dir) if model else None
@@ -475,9 +476,9 @@ def bench(
     elif model_dir is None:
         raise UserError("give a MODEL to benchmark in-process, or --url for a running service")
     else:
-        report = benchmarks.bench_model(model_dir, runtimes=tuple(r.strip() for r in runtimes.split(",") if r.strip()),
-                                        batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations,
-                                        duration=None if iterations else duration, warmup=warmup, threads=threads, log=log)
+        report = bench_model(model_dir, runtimes=tuple(r.strip() for r in runtimes.split(",") if r.strip()),
+                             batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations,
+                             duration=None if iterations else duration, warmup=warmup, threads=threads, log=log)
     if json_out:
         print(json.dumps(report, indent=2))
     elif "path" in report:

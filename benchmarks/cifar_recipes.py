@@ -20,11 +20,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
+from serving.machine import cpu_flags, package_versions  # noqa: E402
 from training import env  # noqa: E402
 from training.accel import BF16_FLAGS  # noqa: E402
 
 # bfloat16 where the CPU computes it (AVX512-BF16, AMX); emulated elsewhere and many times slower than float32.
-_PRECISION = "mixed_bfloat16" if (env.cpu_flags() or set()) & BF16_FLAGS else "float32"
+_PRECISION = "mixed_bfloat16" if (cpu_flags() or set()) & BF16_FLAGS else "float32"
 _FAST = ["--augment", "--augment-policy", "flip-crop", "--optimizer", "sgd", "--nesterov", "--schedule", "onecycle",
          "--patience", "0", "--precision", _PRECISION]
 _WD = ["--weight-decay", "5e-4"]
@@ -97,7 +98,7 @@ def main() -> None:
                      record["environment"]["precision"]))
     machine = env.machine_facts()
     print(f"\nCIFAR-10 from scratch on {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
-          f"TensorFlow {env.package_versions().get('tensorflow')}")
+          f"TensorFlow {package_versions().get('tensorflow')}")
     print("| recipe | layers | precision | epochs | train images | wall time | s/epoch | test accuracy | target | met |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|---|")
     for recipe, layers, epochs, n, total, per_epoch, acc, target, meaning, precision in rows:

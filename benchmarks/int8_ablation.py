@@ -24,8 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.machine import cpu_model  # noqa: E402
 from serving.runtime import make_session  # noqa: E402
-from training import env, records  # noqa: E402
+from training import records  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.export import quantize_int8  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=10000, help="test images scored per variant")
     args = parser.parse_args()
     rows = [ablate(m, args.rounds, args.test_limit) for m in args.models]
-    print(f"\nmachine: {env.cpu_model()}; onnxruntime, CPU provider, interleaved rounds")
+    print(f"\nmachine: {cpu_model()}; onnxruntime, CPU provider, interleaved rounds")
     print("| model | variant | p50 b1 | vs fp32 b1 | p50 b32 | vs fp32 b32 | test images | test accuracy | "
           "top-1 agreement with fp32 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
-from serving.bench import bench_model  # noqa: E402
+from serving.machine import cpu_model  # noqa: E402
 from training import env  # noqa: E402
+from training.runtimes import bench_model  # noqa: E402
 
 MODELS = [  # (name, backbone, input size)
     ("cnn", "cnn", None),
@@ -127,7 +128,7 @@ def main() -> None:
         p50 = {(r["runtime"], r["batch_size"]): r for r in report["results"]}
         int8 = manifest["artifacts"]["model.int8.onnx"]
         rows.append((name, p50, flops, int8))
-    print(f"\nmachine: {env.cpu_model()}, {os.cpu_count()} cores; float32 matmul ceiling {ceiling:.1f} GFLOP/s "
+    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; float32 matmul ceiling {ceiling:.1f} GFLOP/s "
           f"(numpy {rates['numpy']:.1f}, onnxruntime {rates['onnxruntime']:.1f})")
     print("| model | keras predict p50 b1 | tf.function p50 b1 | onnx fp32 p50 b1 | onnx int8 p50 b1 | ORT vs predict | "
           "ORT vs tf.function | int8 speed-up b1 | int8 acc. delta | onnx b32 img/s | GFLOP/img | b32 GFLOP/s (% of ceiling) |")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
-from training import env  # noqa: E402
+from serving.machine import cpu_model  # noqa: E402
 
 
 def train(name: str, args: list[str]) -> dict:
@@ -66,7 +66,7 @@ def main() -> None:
                                     "--unfreeze", "30"])
     n = ft["data"]["splits"]["train"]
     rows.append(("MobileNetV2 @96 fine-tune phase 2 (top 30)", n, steady(ft, "finetune"), n / steady(ft, "finetune"), "", ""))
-    print(f"\nmachine: {env.cpu_model()}, {os.cpu_count()} cores; data {args.data}")
+    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; data {args.data}")
     print("| configuration | train images | s / epoch (after the first) | images / s | feature extraction | speed-up |")
     print("|---|---|---|---|---|---|")
     for name, n, seconds, ips, extract, ratio in rows:

@@ -1,4 +1,5 @@
-"""Everything that loads an exported model and answers requests; never imports TensorFlow at import time."""
-from training import env as _env
+"""Everything that loads an exported model and answers requests: the base layer, which a bento ships.
 
-_env.configure_environment()
+It never imports TensorFlow nor training/ (tests/test_boundaries.py checks both); dependencies run
+one way, cli.py -> training/ -> serving/. TensorFlow's environment is training.env's concern.
+"""

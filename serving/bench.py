@@ -1,7 +1,8 @@
 """`tlserve bench`: inference latency and throughput, in-process per runtime or end to end over HTTP.
 
 Every result is stored under models/<name>/bench/ with the machine it came from, so figures
-from different machines are never mixed silently.
+from different machines are never mixed silently. The onnxruntime runtimes are here; keras,
+tf-function and savedmodel need TensorFlow and come from training.runtimes, which passes them in.
 """
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 
+from serving import machine, storage
+from serving.errors import UserError
 from serving.manifest import VARIANTS, load_manifest
-from training import env, storage
-from training.errors import UserError
 
-RUNTIMES = ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
-DEFAULT_RUNTIMES = ("keras", "savedmodel", "onnx", "onnx-int8", "onnx-fp16")
+ONNX_RUNTIMES = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}  # runtime -> ONNX variant
+DEFAULT_RUNTIMES = ("onnx", "onnx-int8", "onnx-fp16")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -61,35 +62,24 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int | None, du
             return samples
 
 
-def _runner(model_dir: Path, manifest: dict[str, Any], runtime: str, threads: int | None):
-    """(predict function, provider, threads) for a runtime, or None with the reason it is missing."""
-    if runtime.startswith("onnx"):
-        variant = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}[runtime]
-        if VARIANTS[variant] not in manifest["artifacts"]:
-            return None, f"no {VARIANTS[variant]}; make it with: {_export_command(manifest, variant)}"
-        from serving.runtime import OnnxClassifier, physical_cores  # noqa: PLC0415
-
-        model = OnnxClassifier.load(model_dir, variant=variant, threads=threads)
-        return (model.predict, model.provider, threads or physical_cores()), None
-    T = env.tf()
-    if runtime == "savedmodel":
-        if "saved_model" not in manifest["artifacts"]:
-            return None, f"no saved_model in this export; make it with: {_export_command(manifest, 'savedmodel')}"
-        fn = T.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
-        return (lambda x: fn(image=T.constant(x))["probabilities"].numpy(), _tf_device(), None), None
-    keras_path = Path(manifest["run_path"]) / "model.keras"
-    if not keras_path.is_file():
-        return None, f"the run's model.keras is not at {keras_path}"
-    from training.models import load_model  # noqa: PLC0415
-
-    model = load_model(keras_path)
-    if runtime == "keras":
-        return (lambda x: model.predict(x, verbose=0), _tf_device(), None), None
-    call = T.function(lambda x: model(x, training=False))
-    return (lambda x: call(T.constant(x)).numpy(), _tf_device(), None), None
+# (predict function, provider, threads) for one runtime
+Runner = tuple[Callable[[np.ndarray], Any], str, Optional[int]]
+# (model folder, manifest, threads) -> (Runner, None), or (None, the reason the runtime is missing)
+RunnerFactory = Callable[[Path, dict[str, Any], Optional[int]], tuple[Optional[Runner], Optional[str]]]
 
 
-def _export_command(manifest: dict[str, Any], wanted: str) -> str:
+def _onnx_runner(model_dir: Path, manifest: dict[str, Any], runtime: str,
+                 threads: int | None) -> tuple[Runner | None, str | None]:
+    variant = ONNX_RUNTIMES[runtime]
+    if VARIANTS[variant] not in manifest["artifacts"]:
+        return None, f"no {VARIANTS[variant]}; make it with: {export_command(manifest, variant)}"
+    from serving.runtime import OnnxClassifier, physical_cores  # noqa: PLC0415
+
+    model = OnnxClassifier.load(model_dir, variant=variant, threads=threads)
+    return (model.predict, model.provider, threads or physical_cores()), None
+
+
+def export_command(manifest: dict[str, Any], wanted: str) -> str:
     """The `tlserve export` line that writes this model again with `wanted` (a variant or format) added."""
     formats = {"onnx"} if wanted in VARIANTS else {"savedmodel"}
     formats |= {"savedmodel" for f in manifest["artifacts"] if f == "saved_model"}
@@ -100,17 +90,21 @@ def _export_command(manifest: dict[str, Any], wanted: str) -> str:
                      *flags, "--overwrite"])
 
 
-def _tf_device() -> str:
-    return "GPU" if env.tf().config.list_physical_devices("GPU") else "CPU"
-
-
 def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
                 iterations: int | None = None, duration: float | None = 3.0, warmup: int = 5,
-                threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                threads: int | None = None, log: Callable[[str], None] = print,
+                runners: Mapping[str, RunnerFactory] | None = None,
+                facts: Callable[[], dict[str, Any]] = machine.machine_facts) -> dict[str, Any]:
+    """Time each runtime at each batch size in this process and store the result.
+
+    The onnxruntime runtimes are built here; `runners` adds others by name (training.runtimes passes
+    keras, tf-function and savedmodel), and `facts` is what the stored result says about the machine."""
     manifest = load_manifest(model_dir)
-    bad = [r for r in runtimes if r not in RUNTIMES]
+    others = dict(runners or {})
+    known = (*others, *ONNX_RUNTIMES)
+    bad = [r for r in runtimes if r not in known]
     if bad:
-        raise UserError(f"unknown runtime '{bad[0]}'; choose from {', '.join(RUNTIMES)}")
+        raise UserError(f"unknown runtime '{bad[0]}'; choose from {', '.join(known)}")
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be at least 1")
     if iterations is not None and iterations < 1 or duration is not None and duration <= 0:
@@ -119,7 +113,10 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
     rng = np.random.default_rng(0)
     results, skipped = [], {}
     for runtime in runtimes:
-        runner, why = _runner(model_dir, manifest, runtime, threads)
+        if runtime in ONNX_RUNTIMES:
+            runner, why = _onnx_runner(model_dir, manifest, runtime, threads)
+        else:
+            runner, why = others[runtime](model_dir, manifest, threads)
         if runner is None:
             skipped[runtime] = why
             continue
@@ -138,16 +135,16 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
         raise UserError("nothing to measure: " + "; ".join(f"{r}: {why}" for r, why in skipped.items()))
     for runtime, why in skipped.items():
         log(f"skipped {runtime}: {why}")
-    return _save(model_dir, manifest, "inprocess", {"results": [asdict(r) for r in results], "skipped": skipped})
+    return _save(model_dir, manifest, "inprocess", {"results": [asdict(r) for r in results], "skipped": skipped},
+                 facts=facts)
 
 
-def _save(model_dir: Path, manifest: dict[str, Any], kind: str, body: dict[str, Any]) -> dict[str, Any]:
+def _save(model_dir: Path, manifest: dict[str, Any], kind: str, body: dict[str, Any],
+          facts: Callable[[], dict[str, Any]] = machine.machine_facts) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     report = {"schema": 1, "kind": kind, "model": manifest["name"], "version": manifest["version"],
-              "created_at": now.isoformat(timespec="seconds"), "machine": env.machine_facts(),
-              "versions": env.package_versions(), **body}
-    if env._tf is not None:  # GPUs only if TensorFlow was loaded anyway
-        report["machine"]["gpus"] = [d.name for d in env._tf.config.list_physical_devices("GPU")]
+              "created_at": now.isoformat(timespec="seconds"), "machine": facts(),
+              "versions": machine.package_versions(), **body}
     path = Path(model_dir) / "bench" / f"{kind}-{now:%Y%m%d-%H%M%S}.json"
     storage.write_json(path, report)
     report["path"] = str(path)
@@ -170,21 +167,39 @@ def sample_uploads(hw: tuple[int, int], n: int = 16, folder: Path | None = None)
     """PNG uploads: images from `folder` if given, else generated shapes at the model's input size."""
     from PIL import Image  # noqa: PLC0415
 
-    from training import images  # noqa: PLC0415
+    from serving import images  # noqa: PLC0415
 
     if folder is not None:
         files = sorted(p for p in Path(folder).rglob("*") if images.is_image_path(p))[:n]
         if not files:
             raise UserError(f"--images {folder}: no image files")
         return [p.read_bytes() for p in files]
-    from training.data import make_synthetic  # noqa: PLC0415
-
-    x, _, _ = make_synthetic(n, seed=7, image_size=hw[0])
     out = []
-    for img in x:
+    for img in _shapes(n, hw, seed=7):
         buf = io.BytesIO()
-        Image.fromarray(img).resize((hw[1], hw[0])).save(buf, "PNG")
+        Image.fromarray(img).save(buf, "PNG")
         out.append(buf.getvalue())
+    return out
+
+
+def _shapes(n: int, hw: tuple[int, int], *, seed: int) -> np.ndarray:
+    """n (H, W, 3) uint8 images: a bright disc, square or ring on a dark background with pixel noise.
+
+    The colours, sizes and noise of training.data's synthetic shapes (so PNGs of about the same size and
+    decode cost), drawn here so that a load test needs neither training/ nor a dataset."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / h, xx / w
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        dx, dy = xx - rng.uniform(0.35, 0.65), yy - rng.uniform(0.35, 0.65)
+        r = rng.uniform(0.18, 0.3)
+        dist = np.sqrt(dx**2 + dy**2)
+        mask = [dist < r, (np.abs(dx) < r * 0.85) & (np.abs(dy) < r * 0.85), (dist < r) & (dist > r * 0.55)][i % 3]
+        background, colour = rng.uniform(0, 110, 3), rng.uniform(130, 255, 3)
+        pixels = np.where(mask[..., None], colour, background) + rng.normal(0, 12, (h, w, 3))
+        out[i] = np.clip(pixels, 0, 255).astype(np.uint8)
     return out
 
 
@@ -278,5 +293,5 @@ def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests:
     if model_dir is not None:
         return _save(model_dir, load_manifest(model_dir), "http", body)
     return {"schema": 1, "kind": "http", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": env.machine_facts(), **body}
+            "machine": machine.machine_facts(), **body}
 

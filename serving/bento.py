@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from serving.errors import UserError
 from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
 from serving.manifest import load_manifest, resolve_model
 from serving.settings import ServiceSettings
-from training.errors import UserError
 
 SERVICE = "serving.service:ImageClassifier"
 ROOT = Path(__file__).resolve().parents[1]

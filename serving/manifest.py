@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training import storage
-from training.errors import UserError, nearest
+from serving import storage
+from serving.errors import UserError, nearest
 
 MANIFEST = "manifest.json"
 VARIANTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}

@@ -1,18 +1,24 @@
-"""`tlserve predict`: classify image files with an exported model through onnx, savedmodel or keras."""
+"""`tlserve predict`: classify image files with an exported model.
+
+onnxruntime is here; the savedmodel and keras runtimes need TensorFlow and come from training.runtimes.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from serving.manifest import load_manifest, verify_artifacts
-from training import images
-from training.errors import UserError
+from serving import images
+from serving.errors import UserError
+from serving.manifest import load_manifest
 
-RUNTIMES = ("onnx", "savedmodel", "keras")
 BATCH = 32
+# float32 pixel batches (N, H, W, 3) -> probabilities (N, classes)
+Predictor = Callable[[np.ndarray], np.ndarray]
+# (model folder, its manifest) -> a Predictor; for the runtimes other than onnx
+PredictorFactory = Callable[[Path, dict[str, Any]], Predictor]
 
 
 @dataclass
@@ -37,42 +43,32 @@ def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict[str, A
     return [{"label": class_names[i], "probability": float(probs[i])} for i in order]
 
 
-def predictor(model_dir: Path, runtime: str, variant: str = "fp32") -> Callable[[np.ndarray], np.ndarray]:
-    """A function from float32 pixel batches to probabilities, for the chosen runtime."""
+def predictor(model_dir: Path, runtime: str, variant: str = "fp32",
+              runtimes: Mapping[str, PredictorFactory] | None = None) -> Predictor:
+    """A function from float32 pixel batches to probabilities, for the chosen runtime.
+
+    onnx is served here; other runtimes come in `runtimes` (training.runtimes.PREDICTORS: savedmodel,
+    keras), so that this module, like all of serving/, never imports TensorFlow."""
     manifest = load_manifest(model_dir)
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    others = dict(runtimes or {})
+    if runtime != "onnx" and runtime not in others:
+        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(['onnx', *others])}")
     if runtime == "onnx":
         from serving.runtime import OnnxClassifier  # noqa: PLC0415
 
         return OnnxClassifier.load(model_dir, variant=variant).predict
-    if runtime == "savedmodel":
-        if "saved_model" not in manifest["artifacts"]:
-            raise UserError(f"{model_dir} was exported without a SavedModel")
-        verify_artifacts(model_dir, manifest, ["saved_model"])
-        from training.env import tf  # noqa: PLC0415
-
-        T = tf()
-        fn = T.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
-        return lambda x: fn(image=T.constant(x))["probabilities"].numpy()
-    keras_path = Path(manifest["run_path"]) / "model.keras"
-    if not keras_path.is_file():
-        raise UserError(f"--runtime keras needs the run's model.keras, which is not at {keras_path}")
-    from training.models import load_model  # noqa: PLC0415
-
-    model = load_model(keras_path)
-    return lambda x: model.predict(x, verbose=0)
+    return others[runtime](model_dir, manifest)
 
 
 def predict_files(model_dir: Path, paths: list[Path], *, runtime: str = "onnx", variant: str = "fp32", k: int = 5,
-                  ) -> tuple[list[Prediction], list[str]]:
+                  runtimes: Mapping[str, PredictorFactory] | None = None) -> tuple[list[Prediction], list[str]]:
     """(predictions, failures); an unreadable file is named in failures and the rest still run."""
     manifest = load_manifest(model_dir)
     if k < 1:
         raise UserError("--top-k must be at least 1")
     h, w = int(manifest["input"]["shape"][1]), int(manifest["input"]["shape"][2])
     interpolation = manifest["input"].get("interpolation", images.DEFAULT_INTERPOLATION)
-    run = predictor(model_dir, runtime, variant)  # a bad model fails before any file is read
+    run = predictor(model_dir, runtime, variant, runtimes)  # a bad model fails before any file is read
     files = expand(paths)
     if not files:
         raise UserError("no image files given")

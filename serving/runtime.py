@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.errors import UserError
 from serving.manifest import VARIANTS, load_manifest, verify_artifacts
-from training.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -13,6 +13,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
+from serving import images
 from serving.batching import BatchWorker, Overloaded
 from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, STATE, RequestGuard
 from serving.lifecycle import supervise_parent
@@ -20,7 +21,6 @@ from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
 from serving.runtime import OnnxClassifier, physical_cores
 from serving.settings import ServiceSettings
-from training import images
 
 
 def _model_ref() -> str:

@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from serving.errors import UserError
+from serving.images import DEFAULT_MAX_PIXELS
 from serving.runtime import DEVICES
-from training.errors import UserError
-from training.images import DEFAULT_MAX_PIXELS
 
 ORT_SPIN_MODES = ("auto", "1", "0")
 

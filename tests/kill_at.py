@@ -25,7 +25,8 @@ def main() -> None:
     point, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     kind, _, arg = point.partition(":")
     import cli
-    from training import storage, train
+    from serving import storage
+    from training import train
     from training.env import keras
 
     K = keras()

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import SHARED
 from training.config import DataConfig
 from training.data import CIFAR10_CLASSES, load_dataset, make_synthetic, parse_classes
-from training.errors import UserError
+from serving.errors import UserError
 
 
 def test_synthetic_is_deterministic_balanced_uint8():

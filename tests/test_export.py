@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 from conftest import cli_call
 from serving.manifest import sha256_file
 from serving.runtime import OnnxClassifier
-from training.errors import UserError
+from serving.errors import UserError
 
 
 def _manifest(model_dir: Path) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import cli_call
 from training.accel import choose_distribution, choose_jit, choose_precision, precision_note
-from training.errors import UserError
+from serving.errors import UserError
 
 
 def _record(path: Path) -> dict:

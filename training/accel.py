@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from training.env import cpu_flags, keras, tf
-from training.errors import UserError
+from serving.errors import UserError
+from serving.machine import cpu_flags
+from training.env import keras, tf
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "none", "mirrored")

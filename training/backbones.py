@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from serving.errors import UserError, nearest
 from training.env import keras
-from training.errors import UserError, nearest
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Data sources for `--data`: synthetic, cifar10, cifar10:PATH, folder:PATH.
 
 Every source becomes the same thing: uint8 pixel arrays per split plus class
-names. Images are decoded once, up front, by training.images (the decoder the
+names. Images are decoded once, up front, by serving.images (the decoder the
 service uses too), so no epoch ever meets a broken file.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training import images
+from serving import images
+from serving.errors import UserError, nearest
 from training.config import DataConfig
-from training.errors import UserError, nearest
 
 SCHEMES = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

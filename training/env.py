@@ -1,14 +1,14 @@
-"""Process environment for TensorFlow, and the facts about this machine a record keeps."""
+"""Process environment for TensorFlow, and the GPUs it sees; the TensorFlow-free machine facts are serving.machine."""
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
-import platform
 import sys
 import warnings
 from typing import Any, Iterator
+
+from serving import machine
 
 
 def configure_environment() -> None:
@@ -103,54 +103,9 @@ def keras():
     return tf_keras
 
 
-def package_versions(names: tuple[str, ...] = (
-    "tensorflow", "tf-keras", "onnx", "tf2onnx", "onnxruntime-gpu", "onnxruntime", "bentoml", "numpy", "pillow",
-)) -> dict[str, str]:
-    out: dict[str, str] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's instruction-set flags (Linux); None where /proc/cpuinfo is not there to say."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def machine_facts() -> dict[str, Any]:
-    """CPU, cores, memory and GPUs; cheap, and safe without TensorFlow loaded."""
-    facts: dict[str, Any] = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        facts["memory_gb"] = round(pages * page_size / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
+    """serving.machine's CPU, cores and memory, plus the GPUs TensorFlow sees when it is loaded already."""
+    facts = machine.machine_facts()
     if _tf is not None:
         facts["gpus"] = [d.name for d in _tf.config.list_physical_devices("GPU")]
     return facts

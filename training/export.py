@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serving import machine, storage
+from serving.errors import UserError
 from serving.manifest import MANIFEST, VARIANTS, artifact_digest, tree_bytes
-from training import env, records, storage
+from training import env, records
 from training.config import DataConfig
-from training.errors import UserError
 
 FORMATS = ("savedmodel", "onnx")
 PARITY_TOLERANCE = 1e-4
@@ -306,7 +307,7 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
                    "check_batch": int(len(check.images)), "parity_tolerance": PARITY_TOLERANCE,
                    # False: every check image gave the same output, so parity says nothing about the function.
                    "check_informative": check.informative, "check_output_spread": check.spread,
-                   "versions": env.package_versions()},
+                   "versions": machine.package_versions()},
         "artifacts": artifacts,
         "bentoml_tag": f"{name}:{version}" if opts.register else None,
     }

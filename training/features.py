@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training import images, records
+from serving import images
+from serving.errors import UserError, nearest
+from training import records
 from training.env import keras
-from training.errors import UserError, nearest
 from training.models import leaf_layers, load_model
 
 

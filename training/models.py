@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.errors import UserError
 from training import backbones
 from training.config import TrainConfig
 from training.env import keras, tf
-from training.errors import UserError
 
 PREPROCESSORS = ("unit", "mobilenet_v2", "vgg16", "resnet_v2")
 

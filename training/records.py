@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training import storage
-from training.errors import UserError
+from serving import storage
+from serving.errors import UserError
 
 SCHEMA = 1
 RECORD = "record.json"
@@ -69,7 +69,7 @@ def load_run(name_or_path: str, runs_dir: Path | None = None) -> Run:
     path = resolve_run_dir(name_or_path, runs_dir)
     if not path.is_dir():
         known = [r.name for r in list_runs(runs_dir)]
-        from training.errors import nearest  # noqa: PLC0415
+        from serving.errors import nearest  # noqa: PLC0415
         raise UserError(f"no run named '{name_or_path}' in {storage.runs_dir(runs_dir)}{nearest(name_or_path, known)}")
     if not (path / RECORD).is_file():
         raise UserError(f"run '{name_or_path}' did not finish (no {RECORD} in {path})")

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training import plots, records, storage
-from training.errors import UserError
+from serving import storage
+from serving.errors import UserError
+from training import plots, records
 
 SERVE_RUNTIME = "onnx"
 

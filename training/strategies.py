@@ -8,9 +8,9 @@ from-run        seed 004: our own run's layers, a new output layer, the last K w
 """
 from __future__ import annotations
 
+from serving.errors import UserError, nearest
 from training.config import STRATEGIES, TrainConfig
 from training.env import keras
-from training.errors import UserError, nearest
 
 DEFAULT_UNFREEZE = 30  # seed 000's top-30 fine-tune
 

@@ -20,10 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from training import accel as accelerators, data as datasets, env, feature_cache, models, records, storage, strategies
+from serving import machine, storage
+from serving.errors import UserError
+from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
-from training.errors import Interrupted, UserError
+from training.errors import Interrupted
 from training.validation import resolve
 
 Log = Callable[[str], None]
@@ -615,5 +617,5 @@ def _record(cfg, dataset, built, model, history, total_time, test, staging: Path
         "epochs_to_target": records.epochs_to_target(history, cfg.target),
         "test": test,
         "training": training_facts,
-        "environment": {"machine": env.machine_facts(), "versions": env.package_versions(), **acc.facts()},
+        "environment": {"machine": env.machine_facts(), "versions": machine.package_versions(), **acc.facts()},
     }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from serving.errors import UserError
 from training import backbones, strategies
 from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
-from training.errors import UserError
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from training.errors import UserError
+from serving.errors import UserError
 
 
 def home() -> Path:

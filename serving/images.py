@@ -1,7 +1,8 @@
 """Image decoding shared by training data, `tlserve predict` and the HTTP service.
 
 One decoder for all three is what keeps an image's pixels the same whether it
-was trained on, predicted locally or uploaded. Pillow is the decoder: it
+was trained on, predicted locally or uploaded; it lives in serving/, which
+training/ imports and a bento ships. Pillow is the decoder: it
 handles every mode (palette, RGBA, 16-bit, grayscale, CMYK) and EXIF orientation.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from training.errors import UserError
+from serving.errors import UserError
 
 # Pillow's names; the record and manifest store the name used at training time.
 INTERPOLATIONS = {

@@ -1,0 +1,18 @@
+"""The one exception type for mistakes a user can make.
+
+The CLI prints its message as one line and exits 2; the HTTP service maps its
+own subclass to a 4xx. Anything else is our fault and keeps its traceback.
+It lives in serving/, the base layer: training/ and the CLI raise it too.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input: bad option, missing file, wrong shape."""
+
+
+def nearest(name: str, candidates: list[str], n: int = 5) -> str:
+    """'; nearest: a, b, c' for an error line, or '' when nothing is close."""
+    import difflib  # noqa: PLC0415
+
+    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
+    return f"; nearest: {', '.join(close)}" if close else ""
