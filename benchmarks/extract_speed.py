@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.machine import cpu_model  # noqa: E402
 from training import env, feature_cache, models  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import Split  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
             session.run(None, {name: xf[i:i + 32]})
         ort_rates.append(args.images / (time.perf_counter() - t0))
     tf_best, ort_best = max(tf_rates), max(ort_rates)
-    print(f"machine: {env.cpu_model()}; MobileNetV2 at {args.size}, weights {Path(weights).name}, "
+    print(f"machine: {cpu_model()}; MobileNetV2 at {args.size}, weights {Path(weights).name}, "
           f"{args.images} images, best of {args.rounds}")
     print(f"tlserve extraction (TensorFlow, batch {feature_cache.EXTRACT_BATCH}): {tf_best:.1f} images/s "
           f"(rounds: {', '.join(f'{r:.1f}' for r in tf_rates)})")

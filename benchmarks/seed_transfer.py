@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from training import env  # noqa: E402
+from serving.machine import cpu_model  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
 from training.train import train  # noqa: E402
 
@@ -169,7 +169,7 @@ def main() -> None:
             rows += seed003(args.limit)
         else:
             raise SystemExit(f"unknown experiment {name}")
-    machine = f"{env.cpu_model()}, {os.cpu_count()} cores, no GPU"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, no GPU"
     print(f"\nmachine: {machine}; weights: {WEIGHTS}" + (f"; --limit {args.limit}" if args.limit else "; full data"))
     print("| experiment | the notebook | tlserve test accuracy | training s (extraction incl.) | s / epoch "
           "| runs | peak memory GB | wall s per run |")
