@@ -360,7 +360,7 @@ def _gatherer(array: np.ndarray):
 
 def _cached_pipeline(cache, split: str, y: np.ndarray, batch_size: int):
     """A split's cached activations in order (validation and test)."""
-    return epoch_batches(cache.splits[split], y, batch_size, seed=0, epochs=range(1), shuffle=False) if len(y) else None
+    return _pipeline(datasets.Split(cache.splits[split], y), batch_size) if len(y) else None
 
 
 def _cache_plan(cfg: TrainConfig, built, model, phase: str, use_cache: bool, log: Log, facts: dict[str, Any]):
@@ -478,13 +478,9 @@ def _EarlyStopping(patience: int, snapshot: dict[str, Any] | None, ckpts: _Check
 
 
 def _pipeline(split, batch_size: int):
-    """tf.data over in-memory arrays, in order: pixels stay uint8 until a batch is formed (a quarter
-    of float32's memory); the model itself takes float32 0..255."""
-    T = tf()
-    ds = T.data.Dataset.from_tensor_slices((split.x, split.y)).batch(batch_size)
-    if split.x.dtype == np.uint8:
-        ds = ds.map(lambda x, y: (T.cast(x, T.float32), y), num_parallel_calls=T.data.AUTOTUNE)
-    return ds.prefetch(T.data.AUTOTUNE)
+    """A split's batches in order (validation, test, feature extraction): pixels stay uint8 until a
+    batch is formed (a quarter of float32's memory); the model itself takes float32 0..255."""
+    return epoch_batches(split.x, split.y, batch_size, seed=0, epochs=range(1), shuffle=False)
 
 
 def _loss(label_smoothing: float):
