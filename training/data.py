@@ -33,12 +33,19 @@ DEFAULT_FOLDER_SIZE = 224
 class Split:
     x: np.ndarray  # (N, H, W, 3) uint8
     y: np.ndarray  # (N,) int64
+    # Where each image came from: its path relative to the data folder (folder data), or None for
+    # array sources (CIFAR-10 batches, synthetic), where `ids` falls back to the index in the split.
+    files: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def take(self, index: np.ndarray) -> "Split":
-        return Split(self.x[index], self.y[index])
+        return Split(self.x[index], self.y[index], None if self.files is None else self.files[index])
+
+    def ids(self) -> list[str]:
+        """One name per image: the relative file path, or '#<index>' for array sources."""
+        return [str(f) for f in self.files] if self.files is not None else [f"#{i}" for i in range(len(self.y))]
 
 
 @dataclass
@@ -125,7 +132,7 @@ def _select_classes(ds: Dataset, spec: str | None) -> Dataset:
 
     def pick(split: Split) -> Split:
         keep = remap[split.y] >= 0
-        return Split(split.x[keep], remap[split.y[keep]])
+        return Split(split.x[keep], remap[split.y[keep]], None if split.files is None else split.files[keep])
 
     return Dataset(pick(ds.train), pick(ds.val), pick(ds.test), [ds.class_names[i] for i in chosen],
                    ds.source, ds.image_size, ds.interpolation, ds.skipped)
@@ -388,4 +395,5 @@ def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skippe
     keep = [i for i, a in enumerate(arrays) if a is not None]
     skipped.extend(str(files[i].relative_to(root)) for i, a in enumerate(arrays) if a is None)
     x = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, *size, 3), np.uint8)
-    return Split(x, labels[keep] if keep else labels[:0])
+    names = np.array([files[i].relative_to(root).as_posix() for i in keep], dtype=object)
+    return Split(x, labels[keep] if keep else labels[:0], names)

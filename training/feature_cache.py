@@ -41,6 +41,7 @@ class Plan:
     where: str              # what is cached, for the log and the record
     bottom: Any = None      # finetune: the backbone below the unfreeze point, and above it
     top: Any = None
+    pooled: bool = False    # the head's global pooling runs before the cache (and is left out of `trainable`)
 
 
 @dataclass
@@ -95,7 +96,7 @@ def head_plan(model, backbone, features_tensor) -> Plan:
     for layer in head_layers:
         x = layer(x)
     return Plan(K.Model(model.input, cached, name="feature_extractor"),
-                K.Model(inputs, x, name=f"{model.name}_head"), where)
+                K.Model(inputs, x, name=f"{model.name}_head"), where, pooled=cached is not features_tensor)
 
 
 def finetune_plan(model, backbone, backbone_training: bool | None, start: int) -> Plan:
@@ -134,7 +135,7 @@ def shared_extractor(model, backbone, head: Plan, finetune: Plan):
     boundary = list(boundary) if isinstance(boundary, (list, tuple)) else [boundary]
     x = finetune.top(boundary if len(boundary) > 1 else boundary[0], training=False)
     head_layers = model.layers[model.layers.index(backbone) + 1:]
-    if "pooled" in head.where:
+    if head.pooled:
         x = head_layers[0](x)
     return K.Model(model.input, [x, *boundary], name="shared_extractor")
 
