@@ -1,0 +1,55 @@
+"""Progress for long steps (feature extraction, parity checks, calibration, eval, data check).
+
+On a terminal: a rich progress bar (rich comes with typer) that stays on screen when done. Anywhere
+else (CI logs, pipes, `--json` runs): one line per finished step with its count and seconds. Never
+both, so a log file holds no bar fragments and a terminal holds no duplicate lines.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+Log = Callable[[str], None]
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def step(description: str, total: int | None, *, unit: str = "images", log: Log | None = None,
+         bar: bool | None = None) -> Iterator[Callable[[int], None]]:
+    """`with step("extracting features", n) as advance: ... advance(k)`. The bar (or the closing line)
+    reports how many of `total` were done and how long it took; `bar=None` picks by terminal."""
+    show_bar = interactive() if bar is None else bar
+    start = time.perf_counter()
+    done = 0
+    if show_bar:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,  # noqa: PLC0415
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.console import Console  # noqa: PLC0415
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=False) as prog:
+            task = prog.add_task(description, total=total)
+
+            def advance(n: int = 1) -> None:
+                prog.advance(task, n)
+
+            yield advance
+        return
+
+    def count(n: int = 1) -> None:
+        nonlocal done
+        done += n
+
+    yield count
+    seconds = time.perf_counter() - start
+    of = f"/{total:,}" if total is not None and total != done else ""
+    (log or _stderr)(f"{description}: {done:,}{of} {unit} in {seconds:.1f} s")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
