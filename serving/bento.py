@@ -115,6 +115,3 @@ def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:
         raise UserError(f"bentoml build printed no bento tag: {result.stdout.strip()[-200:]}")
     return match.group(1), result.stdout
 
-
-def docker_available() -> bool:
-    return shutil.which("docker") is not None

@@ -150,3 +150,15 @@ def bentoml_server(args: list[str], env: dict[str, str], log: Path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=10)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: the fast tier (decisions, parsing, settings, contracts, boundaries)")
+    config.addinivalue_line("markers", "slow: trains, exports or starts servers (everything not marked fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # A new test is in the full tier until someone shows it is fast: `pytest -m "not slow"` stays quick.
+    for item in items:
+        if item.get_closest_marker("fast") is None:
+            item.add_marker(pytest.mark.slow)

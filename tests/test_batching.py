@@ -10,6 +10,8 @@ import pytest
 
 from serving.batching import BatchWorker, Overloaded
 
+pytestmark = pytest.mark.fast  # the fast tier: pytest -m 'not slow'
+
 
 class SlowModel:
     """Row sums, after a pause long enough for other requests to queue; remembers each call's batch size."""

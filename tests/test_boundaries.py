@@ -13,7 +13,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.fast  # the fast tier: pytest -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = ROOT / "serving"

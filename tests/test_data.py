@@ -14,6 +14,8 @@ from training.config import DataConfig
 from training.data import CIFAR10_CLASSES, load_dataset, make_synthetic, parse_classes
 from serving.errors import UserError
 
+pytestmark = pytest.mark.fast  # the fast tier: pytest -m 'not slow'
+
 
 def test_synthetic_is_deterministic_balanced_uint8():
     a = load_dataset(DataConfig(spec="synthetic", seed=3))

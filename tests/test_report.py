@@ -108,6 +108,7 @@ def test_compare_report(cnn_run, benched, finetune_run, runs_root, models_root, 
     assert "Fastest to serve: cnn" in md  # the only benchmarked export
 
 
+@pytest.mark.fast
 def test_compare_without_runs_is_one_line(tmp_path, run_cli):
     result = run_cli("compare", "--runs-dir", tmp_path / "none", "--out", tmp_path / "r")
     assert result.code == 2 and "no finished runs" in result.err
@@ -137,6 +138,7 @@ def test_compare_to_an_unwritable_place_is_one_line(cnn_run, runs_root, models_r
     assert "Traceback" not in result.err and blocker.read_text() == "not a folder"
 
 
+@pytest.mark.fast
 def test_mistyped_option_is_a_usage_error_not_a_traceback(run_cli):
     result = run_cli("compare", "--no-such-option")
     assert result.code == 2 and "No such option" in result.err and "Traceback" not in result.err

@@ -289,6 +289,7 @@ asyncio.run(main())
     assert answers["refused"] == "InvalidArgument"
 
 
+@pytest.mark.fast
 def test_service_settings_come_from_the_environment():
     from serving.settings import ServiceSettings
 

@@ -90,12 +90,14 @@ def test_residual_onecycle_bfloat16_recipe_trains_and_exports(tmp_path):
     assert facts["max_abs_diff"] <= 1e-4 and facts["top1_agreement"] == 1.0
 
 
+@pytest.mark.fast
 def test_residual_block_needs_matching_channels(run_cli, tmp_path):
     result = run_cli("train", "--data", "synthetic", "--limit", "50", "-b", "cnn-bn", "--cnn-layers", "c16,r32,g",
                      "--runs-dir", tmp_path)
     assert result.code == 2 and "r32 needs an input of 32 channels" in result.err and "Traceback" not in result.err
 
 
+@pytest.mark.fast
 def test_label_smoothing_loss_matches_its_definition():
     from training.train import _loss
 
@@ -154,6 +156,7 @@ def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     assert result.code == 2 and "--label-smoothing" in result.err
 
 
+@pytest.mark.fast
 def test_emulated_bfloat16_is_named():
     assert "much slower than float32" in precision_note("mixed_bfloat16", 0, {"avx2", "fma"})
     assert precision_note("mixed_bfloat16", 0, {"avx2", "avx512_bf16"}) is None
@@ -163,6 +166,7 @@ def test_emulated_bfloat16_is_named():
     assert precision_note("float32", 0, {"avx2"}) is None
 
 
+@pytest.mark.fast
 def test_accelerator_decisions():
     assert choose_precision(0) == "float32"
     assert choose_precision(1) == "mixed_float16"

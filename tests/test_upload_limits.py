@@ -100,6 +100,7 @@ def test_large_jpeg_is_decoded_scaled_down_close_to_a_full_resolution_resize(mon
     assert diff.mean() < 2, diff.mean()
 
 
+@pytest.mark.fast
 def test_small_images_are_resized_as_before():
     """Under REDUCING_GAP x the target nothing changes: the same single resize as a full decode."""
     for fmt in ("PNG", "JPEG"):
@@ -107,6 +108,7 @@ def test_small_images_are_resized_as_before():
         np.testing.assert_array_equal(images.load_array(data, (32, 32)), _full_resolution_resize(data, (32, 32), "bilinear"))
 
 
+@pytest.mark.fast
 def test_too_large_is_refused_from_the_header():
     bomb = _png_header_only(8000, 6000)  # no pixel data to decode: refused before any decode
     with pytest.raises(images.ImageTooLarge, match="8000x6000 is larger than the 40,000,000-pixel limit"):
@@ -122,6 +124,7 @@ def test_too_large_is_refused_from_the_header():
 # --- settings ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_upload_settings_are_checked():
     from serving.settings import ServiceSettings
 

@@ -129,6 +129,7 @@ def test_tables_show_every_name_and_number_at_80_columns(cnn_run, runs_root, tmp
         assert value in result.out.replace("\n", " ") or value.split()[0] in result.out, value
 
 
+@pytest.mark.fast
 def test_data_folder_that_is_a_file_or_has_a_validation_split(tmp_path, run_cli):
     afile = tmp_path / "leaves.zip"
     afile.write_bytes(b"PK")
@@ -174,6 +175,7 @@ def test_a_parity_check_that_cannot_tell_anything_says_so():
     assert not constant.informative and varied.informative
 
 
+@pytest.mark.fast
 def test_library_warnings_are_held_back_unless_debugging(monkeypatch, caplog):
     from training.env import quiet_library_logging
 
