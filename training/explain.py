@@ -244,7 +244,8 @@ def figure_png(original: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     """The image as sent beside the image with its heat map, titled: `tlserve explain`'s file."""
     from training.plots import plt  # noqa: PLC0415 (Agg backend)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    height, width = original.shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4 * height / width + 0.7))  # panels at the image's aspect
     small = max(original.shape[:2]) < 128  # show a CIFAR-sized image's pixels, not a blur
     for ax, picture, label in ((axes[0], original, "image"), (axes[1], np.asarray(overlay(original, heatmap)), "Grad-CAM")):
         ax.imshow(picture, interpolation="nearest" if small else "antialiased")
