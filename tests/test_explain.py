@@ -109,6 +109,8 @@ def test_mobilenetv2_default_layer_and_nested_split(tmp_path):
     result = cam(x)
     assert result.heatmaps.shape == (3, 32, 32)
     np.testing.assert_allclose(result.probabilities, model.predict(x, verbose=0), atol=1e-5)
+    # A second split of the same model (the head layers are called again): another layer's map.
+    assert GradCam(model, "block_6_expand_relu").map_shape == (8, 8)
 
     small = models.build(TrainConfig(backbone="mobilenetv2", strategy="frozen", weights="none", input_size=32),
                          (32, 32), 4).model

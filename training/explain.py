@@ -60,8 +60,9 @@ def _is_spatial(layer) -> bool:
 
 def _output_shape(layer) -> tuple | None:
     try:
-        shape = layer.output.shape
-    except (AttributeError, ValueError):  # a layer never called in a graph, or called more than once
+        # Node 0: the layer's call in the model as built (a GradCam adds calls to the outer head layers).
+        shape = layer.get_output_at(0).shape
+    except (AttributeError, ValueError, RuntimeError):  # a layer never called in a graph
         return None
     return tuple(shape) if shape.rank is not None else None
 
@@ -164,8 +165,8 @@ def _grad_model(model, target, owner, final):
     that output. Calling the same layer objects shares their weights."""
     K = keras()
     if owner is None:
-        return K.Model(model.inputs, [target.output, final.input])
-    split = K.Model(owner.inputs, [target.output, owner.output], name=f"{owner.name}_gradcam")
+        return K.Model(model.inputs, [target.get_output_at(0), final.get_input_at(0)])
+    split = K.Model(owner.inputs, [target.get_output_at(0), owner.outputs[0]], name=f"{owner.name}_gradcam")
     maps, x = split(owner.get_input_at(-1))
     after = model.layers[model.layers.index(owner) + 1:-1]
     previous = owner
