@@ -119,6 +119,23 @@ def test_mobilenetv2_default_layer_and_nested_split(tmp_path):
         GradCam(small, "out_relu")
 
 
+def test_overlay_png_colours_the_hot_side():
+    """overlay_png, for pages that embed the maps: the image's size, jet red where the map is 1
+    and blue where it is 0, blended over the pixels."""
+    import io
+
+    from training.explain import overlay_png
+
+    pixels = np.full((20, 30, 3), 128, np.uint8)
+    heat = np.zeros((5, 5), np.float32)
+    heat[:, 3:] = 1.0  # the right side is hot; the map is stretched to the image
+    with Image.open(io.BytesIO(overlay_png(pixels, heat))) as picture:
+        assert picture.format == "PNG" and picture.size == (30, 20)
+        rgb = np.asarray(picture.convert("RGB")).astype(int)
+    right, left = rgb[:, -3:].mean((0, 1)), rgb[:, :3].mean((0, 1))
+    assert right[0] > right[2] + 40 and left[2] > left[0] + 40, (right, left)
+
+
 def _write_images(folder: Path) -> list[Path]:
     from training.data import make_synthetic
 

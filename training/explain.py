@@ -246,7 +246,8 @@ def figure_png(original: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     from training.plots import plt  # noqa: PLC0415 (Agg backend)
 
     height, width = original.shape[:2]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4 * height / width + 0.7))  # panels at the image's aspect
+    # Panels at the image's aspect, within reason for a very tall or wide picture.
+    fig, axes = plt.subplots(1, 2, figsize=(8, min(max(4 * height / width, 1.5), 10) + 0.7))
     small = max(original.shape[:2]) < 128  # show a CIFAR-sized image's pixels, not a blur
     for ax, picture, label in ((axes[0], original, "image"), (axes[1], np.asarray(overlay(original, heatmap)), "Grad-CAM")):
         ax.imshow(picture, interpolation="nearest" if small else "antialiased")
