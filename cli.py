@@ -518,6 +518,27 @@ def features(
     console.print(f"wrote {path}", highlight=False)
 
 
+@app.command()
+def explain(
+    run_or_model: Annotated[str, typer.Argument(help="A finished run (name or folder) or an exported model (its run's Keras model is used).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    layer: Annotated[Optional[str], typer.Option(help="Layer to explain (default: the last convolution with a map larger than 1x1).")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class instead of the predicted one.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the <stem>-gradcam.png files.")] = Path("explain"),
+    runs_dir: RunsDir = None,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Grad-CAM: write each image with a heat map of the pixels behind the prediction (or --class)."""
+    from training.explain import explain_files  # noqa: PLC0415
+
+    _, failures = explain_files(run_or_model, paths, out=out, layer=layer, class_name=class_name, runs_dir=runs_dir,
+                                models_dir=models_dir, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    for failure in failures:
+        err.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(2)
+
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: a user's mistake is one line and exit 2, never a traceback."""

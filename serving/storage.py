@@ -48,6 +48,25 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """write_text for binary files (a PNG): temp file in the same folder, then rename."""
+    path = Path(path)
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _umask_mode(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def _writable(target: Path) -> Iterator[None]:
     """Name the user's path when its folder cannot be made or written, not our temporary file's."""
