@@ -66,7 +66,10 @@ def _exports(models_dir: Path | None) -> dict[str, tuple[dict[str, Any], dict[st
 class Doc:
     """The report as Markdown and HTML at once, so the two never disagree."""
 
+    extra_style = ""
+
     def __init__(self, title: str):
+        self.title = title
         self.md = [f"# {title}", ""]
         self.html = [f"<h1>{html.escape(title)}</h1>"]
 
@@ -100,8 +103,8 @@ class Doc:
                  "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
                  "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
                  "img{max-width:100%}figure{margin:1em 0}")
-        return ("<!doctype html><html><head><meta charset='utf-8'><title>tlserve report</title>"
-                f"<style>{style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{style}{self.extra_style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
 
 
 def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
