@@ -179,7 +179,8 @@ def _print_record(run) -> None:
         "params": f"total {m['total_params']:,}  trainable {m['trainable_params']:,}  non-trainable {m['non_trainable_params']:,}",
         "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
         "epochs_to_target": f"{row['epochs_to_target']} (target {r['target']})",
-        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}",
+        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}"
+                + (f"  macro F1 {r['test']['macro_f1']:.4f}" if r["test"].get("macro_f1") is not None else ""),
         "record": str(run.path / "record.json"),
     }
     for key, value in facts.items():

@@ -133,12 +133,13 @@ def load_labelled(spec: str, split: str, class_names: list[str], hw: tuple[int, 
         raise UserError(f"--data {spec}: no class the model knows ({', '.join(sorted(unknown)) or 'no images'}); "
                         f"the model's classes are {', '.join(class_names)}")
     if unknown and not ignore_unknown:
-        first = sorted(unknown)[0]
         from serving.errors import nearest  # noqa: PLC0415
 
-        raise UserError(f"--data {spec}: class '{first}' ({unknown[first]} images) is not one of the model's classes"
+        first, *rest = sorted(unknown)
+        more = f" (and {', '.join(rest[:4])}{', ...' if len(rest) > 4 else ''})" if rest else ""
+        raise UserError(f"--data {spec}: class '{first}'{more} is not one of the model's classes"
                         f"{nearest(first, class_names)}; pass --ignore-unknown to skip "
-                        f"{'it' if len(unknown) == 1 else 'the ' + str(len(unknown)) + ' unknown classes'}")
+                        f"{'its' if not rest else 'their'} {sum(unknown.values())} images")
     return Labelled(names, np.asarray(labels, np.int64), source, paths, arrays, unknown)
 
 
@@ -377,7 +378,8 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     result: dict[str, Any] = {
         "schema": 1, "kind": "eval", "model": manifest["name"], "version": manifest["version"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"spec": opts.data, "split": opts.split, "source": data.source, "images": len(data), "scored": n,
+        "data": {"spec": opts.data, "split": opts.split, "seed": opts.seed, "source": data.source,
+                 "images": len(data), "scored": n,
                  "classes": sorted({class_names[i] for i in data.labels}),
                  "skipped_unreadable": dict(sorted(scored.skipped.items())),
                  "skipped_unknown_class": data.unknown},
