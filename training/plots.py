@@ -129,10 +129,10 @@ def reliability(bins_by_variant: dict[str, list[dict[str, Any]]], path: Path) ->
 def coverage(rows_by_variant: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """The accuracy/coverage trade-off of abstaining below a confidence threshold, per variant."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, rows in rows_by_variant.items():
+    for k, (name, rows) in enumerate(rows_by_variant.items()):
         used = [r for r in rows if r["accuracy"] is not None]
         ax.plot([r["coverage"] for r in used], [r["accuracy"] for r in used], marker="o", markersize=4, label=name)
-        for r in used:
+        for r in used if k == 0 else []:  # the variants share thresholds: label one line's points
             ax.annotate(f"{r['threshold']:g}", (r["coverage"], r["accuracy"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_xlabel("share of answers kept (coverage)")
