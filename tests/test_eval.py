@@ -196,7 +196,7 @@ def test_eval_bad_inputs_are_one_line_and_write_nothing(cnn_model, labelled, tmp
     for c in ("apple", "pear"):
         (strangers / c).mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(strangers / c / "a.png")
-    assert "no class the model knows" in _bad(run_cli_module, cnn_model, "--data", f"folder:{strangers}",
+    assert "is one the model knows" in _bad(run_cli_module, cnn_model, "--data", f"folder:{strangers}",
                                              "--ignore-unknown")
     assert "no val" in _bad(run_cli_module, cnn_model, "--data", f"folder:{labelled}", "--split", "val")
     # a copy of the model exported without int8

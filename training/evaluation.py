@@ -130,8 +130,8 @@ def load_labelled(spec: str, split: str, class_names: list[str], hw: tuple[int, 
         labels = [known[data_classes[j]] for j in y[keep]]
         names = [f"#{i}" for i in np.flatnonzero(keep)]
     if not set(labels):
-        raise UserError(f"--data {spec}: no class the model knows ({', '.join(sorted(unknown)) or 'no images'}); "
-                        f"the model's classes are {', '.join(class_names)}")
+        raise UserError(f"--data {spec}: none of its classes ({', '.join(sorted(unknown)) or 'no images'}) is one "
+                        f"the model knows; the model's classes are {', '.join(class_names)}")
     if unknown and not ignore_unknown:
         from serving.errors import nearest  # noqa: PLC0415
 
