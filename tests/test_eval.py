@@ -261,3 +261,31 @@ def test_runs_and_compare_show_f1_and_eval_and_still_read_old_records(cnn_run, c
     section = md.split("beside their latency")[1].split("##")[0]
     assert "| cnn | fp32 | synthetic (seed 0, test split) | 400 |" in section
     assert "| cnn | int8 |" in section
+
+
+def test_eval_cifar10_batches_folder(cnn_model, tmp_path, run_cli_module):
+    """cifar10:PATH reads the python-pickle batches; its label names (batches.meta) are matched by name,
+    here a shuffled order of the model's own classes, so labels must be remapped, not taken as indices."""
+    import pickle
+
+    import numpy as np
+
+    from training.data import make_synthetic
+
+    x, y, names = make_synthetic(60, seed=77)
+    order = names[::-1]  # the batches' label i is the model's class 9 - i
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    flat = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+    relabelled = [order.index(names[label]) for label in y]
+    for name in ("data_batch_1", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps({b"data": flat, b"labels": relabelled}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in order]}))
+    r = run_cli_module("eval", cnn_model, "--data", f"cifar10:{folder}", "--variants", "fp32",
+                       "--out", tmp_path / "out", "--json")
+    assert r.code == 0, r.err
+    result = json.loads(r.out)
+    rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == 60 and [row["true"] for row in rows] == [names[label] for label in y]
+    assert result["variants"]["fp32"]["accuracy"] == pytest.approx(_independent(rows, "fp32")["accuracy"])
+    assert result["variants"]["fp32"]["accuracy"] > 0.5 and np.isclose(sum(map(sum, result["variants"]["fp32"]["confusion_matrix"])), 60)
