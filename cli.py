@@ -390,7 +390,7 @@ def eval_cmd(
 
 
 def _print_eval(result: dict) -> None:
-    from training.evaluation_page import SUMMARY_HEADERS, summary_rows  # noqa: PLC0415
+    from training.evaluation_page import SUMMARY_HEADERS, scored_classes, summary_rows  # noqa: PLC0415
 
     d = result["data"]
     console.print(f"{d['source']}: {d['scored']:,} of {d['images']:,} images scored", highlight=False, soft_wrap=True)
@@ -400,9 +400,9 @@ def _print_eval(result: dict) -> None:
     first = result["variants"][names[0]]["per_class"]
     console.print(_table(f"per class ({names[0]}; F1 of the others)",
                          ["class", "support", "precision", "recall", "F1", *[f"{v} F1" for v in names[1:]]],
-                         [[c, _fmt(r["support"]), _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]),
+                         [[c, *[_fmt(first.get(c, {}).get(m)) for m in ("support", "precision", "recall", "f1")],
                            *[_fmt(result["variants"][v]["per_class"].get(c, {}).get("f1")) for v in names[1:]]]
-                          for c, r in first.items()], text=("class",)))
+                          for c in scored_classes(result)], text=("class",)))
     thresholds = [r["threshold"] for r in result["variants"][names[0]]["coverage"]]
     console.print(_table("abstaining below a confidence threshold: share kept, accuracy of those kept",
                          ["threshold", *[f"{v} {m}" for v in names for m in ("kept", "acc")]],

@@ -25,6 +25,12 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
 SUMMARY_HEADERS = ["variant", "images", "acc", "top-5", "macro F1", "wtd F1", "ECE", "img/s", "provider"]
 
 
+def scored_classes(result: dict[str, Any]) -> list[str]:
+    """Classes with a per-class row in any variant (in the data, or predicted by one), in model order."""
+    seen = {c for r in result["variants"].values() for c in r["per_class"]}
+    return [c for c in result["class_names"] if c in seen]
+
+
 def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict[str, Any]], variant: str,
            gradcam: dict[int, bytes] | None = None) -> str:
     """`gradcam`: image index -> a PNG to show beside that mistake (the Grad-CAM of the predicted
@@ -48,13 +54,12 @@ def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict
 
     doc.heading("Per class")
     names = list(result["variants"])
-    classes = list(next(iter(result["variants"].values()))["per_class"])
     headers = ["class", "support"] + [f"{v} {m}" for v in names for m in ("precision", "recall", "F1")]
     rows = []
-    for c in classes:
-        first = result["variants"][names[0]]["per_class"][c]
-        rows.append([c, first["support"]] + [result["variants"][v]["per_class"].get(c, {}).get(m)
-                                            for v in names for m in ("precision", "recall", "f1")])
+    for c in scored_classes(result):
+        support = next(r["per_class"][c]["support"] for r in result["variants"].values() if c in r["per_class"])
+        rows.append([c, support] + [result["variants"][v]["per_class"].get(c, {}).get(m)
+                                    for v in names for m in ("precision", "recall", "f1")])
     doc.table(headers, rows)
 
     doc.heading("Abstaining: accuracy against coverage")
