@@ -179,7 +179,8 @@ def _print_record(run) -> None:
         "params": f"total {m['total_params']:,}  trainable {m['trainable_params']:,}  non-trainable {m['non_trainable_params']:,}",
         "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
         "epochs_to_target": f"{row['epochs_to_target']} (target {r['target']})",
-        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}",
+        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}"
+                + (f"  macro F1 {r['test']['macro_f1']:.4f}" if r["test"].get("macro_f1") is not None else ""),
         "record": str(run.path / "record.json"),
     }
     for key, value in facts.items():
@@ -355,6 +356,63 @@ def predict(
         err.print(f"[bold red]error:[/] {failure}", highlight=False)
     if failures:
         raise typer.Exit(2)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled images: folder:PATH (one folder per class, with or without train/val/test) | cifar10[:PATH] | synthetic.")],
+    split: Annotated[str, typer.Option(help="With split sub-folders (or cifar10/synthetic): train | val | test.")] = "test",
+    variants: Annotated[str, typer.Option(help="ONNX variants: comma-separated fp32,fp16,int8, or all the export has.")] = "all",
+    runtime: Annotated[str, typer.Option(help="onnx | savedmodel | keras (the last two ignore --variants).")] = "onnx",
+    url: Annotated[Optional[str], typer.Option(help="Evaluate the running service instead (e.g. http://127.0.0.1:3000).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: MODEL/eval/<timestamp>/).")] = None,
+    ignore_unknown: Annotated[bool, typer.Option("--ignore-unknown", help="Skip (and count) class folders the model does not know.")] = False,
+    seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
+    models_dir: ModelsDir = None,
+) -> None:
+    """Accuracy, per-class precision/recall/F1, calibration and abstention of an exported model on labelled images."""
+    from serving.manifest import resolve_model  # noqa: PLC0415
+    from training.evaluation import EvalOptions, evaluate  # noqa: PLC0415
+
+    log = (lambda line: err.print(line, highlight=False))
+    opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
+                       ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size)
+    result = evaluate(resolve_model(model, models_dir), opts, log=log)
+    if json_out:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(result, indent=2))
+        return
+    _print_eval(result)
+
+
+def _print_eval(result: dict) -> None:
+    from training.evaluation_page import SUMMARY_HEADERS, scored_classes, summary_rows  # noqa: PLC0415
+
+    d = result["data"]
+    console.print(f"{d['source']}: {d['scored']:,} of {d['images']:,} images scored", highlight=False, soft_wrap=True)
+    console.print(_table(f"eval {result['model']}:{result['version']}", SUMMARY_HEADERS,
+                         [[_fmt(c) for c in row] for row in summary_rows(result)], text=("variant", "provider")))
+    names = list(result["variants"])
+    first = result["variants"][names[0]]["per_class"]
+    console.print(_table(f"per class ({names[0]}; F1 of the others)",
+                         ["class", "support", "precision", "recall", "F1", *[f"{v} F1" for v in names[1:]]],
+                         [[c, *[_fmt(first.get(c, {}).get(m)) for m in ("support", "precision", "recall", "f1")],
+                           *[_fmt(result["variants"][v]["per_class"].get(c, {}).get("f1")) for v in names[1:]]]
+                          for c in scored_classes(result)], text=("class",)))
+    thresholds = [r["threshold"] for r in result["variants"][names[0]]["coverage"]]
+    console.print(_table("abstaining below a confidence threshold: share kept, accuracy of those kept",
+                         ["threshold", *[f"{v} {m}" for v in names for m in ("kept", "acc")]],
+                         [[f"{t:g}", *[_fmt(result["variants"][v]["coverage"][i][m]) for v in names
+                                       for m in ("coverage", "accuracy")]] for i, t in enumerate(thresholds)]))
+    for label, items in (("unreadable", d["skipped_unreadable"]), ("unknown class", d["skipped_unknown_class"])):
+        if items:
+            console.print(f"skipped ({label}): " + ", ".join(f"{k} ({v})" for k, v in items.items()),
+                          highlight=False, soft_wrap=True)
+    console.print(f"wrote {result['path']} (metrics.json, predictions.csv, index.html)", highlight=False, soft_wrap=True)
 
 
 @app.command("models")

@@ -397,3 +397,64 @@ def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skippe
     x = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, *size, 3), np.uint8)
     names = np.array([files[i].relative_to(root).as_posix() for i in keep], dtype=object)
     return Split(x, labels[keep] if keep else labels[:0], names)
+
+
+# ---- labelled data for `tlserve eval` ----------------------------------------------------------
+# Eval reads data it never trained on, in whatever layout the user has: these list it without
+# decoding (eval decodes at the model's own input size, in its own pipeline).
+
+EVAL_SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def labelled_folder(root: Path, split: str) -> tuple[Path, str, dict[str, list[Path]]]:
+    """(the folder holding the class folders, how it was chosen, {class folder name: image files}).
+
+    With split sub-folders (train/, val/ valid/ validation/, test/) `split` picks one; without them
+    every class folder under root is used and `split` does not apply."""
+    root = Path(root).expanduser()
+    if root.is_file():
+        raise UserError(f"--data folder:{root}: this is a file; give the folder that holds one sub-folder per class")
+    if not root.is_dir():
+        raise UserError(f"--data folder:{root}: no such folder")
+    if split not in EVAL_SPLITS:
+        raise UserError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not '{split}'")
+    present = {alias: root / alias for names in EVAL_SPLITS.values() for alias in names
+               if (root / alias).is_dir() and _class_dirs(root / alias)}
+    if present:
+        chosen = next((present[a] for a in EVAL_SPLITS[split] if a in present), None)
+        if chosen is None:
+            raise UserError(f"--data folder:{root} has split folders {', '.join(sorted(present))} but no "
+                            f"{'/'.join(EVAL_SPLITS[split])}; pick one with --split")
+        layout = f"split '{chosen.name}'"
+    else:
+        chosen, layout = root, "every class folder (no split sub-folders)"
+    classes = {d.name: sorted(f for f in d.iterdir() if images.is_image_path(f)) for d in _class_dirs(chosen)}
+    if not classes:
+        raise UserError(f"--data folder:{chosen}: no class sub-folders with images (expected one folder per class)")
+    return chosen, layout, classes
+
+
+def labelled_arrays(spec: str, split: str, *, seed: int = 0,
+                    image_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """(x uint8, y, class names, source) of one split of `synthetic` or `cifar10[:PATH]`.
+
+    synthetic: the very images `tlserve train --data synthetic --seed SEED` has in that split."""
+    scheme, _, arg = spec.partition(":")
+    if split not in EVAL_SPLITS:
+        raise UserError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not '{split}'")
+    if scheme == "synthetic" and not arg:
+        i = list(SYNTHETIC_SIZES).index(split)
+        x, y, names = make_synthetic(SYNTHETIC_SIZES[split], seed=seed * 1000 + i, image_size=image_size)
+        return x, y, names, f"synthetic (seed {seed}, {split} split)"
+    if scheme == "cifar10":
+        if split == "val":
+            raise UserError("CIFAR-10 has a train and a test split; use --split test or --split train")
+        if arg:
+            (xtr, ytr), (xte, yte), names = _read_cifar_batches(Path(arg).expanduser())
+        else:
+            ds = _cifar10(DataConfig(spec="cifar10", val_split=0.0), None)
+            (xtr, ytr), (xte, yte), names = (ds.train.x, ds.train.y), (ds.test.x, ds.test.y), ds.class_names
+        x, y = (xtr, ytr) if split == "train" else (xte, yte)
+        return (np.asarray(x, np.uint8), np.asarray(y, np.int64).reshape(-1), list(names),
+                f"CIFAR-10 ({arg or 'Keras download'}, {split} split)")
+    raise UserError(f"unknown --data '{spec}'; use one of {', '.join(SCHEMES)}")

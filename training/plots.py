@@ -99,3 +99,46 @@ def feature_grid(maps: np.ndarray, title: str, path: Path) -> Path:
             ax.imshow(maps[..., i], cmap="viridis")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def reliability(bins_by_variant: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (training.metrics's
+    bins), one line per variant; the diagonal is perfect calibration, below it over-confidence."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1, label="perfect calibration")
+    width = None
+    for k, (name, bins) in enumerate(bins_by_variant.items()):
+        used = [b for b in bins if b["count"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o", markersize=4, label=name)
+        width = (bins[0]["high"] - bins[0]["low"]) if bins else 0.1
+        share = len(bins_by_variant)
+        hist.bar([b["low"] + width * (k + 0.5) / share for b in bins], [b["count"] for b in bins],
+                 width=width / share, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title("reliability diagram")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    hist.set_xlabel("confidence (top probability)")
+    hist.set_ylabel("images")
+    hist.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def coverage(rows_by_variant: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """The accuracy/coverage trade-off of abstaining below a confidence threshold, per variant."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for k, (name, rows) in enumerate(rows_by_variant.items()):
+        used = [r for r in rows if r["accuracy"] is not None]
+        ax.plot([r["coverage"] for r in used], [r["accuracy"] for r in used], marker="o", markersize=4, label=name)
+        for r in used if k == 0 else []:  # the variants share thresholds: label one line's points
+            ax.annotate(f"{r['threshold']:g}", (r["coverage"], r["accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("share of answers kept (coverage)")
+    ax.set_ylabel("accuracy of the answers kept")
+    ax.set_title("abstaining below a confidence threshold (points labelled by threshold)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

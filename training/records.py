@@ -18,7 +18,11 @@ record.json (schema 1):
                   trainable_layers, frozen_layers, size_bytes
   history         [{epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds, lr}]
   epochs, avg_epoch_time_sec, total_time_sec, target, epochs_to_target (int | null)
-  test            {loss, accuracy, per_class_accuracy {class: acc}, confusion_matrix [[int]]}
+  test            {loss, accuracy, per_class_accuracy {class: acc}, confusion_matrix [[int]],
+                   per_class {class: {precision, recall, f1, support}}, macro_f1, weighted_f1}
+                  (training.metrics.summary of the confusion matrix: a class never predicted has
+                  precision 0; macro = unweighted mean over every class. Records written before
+                  these fields existed lack them; readers treat them as missing, not as 0.)
   environment     {machine {...}, versions {...}, devices [..], precision, distribution}
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ CURVES = "curves.png"
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr")
 # Seed 001's CSV columns, then ours.
 TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
-                "trainable_params", "non_trainable_params", "epochs_to_target")
+                "trainable_params", "non_trainable_params", "epochs_to_target", "macro_f1")
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
 
 
 def table_row(record: dict[str, Any]) -> dict[str, Any]:
-    """Seed 001's columns (plus epochs_to_target), derived from a record."""
+    """Seed 001's columns (plus epochs_to_target and macro F1), derived from a record; macro F1 is
+    None for records older than it."""
     return {
         "model": record["name"],
         "epochs": record["epochs"],
@@ -102,6 +107,7 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": record["model"]["trainable_params"],
         "non_trainable_params": record["model"]["non_trainable_params"],
         "epochs_to_target": record["epochs_to_target"],
+        "macro_f1": record["test"].get("macro_f1"),
     }
 
 

@@ -7,13 +7,15 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from serving import storage
 from serving.errors import UserError
 from training import plots, records
 
 SERVE_RUNTIME = "onnx"
+# eval's variant names -> bench's runtime names
+VARIANT_RUNTIMES = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Entry:
     record: dict[str, Any]
     manifest: dict[str, Any] | None
     bench: dict[str, Any] | None  # latest in-process bench of its export
+    evaluation: dict[str, Any] | None = None  # latest `tlserve eval` of that export (its metrics.json)
 
     @property
     def name(self) -> str:
@@ -38,13 +41,17 @@ def gather(run_refs: list[str], runs_dir: Path | None, models_dir: Path | None) 
     if not runs:
         raise UserError(f"no finished runs in {storage.runs_dir(runs_dir)}; train one with `tlserve train`")
     exports = _exports(models_dir)
-    return [Entry(run.record, *exports.get(run.name, (None, None))) for run in runs]
+    return [Entry(run.record, *exports.get(run.name, (None, None, None))) for run in runs]
 
 
-def _exports(models_dir: Path | None) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
-    """run name → (manifest, latest in-process bench) of its export (the newest benchmarked one, if any)."""
+Export = tuple[dict[str, Any], Optional[dict[str, Any]], Optional[dict[str, Any]]]
+
+
+def _exports(models_dir: Path | None) -> dict[str, Export]:
+    """run name → (manifest, latest in-process bench, latest eval) of its export (the newest
+    benchmarked one, if any)."""
     root = storage.models_dir(models_dir)
-    found: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+    found: dict[str, Export] = {}
     if not root.is_dir():
         return found
     for folder in sorted(root.iterdir()):
@@ -57,8 +64,22 @@ def _exports(models_dir: Path | None) -> dict[str, tuple[dict[str, Any], dict[st
         # A benchmarked export beats an unbenchmarked one; then the newest wins.
         rank = (bench is not None, manifest["created_at"])
         if previous is None or rank > (previous[1] is not None, previous[0]["created_at"]):
-            found[manifest["run"]] = (manifest, bench)
+            found[manifest["run"]] = (manifest, bench, latest_eval(folder))
     return found
+
+
+def latest_eval(model_dir: Path) -> dict[str, Any] | None:
+    """The newest in-process `tlserve eval` stored under the model folder (an HTTP eval measures the
+    service, not the variants), or None."""
+    stored = []
+    for path in (model_dir / "eval").glob("*/metrics.json") if (model_dir / "eval").is_dir() else []:
+        try:
+            result = storage.read_json(path)
+        except (OSError, ValueError):
+            continue
+        if result.get("kind") == "eval" and result.get("runtime") != "http":
+            stored.append(result)
+    return max(stored, key=lambda r: r.get("created_at", ""), default=None)
 
 
 
@@ -66,7 +87,10 @@ def _exports(models_dir: Path | None) -> dict[str, tuple[dict[str, Any], dict[st
 class Doc:
     """The report as Markdown and HTML at once, so the two never disagree."""
 
+    extra_style = ""
+
     def __init__(self, title: str):
+        self.title = title
         self.md = [f"# {title}", ""]
         self.html = [f"<h1>{html.escape(title)}</h1>"]
 
@@ -100,8 +124,8 @@ class Doc:
                  "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
                  "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
                  "img{max-width:100%}figure{margin:1em 0}")
-        return ("<!doctype html><html><head><meta charset='utf-8'><title>tlserve report</title>"
-                f"<style>{style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{style}{self.extra_style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
 
 
 def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
@@ -154,6 +178,20 @@ def _write(entries: list[Entry], folder: Path) -> None:
     if unbenched:
         doc.para(f"Exported but not benchmarked: {', '.join(unbenched)} (`tlserve bench MODEL`).")
 
+    doc.heading("Exported variants on labelled data (tlserve eval) beside their latency")
+    rows = []
+    for e in entries:
+        ev = e.evaluation
+        for variant, m in (ev or {}).get("variants", {}).items():
+            runtime = VARIANT_RUNTIMES.get(variant, variant)
+            rows.append([e.name, variant, ev["data"]["source"], m["images"], m["accuracy"], m["macro_f1"], m["ece"],
+                         e.latency(runtime), e.latency(runtime, 32), m.get("model_images_per_sec")])
+    if rows:
+        doc.table(["run", "variant", "eval data", "images", "accuracy", "macro F1", "ECE", "p50 ms (b1)",
+                   "p50 ms (b32)", "eval images/s"], rows)
+    else:
+        doc.para("No stored evals yet (tlserve eval MODEL --data SPEC).")
+
     doc.heading("Curves")
     doc.image(plots.curves(recs, folder / "curves.png"), "training and validation accuracy and loss per epoch")
     doc.image(plots.accuracy_bars(recs, folder / "test_accuracy.png"), "test accuracy per run")
@@ -163,10 +201,18 @@ def _write(entries: list[Entry], folder: Path) -> None:
     else:
         doc.para("No benchmarked exports yet, so no accuracy-vs-latency plot.")
 
-    doc.heading("Per-class accuracy and confusion matrices")
+    doc.heading("Per-class accuracy, precision, recall, F1 and confusion matrices")
     for e in entries:
         t = e.record["test"]
-        doc.table(["class", f"{e.name} accuracy"], [[c, a] for c, a in t["per_class_accuracy"].items()])
+        scores = t.get("per_class")  # records before precision/recall/F1 were recorded lack it
+        if scores:
+            doc.table(["class", f"{e.name} accuracy", "precision", "recall", "F1", "support"],
+                      [[c, a, scores[c]["precision"], scores[c]["recall"], scores[c]["f1"], scores[c]["support"]]
+                       for c, a in t["per_class_accuracy"].items()])
+            doc.para(f"{e.name}: macro F1 {records.format_cell(t.get('macro_f1'))}, "
+                     f"weighted F1 {records.format_cell(t.get('weighted_f1'))}.")
+        else:
+            doc.table(["class", f"{e.name} accuracy"], [[c, a] for c, a in t["per_class_accuracy"].items()])
         doc.image(plots.confusion(t["confusion_matrix"], e.record["data"]["class_names"], e.name,
                                   folder / f"confusion-{e.name}.png"), f"confusion matrix of {e.name}")
 

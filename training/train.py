@@ -22,7 +22,7 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies
+from training import accel as accelerators, data as datasets, env, feature_cache, metrics, models, records, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import Interrupted
@@ -565,7 +565,8 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
 def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
     """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
     regularization, so it compares with val_loss), accuracy, per-class accuracy and confusion matrix,
-    from a single pass over the test split."""
+    and per-class precision/recall/F1/support with macro and weighted F1 (training.metrics, the
+    definitions `tlserve eval` uses), from a single pass over the test split."""
     probs = model.predict(test_ds, verbose=0)
     y = dataset.test.y
     per_image = keras().losses.get(_loss(label_smoothing))(y, probs)  # the very loss the run trained on
@@ -573,13 +574,13 @@ def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]
     loss = float(np.mean(per_image)) + regularization
     pred = probs.argmax(axis=1)
     accuracy = float(np.mean(pred == y))
-    n = len(dataset.class_names)
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (dataset.test.y, pred), 1)
+    matrix = metrics.confusion(y, pred, len(dataset.class_names))
     per_class = {name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
                  for i, name in enumerate(dataset.class_names)}
+    scores = metrics.summary(matrix, dataset.class_names)
     return {"loss": float(loss), "accuracy": float(accuracy), "per_class_accuracy": per_class,
-            "confusion_matrix": matrix.tolist()}
+            "confusion_matrix": matrix.tolist(), "per_class": scores["per_class"],
+            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"]}
 
 
 def _record(cfg, dataset, built, model, history, total_time, test, staging: Path, acc, training_facts) -> dict[str, Any]:
