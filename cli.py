@@ -370,8 +370,10 @@ def eval_cmd(
     ignore_unknown: Annotated[bool, typer.Option("--ignore-unknown", help="Skip (and count) class folders the model does not know.")] = False,
     seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 64,
+    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Show each listed mistake's Grad-CAM (uses the run's Keras model).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
+    runs_dir: RunsDir = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, calibration and abstention of an exported model on labelled images."""
     from serving.manifest import resolve_model  # noqa: PLC0415
@@ -379,7 +381,8 @@ def eval_cmd(
 
     log = (lambda line: err.print(line, highlight=False))
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
-                       ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size)
+                       ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
+                       runs_dir=runs_dir)
     result = evaluate(resolve_model(model, models_dir), opts, log=log)
     if json_out:
         import json  # noqa: PLC0415

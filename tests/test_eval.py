@@ -138,6 +138,9 @@ def test_eval_writes_figures_and_a_self_contained_page(evaluated):
     assert page.count("data:image/png;base64,") >= 5  # 4 figures + at least one mistake thumbnail
     assert 'src="http' not in page and "Most confident mistakes" in page and 'class="gradcam"' in page
     assert "square/broken.png" in page and "unicorn (1 images)" in page
+    # every listed mistake carries the Grad-CAM of the class it was wrongly given (the run is still there)
+    assert page.count('class="mistake"') >= 1
+    assert page.count('alt="Grad-CAM"') == page.count('class="mistake"')
 
 
 def test_eval_over_http_matches_in_process(cnn_model, labelled, evaluated, tmp_path, run_cli_module):

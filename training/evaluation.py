@@ -50,6 +50,8 @@ class EvalOptions:
     ignore_unknown: bool = False
     seed: int = 0
     batch_size: int = BATCH
+    gradcam: bool = True       # the mistakes page shows each mistake's Grad-CAM (needs the run's Keras model)
+    runs_dir: Path | None = None
 
 
 @dataclass
@@ -400,7 +402,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
         row.update({"seconds": spent, "model_images_per_sec": n / spent if spent else None,
                     "provider": providers.get(name, "http"), "batch_size": HTTP_BATCH if opts.url else opts.batch_size})
         result["variants"][name] = row
-    _write(final, result, data, scored, log)
+    _write(final, result, data, scored, log, model_dir if opts.gradcam else None, opts.runs_dir)
     result["path"] = str(final)
     return result
 
@@ -447,7 +449,35 @@ def confident_mistakes(data: Labelled, scored: Scored, variant: str, class_names
              "predicted": class_names[int(pred[i])], "confidence": float(conf[i])} for i in order]
 
 
-def _write(final: Path, result: dict[str, Any], data: Labelled, scored: Scored, log: Log | None) -> None:
+def mistake_gradcams(model_dir: Path, mistakes: list[dict[str, Any]], data: Labelled, class_names: list[str],
+                     runs_dir: Path | None, log: Log | None) -> dict[int, bytes]:
+    """image index -> the Grad-CAM overlay of the class the model wrongly gave it, computed through the
+    run's Keras model (the export holds no Keras model); {} with a logged reason when that run is gone."""
+    if not mistakes:
+        return {}
+    from training import explain  # noqa: PLC0415 (TensorFlow only when there is something to explain)
+    from training.models import load_model  # noqa: PLC0415
+
+    try:
+        run = explain.resolve_run(str(model_dir), runs_dir)
+    except UserError as exc:
+        (log or print)(f"Grad-CAM of the mistakes skipped: {exc}")
+        return {}
+    h, w = run.record["data"]["image_size"]
+    interpolation = run.record["data"].get("interpolation", images.DEFAULT_INTERPOLATION)
+    picked = [(m, data.pixels(m["index"], (h, w), interpolation)) for m in mistakes]
+    picked = [(m, px) for m, px in picked if px is not None]
+    if not picked:
+        return {}
+    pixels = np.stack([px for _, px in picked])
+    wanted = np.array([class_names.index(m["predicted"]) for m, _ in picked])
+    with progress.step("Grad-CAM of the mistakes", len(picked), log=log):
+        maps = explain.explain_arrays(load_model(run.model_path), pixels, wanted)
+    return {m["index"]: explain.overlay_png(px, heat) for (m, px), heat in zip(picked, maps)}
+
+
+def _write(final: Path, result: dict[str, Any], data: Labelled, scored: Scored, log: Log | None,
+           gradcam_from: Path | None = None, runs_dir: Path | None = None) -> None:
     from training import evaluation_page, plots  # noqa: PLC0415 (matplotlib once results exist)
 
     class_names = result["class_names"]
@@ -455,6 +485,7 @@ def _write(final: Path, result: dict[str, Any], data: Labelled, scored: Scored, 
     mistakes = confident_mistakes(data, scored, first, class_names)
     for m in mistakes:
         m["thumbnail"] = data.thumbnail(m["index"])
+    gradcams = mistake_gradcams(gradcam_from, mistakes, data, class_names, runs_dir, log) if gradcam_from else {}
     with storage.staged_dir(final, overwrite=False) as staging:
         storage.write_json(staging / "metrics.json", result)
         storage.write_text(staging / "predictions.csv", predictions_csv(data, scored, class_names))
@@ -467,4 +498,4 @@ def _write(final: Path, result: dict[str, Any], data: Labelled, scored: Scored, 
             {n: r["reliability_bins"] for n, r in result["variants"].items()}, staging / "reliability.png")
         figures["coverage.png"] = plots.coverage({n: r["coverage"] for n, r in result["variants"].items()},
                                                  staging / "coverage.png")
-        storage.write_text(staging / "index.html", evaluation_page.render(result, figures, mistakes, first))
+        storage.write_text(staging / "index.html", evaluation_page.render(result, figures, mistakes, first, gradcams))

@@ -33,8 +33,8 @@ def scored_classes(result: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict[str, Any]], variant: str,
            gradcam: dict[int, bytes] | None = None) -> str:
-    """`gradcam`: image index -> a PNG to show beside that mistake (the Grad-CAM of the predicted
-    class, once training/explain.py exists); its slot on the page stays empty without it."""
+    """`gradcam`: image index -> a PNG to show beside that mistake (the Grad-CAM of the class it was
+    wrongly given, evaluation.mistake_gradcams); its slot on the page stays empty without it."""
     d = result["data"]
     doc = EvalDoc(f"tlserve eval: {result['model']}:{result['version']}")
     doc.para(f"Data: {d['source']} ({d['spec']}); {d['scored']:,} of {d['images']:,} images scored; "
@@ -83,7 +83,6 @@ def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict
     for m in mistakes:
         thumb = (f'<img alt="{html.escape(m["file"])}" src="data:image/png;base64,'
                  f'{base64.b64encode(m["thumbnail"]).decode()}">') if m.get("thumbnail") else ""
-        # Grad-CAM slot: the lead wires training/explain.py's heat map in here (see `gradcam` above).
         heat = (gradcam or {}).get(m["index"])
         heat_html = (f'<img alt="Grad-CAM" src="data:image/png;base64,{base64.b64encode(heat).decode()}">'
                      if heat else "")
