@@ -115,6 +115,8 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
     logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
     tta: Annotated[str, typer.Option(help="none | flip: the saved model averages its logits over each image and its mirror (twice the inference work).")] = "none",
+    class_weight: Annotated[str, typer.Option(help="Loss weight per class: none | balanced (n / (classes x count)) | name=weight,... (others 1).")] = "none",
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit a temperature on the validation split and bake it into the saved model (calibrated probabilities, same top class).")] = True,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
@@ -147,7 +149,7 @@ def train(
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
         finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
-        tta=tta, batch_size=batch_size, target=target,
+        tta=tta, class_weight=class_weight, calibrate=calibrate, batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
         precision=precision, jit=jit, distribute=distribute,
     )
@@ -182,6 +184,12 @@ def _print_record(run) -> None:
         "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}",
         "record": str(run.path / "record.json"),
     }
+    cal = r.get("calibration") or {}
+    if cal.get("temperature") is not None:
+        facts["calibration"] = (f"temperature {cal['temperature']:.3f}; test ECE {cal['test_ece_before']:.4f} -> "
+                                f"{cal['test_ece_after']:.4f} (val {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f})")
+    elif cal.get("skipped"):
+        facts["calibration"] = f"skipped: {cal['skipped']}"
     for key, value in facts.items():
         table.add_row(key, value)
     console.print(table)
