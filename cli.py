@@ -310,6 +310,8 @@ def export(
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static QDQ, calibrated on training images; for CPUs).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = False,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
+    max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = 1.0,
+    max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -317,19 +319,34 @@ def export(
     from training.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
-                         overwrite=overwrite, register=register)
+                         overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
+                         max_class_drop=max_class_drop)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
                                 log=lambda line: console.print(line, highlight=False))
+    rejected = manifest["export"].get("gate", {}).get("rejected", {})
     rows = [[file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
-             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta"))]
-            for file, facts in manifest["artifacts"].items()]
+             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta")), _fmt(facts.get("test_ece")),
+             _gate_cell(facts.get("gate"), file in rejected)]
+            for file, facts in {**manifest["artifacts"], **rejected}.items()]
     console.print(_table(f"exported {manifest['name']}:{manifest['version']}",
-                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta"], rows, text=("file",)))
+                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows,
+                         text=("file", "gate")))
     console.print(f"max diff: largest |output - Keras output| on the check batch; folder: {path}", highlight=False,
                   soft_wrap=True)
     if not manifest["export"]["check_informative"]:
         console.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
                       "nothing about whether the runtimes compute the same function", highlight=False, soft_wrap=True)
+
+
+def _gate_cell(gate: dict | None, rejected: bool) -> str:
+    """The accuracy gate's verdict on one variant, for the export table."""
+    if gate is None:
+        return "—"
+    if not rejected:
+        return f"kept (-{gate['accuracy_drop_points']:.2f} pt, worst class -{gate['worst_class_drop_points']:.2f} pt)"
+    crossed = [f"{'accuracy' if c['limit'] == 'max_accuracy_drop' else repr(c['class'])} -{c['drop_points']:.2f} pt "
+               f"(limit {c['limit_points']:g}, over by {c['over_by_points']:.2f})" for c in gate["crossed"]]
+    return "NOT KEPT: " + "; ".join(crossed)
 
 
 @app.command()
