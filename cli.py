@@ -343,8 +343,9 @@ def _gate_cell(gate: dict | None, rejected: bool) -> str:
     if gate is None:
         return "—"
     if not rejected:
-        return f"kept (-{gate['accuracy_drop_points']:.2f} pt, worst class -{gate['worst_class_drop_points']:.2f} pt)"
-    crossed = [f"{'accuracy' if c['limit'] == 'max_accuracy_drop' else repr(c['class'])} -{c['drop_points']:.2f} pt "
+        return (f"kept: accuracy drop {gate['accuracy_drop_points']:.2f} pt, worst class "
+                f"{gate['worst_class']!r} {gate['worst_class_drop_points']:.2f} pt")
+    crossed = [f"{'accuracy' if c['limit'] == 'max_accuracy_drop' else repr(c['class'])} drop {c['drop_points']:.2f} pt "
                f"(limit {c['limit_points']:g}, over by {c['over_by_points']:.2f})" for c in gate["crossed"]]
     return "NOT KEPT: " + "; ".join(crossed)
 
