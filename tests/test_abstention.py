@@ -71,3 +71,14 @@ def test_a_bad_setting_is_one_line_at_startup(model, run_cli, monkeypatch, value
     monkeypatch.setenv("TLSERVE_MIN_CONFIDENCE", value)
     result = run_cli("serve", model, "--port", "1")
     assert result.code == 2 and "TLSERVE_MIN_CONFIDENCE" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_bentomls_client_calls_with_and_without_a_threshold(server, sample_images):
+    import bentoml
+
+    path = sorted(p for p in sample_images.iterdir() if p.suffix == ".png")[0]
+    with bentoml.SyncHTTPClient(server) as client:
+        plain = client.predict(image=path)
+        strict = client.predict_batch(images=[path, path], top_k=2, min_confidence=0.999999)
+    assert plain["min_confidence"] == DEFAULT_THRESHOLD
+    assert all(a["abstained"] and len(a["top"]) == 2 for a in strict["predictions"])
