@@ -115,6 +115,8 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
     logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
     tta: Annotated[str, typer.Option(help="none | flip: the saved model averages its logits over each image and its mirror (twice the inference work).")] = "none",
+    class_weight: Annotated[str, typer.Option(help="Loss weight per class: none | balanced (n / (classes x count)) | name=weight,... (others 1).")] = "none",
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit a temperature on the validation split and bake it into the saved model (calibrated probabilities, same top class).")] = True,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
@@ -147,7 +149,7 @@ def train(
         from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
         finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
-        tta=tta, batch_size=batch_size, target=target,
+        tta=tta, class_weight=class_weight, calibrate=calibrate, batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
         precision=precision, jit=jit, distribute=distribute,
     )
@@ -183,6 +185,12 @@ def _print_record(run) -> None:
                 + (f"  macro F1 {r['test']['macro_f1']:.4f}" if r["test"].get("macro_f1") is not None else ""),
         "record": str(run.path / "record.json"),
     }
+    cal = r.get("calibration") or {}
+    if cal.get("temperature") is not None:
+        facts["calibration"] = (f"temperature {cal['temperature']:.3f}; test ECE {cal['test_ece_before']:.4f} -> "
+                                f"{cal['test_ece_after']:.4f} (val {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f})")
+    elif cal.get("skipped"):
+        facts["calibration"] = f"skipped: {cal['skipped']}"
     for key, value in facts.items():
         table.add_row(key, value)
     console.print(table)
@@ -303,6 +311,8 @@ def export(
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static QDQ, calibrated on training images; for CPUs).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = False,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
+    max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = 1.0,
+    max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -310,19 +320,35 @@ def export(
     from training.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
-                         overwrite=overwrite, register=register)
+                         overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
+                         max_class_drop=max_class_drop)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
                                 log=lambda line: console.print(line, highlight=False))
+    rejected = manifest["export"].get("gate", {}).get("rejected", {})
     rows = [[file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
-             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta"))]
-            for file, facts in manifest["artifacts"].items()]
+             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta")), _fmt(facts.get("test_ece")),
+             _gate_cell(facts.get("gate"), file in rejected)]
+            for file, facts in {**manifest["artifacts"], **rejected}.items()]
     console.print(_table(f"exported {manifest['name']}:{manifest['version']}",
-                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta"], rows, text=("file",)))
+                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows,
+                         text=("file", "gate")))
     console.print(f"max diff: largest |output - Keras output| on the check batch; folder: {path}", highlight=False,
                   soft_wrap=True)
     if not manifest["export"]["check_informative"]:
         console.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
                       "nothing about whether the runtimes compute the same function", highlight=False, soft_wrap=True)
+
+
+def _gate_cell(gate: dict | None, rejected: bool) -> str:
+    """The accuracy gate's verdict on one variant, for the export table."""
+    if gate is None:
+        return "—"
+    if not rejected:
+        return (f"kept: accuracy drop {gate['accuracy_drop_points']:.2f} pt, worst class "
+                f"{gate['worst_class']!r} {gate['worst_class_drop_points']:.2f} pt")
+    crossed = [f"{'accuracy' if c['limit'] == 'max_accuracy_drop' else repr(c['class'])} drop {c['drop_points']:.2f} pt "
+               f"(limit {c['limit_points']:g}, over by {c['over_by_points']:.2f})" for c in gate["crossed"]]
+    return "NOT KEPT: " + "; ".join(crossed)
 
 
 @app.command()

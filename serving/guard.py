@@ -33,14 +33,14 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from serving import images
-from serving.settings import ServiceSettings
+from serving.settings import ServiceSettings, confidence_threshold
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
-OPTIONAL_FIELDS = {"top_k"}
+OPTIONAL_FIELDS = {"top_k", "min_confidence"}
 MAX_BATCH_FILES = 64
 # Images up to this many pixels (by header) decode on the event loop: a 256x256 noisy PNG takes
 # ~1.5 ms here against ~0.1 ms for a hop to a thread; a 1000x1000 one would hold the loop ~18 ms.
@@ -52,7 +52,8 @@ class GuardState:
     """Filled by the service once its model is loaded (the guard is created before that)."""
     input_hw: tuple[int, int] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    # The service's classify(decoded images, top_k, batch=...) -> the JSON answer; None until loaded.
+    # The service's classify(decoded images, top_k, batch=..., min_confidence=...) -> the JSON answer;
+    # None until loaded.
     classify: Optional[Callable[..., Awaitable[dict[str, Any]]]] = None
     # Requests now waiting for or running on the model (uploads still arriving or decoding are not
     # counted): the batching thread reads it to tell a request served alone from one on a busy server.
@@ -109,13 +110,13 @@ class RequestGuard:
                 _check_infer(body)
                 return await _counted(self.app(scope, _replay(body, receive), send))
             field_name, many = IMAGE_ROUTES[path]
-            decoded, top_k = await self._images(scope, body, field_name, many)
+            decoded, top_k, min_confidence = await self._images(scope, body, field_name, many)
         except RequestError as exc:
             return await _json(send, exc.status, {"error": str(exc)})
         if STATE.classify is None:
             return await _json(send, 503, {"error": "model is still loading"})
         try:
-            answer = await _counted(STATE.classify(decoded, top_k, batch=many))
+            answer = await _counted(STATE.classify(decoded, top_k, batch=many, min_confidence=min_confidence))
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound
             return await _json(send, 503, {"error": str(exc)})
         await _json(send, 200, answer)
@@ -141,7 +142,8 @@ class RequestGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _images(self, scope: Scope, body: bytes, field_name: str, many: bool) -> tuple[list, int | None]:
+    async def _images(self, scope: Scope, body: bytes, field_name: str,
+                      many: bool) -> tuple[list, int | None, float | None]:
         from starlette.requests import Request  # noqa: PLC0415
 
         hint = f"send the image{'s' if many else ''} as multipart/form-data field '{field_name}'"
@@ -162,6 +164,13 @@ class RequestGuard:
             if top_k is not None and (not isinstance(top_k, str) or not top_k.strip().isdigit()
                                       or not 1 <= int(top_k) <= 1000):
                 raise RequestError(400, "top_k must be a whole number from 1 to 1000")
+            min_confidence = form.get("min_confidence")
+            if min_confidence is not None:
+                threshold = confidence_threshold(min_confidence) if isinstance(min_confidence, str) else None
+                if threshold is None:
+                    raise RequestError(400, f"min_confidence must be a probability between 0 and 1 (both excluded), "
+                                            f"not {str(min_confidence)[:40]!r}")
+                min_confidence = threshold
             uploads = form.getlist(field_name)
             if not uploads:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")
@@ -174,7 +183,7 @@ class RequestGuard:
                 files.append((upload.filename or f"{field_name}[{n}]", await upload.read()))
         finally:
             await form.close()
-        return await self._decode(files), int(top_k) if top_k is not None else None
+        return await self._decode(files), int(top_k) if top_k is not None else None, min_confidence
 
     async def _decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """Each upload as a model-sized uint8 array, one at a time, so no two full-size images of a

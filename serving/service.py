@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import bentoml
 import numpy as np
@@ -20,7 +20,7 @@ from serving.lifecycle import supervise_parent
 from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
 from serving.runtime import OnnxClassifier, physical_cores
-from serving.settings import ServiceSettings
+from serving.settings import ServiceSettings, confidence_threshold
 
 
 def _model_ref() -> str:
@@ -98,6 +98,10 @@ class ImageClassifier:
             "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
             "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": SETTINGS.max_batch,
             "max_latency_ms": SETTINGS.max_latency_ms, "ort_spin": SETTINGS.ort_spin, "lone_session": self._lone is not None,
+            # The default abstention threshold (TLSERVE_MIN_CONFIDENCE; a request's min_confidence overrides it)
+            # and the temperature baked into the model at training, so a client knows what the numbers mean.
+            "min_confidence": SETTINGS.min_confidence,
+            "temperature": (manifest.get("calibration") or {}).get("temperature"),
             # What a client can meet before the model: each is a 4xx with a JSON reason.
             "limits": {"files_per_request": MAX_BATCH_FILES, "fields": ["image", "images", *sorted(OPTIONAL_FIELDS)],
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels_per_image": SETTINGS.max_pixels,
@@ -125,22 +129,33 @@ class ImageClassifier:
         return self.model.predict(np.asarray(images, dtype=np.float32))
 
     @bentoml.api(route="/predict")
-    async def predict(self, image: Path, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-        """Classify one uploaded image (multipart field `image`)."""
-        return await self.classify([self._open(image)], top_k, batch=False)
+    async def predict(self, image: Path, top_k: int = DEFAULT_TOP_K,
+                      min_confidence: Optional[float] = None) -> dict[str, Any]:
+        """Classify one uploaded image (multipart field `image`); below `min_confidence` the answer abstains."""
+        return await self.classify([self._open(image)], top_k, batch=False, min_confidence=min_confidence)
 
     @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, images: list[Path], top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+    async def predict_batch(self, images: list[Path], top_k: int = DEFAULT_TOP_K,
+                            min_confidence: Optional[float] = None) -> dict[str, Any]:
         """Classify several uploaded images (repeated multipart field `images`)."""
-        return await self.classify([self._open(path) for path in images], top_k, batch=True)
+        return await self.classify([self._open(path) for path in images], top_k, batch=True,
+                                   min_confidence=min_confidence)
 
-    async def classify(self, decoded: list, top_k: int | None, *, batch: bool) -> dict[str, Any]:
+    async def classify(self, decoded: list, top_k: int | None, *, batch: bool,
+                       min_confidence: float | None = None) -> dict[str, Any]:
         """Top-k answers for decoded images, through the batching worker: one answer
         (`/predict`) or a list of them (`/predict_batch`). Over HTTP the
         request guard calls this directly with the images it has already decoded (see
-        serving.guard); the endpoints above call it for in-process callers."""
+        serving.guard); the endpoints above call it for in-process callers.
+
+        Each answer says "abstained": true when its top probability is below the threshold (the
+        request's min_confidence, else TLSERVE_MIN_CONFIDENCE): the model's calibrated confidence is
+        too low to act on, and the top-k are still listed for a human to look at."""
         if not decoded:
             raise bentoml.exceptions.InvalidArgument("no images")
+        if min_confidence is not None and confidence_threshold(min_confidence) is None:
+            raise bentoml.exceptions.InvalidArgument("min_confidence must be a probability between 0 and 1 (both excluded)")
+        threshold = SETTINGS.min_confidence if min_confidence is None else float(min_confidence)
         pixels = np.stack([images.to_array(img, self.model.input_hw, self.model.interpolation) for img in decoded])
         try:
             probs = await self._batched(pixels)
@@ -148,8 +163,8 @@ class ImageClassifier:
             raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
         k = DEFAULT_TOP_K if top_k is None else top_k
         if not batch:
-            return {**self._answer(probs[0], k), **self._model_info()}
-        return {"predictions": [self._answer(p, k) for p in probs], **self._model_info()}
+            return {**self._answer(probs[0], k, threshold), **self._model_info()}
+        return {"predictions": [self._answer(p, k, threshold) for p in probs], **self._model_info()}
 
     @bentoml.on_shutdown
     def _stop_batching(self) -> None:
@@ -161,8 +176,12 @@ class ImageClassifier:
         except images.ImageError as exc:
             raise bentoml.exceptions.InvalidArgument(str(exc)) from None
 
-    def _answer(self, probs: np.ndarray, k: int) -> dict[str, Any]:
-        return {"top": top_classes(probs, self.model.class_names, max(1, min(int(k), len(self.model.class_names))))}
+    def _answer(self, probs: np.ndarray, k: int, threshold: float | None) -> dict[str, Any]:
+        top = top_classes(probs, self.model.class_names, max(1, min(int(k), len(self.model.class_names))))
+        answer: dict[str, Any] = {"top": top, "abstained": bool(threshold is not None and top[0]["probability"] < threshold)}
+        if threshold is not None:
+            answer["min_confidence"] = threshold
+        return answer
 
     def _model_info(self) -> dict[str, str]:
         return {"model": self.model.name, "version": self.model.version}

@@ -36,6 +36,9 @@ class ServiceSettings:
     ort_spin: str = "auto"
     device: str = "auto"  # TLSERVE_DEVICE: auto | cpu | cuda
     workers: int = 1  # TLSERVE_WORKERS: BentoML worker processes
+    # TLSERVE_MIN_CONFIDENCE: below this top-1 probability an answer says "abstained": true (top-k still
+    # listed); a request's own min_confidence field overrides it. None: never abstain.
+    min_confidence: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -50,7 +53,23 @@ class ServiceSettings:
         device = env.get("TLSERVE_DEVICE", cls.device)
         if device not in DEVICES:
             raise UserError(f"TLSERVE_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
-        return cls(**ints, body_timeout_s=body_timeout_s, ort_spin=ort_spin, device=device)
+        raw = env.get("TLSERVE_MIN_CONFIDENCE")
+        min_confidence = None
+        if raw not in (None, ""):
+            min_confidence = confidence_threshold(raw)
+            if min_confidence is None:
+                raise UserError(f"TLSERVE_MIN_CONFIDENCE must be a probability between 0 and 1 (both excluded), not {raw!r}")
+        return cls(**ints, body_timeout_s=body_timeout_s, ort_spin=ort_spin, device=device, min_confidence=min_confidence)
+
+
+def confidence_threshold(raw: str | float) -> float | None:
+    """A confidence threshold strictly between 0 and 1, or None when `raw` is not one: 0 would never
+    abstain and 1 would always, so both are mistakes rather than settings."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and 0 < value < 1 else None
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

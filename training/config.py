@@ -56,6 +56,8 @@ class TrainConfig:
     label_smoothing: float = 0.0       # share of each target spread over all classes
     logit_scale: float = 1.0           # scratch CNNs: multiply the logits before softmax (Page's ResNet-9: 0.125)
     tta: str = "none"                  # flip: the model averages its logits over the image and its mirror
+    class_weight: str = "none"         # none | balanced | name=weight,... (loss weight per class)
+    calibrate: bool = True             # fit a temperature on the validation split and bake it into the model
     batch_size: int = 64
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off

@@ -67,6 +67,9 @@ class Dataset:
             "image_size": list(self.image_size),
             "interpolation": self.interpolation,
             "splits": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            # Images per class in the training split: what class weights and the imbalance warning see.
+            "train_class_counts": {name: int(n) for name, n in
+                                   zip(self.class_names, np.bincount(self.train.y, minlength=len(self.class_names)))},
             "skipped": list(self.skipped),
         }
 

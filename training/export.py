@@ -39,6 +39,10 @@ class ExportOptions:
     check_images: int = 32
     calibration_images: int = 256
     register: bool = True
+    # The gate for fp16/int8: a variant losing more test accuracy than this (points), or more recall on
+    # any one class, is not kept.
+    max_accuracy_drop: float = 1.0
+    max_class_drop: float = 5.0
 
 
 @dataclass
@@ -48,7 +52,9 @@ class _Check:
     test_x: np.ndarray
     test_y: np.ndarray
     calib_x: np.ndarray
+    class_names: list[str] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)  # variants the accuracy gate did not keep
 
     @property
     def spread(self) -> float:
@@ -89,6 +95,9 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
         raise UserError("--fp16 / --int8 are ONNX variants; include onnx in --formats")
     if not 9 <= opts.opset <= 21:
         raise UserError("--opset must be between 9 and 21")
+    for flag, value in (("--max-accuracy-drop", opts.max_accuracy_drop), ("--max-class-drop", opts.max_class_drop)):
+        if not np.isfinite(value):
+            raise UserError(f"{flag} must be a number of accuracy points")
     name = bento_name(opts.name or run.name)
     if opts.name and name != opts.name:
         # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
@@ -131,7 +140,7 @@ def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
     images = data.test.x[: opts.check_images].astype(np.float32)
     keras_probs = model.predict(images, verbose=0)
     calib = data.train.x[: opts.calibration_images].astype(np.float32)
-    return _Check(images, keras_probs, data.test.x, data.test.y, calib)
+    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record["data"]["class_names"]))
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
@@ -181,7 +190,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     onnx.checker.check_model(proto)
 
     out: dict[str, dict[str, Any]] = {}
-    fp32_accuracy = None
+    fp32: dict[str, Any] = {}
     for variant in ("fp32", "fp16", "int8"):
         if variant == "fp16" and not opts.fp16 or variant == "int8" and not opts.int8:
             continue
@@ -195,29 +204,71 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         parity = _compare(probs, check)
         if variant == "fp32":
             _require_parity("ONNX", parity)
-        accuracy = _accuracy(session, check)
-        entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity, "test_accuracy": accuracy}
+        scores = _test_scores(session, check)
+        entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity,
+                 "test_accuracy": scores["accuracy"], "test_ece": scores["ece"],
+                 "test_per_class_recall": scores["recall"]}
         if variant == "fp32":
-            fp32_accuracy = accuracy
+            fp32 = scores
         else:
-            entry["accuracy_delta"] = accuracy - fp32_accuracy
+            entry["accuracy_delta"] = scores["accuracy"] - fp32["accuracy"]
+            entry["gate"] = gate(fp32, scores, opts.max_accuracy_drop, opts.max_class_drop)
         if variant == "int8":
             entry["calibration_images"] = int(len(check.calib_x))
             entry["quantization"] = ("static QDQ, per-channel 7-bit int8 weights, uint8 activations, MinMax "
                                      "calibration; pixel preprocessing and softmax kept float32")
-        out[VARIANTS[variant]] = entry
         delta = f", accuracy delta {entry['accuracy_delta']:+.4f}" if "accuracy_delta" in entry else ""
         log(f"{VARIANTS[variant]}: {entry['bytes'] / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
-            f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {accuracy:.4f}{delta}")
+            f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
+            f"ECE {scores['ece']:.4f}")
+        del session
+        if "gate" in entry and not entry["gate"]["passed"]:
+            # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
+            path.unlink()
+            entry["sha256"] = None
+            entry["kept"] = False
+            check.rejected[VARIANTS[variant]] = entry
+            log(f"{VARIANTS[variant]}: not kept: {entry['gate']['reason']}")
+            continue
+        out[VARIANTS[variant]] = entry
     return out
 
 
-def _accuracy(session, check: _Check, batch: int = 256) -> float:
-    correct = 0
-    for start in range(0, len(check.test_y), batch):
-        x = check.test_x[start:start + batch].astype(np.float32)
-        correct += int((session.run(None, {"image": x})[0].argmax(1) == check.test_y[start:start + batch]).sum())
-    return correct / max(1, len(check.test_y))
+def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: float,
+         max_class_drop: float) -> dict[str, Any]:
+    """A variant's losses against fp32 in accuracy points (overall, and the worst class's recall) and
+    which limit, if any, it crossed and by how much."""
+    drop = 100 * (reference["accuracy"] - scores["accuracy"])
+    class_drops = {name: 100 * (reference["recall"][name] - scores["recall"][name]) for name in reference["recall"]}
+    worst = max(class_drops, key=class_drops.get) if class_drops else None
+    worst_drop = class_drops[worst] if worst is not None else 0.0
+    crossed = []
+    if drop > max_accuracy_drop:
+        crossed.append({"limit": "max_accuracy_drop", "limit_points": max_accuracy_drop, "drop_points": drop,
+                        "over_by_points": drop - max_accuracy_drop})
+    if worst is not None and worst_drop > max_class_drop:
+        crossed.append({"limit": "max_class_drop", "limit_points": max_class_drop, "drop_points": worst_drop,
+                        "class": worst, "over_by_points": worst_drop - max_class_drop})
+    reason = "; ".join(
+        f"{'accuracy' if c['limit'] == 'max_accuracy_drop' else 'recall of ' + repr(c['class'])} dropped "
+        f"{c['drop_points']:.2f} points, over --{c['limit'].replace('_', '-')} {c['limit_points']:g} by "
+        f"{c['over_by_points']:.2f}" for c in crossed)
+    return {"passed": not crossed, "accuracy_drop_points": drop, "worst_class": worst,
+            "worst_class_drop_points": worst_drop, "max_accuracy_drop": max_accuracy_drop,
+            "max_class_drop": max_class_drop, "crossed": crossed, "reason": reason or None}
+
+
+def _test_scores(session, check: _Check, batch: int = 256) -> dict[str, Any]:
+    """Accuracy, per-class recall and ECE of one ONNX file over the run's whole test split."""
+    from training import metrics  # noqa: PLC0415
+
+    probs = np.concatenate([session.run(None, {"image": check.test_x[start:start + batch].astype(np.float32)})[0]
+                            for start in range(0, len(check.test_y), batch)]) if len(check.test_y) else \
+        np.zeros((0, len(check.class_names)), np.float32)
+    matrix = metrics.confusion(check.test_y, probs.argmax(1), len(check.class_names))
+    summary = metrics.summary(matrix, check.class_names)
+    return {"accuracy": summary["accuracy"] or 0.0, "ece": metrics.ece(check.test_y, probs),
+            "recall": {name: c["recall"] for name, c in summary["per_class"].items()}}
 
 
 def _to_fp16(src: Path, dst: Path) -> None:
@@ -307,7 +358,13 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
                    "check_batch": int(len(check.images)), "parity_tolerance": PARITY_TOLERANCE,
                    # False: every check image gave the same output, so parity says nothing about the function.
                    "check_informative": check.informative, "check_output_spread": check.spread,
-                   "versions": machine.package_versions()},
+                   "versions": machine.package_versions(),
+                   # fp16/int8 against fp32 on the run's test split, in accuracy points.
+                   "gate": {"max_accuracy_drop": opts.max_accuracy_drop, "max_class_drop": opts.max_class_drop,
+                            "test_images": int(len(check.test_y)), "rejected": check.rejected}},
+        # The temperature baked into the model at training (training.calibration); each artifact's
+        # test_ece is that variant's own ECE on the test split.
+        "calibration": r.get("calibration"),
         "artifacts": artifacts,
         "bentoml_tag": f"{name}:{version}" if opts.register else None,
     }

@@ -11,7 +11,7 @@ record.json (schema 1):
   name, schema, created_at, status ("finished")
   config          TrainConfig.to_dict(): every CLI option
   data            spec, source, class_names, num_classes, image_size [h, w],
-                  splits {train, val, test}, skipped [file names that would not decode], seed
+                  splits {train, val, test}, train_class_counts {class: n}, skipped [file names that would not decode], seed
   model           backbone, strategy, weights, input_shape [h, w, 3], input_dtype "float32",
                   input_range [0, 255], input_size (resize inside the model), interpolation,
                   layers, depth, total_params, trainable_params, non_trainable_params,
@@ -23,6 +23,11 @@ record.json (schema 1):
                   (training.metrics.summary of the confusion matrix: a class never predicted has
                   precision 0; macro = unweighted mean over every class. Records written before
                   these fields existed lack them; readers treat them as missing, not as 0.)
+  calibration     {temperature, layer, fitted_on "val", val_images, val_nll_before, val_nll_after,
+                  val_ece_before, val_ece_after, test_ece_before, test_ece_after, test_nll_before,
+                  test_nll_after, test_top1_agreement}; or {temperature: null, skipped: reason}
+                  (test is of the calibrated model when calibration ran: accuracy is unchanged, loss is its NLL)
+  training        {class_weights {class: weight} | null, feature_cache, caches, ...}
   environment     {machine {...}, versions {...}, devices [..], precision, distribution}
 """
 from __future__ import annotations

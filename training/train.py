@@ -22,7 +22,8 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, data as datasets, env, feature_cache, metrics, models, records, strategies
+from training import accel as accelerators, calibration, class_weights, data as datasets, env, feature_cache, metrics, \
+    models, records, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import Interrupted
@@ -147,6 +148,13 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
+    imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
+    if imbalance:
+        log(imbalance)
+    weights = class_weights.resolve(cfg.class_weight, dataset.train.y, dataset.class_names)
+    if weights is not None:
+        log("class weights: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                          class_weights.by_name(weights, dataset.class_names).items()))
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
 
     with acc.strategy.scope():
@@ -244,7 +252,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
             callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state))
                          if c is not None]
             fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
-                          epochs=first + remaining, callbacks=callbacks, verbose=1 if interactive else 0)
+                          epochs=first + remaining, callbacks=callbacks, verbose=1 if interactive else 0,
+                          class_weight=weights)
             state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
         if early is not None:
             early.restore_best(fit_model)
@@ -262,7 +271,11 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     phase1_accuracy = state.get("phase1_accuracy")
 
     total_time = state["elapsed"] + extract_seconds
+    # After the last phase and before the save: a resumed run restores the last phase's checkpoint (the
+    # weights before calibration) and calibrates them the same way, so it ends as an uninterrupted run.
+    calibrated = calibration.calibrate(model, cfg.calibrate, pipes["val"], dataset.val.y, pipes["test"], log)
     test = _evaluate(model, pipes["test"], dataset, cfg.label_smoothing)
+    calibrated.finish(test.pop("probabilities"), dataset.test.y)
     if phase1_accuracy is not None:
         test["phase1_accuracy"] = phase1_accuracy
     model.save(str(staging / records.MODEL))
@@ -271,11 +284,13 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
 
     curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
     shutil.rmtree(staging / "cache", ignore_errors=True)
-    training_facts = {"feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": cache_facts,
+    training_facts = {"class_weights": class_weights.by_name(weights, dataset.class_names),
+                      "feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": cache_facts,
                       "peak_rss_bytes": feature_cache.peak_rss_bytes(),
                       "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
                       "resumed": bool(state.get("resumed"))}
     record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
+    record["calibration"] = calibrated.facts
     storage.write_json(staging / records.RECORD, record)
     final = storage.runs_dir(runs_dir) / cfg.name
     # The rename is the moment the run is finished; until then config.json keeps it resumable.
@@ -580,7 +595,7 @@ def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]
     scores = metrics.summary(matrix, dataset.class_names)
     return {"loss": float(loss), "accuracy": float(accuracy), "per_class_accuracy": per_class,
             "confusion_matrix": matrix.tolist(), "per_class": scores["per_class"],
-            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"]}
+            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"], "probabilities": probs}
 
 
 def _record(cfg, dataset, built, model, history, total_time, test, staging: Path, acc, training_facts) -> dict[str, Any]:

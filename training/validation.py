@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from serving.errors import UserError
-from training import backbones, strategies
+from training import backbones, class_weights, strategies
 from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
 
 
@@ -27,6 +27,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
     if cfg.tta not in TTA_MODES:
         raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
+    class_weights.check_spec(cfg.class_weight)
     if cfg.lr <= 0 or cfg.finetune_lr <= 0:
         raise UserError("--lr and --finetune-lr must be above 0")
     for flag, value in (("--momentum", cfg.momentum), ("--bn-momentum", cfg.bn_momentum), ("--dropout", cfg.dropout)):

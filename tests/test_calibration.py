@@ -1,0 +1,109 @@
+"""Temperature scaling at the end of training: fitted on the validation split, baked into the
+classifier layer (probabilities equal metrics.apply_temperature of the unbaked ones, same argmax),
+recorded in the run and carried into the manifest with each variant's ECE."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli_call
+
+TINY = ["--data", "synthetic", "-b", "cnn", "--cnn-layers", "c16,p,c32,p,f,d32", "--epochs", "3", "--limit", "200",
+        "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The same tiny run twice: calibrated, and with --no-calibrate (otherwise identical)."""
+    root = tmp_path_factory.mktemp("calib-runs")
+    cli_call("train", *TINY, "--name", "cal", "--runs-dir", root)
+    cli_call("train", *TINY, "--name", "raw", "--no-calibrate", "--runs-dir", root)
+    return root
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "record.json").read_text())
+
+
+def _probs(run: Path, x: np.ndarray) -> np.ndarray:
+    from training.models import load_model
+
+    return load_model(run / "model.keras").predict(x.astype(np.float32), verbose=0)
+
+
+def test_fitted_temperature_lowers_validation_nll_and_is_recorded(runs):
+    cal = _record(runs / "cal")["calibration"]
+    assert cal["temperature"] > 0 and cal["fitted_on"] == "val" and cal["layer"] == "probabilities"
+    assert cal["val_nll_after"] < cal["val_nll_before"]
+    # T minimises NLL, not ECE: on 200 validation images ECE need not fall, so it is only recorded.
+    for key in ("test_ece_before", "test_ece_after", "val_ece_before", "val_ece_after"):
+        assert 0 <= cal[key] <= 1, key
+    assert cal["test_top1_agreement"] == 1.0
+    raw = _record(runs / "raw")["calibration"]
+    assert raw["temperature"] is None and "--no-calibrate" in raw["skipped"]
+
+
+def test_baked_model_serves_apply_temperature_of_the_unbaked_one_with_the_same_argmax(runs):
+    from training import metrics
+    from training.config import DataConfig
+    from training.data import load_dataset
+
+    record = _record(runs / "cal")
+    test = load_dataset(DataConfig(**record["config"]["data"])).test
+    baked, plain = _probs(runs / "cal", test.x), _probs(runs / "raw", test.x)
+    temperature = record["calibration"]["temperature"]
+    np.testing.assert_allclose(baked, metrics.apply_temperature(plain, temperature), atol=2e-5)
+    assert (baked.argmax(1) == plain.argmax(1)).all()
+    # The record's test figures are the calibrated model's: same accuracy as the uncalibrated twin.
+    assert record["test"]["accuracy"] == _record(runs / "raw")["test"]["accuracy"]
+    assert record["calibration"]["test_ece_after"] == pytest.approx(metrics.ece(test.y, baked), abs=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    {"tta": "flip"},                                 # logits averaged over two views before the classifier
+    {"logit_scale": 0.125},                          # Dense 'logits' -> Rescaling -> softmax
+    {"backbone": "mobilenetv2", "weights": "none", "strategy": "frozen", "head": "gap-dense", "input_size": 32},
+])
+def test_baking_is_exact_for_every_head(options):
+    from training import calibration, metrics, models
+    from training.config import TrainConfig
+
+    cfg = TrainConfig(**options)
+    model = models.build(cfg, (32, 32), 5).model
+    rng = np.random.default_rng(0)
+    # Larger weights in the classifier so the distribution is far from uniform: a real test of the scale.
+    layer = calibration.classifier_layer(model)
+    layer.set_weights([w * 40 for w in layer.get_weights()])
+    x = rng.uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    before = model.predict(x, verbose=0)
+    calibration.bake(model, 2.5)
+    after = model.predict(x, verbose=0)
+    np.testing.assert_allclose(after, metrics.apply_temperature(before, 2.5), atol=1e-5)
+    assert (after.argmax(1) == before.argmax(1)).all()
+
+
+def test_no_validation_split_skips_calibration_with_a_logged_reason():
+    from training import calibration
+
+    lines: list[str] = []
+    result = calibration.calibrate(None, True, None, np.zeros(0, np.int64), None, lines.append)
+    assert result.facts["temperature"] is None and "--val-split 0" in result.facts["skipped"]
+    assert lines and lines[0].startswith("calibration skipped:")
+
+
+def test_manifest_carries_calibration_and_each_variants_ece(runs, tmp_path, run_cli):
+    result = run_cli("export", "cal", "--runs-dir", runs, "--models-dir", tmp_path, "--int8", "--no-register",
+                     "--max-accuracy-drop", "100", "--max-class-drop", "100")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
+    assert manifest["calibration"] == _record(runs / "cal")["calibration"]
+    for file in ("model.onnx", "model.int8.onnx"):
+        facts = manifest["artifacts"][file]
+        assert 0 <= facts["test_ece"] <= 1 and set(facts["test_per_class_recall"]) == set(manifest["class_names"])
+    # fp32 ONNX computes the Keras model: its ECE on the test split is the record's calibrated figure.
+    assert manifest["artifacts"]["model.onnx"]["test_ece"] == pytest.approx(manifest["calibration"]["test_ece_after"],
+                                                                           abs=1e-4)
+    assert "ECE" in result.out
