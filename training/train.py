@@ -9,9 +9,10 @@ resumes from there (`tlserve train --resume NAME`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-import re
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -115,7 +116,7 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
                 storage.write_json(fresh / CONFIG, cfg.to_dict())
         staging = shared
     else:
-        staging = Path(tempfile.mkdtemp(prefix=f"tlserve-{cfg.name}-{cluster.task_type}{cluster.task_index}-"))
+        staging = _worker_folder(cfg.name, cluster, runs_dir)
     if restarted:
         state["restarted"] = True
         log(f"{cluster.task}: continuing '{cfg.name}' from the backup in {shared}")
@@ -124,6 +125,16 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
     finally:
         if not cluster.is_chief:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _worker_folder(name: str, cluster: clusters.Cluster, runs_dir: Path | None) -> Path:
+    """A non-chief's temporary folder, named for the run and the task, so a worker started again after a
+    kill (which could not clean up) removes what its predecessor left."""
+    where = hashlib.sha1(str(storage.runs_dir(runs_dir).resolve()).encode()).hexdigest()[:8]
+    folder = Path(tempfile.gettempdir()) / f"tlserve-{name}-{cluster.task_type}{cluster.task_index}-{where}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def interrupted(runs_dir: Path | None = None) -> list[tuple[str, int]]:
@@ -326,7 +337,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                 state["stopping"] = early.snapshot(phase.name) if early is not None else None
                 state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
                 storage.write_json(staging / STATE, state)
-                ckpts.prune(keep=(state["checkpoint"], (state["stopping"] or {}).get("best_weights")))
+                ckpts.prune(keep=(state.get("checkpoint"), (state["stopping"] or {}).get("best_weights")))
 
             # The early-stopping decision comes first, so the state saved after the epoch includes it.
             # On a cluster the backup comes last: a kill between the state and the backup trains that epoch again.
