@@ -446,7 +446,12 @@ def epoch_batches(x, y: np.ndarray, batch_size: int, *, seed: int, epochs: range
 
     ds = T.data.Dataset.from_tensor_slices(orders).flat_map(
         lambda order: T.data.Dataset.from_tensor_slices(order).batch(batch_size))
-    return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE)
+    # Under MultiWorkerMirroredStrategy every worker builds this same pipeline and keeps its share of
+    # each global batch: DATA sharding, since in-memory arrays have no files for FILE sharding to split
+    # (AUTO would try FILE first and fall back with a warning).
+    options = T.data.Options()
+    options.experimental_distribute.auto_shard_policy = T.data.experimental.AutoShardPolicy.DATA
+    return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE).with_options(options)
 
 
 LARGE_ARRAY_BYTES = 256 * 2**20
