@@ -23,9 +23,11 @@ TIMEOUT = 240  # per group of processes; the whole file stays well under that on
 # The tiny run both tests train: 200 images, 3 epochs, global batch 32 (16 per worker).
 RUN = ["--data", "synthetic", "-b", "cnn", "--limit", "200", "--epochs", "3", "--seed", "1", "--patience", "0"]
 PER_WORKER_BATCH = 16
-# Measured: the two-worker and one-worker runs below reach the same test accuracy to 0.005 or better on
-# this config (different dropout masks per replica keep them from being bit-identical).
-ACCURACY_TOLERANCE = 0.05
+# Measured on this config (2026-12-02, 2-core EPYC): test accuracy 0.4000 for both, per-epoch losses
+# equal to 4 decimals, largest per-layer |w2 - w1| / |w1| 0.0041 (float summation order differs
+# between one batch of 32 and two all-reduced halves). The bounds leave about 4x room.
+ACCURACY_TOLERANCE = 0.02  # 4 of the 200 test images
+WEIGHT_TOLERANCE = 0.02    # relative, per layer
 
 
 def _tf_configs() -> list[str]:
@@ -116,7 +118,7 @@ def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
         (record["test"]["accuracy"], reference["test"]["accuracy"])
     # The same initial weights and data order: the weights stay close, layer by layer.
     for a, b in zip(_weights(runs / "two"), _weights(runs / "one"), strict=True):
-        assert np.linalg.norm(a - b) <= 0.25 * np.linalg.norm(b) + 1e-6
+        assert np.linalg.norm(a - b) <= WEIGHT_TOLERANCE * np.linalg.norm(b) + 1e-6
 
 
 def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path):
@@ -146,7 +148,7 @@ def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path):
     finally:
         _stop(procs)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
-    assert "continuing 'lost' from the backup" in logs[0].read_text()
+    assert "continuing 'lost' after epoch 1 from the backup" in logs[0].read_text()
     assert sorted(p.name for p in runs.iterdir()) == ["lost"]
     assert not _worker_leftovers("lost")
     record = _record(runs / "lost")

@@ -117,9 +117,10 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
         staging = shared
     else:
         staging = _worker_folder(cfg.name, cluster, runs_dir)
-    if restarted:
+    if restarted and (shared / STATE).is_file():
+        # (A config alone is the chief's fresh start seen by a quicker worker, or a run killed before epoch 1.)
         state["restarted"] = True
-        log(f"{cluster.task}: continuing '{cfg.name}' from the backup in {shared}")
+        log(f"{cluster.task}: continuing '{cfg.name}' after epoch {len(state['history'])} from the backup in {shared}")
     try:
         return _run(cfg, runs_dir, staging, state, log, progress, cluster=cluster, shared=shared)
     finally:
