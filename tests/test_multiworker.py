@@ -148,7 +148,7 @@ def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path):
     finally:
         _stop(procs)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
-    assert "continuing 'lost' after epoch 1 from the backup" in logs[0].read_text()
+    assert "phase train continues after epoch 1" in logs[0].read_text()
     assert sorted(p.name for p in runs.iterdir()) == ["lost"]
     assert not _worker_leftovers("lost")
     record = _record(runs / "lost")

@@ -5,6 +5,10 @@ record.json is written, so a half-finished run is never mistaken for a
 finished one. The partial folder holds the resolved config, the history so far
 and a checkpoint (model + optimizer) after every epoch: an interrupted run
 resumes from there (`tlserve train --resume NAME`).
+
+On a TF_CONFIG cluster (MultiWorkerMirroredStrategy) only the chief builds that
+folder; the epoch checkpoint is Keras's BackupAndRestore, which a restarted
+cluster continues from (`_train_in_cluster`, docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -120,7 +124,7 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
     if restarted and (shared / STATE).is_file():
         # (A config alone is the chief's fresh start seen by a quicker worker, or a run killed before epoch 1.)
         state["restarted"] = True
-        log(f"{cluster.task}: continuing '{cfg.name}' after epoch {len(state['history'])} from the backup in {shared}")
+        log(f"{cluster.task}: continuing '{cfg.name}' from the backup in {shared}")
     try:
         return _run(cfg, runs_dir, staging, state, log, progress, cluster=cluster, shared=shared)
     finally:
@@ -196,7 +200,7 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str
         if peer is not None:
             raise ClusterLost(f"{cluster.task} lost {peer}; TensorFlow cannot continue a collective without it. "
                               f"Start every worker again with the same command and TF_CONFIG: the run continues "
-                              f"from its last backed-up epoch ({len(history)} in the history)") from None
+                              f"after its last backed-up epoch") from None
         raise
     finally:
         # The run's precision is a global Keras policy; later work in this process (export,
@@ -269,6 +273,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
             # recorded after the backup's last one are trained again, so each is in the history once.
             done_in_phase = max(0, min(done_in_phase, _backed_up_epochs(backup) - (len(history) - done_in_phase)))
             del history[len(history) - sum(1 for row in history if row["phase"] == phase.name) + done_in_phase:]
+            if state.get("restarted"):
+                log(f"{cluster.task}: phase {phase.name} continues after epoch {len(history)}")
         stopping = state.get("stopping") if (state.get("stopping") or {}).get("phase") == phase.name else None
         trained_out = phase.epochs == 0 or done_in_phase >= phase.epochs or bool(stopping and stopping["stopped"])
         evaluate_phase = phase.name == "head" and len(phases) > 1 and phase.epochs > 0
