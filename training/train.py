@@ -112,6 +112,7 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
         shutil.rmtree(shared)
         restarted = False
     state = storage.read_json(shared / STATE) if restarted and (shared / STATE).is_file() else _fresh_state()
+    state["cluster"] = True  # --resume refuses it: its epochs are in TensorFlow's backup, not in tlserve's checkpoints
     if cluster.is_chief:
         if shared.exists() and not restarted:
             shutil.rmtree(shared, ignore_errors=True)  # killed before it wrote its config: nothing to continue
@@ -163,6 +164,9 @@ def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progres
         raise UserError(f"a multi-worker run continues when its workers are started again with the run's own command "
                         f"(--name {name}) and TF_CONFIG; --resume is for single-process runs")
     state = storage.read_json(staging / STATE) if (staging / STATE).is_file() else _fresh_state()
+    if state.get("cluster"):
+        raise UserError(f"run '{name}' trains on a TF_CONFIG cluster: start every worker again with its command "
+                        f"(--name {name}) and TF_CONFIG to continue it")
     state["resumed"] = True
     log(f"resuming '{name}' after epoch {len(state['history'])}")
     return _run(cfg, runs_dir, staging, state, log, progress)
