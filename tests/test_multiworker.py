@@ -121,7 +121,7 @@ def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
         assert np.linalg.norm(a - b) <= WEIGHT_TOLERANCE * np.linalg.norm(b) + 1e-6
 
 
-def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path):
+def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path, run_cli):
     runs = tmp_path / "runs"
     configs = _tf_configs()
     args = ["train", *RUN, "--batch-size", str(PER_WORKER_BATCH), "--runs-dir", str(runs), "--name", "lost"]
@@ -140,6 +140,9 @@ def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path):
         assert not (runs / "lost").exists() and (runs / ".lost.partial" / "backup").is_dir()
         state = json.loads((runs / ".lost.partial" / "state.json").read_text())
         assert [h["epoch"] for h in state["history"]] == [1]
+        # Single-process --resume cannot continue it (its epochs are in TensorFlow's backup): one line.
+        refused = run_cli("train", "--resume", "lost", "--runs-dir", runs)
+        assert refused.code == 2 and "start every worker again" in refused.err, refused
 
         # Both started again with the same command and TF_CONFIG, as a TFJob restarts its pods.
         logs = [tmp_path / "worker0-again.log", tmp_path / "worker1-again.log"]
