@@ -189,8 +189,8 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str
         return _train_in(cfg, runs_dir, staging, state, log, progress, cluster, shared or staging)
     except KeyboardInterrupt:
         if cluster is not None:
-            raise Interrupted(f"interrupted; the run continues when every worker is started again with the same "
-                              f"command and TF_CONFIG") from None
+            raise Interrupted("interrupted; the run continues when every worker is started again with the same "
+                              "command and TF_CONFIG") from None
         if history:
             raise Interrupted(f"interrupted after epoch {len(history)}; resume with: tlserve train --resume {cfg.name}"
                               + (f" --runs-dir {runs_dir}" if runs_dir else "")) from None
