@@ -5,13 +5,13 @@ branches are tested on a CPU-only machine by their decisions.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from serving.errors import UserError
 from serving.machine import cpu_flags
+from training import cluster as clusters
 from training.env import keras, tf
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -57,13 +57,9 @@ def choose_distribution(gpus: int, requested: str = "auto", tf_config: str | Non
         return "default"
     if requested == "mirrored":
         return "mirrored"
-    if tf_config:
-        try:
-            cluster = json.loads(tf_config).get("cluster", {})
-        except (ValueError, AttributeError):
-            raise UserError("TF_CONFIG is set but is not valid JSON") from None
-        if sum(len(v) for v in cluster.values() if isinstance(v, list)) > 1:
-            return "multiworker"
+    found = clusters.parse(tf_config)
+    if found is not None and found.workers > 1:
+        return "multiworker"
     return "mirrored" if gpus > 1 else "default"
 
 

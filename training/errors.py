@@ -6,3 +6,11 @@ class Interrupted(UserError):
     """Training stopped by the user (Ctrl-C) after some epochs; the run can be resumed."""
 
     exit_code = 130
+
+
+class ClusterLost(UserError):
+    """A multi-worker run lost a worker: TensorFlow aborts the collectives on every survivor, and the
+    run continues only when all workers are started again."""
+
+    # Over 128: Kubeflow's restartPolicy ExitCode restarts such exits (1-127 are permanent failures).
+    exit_code = 138

@@ -5,14 +5,21 @@ record.json is written, so a half-finished run is never mistaken for a
 finished one. The partial folder holds the resolved config, the history so far
 and a checkpoint (model + optimizer) after every epoch: an interrupted run
 resumes from there (`tlserve train --resume NAME`).
+
+On a TF_CONFIG cluster (MultiWorkerMirroredStrategy) only the chief builds that
+folder; the epoch checkpoint is Keras's BackupAndRestore, which a restarted
+cluster continues from (`_train_in_cluster`, docs/distributed.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,11 +29,11 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, calibration, class_weights, data as datasets, env, feature_cache, metrics, \
-    models, records, strategies
+from training import accel as accelerators, calibration, class_weights, cluster as clusters, data as datasets, env, \
+    feature_cache, metrics, models, records, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
-from training.errors import Interrupted
+from training.errors import ClusterLost, Interrupted
 from training.validation import resolve
 
 Log = Callable[[str], None]
@@ -34,6 +41,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 CONFIG = "config.json"
 STATE = "state.json"
 CHECKPOINT_DIR = "checkpoint"
+BACKUP_DIR = "backup"  # multi-worker: Keras's BackupAndRestore, one folder per phase
+MULTIWORKER_NO_CACHE = ("multi-worker training: TensorFlow's backup covers the model being fit, and every worker "
+                        "would extract the whole cache itself")
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -48,12 +58,18 @@ def partial_dir(name: str, runs_dir: Path | None = None) -> Path:
 
 def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, progress: bool | None = None) -> records.Run:
     cfg = resolve(cfg)
+    cluster = clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG"))
+    if cluster is not None and not cfg.name:
+        # A default name carries the start time, which two processes never share.
+        raise UserError("a multi-worker run (TF_CONFIG) needs --name, the same on every worker")
     cfg.name = cfg.name or default_name(cfg)
     if not _NAME.match(cfg.name):
         raise UserError(f"--name '{cfg.name}': use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
     final = storage.runs_dir(runs_dir) / cfg.name
     if final.exists() and not cfg.overwrite:
         raise UserError(f"run '{cfg.name}' already exists in {final.parent}; pick another --name or pass --overwrite")
+    if cluster is not None:
+        return _train_in_cluster(cfg, runs_dir, cluster, log, progress)
     staging = partial_dir(cfg.name, runs_dir)
     if staging.exists() and not (staging / CONFIG).is_file():
         shutil.rmtree(staging, ignore_errors=True)  # killed before it wrote its config: nothing to resume
@@ -67,7 +83,64 @@ def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, p
     # The folder appears with its config already in it, so a partial folder is always resumable.
     with storage.staged_dir(staging, overwrite=False) as fresh:
         storage.write_json(fresh / CONFIG, cfg.to_dict())
-    return _run(cfg, runs_dir, staging, {"history": [], "phases_done": [], "elapsed": 0.0}, log, progress)
+    return _run(cfg, runs_dir, staging, _fresh_state(), log, progress)
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"history": [], "phases_done": [], "elapsed": 0.0}
+
+
+def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ignore = ("overwrite",)  # how the run was started, not what it trains
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters.Cluster, log: Log,
+                      progress: bool | None) -> records.Run:
+    """One worker's part of a multi-worker run. The chief builds `runs/.<name>.partial/` as a single
+    process does; the others write their copies (checkpoints, model, record) to a temporary folder
+    that is removed at the end. A worker started again with the same command and TF_CONFIG (a
+    restarted pod) continues the run from TensorFlow's backup, which every worker reads from the
+    chief's folder: that folder must be on storage all workers share (docs/distributed.md)."""
+    shared = partial_dir(cfg.name, runs_dir)
+    config_file = shared / CONFIG
+    restarted = config_file.is_file()
+    if restarted and not _same_config(storage.read_json(config_file), cfg.to_dict()):
+        if not (cluster.is_chief and cfg.overwrite):
+            raise UserError(f"an interrupted run '{cfg.name}' with another configuration exists in {shared.parent}; "
+                            "restart the workers with its command, or start over with another --name or --overwrite")
+        shutil.rmtree(shared)
+        restarted = False
+    state = storage.read_json(shared / STATE) if restarted and (shared / STATE).is_file() else _fresh_state()
+    state["cluster"] = True  # --resume refuses it: its epochs are in TensorFlow's backup, not in tlserve's checkpoints
+    if cluster.is_chief:
+        if shared.exists() and not restarted:
+            shutil.rmtree(shared, ignore_errors=True)  # killed before it wrote its config: nothing to continue
+        if not restarted:
+            with storage.staged_dir(shared, overwrite=False) as fresh:
+                storage.write_json(fresh / CONFIG, cfg.to_dict())
+        staging = shared
+    else:
+        staging = _worker_folder(cfg.name, cluster, runs_dir)
+    if restarted and (shared / STATE).is_file():
+        # (A config alone is the chief's fresh start seen by a quicker worker, or a run killed before epoch 1.)
+        state["restarted"] = True
+        log(f"{cluster.task}: continuing '{cfg.name}' from the backup in {shared}")
+    try:
+        return _run(cfg, runs_dir, staging, state, log, progress, cluster=cluster, shared=shared)
+    finally:
+        if not cluster.is_chief:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _worker_folder(name: str, cluster: clusters.Cluster, runs_dir: Path | None) -> Path:
+    """A non-chief's temporary folder, named for the run and the task, so a worker started again after a
+    kill (which could not clean up) removes what its predecessor left."""
+    where = hashlib.sha1(str(storage.runs_dir(runs_dir).resolve()).encode()).hexdigest()[:8]
+    folder = Path(tempfile.gettempdir()) / f"tlserve-{name}-{cluster.task_type}{cluster.task_index}-{where}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def interrupted(runs_dir: Path | None = None) -> list[tuple[str, int]]:
@@ -87,8 +160,13 @@ def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progres
         raise UserError(f"run '{name}' already finished; nothing to resume" if done else
                         f"no interrupted run named '{name}' in {storage.runs_dir(runs_dir)}")
     cfg = TrainConfig.from_dict(storage.read_json(staging / CONFIG))
-    state = storage.read_json(staging / STATE) if (staging / STATE).is_file() else \
-        {"history": [], "phases_done": [], "elapsed": 0.0}
+    if clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG")) is not None:
+        raise UserError(f"a multi-worker run continues when its workers are started again with the run's own command "
+                        f"(--name {name}) and TF_CONFIG; --resume is for single-process runs")
+    state = storage.read_json(staging / STATE) if (staging / STATE).is_file() else _fresh_state()
+    if state.get("cluster"):
+        raise UserError(f"run '{name}' trains on a TF_CONFIG cluster: start every worker again with its command "
+                        f"(--name {name}) and TF_CONFIG to continue it")
     state["resumed"] = True
     log(f"resuming '{name}' after epoch {len(state['history'])}")
     return _run(cfg, runs_dir, staging, state, log, progress)
@@ -103,22 +181,30 @@ class _Phase:
 
 
 def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str, Any], log: Log,
-         progress: bool | None) -> records.Run:
+         progress: bool | None, *, cluster: clusters.Cluster | None = None, shared: Path | None = None) -> records.Run:
     history: list[dict[str, Any]] = state["history"]
     policy = keras().mixed_precision.global_policy()
     generator_rng = keras().backend.experimental.is_tf_random_generator_enabled()
     try:
-        return _train_in(cfg, runs_dir, staging, state, log, progress)
+        return _train_in(cfg, runs_dir, staging, state, log, progress, cluster, shared or staging)
     except KeyboardInterrupt:
+        if cluster is not None:
+            raise Interrupted("interrupted; the run continues when every worker is started again with the same "
+                              "command and TF_CONFIG") from None
         if history:
             raise Interrupted(f"interrupted after epoch {len(history)}; resume with: tlserve train --resume {cfg.name}"
                               + (f" --runs-dir {runs_dir}" if runs_dir else "")) from None
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    except BaseException:
+    except BaseException as exc:
         # A run with finished epochs stays resumable; one that never trained leaves nothing behind.
         if not history:
             shutil.rmtree(staging, ignore_errors=True)
+        peer = _lost_peer(exc) if cluster is not None else None
+        if peer is not None:
+            raise ClusterLost(f"{cluster.task} lost {peer}; TensorFlow cannot continue a collective without it. "
+                              f"Start every worker again with the same command and TF_CONFIG: the run continues "
+                              f"after its last backed-up epoch") from None
         raise
     finally:
         # The run's precision is a global Keras policy; later work in this process (export,
@@ -128,10 +214,16 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: dict[str
             keras().backend.experimental.disable_tf_random_generator()
 
 
-def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, progress: bool | None) -> records.Run:
+def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, progress: bool | None,
+              cluster: clusters.Cluster | None, shared: Path) -> records.Run:
+    """Train in `staging`. `shared` is where a restart reads from: the staging folder itself, except on a
+    multi-worker run's non-chief, which writes to its own temporary folder and reads the chief's."""
     K = keras()
     history: list[dict[str, Any]] = state["history"]
     acc = accelerators.setup(cfg.precision, cfg.jit, cfg.distribute)
+    if cluster is not None:
+        log(f"{cluster.task} of {cluster.workers} workers ({'chief: writes the run' if cluster.is_chief else 'not chief'}); "
+            f"{acc.replicas} replicas in sync")
     if acc.note:
         log(f"warning: {acc.note}")
     if cfg.strategy in ("frozen", "finetune") and cfg.weights == "none":
@@ -161,6 +253,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         built, phases = _prepare(cfg, dataset, source)
     model = built.model
     use_cache, cache_reason = feature_cache.decide(cfg, built.backbone is not None)
+    if cluster is not None and use_cache:
+        use_cache, cache_reason = False, MULTIWORKER_NO_CACHE
     if cfg.strategy in ("frozen", "finetune") and not use_cache:
         log(f"feature cache off: {cache_reason}")
     batch = cfg.batch_size * acc.replicas
@@ -173,7 +267,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     extract_seconds = 0.0
     cache_facts: dict[str, Any] = {}
     carried: dict[str, tuple[Any, Any]] = {}  # a later phase's (plan, cache), made ahead
-    ckpts = _Checkpoints(staging, _random_generators(model))
+    ckpts = _Checkpoints(staging, _random_generators(model), read_from=shared)
     if state.get("checkpoint"):
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
@@ -184,11 +278,21 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         if phase.name in state["phases_done"]:
             continue
         done_in_phase = sum(1 for row in history if row["phase"] == phase.name)
+        backup = shared / BACKUP_DIR / phase.name
+        if cluster is not None:
+            # TensorFlow's backup, not the state file, says how far the phase got: epochs the state
+            # recorded after the backup's last one are trained again, so each is in the history once.
+            done_in_phase = max(0, min(done_in_phase, _backed_up_epochs(backup) - (len(history) - done_in_phase)))
+            del history[len(history) - sum(1 for row in history if row["phase"] == phase.name) + done_in_phase:]
+            if state.get("restarted"):
+                log(f"{cluster.task}: phase {phase.name} continues after epoch {len(history)}")
         stopping = state.get("stopping") if (state.get("stopping") or {}).get("phase") == phase.name else None
         trained_out = phase.epochs == 0 or done_in_phase >= phase.epochs or bool(stopping and stopping["stopped"])
         evaluate_phase = phase.name == "head" and len(phases) > 1 and phase.epochs > 0
         plan, cache = carried.pop(phase.name, (None, None))  # phase 2's cache, made in phase 1's pass
-        if plan is None:
+        if plan is None and cluster is not None:
+            cache_facts[phase.name] = {"used": False, "reason": MULTIWORKER_NO_CACHE}
+        elif plan is None:
             plan = _cache_plan(cfg, built, model, phase.name, use_cache, log, cache_facts)
         if plan is not None and cache is None and (not trained_out or evaluate_phase):
             later = None
@@ -220,8 +324,11 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         early = None
         if cfg.patience and pipes["val"] is not None:
             early = _EarlyStopping(cfg.patience, stopping, ckpts)
+        if cluster is not None and trained_out and done_in_phase:
+            # The phase's last epoch is backed up but the phase was not marked done: its weights are there.
+            _restore_backup(backup, model)
         if not trained_out:
-            if done_in_phase:
+            if done_in_phase and cluster is None:
                 # Mid-phase: the optimizer's moments and step count (the schedule) come back too.
                 with acc.strategy.scope():
                     optimizer.build(fit_model.trainable_variables)
@@ -241,15 +348,19 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
 
             def save_state(_row: dict[str, Any]) -> None:
                 # Checkpoint first, then the state that points to it: a kill between the two leaves
-                # the state naming the previous checkpoint, which is still there.
-                state["checkpoint"] = ckpts.write(f"epoch-{len(history)}", model=model, optimizer=optimizer)
+                # the state naming the previous checkpoint, which is still there. On a cluster the
+                # epoch's checkpoint is TensorFlow's backup, made after this (see _cluster_backup).
+                if cluster is None:
+                    state["checkpoint"] = ckpts.write(f"epoch-{len(history)}", model=model, optimizer=optimizer)
                 state["stopping"] = early.snapshot(phase.name) if early is not None else None
                 state["elapsed"] = elapsed_before + time.perf_counter() - phase_started
                 storage.write_json(staging / STATE, state)
-                ckpts.prune(keep=(state["checkpoint"], (state["stopping"] or {}).get("best_weights")))
+                ckpts.prune(keep=(state.get("checkpoint"), (state["stopping"] or {}).get("best_weights")))
 
             # The early-stopping decision comes first, so the state saved after the epoch includes it.
-            callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state))
+            # On a cluster the backup comes last: a kill between the state and the backup trains that epoch again.
+            callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state),
+                                     _cluster_backup(backup, staging / BACKUP_DIR / phase.name) if cluster else None)
                          if c is not None]
             fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
                           epochs=first + remaining, callbacks=callbacks, verbose=1 if interactive else 0,
@@ -278,20 +389,34 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
     calibrated.finish(test.pop("probabilities"), dataset.test.y)
     if phase1_accuracy is not None:
         test["phase1_accuracy"] = phase1_accuracy
+    # Every worker saves (the non-chief to its temporary folder), as TensorFlow asks of multi-worker saves.
     model.save(str(staging / records.MODEL))
     storage.write_text(staging / records.HISTORY, records.history_csv(history))
-    from training.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
+    if cluster is None or cluster.is_chief:
+        from training.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
 
-    curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
+        curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
     shutil.rmtree(staging / "cache", ignore_errors=True)
+    shutil.rmtree(staging / BACKUP_DIR, ignore_errors=True)
     training_facts = {"class_weights": class_weights.by_name(weights, dataset.class_names),
                       "feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": cache_facts,
                       "peak_rss_bytes": feature_cache.peak_rss_bytes(),
                       "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
-                      "resumed": bool(state.get("resumed"))}
+                      "per_replica_batch_size": cfg.batch_size, "resumed": bool(state.get("resumed"))}
+    if cluster is not None:
+        training_facts["cluster"] = {
+            **cluster.facts(), "replicas": acc.replicas, "global_batch_size": batch,
+            "per_replica_batch_size": cfg.batch_size, "restarted": bool(state.get("restarted")),
+            "fault_tolerance": "tf.keras.callbacks.BackupAndRestore after every epoch, in the chief's staging folder",
+            "exact_resume": False,
+            "exact_resume_reason": "a restarted cluster continues from TensorFlow's last epoch backup; tlserve's "
+                                   "own mid-epoch state is single-process"}
     record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
     record["calibration"] = calibrated.facts
     storage.write_json(staging / records.RECORD, record)
+    if cluster is not None and not cluster.is_chief:
+        log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
+        return records.Run(staging, record)  # the caller removes the temporary folder
     final = storage.runs_dir(runs_dir) / cfg.name
     # The rename is the moment the run is finished; until then config.json keeps it resumable.
     storage.promote(staging, final, overwrite=cfg.overwrite)
@@ -346,7 +471,12 @@ def epoch_batches(x, y: np.ndarray, batch_size: int, *, seed: int, epochs: range
 
     ds = T.data.Dataset.from_tensor_slices(orders).flat_map(
         lambda order: T.data.Dataset.from_tensor_slices(order).batch(batch_size))
-    return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE)
+    # Under MultiWorkerMirroredStrategy every worker builds this same pipeline and keeps its share of
+    # each global batch: DATA sharding, since in-memory arrays have no files for FILE sharding to split
+    # (AUTO would try FILE first and fall back with a warning).
+    options = T.data.Options()
+    options.experimental_distribute.auto_shard_policy = T.data.experimental.AutoShardPolicy.DATA
+    return ds.map(batch_of, num_parallel_calls=T.data.AUTOTUNE).prefetch(T.data.AUTOTUNE).with_options(options)
 
 
 LARGE_ARRAY_BYTES = 256 * 2**20
@@ -403,10 +533,11 @@ class _Checkpoints:
     A name is recorded in state.json only after its files are complete, and the files of the
     names state.json holds are never removed, so the state always points at a whole checkpoint."""
 
-    def __init__(self, staging: Path, generators: list[Any]):
+    def __init__(self, staging: Path, generators: list[Any], read_from: Path | None = None):
         self.staging = staging
         self.folder = staging / CHECKPOINT_DIR
         self.generators = generators  # Keras leaves random state out of model checkpoints
+        self.read_from = read_from or staging  # a multi-worker non-chief reads what the chief wrote
 
     def write(self, name: str, **objects) -> str:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -414,7 +545,7 @@ class _Checkpoints:
         return f"{CHECKPOINT_DIR}/{name}"
 
     def read(self, ref: str, **objects) -> None:
-        tf().train.Checkpoint(random=self.generators, **objects).read(str(self.staging / ref)).expect_partial()
+        tf().train.Checkpoint(random=self.generators, **objects).read(str(self.read_from / ref)).expect_partial()
 
     def write_arrays(self, name: str, arrays: list[np.ndarray]) -> str:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -425,7 +556,7 @@ class _Checkpoints:
         return f"{CHECKPOINT_DIR}/{name}"
 
     def read_arrays(self, ref: str) -> list[np.ndarray]:
-        with np.load(self.staging / ref) as saved:
+        with np.load(self.read_from / ref) as saved:
             return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
     def prune(self, keep: tuple[str | None, ...]) -> None:
@@ -434,6 +565,57 @@ class _Checkpoints:
             stem = path.name.split(".index")[0].split(".data-")[0]
             if stem not in kept and path.name != "checkpoint":
                 path.unlink(missing_ok=True)
+
+
+def _backed_up_epochs(backup: Path) -> int:
+    """Epochs (counted from the run's first) that the chief's BackupAndRestore folder holds; 0 without one.
+    Read before fit, so the data pipeline starts at the epoch Keras will continue from."""
+    T = tf()
+    latest = T.train.latest_checkpoint(str(backup / "chief"))
+    if latest is None:
+        return 0
+    saved = int(T.train.load_checkpoint(latest).get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    return saved + 1  # the epoch index it saved after (0-based)
+
+
+def _restore_backup(backup: Path, model) -> None:
+    T = tf()
+    T.train.Checkpoint(model=model).read(T.train.latest_checkpoint(str(backup / "chief"))).expect_partial()
+
+
+def _cluster_backup(shared: Path, own: Path):
+    """Keras's BackupAndRestore for one phase. The chief writes it in the run's staging folder
+    (`shared`); another worker writes its copy (TensorFlow has every worker save) to its own
+    temporary folder instead of the chief's, and reads the chief's backup to restore."""
+    K, T = keras(), tf()
+
+    class ClusterBackup(K.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if own != shared:
+                training_state = self._training_state
+                checkpoint = training_state.write_checkpoint_manager._checkpoint
+                training_state.read_checkpoint_manager = T.train.CheckpointManager(
+                    checkpoint, directory=str(shared / "chief"), max_to_keep=1)
+                training_state.restore()
+
+    # Kept after fit: a restart after the phase's last epoch still finds its weights there.
+    return ClusterBackup(backup_dir=str(own), save_freq="epoch", delete_checkpoint=False)
+
+
+_PEER = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
+
+
+def _lost_peer(exc: BaseException) -> str | None:
+    """'worker:1' (or 'a peer') when exc is TensorFlow aborting a collective because a worker went away."""
+    T = tf()
+    lost = (T.errors.UnavailableError, T.errors.AbortedError, T.errors.CancelledError, T.errors.DeadlineExceededError)
+    if not isinstance(exc, T.errors.OpError) or not (isinstance(exc, lost) or "ollective" in str(exc)):
+        return None
+    message = str(exc)
+    after = message.split("Error reported from", 1)[-1]
+    found = _PEER.search(after) or _PEER.search(message)
+    return f"{found.group(1)}:{found.group(2)}" if found else "a peer"
 
 
 def _random_generators(model) -> list[Any]:
