@@ -261,12 +261,22 @@ def list_backbones() -> None:
 def list_runs_cmd(
     runs_dir: RunsDir = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write seed 001's CSV to this file.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Print the command that shows every run's TensorBoard logs side by side.")] = False,
 ) -> None:
     """List finished runs with seed 001's columns plus epochs_to_target."""
     from serving import storage  # noqa: PLC0415
     from training.records import list_runs, table_csv  # noqa: PLC0415
 
     from training.train import interrupted  # noqa: PLC0415
+
+    if tensorboard:
+        from training.tensorboard_logs import command  # noqa: PLC0415
+
+        line = command([(r.path.name, r.path.resolve()) for r in list_runs(runs_dir)])
+        if not line:
+            raise UserError(f"no finished run in {storage.runs_dir(runs_dir)} has TensorBoard logs")
+        print(line)  # plain stdout, no wrapping: it is meant to be pasted or run with $(...)
+        return
 
     for stale in storage.remove_stale_staging(storage.runs_dir(runs_dir)):
         console.print(f"removed {stale.name}: left by a command that was killed", highlight=False)

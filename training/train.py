@@ -22,7 +22,8 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies
+from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies, \
+    tensorboard_logs
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import Interrupted
@@ -170,6 +171,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
         ckpts.read(state["checkpoint"], model=model)
+    if state.get("resumed") and tensorboard_logs.backfill(staging, history):
+        log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
     for phase in phases:
         if phase.before is not None:
             phase.before()  # a finished phase's unfreezing too: the record counts trainable params
@@ -241,7 +244,10 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                 ckpts.prune(keep=(state["checkpoint"], (state["stopping"] or {}).get("best_weights")))
 
             # The early-stopping decision comes first, so the state saved after the epoch includes it.
-            callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state))
+            # TensorBoard last: an epoch's events are written once its state is saved, so a resumed
+            # run (which starts at that epoch) never writes an epoch twice.
+            callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state),
+                                     tensorboard_logs.callback(tensorboard_logs.phase_dir(staging, phase.name)))
                          if c is not None]
             fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
                           epochs=first + remaining, callbacks=callbacks, verbose=1 if interactive else 0)
