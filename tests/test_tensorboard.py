@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 from conftest import ROOT
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
@@ -73,16 +71,18 @@ def test_cached_feature_phases_log_each_phase(run_cli, tmp_path):
     _assert_events_match_history(tmp_path / "ft")
 
 
-@pytest.mark.parametrize("point", ["batch:6", "state:2"])
-def test_killed_and_resumed_run_logs_every_epoch_once(tlserve_bin, tmp_path, point):
-    # batch:6 dies mid-epoch 2 (its events never written); state:2 dies after epoch 2's state is saved
-    # but before its events are (the resumed run backfills them from the history).
+def test_killed_and_resumed_run_logs_every_epoch_once(tlserve_bin, tmp_path):
+    # Killed after epoch 1's state is saved but before its events are (the resumed run backfills them
+    # from the history), then killed again mid-epoch 2 (whose events are never written), then finished.
     args = ["train", *TINY, "--epochs", "3", "--name", "k", "--runs-dir", tmp_path]
-    killed = subprocess.run([sys.executable, str(KILL_AT), point, "--", *map(str, args)], capture_output=True,
-                            text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = subprocess.run([str(tlserve_bin), "train", "--resume", "k", "--runs-dir", str(tmp_path)],
-                             capture_output=True, text=True, timeout=300)
+    resume = ["train", "--resume", "k", "--runs-dir", tmp_path]
+    for point, argv in (("state:1", args), ("batch:2", resume)):
+        killed = subprocess.run([sys.executable, str(KILL_AT), point, "--", *map(str, argv)], capture_output=True,
+                                text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        if point == "batch:2":
+            assert "tensorboard: wrote the epochs" in killed.stdout
+    resumed = subprocess.run([str(tlserve_bin), *map(str, resume)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(json.loads((tmp_path / "k" / "record.json").read_text())["history"]) == 3
     _assert_events_match_history(tmp_path / "k")
