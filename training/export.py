@@ -19,7 +19,7 @@ import numpy as np
 from serving import machine, storage
 from serving.errors import UserError
 from serving.manifest import MANIFEST, VARIANTS, artifact_digest, tree_bytes
-from training import env, records
+from training import env, progress, records
 from training.config import DataConfig
 
 FORMATS = ("savedmodel", "onnx")
@@ -148,8 +148,9 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> dict[str, 
     def serve(image):
         return {"probabilities": model(image, training=False)}
 
-    T.saved_model.save(model, str(path), signatures={"serving_default": serve})
-    loaded = T.saved_model.load(str(path))
+    with progress.step("writing the SavedModel", None):
+        T.saved_model.save(model, str(path), signatures={"serving_default": serve})
+        loaded = T.saved_model.load(str(path))
     probs = loaded.signatures["serving_default"](image=T.constant(check.images))["probabilities"].numpy()
     parity = _compare(probs, check)
     _require_parity("SavedModel", parity)
@@ -172,7 +173,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     T = env.tf()
     h, w = model.input_shape[1:3]
     fp32_path = staging / VARIANTS["fp32"]
-    with env._quiet_stderr_fd():  # tf2onnx logs every graph rewrite at INFO
+    with progress.step("converting to ONNX", None), env._quiet_stderr_fd():  # tf2onnx logs every rewrite at INFO
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
                                    opset=opts.opset, output_path=str(fp32_path))
     proto = onnx.load(str(fp32_path))
@@ -195,7 +196,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         parity = _compare(probs, check)
         if variant == "fp32":
             _require_parity("ONNX", parity)
-        accuracy = _accuracy(session, check)
+        accuracy = _accuracy(session, check, VARIANTS[variant])
         entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity, "test_accuracy": accuracy}
         if variant == "fp32":
             fp32_accuracy = accuracy
@@ -212,11 +213,13 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     return out
 
 
-def _accuracy(session, check: _Check, batch: int = 256) -> float:
+def _accuracy(session, check: _Check, file: str, batch: int = 256) -> float:
     correct = 0
-    for start in range(0, len(check.test_y), batch):
-        x = check.test_x[start:start + batch].astype(np.float32)
-        correct += int((session.run(None, {"image": x})[0].argmax(1) == check.test_y[start:start + batch]).sum())
+    with progress.step(f"test accuracy of {file}", len(check.test_y)) as advance:
+        for start in range(0, len(check.test_y), batch):
+            x = check.test_x[start:start + batch].astype(np.float32)
+            correct += int((session.run(None, {"image": x})[0].argmax(1) == check.test_y[start:start + batch]).sum())
+            advance(len(x))
     return correct / max(1, len(check.test_y))
 
 
@@ -263,17 +266,21 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     class Reader(CalibrationDataReader):
-        def __init__(self, images: np.ndarray, batch: int = 32):
+        def __init__(self, images: np.ndarray, advance, batch: int = 32):
             self._batches = iter([{"image": images[i:i + batch]} for i in range(0, len(images), batch)])
+            self.advance = advance
 
         def get_next(self):
-            return next(self._batches, None)
+            feed = next(self._batches, None)
+            if feed is not None:
+                self.advance(len(feed["image"]))  # counted as handed over: the calibrator runs it next
+            return feed
 
     prepared = dst.with_name(dst.stem + ".prep.onnx")
     try:
-        with env.quiet_library_logging():
+        with env.quiet_library_logging(), progress.step("int8 calibration", len(calib_x)) as advance:
             quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(dst), Reader(calib_x), quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(dst), Reader(calib_x, advance), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
                             nodes_to_exclude=float_nodes(prepared) if keep_float else [])

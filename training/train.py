@@ -22,8 +22,8 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies, \
-    tensorboard_logs
+from training import accel as accelerators, data as datasets, env, feature_cache, models, progress, records, \
+    strategies, tensorboard_logs
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import Interrupted
@@ -568,12 +568,19 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
     return _epoch_log_cls(phase, history, log, on_epoch)
 
 
+def _Counted(advance):  # noqa: N802 (a Keras callback made after TensorFlow loads)
+    """Advances a progress step by each predicted batch's size."""
+    K = keras()
+    return K.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: advance(len(logs["outputs"])))
+
+
 def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
     """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
     regularization, so it compares with val_loss), accuracy, per-class accuracy and confusion matrix,
     from a single pass over the test split."""
-    probs = model.predict(test_ds, verbose=0)
     y = dataset.test.y
+    with progress.step("test evaluation", len(y)) as advance:
+        probs = model.predict(test_ds, verbose=0, callbacks=[_Counted(advance)])
     per_image = keras().losses.get(_loss(label_smoothing))(y, probs)  # the very loss the run trained on
     regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
     loss = float(np.mean(per_image)) + regularization
