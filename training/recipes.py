@@ -71,10 +71,10 @@ def merge(ctx, path: Path) -> dict[str, Any]:
         if name is None:
             shown = sorted(k.replace("_", "-") for k in keys)
             raise UserError(f"--config {path}: unknown option '{key}'{nearest(str(key).replace('_', '-'), shown)}")
+        value = _convert(params[name], value, ctx, path, key)  # a bad value is an error even when overridden
         source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "COMMANDLINE":
-            continue
-        merged[name] = _convert(params[name], value, ctx, path, key)
+        if source is None or source.name != "COMMANDLINE":
+            merged[name] = value
     return merged
 
 
