@@ -110,3 +110,10 @@ def test_binary_file_and_missing_file_are_one_line(run_cli, tmp_path):
     for path, message in ((binary, "not a YAML or JSON file"), (tmp_path / "nope.yaml", "no such file")):
         result = run_cli("train", "--config", path, "--runs-dir", tmp_path / "runs")
         assert result.code == 2 and message in result.err.replace("\n", " ") and "Traceback" not in result.err
+
+
+def test_config_with_resume_is_refused(run_cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 1\n")
+    result = run_cli("train", "--config", recipe, "--resume", "some-run", "--runs-dir", tmp_path)
+    assert result.code == 2 and "leave out --config" in result.err
