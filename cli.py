@@ -80,6 +80,8 @@ CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: 
 
 @app.command()
 def train(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A recipe (YAML or JSON; any option below as a key) or a run's record.json; options given here override it.")] = None,
     data: Data = "synthetic",
     backbone: Backbone = "cnn",
     strategy: Strategy = "scratch",
@@ -132,28 +134,18 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
 ) -> None:
     """Train one model and write its run record to runs/<name>/."""
-    from training.config import DataConfig, TrainConfig  # noqa: PLC0415
+    from training.recipes import merge, train_config  # noqa: PLC0415
     from training.train import resume as resume_training, train as run_training  # noqa: PLC0415
 
+    options = merge(ctx, config) if config else dict(ctx.params)
+    json_out, runs_dir = options["json_out"], options["runs_dir"]
     log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
     if resume:
+        if config:
+            raise UserError("--resume continues a run with its own options; leave out --config")
         _show_run(resume_training(resume, runs_dir, log=log), json_out)
         return
-
-    cfg = TrainConfig(
-        data=DataConfig(spec=data, classes=classes, val_split=val_split, limit=limit, image_size=image_size, seed=seed),
-        backbone=backbone, weights=weights, strategy=strategy, input_size=input_size, head=head,
-        head_units=head_units, dropout=dropout, augment=augment, augment_policy=augment_policy,
-        cnn_layers=cnn_layers, cnn_padding=cnn_padding,
-        bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at, unfreeze=unfreeze, unfreeze_from=unfreeze_from,
-        from_run=from_run, train_last=train_last, epochs=epochs, finetune_epochs=finetune_epochs, lr=lr,
-        finetune_lr=finetune_lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
-        weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
-        tta=tta, class_weight=class_weight, calibrate=calibrate, batch_size=batch_size, target=target,
-        patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
-        precision=precision, jit=jit, distribute=distribute,
-    )
-    _show_run(run_training(cfg, runs_dir, log=log), json_out)
+    _show_run(run_training(train_config(options), runs_dir, log=log), json_out)
 
 
 def _show_run(run, json_out: bool) -> None:
@@ -270,12 +262,22 @@ def list_backbones() -> None:
 def list_runs_cmd(
     runs_dir: RunsDir = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write seed 001's CSV to this file.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Print the command that shows every run's TensorBoard logs side by side.")] = False,
 ) -> None:
     """List finished runs with seed 001's columns plus epochs_to_target."""
     from serving import storage  # noqa: PLC0415
     from training.records import list_runs, table_csv  # noqa: PLC0415
 
     from training.train import interrupted  # noqa: PLC0415
+
+    if tensorboard:
+        from training.tensorboard_logs import command  # noqa: PLC0415
+
+        line = command([(r.path.name, r.path.resolve()) for r in list_runs(runs_dir)])
+        if not line:
+            raise UserError(f"no finished run in {storage.runs_dir(runs_dir)} has TensorBoard logs")
+        print(line)  # plain stdout, no wrapping: it is meant to be pasted or run with $(...)
+        return
 
     for stale in storage.remove_stale_staging(storage.runs_dir(runs_dir)):
         console.print(f"removed {stale.name}: left by a command that was killed", highlight=False)

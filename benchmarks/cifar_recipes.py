@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/cifar_recipes.py [--recipes cnn-bn,resnet9s,resnet9m,resnet9m-page,resnet9m-page-tta] [--epochs N] [--limit N]
 
-Trains each recipe on the full 45,000 / 5,000 / 10,000 split (or --limit images per split for
-a quick check) and prints the test accuracy beside the target the issue sets and the wall time
+Trains each recipe (recipes/cifar-<recipe>.yaml: its options, epochs and target accuracy) on the
+full 45,000 / 5,000 / 10,000 split (or --limit images per split for a quick check) and prints the test accuracy beside the target the issue sets and the wall time
 on this machine. A finished run of the same name is reported, not retrained (--retrain to redo).
 Runs land in benchmarks/.work/runs (TLSERVE_HOME).
 """
@@ -20,44 +20,35 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
+import yaml  # noqa: E402
 from serving.machine import cpu_flags, package_versions  # noqa: E402
 from training import env  # noqa: E402
 from training.accel import BF16_FLAGS  # noqa: E402
 
+RECIPE_DIR = ROOT / "recipes"
 # bfloat16 where the CPU computes it (AVX512-BF16, AMX); emulated elsewhere and many times slower than float32.
 _PRECISION = "mixed_bfloat16" if (cpu_flags() or set()) & BF16_FLAGS else "float32"
-_FAST = ["--augment", "--augment-policy", "flip-crop", "--optimizer", "sgd", "--nesterov", "--schedule", "onecycle",
-         "--patience", "0", "--precision", _PRECISION]
-_WD = ["--weight-decay", "5e-4"]
-# Page's ResNet-9 head: global max pool, logits scaled by 1/8, label smoothing 0.2.
-_PAGE = ["--logit-scale", "0.125", "--label-smoothing", "0.2", "--bn-momentum", "0.9", "--lr", "0.2", "--batch-size", "256"]
-_R9M_PAGE = "c32,c64,p,r64,c128,p,c256,p,r256,gm"  # resnet9-m's layers with the global max pool
-# What took resnet9m-page past 90%: ten times the weight decay and flip test-time augmentation in the model.
-_TTA = ["--weight-decay", "5e-3", "--tta", "flip"]
-# name: (arguments, default epochs, target test accuracy, what the target is)
-RECIPES: dict[str, tuple[list[str], int, float, str]] = {
-    "seed002-as-written": (["-b", "cnn-bn", "--cnn-layers", "seed002", "--bn-momentum", "0.8", "--l2", "0.001",
-                            "--optimizer", "sgd", "--lr", "1e-3", "--batch-size", "64", "--patience", "0"],
-                           5, 0.83, "seed 002's expected 83-85%"),
-    "cnn-bn": (["-b", "cnn-bn", "--cnn-layers", "vgg3", "--bn-momentum", "0.9", "--lr", "0.1", "--batch-size", "128",
-                *_FAST, *_WD], 24, 0.83, "seed 002's 83-85%"),
-    "resnet9s": (["-b", "cnn-bn", "--cnn-layers", "resnet9-s", "--bn-momentum", "0.9", "--lr", "0.2",
-                   "--batch-size", "256", *_FAST, *_WD], 30, 0.90, "90%, the fast CIFAR-10 records' class"),
-    # Twice resnet9-s's width (half of Page's ResNet-9): about 4x the compute per image.
-    "resnet9m": (["-b", "cnn-bn", "--cnn-layers", "resnet9-m", "--bn-momentum", "0.9", "--lr", "0.2",
-                  "--batch-size", "256", *_FAST, *_WD], 30, 0.90, "90%, the fast CIFAR-10 records' class"),
-    # resnet9m with the rest of Page's ResNet-9 head: global max pool, logits scaled by 1/8, and label
-    # smoothing 0.2 (on 10,000 images, 10 epochs: 0.696 -> 0.757 test accuracy from the head alone).
-    "resnet9m-page": (["-b", "cnn-bn", "--cnn-layers", _R9M_PAGE, *_PAGE, *_FAST, *_WD],
-                      30, 0.90, "90%, the fast CIFAR-10 records' class"),
-    # resnet9m-page with ten times the weight decay (full scale: 0.8955 vs 0.8868 at 5e-4) and flip
-    # test-time augmentation built into the model (+0.79 points on that run's weights, benchmarks/tta_gain.py).
-    "resnet9m-page-tta": (["-b", "cnn-bn", "--cnn-layers", _R9M_PAGE, *_PAGE, *_FAST, *_TTA],
-                          30, 0.90, "90%, the fast CIFAR-10 records' class"),
-    # The same at Page's full width: about 4x resnet9m's compute per image.
-    "resnet9-page-tta": (["-b", "cnn-bn", "--cnn-layers", "c64,c128,p,r128,c256,p,c512,p,r512,gm", *_PAGE, *_FAST,
-                          *_TTA], 24, 0.90, "90%, the fast CIFAR-10 records' class"),
+# recipe (recipes/cifar-<recipe>.yaml, which holds its options, epochs and target accuracy): what the target is
+RECIPES: dict[str, str] = {
+    "seed002-as-written": "seed 002's expected 83-85%",
+    "cnn-bn": "seed 002's 83-85%",
+    "resnet9s": "90%, the fast CIFAR-10 records' class",
+    "resnet9m": "90%, the fast CIFAR-10 records' class",
+    "resnet9m-page": "90%, the fast CIFAR-10 records' class",
+    "resnet9m-page-tta": "90%, the fast CIFAR-10 records' class",
+    "resnet9-page-tta": "90%, the fast CIFAR-10 records' class",
 }
+
+
+def recipe_file(recipe: str) -> tuple[Path, dict]:
+    path = RECIPE_DIR / f"cifar-{recipe}.yaml"
+    return path, yaml.safe_load(path.read_text()) or {}
+
+
+def recipe_args(recipe: str) -> list[str]:
+    """`--config recipes/cifar-<recipe>.yaml`, and this CPU's precision where the recipe sets one."""
+    path, options = recipe_file(recipe)
+    return ["--config", str(path), *(["--precision", _PRECISION] if "precision" in options else [])]
 
 
 def run(name: str, args: list[str], retrain: bool) -> dict:
@@ -86,15 +77,12 @@ def main() -> None:
         raise SystemExit(f"unknown recipe {unknown[0]}; choose from {', '.join(RECIPES)}")
     rows = []
     for recipe in chosen:
-        recipe_args, epochs, target, meaning = RECIPES[recipe]
-        epochs = args.epochs or epochs
-        extra = ["--limit", str(args.limit)] if args.limit else []
-        suffix = (f"-e{epochs}" if args.epochs else "") + (f"-l{args.limit}" if args.limit else "")
-        record = run(f"cifar-{recipe}{suffix}", ["--data", args.data, *recipe_args, "--epochs", str(epochs), *extra],
-                     args.retrain)
-        acc = record["test"]["accuracy"]
+        extra = (["--epochs", str(args.epochs)] if args.epochs else []) + (["--limit", str(args.limit)] if args.limit else [])
+        suffix = (f"-e{args.epochs}" if args.epochs else "") + (f"-l{args.limit}" if args.limit else "")
+        record = run(f"cifar-{recipe}{suffix}", [*recipe_args(recipe), "--data", args.data, *extra], args.retrain)
+        acc, target = record["test"]["accuracy"], recipe_file(recipe)[1]["target"]
         rows.append((recipe, record["config"]["cnn_layers"], record["epochs"], record["data"]["splits"]["train"],
-                     record["total_time_sec"], record["avg_epoch_time_sec"], acc, target, meaning,
+                     record["total_time_sec"], record["avg_epoch_time_sec"], acc, target, RECIPES[recipe],
                      record["environment"]["precision"]))
     machine = env.machine_facts()
     print(f"\nCIFAR-10 from scratch on {machine.get('cpu')} ({machine.get('cpu_count')} cores), "

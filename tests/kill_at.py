@@ -6,6 +6,7 @@ POINT is one of
   batch:N          after the N-th training batch of the process (mid-epoch)
   checkpoint:NAME  right after checkpoint NAME is written, before the state names it
   phase-end:NAME   right after phase NAME is recorded as done
+  state:N          right after the state naming N finished epochs is written (before anything else sees the epoch)
   evaluate         when the test evaluation starts (after the last epoch)
   save             after the model file is written, before the run folder is renamed into place
 """
@@ -64,6 +65,15 @@ def main() -> None:
                 _die()
 
         train.storage.write_json = write_json_and_die
+    elif kind == "state":
+        write_json = storage.write_json
+
+        def write_state_and_die(path, data):
+            write_json(path, data)
+            if path.name == train.STATE and len(data.get("history", [])) == int(arg):
+                _die()
+
+        train.storage.write_json = write_state_and_die
     elif kind == "evaluate":
         train._evaluate = lambda *a, **kw: _die()
     elif kind == "save":

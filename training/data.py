@@ -19,6 +19,7 @@ from PIL import Image
 
 from serving import images
 from serving.errors import UserError, nearest
+from training import progress
 from training.config import DataConfig
 
 SCHEMES = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")
@@ -349,7 +350,8 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
 
     size = _folder_image_size(cfg, [f for files, _ in picked.values() for f in files])
     skipped: list[str] = []
-    splits = {name: _decode(files, labels, size, skipped, root) for name, (files, labels) in picked.items()}
+    with progress.step(f"decoding images from {root.name}", sum(len(files) for files, _ in picked.values())) as advance:
+        splits = {name: _decode(files, labels, size, skipped, root, advance) for name, (files, labels) in picked.items()}
     return Dataset(splits["train"], splits["val"], splits["test"], class_names, f"folder {root} ({layout})",
                    size, images.DEFAULT_INTERPOLATION, skipped)
 
@@ -385,7 +387,8 @@ def _folder_image_size(cfg: DataConfig, files: list[Path]) -> tuple[int, int]:
     return (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
 
 
-def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skipped: list[str], root: Path) -> Split:
+def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skipped: list[str], root: Path,
+            advance=lambda n: None) -> Split:
     """Decode in threads (Pillow releases the GIL while decoding); unreadable files are named and skipped."""
     def one(path: Path) -> np.ndarray | None:
         try:
@@ -393,8 +396,11 @@ def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skippe
         except images.ImageError:
             return None
 
+    arrays: list[np.ndarray | None] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        arrays = list(pool.map(one, files))
+        for array in pool.map(one, files):  # in order, counted on this thread
+            arrays.append(array)
+            advance(1)
     keep = [i for i, a in enumerate(arrays) if a is not None]
     skipped.extend(str(files[i].relative_to(root)) for i, a in enumerate(arrays) if a is None)
     x = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, *size, 3), np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 from serving import machine, storage
 from serving.errors import UserError
 from serving.manifest import MANIFEST, VARIANTS, artifact_digest, tree_bytes
-from training import env, records
+from training import env, progress, records
 from training.config import DataConfig
 
 FORMATS = ("savedmodel", "onnx")
@@ -157,8 +157,9 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> dict[str, 
     def serve(image):
         return {"probabilities": model(image, training=False)}
 
-    T.saved_model.save(model, str(path), signatures={"serving_default": serve})
-    loaded = T.saved_model.load(str(path))
+    with progress.step("writing the SavedModel", None):
+        T.saved_model.save(model, str(path), signatures={"serving_default": serve})
+        loaded = T.saved_model.load(str(path))
     probs = loaded.signatures["serving_default"](image=T.constant(check.images))["probabilities"].numpy()
     parity = _compare(probs, check)
     _require_parity("SavedModel", parity)
@@ -181,7 +182,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     T = env.tf()
     h, w = model.input_shape[1:3]
     fp32_path = staging / VARIANTS["fp32"]
-    with env._quiet_stderr_fd():  # tf2onnx logs every graph rewrite at INFO
+    with progress.step("converting to ONNX", None), env._quiet_stderr_fd():  # tf2onnx logs every rewrite at INFO
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
                                    opset=opts.opset, output_path=str(fp32_path))
     proto = onnx.load(str(fp32_path))
@@ -204,7 +205,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         parity = _compare(probs, check)
         if variant == "fp32":
             _require_parity("ONNX", parity)
-        scores = _test_scores(session, check)
+        scores = _test_scores(session, check, VARIANTS[variant])
         entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity,
                  "test_accuracy": scores["accuracy"], "test_ece": scores["ece"],
                  "test_per_class_recall": scores["recall"]}
@@ -258,13 +259,17 @@ def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: f
             "max_class_drop": max_class_drop, "crossed": crossed, "reason": reason or None}
 
 
-def _test_scores(session, check: _Check, batch: int = 256) -> dict[str, Any]:
+def _test_scores(session, check: _Check, file: str, batch: int = 256) -> dict[str, Any]:
     """Accuracy, per-class recall and ECE of one ONNX file over the run's whole test split."""
     from training import metrics  # noqa: PLC0415
 
-    probs = np.concatenate([session.run(None, {"image": check.test_x[start:start + batch].astype(np.float32)})[0]
-                            for start in range(0, len(check.test_y), batch)]) if len(check.test_y) else \
-        np.zeros((0, len(check.class_names)), np.float32)
+    parts = [np.zeros((0, len(check.class_names)), np.float32)]
+    with progress.step(f"test accuracy of {file}", len(check.test_y)) as advance:
+        for start in range(0, len(check.test_y), batch):
+            x = check.test_x[start:start + batch].astype(np.float32)
+            parts.append(session.run(None, {"image": x})[0])
+            advance(len(x))
+    probs = np.concatenate(parts)
     matrix = metrics.confusion(check.test_y, probs.argmax(1), len(check.class_names))
     summary = metrics.summary(matrix, check.class_names)
     return {"accuracy": summary["accuracy"] or 0.0, "ece": metrics.ece(check.test_y, probs),
@@ -314,17 +319,21 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     class Reader(CalibrationDataReader):
-        def __init__(self, images: np.ndarray, batch: int = 32):
+        def __init__(self, images: np.ndarray, advance, batch: int = 32):
             self._batches = iter([{"image": images[i:i + batch]} for i in range(0, len(images), batch)])
+            self.advance = advance
 
         def get_next(self):
-            return next(self._batches, None)
+            feed = next(self._batches, None)
+            if feed is not None:
+                self.advance(len(feed["image"]))  # counted as handed over: the calibrator runs it next
+            return feed
 
     prepared = dst.with_name(dst.stem + ".prep.onnx")
     try:
-        with env.quiet_library_logging():
+        with env.quiet_library_logging(), progress.step("int8 calibration", len(calib_x)) as advance:
             quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(dst), Reader(calib_x), quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(dst), Reader(calib_x, advance), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
                             nodes_to_exclude=float_nodes(prepared) if keep_float else [])

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from training import progress
 from training.config import TrainConfig
 from training.env import keras, tf
 
@@ -161,26 +162,33 @@ def extract(extractor, splits: dict[str, Any], pipeline, folder: Path) -> Cache:
         folder.mkdir(parents=True, exist_ok=True)
     run = tf().function(lambda x: extractor(x, training=False))
     cached: dict[str, list[np.ndarray]] = {}
-    for name, split in splits.items():
-        n = len(split.y)
-        if on_disk:
-            arrays = [np.lib.format.open_memmap(folder / f"{name}-{i}.npy", mode="w+", dtype=np.float32,
-                                                shape=(n, *shape)) for i, shape in enumerate(shapes)]
-        else:
-            arrays = [np.empty((n, *shape), np.float32) for shape in shapes]
-        start = 0
-        for x, _ in pipeline(split, EXTRACT_BATCH) if n else ():
-            result = run(x)
-            result = result if isinstance(result, (list, tuple)) else [result]
-            stop = start + int(x.shape[0])
-            for array, value in zip(arrays, result):
-                array[start:stop] = value.numpy()
-            start = stop
-        for array in arrays:
-            if isinstance(array, np.memmap):
-                array.flush()
-        cached[name] = arrays
+    with progress.step("extracting features", total) as advance:
+        for name, split in splits.items():
+            cached[name] = _extract_split(run, split, pipeline, shapes, folder / name if on_disk else None, advance)
     return Cache(cached, per_image * total, "disk" if on_disk else "memory", shapes=shapes)
+
+
+def _extract_split(run, split, pipeline, shapes: list[tuple[int, ...]], disk: Path | None, advance) -> list[np.ndarray]:
+    """One split's activations; `disk` is the file prefix of memory-mapped arrays, or None for memory."""
+    n = len(split.y)
+    if disk is not None:
+        arrays = [np.lib.format.open_memmap(disk.with_name(f"{disk.name}-{i}.npy"), mode="w+", dtype=np.float32,
+                                            shape=(n, *shape)) for i, shape in enumerate(shapes)]
+    else:
+        arrays = [np.empty((n, *shape), np.float32) for shape in shapes]
+    start = 0
+    for x, _ in pipeline(split, EXTRACT_BATCH) if n else ():
+        result = run(x)
+        result = result if isinstance(result, (list, tuple)) else [result]
+        stop = start + int(x.shape[0])
+        for array, value in zip(arrays, result):
+            array[start:stop] = value.numpy()
+        start = stop
+        advance(int(x.shape[0]))
+    for array in arrays:
+        if isinstance(array, np.memmap):
+            array.flush()
+    return arrays
 
 
 def peak_rss_bytes() -> int:

@@ -1,4 +1,5 @@
-"""Progress for long steps (feature extraction, parity checks, calibration, eval, data check).
+"""Progress for long steps (image decoding, feature extraction, export's conversions, accuracy checks
+and int8 calibration, eval, data check).
 
 On a terminal: a rich progress bar (rich comes with typer) that stays on screen when done. Anywhere
 else (CI logs, pipes, `--json` runs): one line per finished step with its count and seconds. Never
@@ -47,6 +48,9 @@ def step(description: str, total: int | None, *, unit: str = "images", log: Log 
 
     yield count
     seconds = time.perf_counter() - start
+    if total is None and not done:  # a step with nothing to count (a conversion, a save): its time alone
+        (log or _stderr)(f"{description}: done in {seconds:.1f} s")
+        return
     of = f"/{total:,}" if total is not None and total != done else ""
     (log or _stderr)(f"{description}: {done:,}{of} {unit} in {seconds:.1f} s")
 

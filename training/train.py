@@ -30,7 +30,7 @@ import numpy as np
 from serving import machine, storage
 from serving.errors import UserError
 from training import accel as accelerators, calibration, class_weights, cluster as clusters, data as datasets, env, \
-    feature_cache, metrics, models, records, strategies
+    feature_cache, metrics, models, progress, records, strategies, tensorboard_logs
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import ClusterLost, Interrupted
@@ -272,6 +272,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
         ckpts.read(state["checkpoint"], model=model)
+    if state.get("resumed") and tensorboard_logs.backfill(staging, history):
+        log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
     for phase in phases:
         if phase.before is not None:
             phase.before()  # a finished phase's unfreezing too: the record counts trainable params
@@ -358,8 +360,11 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                 ckpts.prune(keep=(state.get("checkpoint"), (state["stopping"] or {}).get("best_weights")))
 
             # The early-stopping decision comes first, so the state saved after the epoch includes it.
-            # On a cluster the backup comes last: a kill between the state and the backup trains that epoch again.
+            # TensorBoard after the state: an epoch's events are written once its state is saved, so a resumed
+            # run (which starts at that epoch) never writes an epoch twice. On a cluster the backup comes last:
+            # a kill between the state and the backup trains that epoch again.
             callbacks = [c for c in (early, _EpochLog(phase.name, history, None if interactive else log, save_state),
+                                     tensorboard_logs.callback(tensorboard_logs.phase_dir(staging, phase.name)),
                                      _cluster_backup(backup, staging / BACKUP_DIR / phase.name) if cluster else None)
                          if c is not None]
             fit_model.fit(train_data, steps_per_epoch=steps_per_epoch, validation_data=val_data, initial_epoch=first,
@@ -759,13 +764,19 @@ def _EpochLog(phase, history, log, on_epoch):  # noqa: N802 (a Keras class made 
     return _epoch_log_cls(phase, history, log, on_epoch)
 
 
+def _Counted(advance):  # noqa: N802 (a Keras callback made after TensorFlow loads)
+    """Advances a progress step by each predicted batch's size."""
+    K = keras()
+    return K.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: advance(len(logs["outputs"])))
+
+
 def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
     """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
-    regularization, so it compares with val_loss), accuracy, per-class accuracy and confusion matrix,
-    and per-class precision/recall/F1/support with macro and weighted F1 (training.metrics, the
-    definitions `tlserve eval` uses), from a single pass over the test split."""
-    probs = model.predict(test_ds, verbose=0)
+    regularization, so it compares with val_loss), accuracy, per-class accuracy, precision/recall/F1
+    and confusion matrix, from a single pass over the test split."""
     y = dataset.test.y
+    with progress.step("test evaluation", len(y)) as advance:
+        probs = model.predict(test_ds, verbose=0, callbacks=[_Counted(advance)])
     per_image = keras().losses.get(_loss(label_smoothing))(y, probs)  # the very loss the run trained on
     regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
     loss = float(np.mean(per_image)) + regularization
