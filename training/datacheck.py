@@ -1,0 +1,479 @@
+"""`tlserve data check`: duplicates and leaks across splits, label conflicts, balance, odd files.
+
+Every image gets three fingerprints:
+  exact     a hash of its decoded RGB pixels (a byte copy, or the same pixels saved as PNG and as BMP);
+  phash     imagehash's DCT perceptual hash (64 bits) of the image and of its mirror, so a resized,
+            recompressed or colour-shifted copy lands a few bits away, and a flipped copy too;
+  embedding (full mode) the frozen ImageNet MobileNetV2's pooled features at EMBED_SIZE px, for what
+            hashes miss (crops, stronger edits). Cosine is taken after centring the features and
+            projecting them on their top PCA_DIMS principal axes: the centring removes the direction
+            every photo shares, and the projection makes the all-pairs search 5x cheaper.
+
+Pairs are searched exactly, block by block with numpy (Hamming distance as a dot product of +-1
+bit vectors, cosine as a dot product of unit vectors): ~60k images take seconds per pass on 2 cores.
+Past ANN_ABOVE images an all-pairs search grows quadratically; that is where a nearest-neighbour
+library (faiss, `pip install faiss-cpu`) would take over the embedding search. We do not write one.
+
+Split assignment is data.list_folder's, the one training uses (same seed and --val-split), so a
+leak reported here is a leak the run has.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import imagehash
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from serving import images
+from serving.errors import UserError
+from training import progress
+from training.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+MODES = ("off", "fast", "full")
+EMBED_SIZE = 64          # MobileNetV2 input: 1,185 img/s on 2 busy cores (96 px: 334 img/s)
+EMBED_BATCH = 256
+PCA_DIMS = 256
+SEARCH_BLOCK = 512       # rows per block: 3 float32 blocks of 512 x 60k stay under 400 MB
+ANN_ABOVE = 200_000      # beyond this many images an exact all-pairs search is the wrong tool (see above)
+MAX_PAIRS = 200_000      # a degenerate set (thousands of blank images) must not fill memory with pairs
+# Defaults measured on the CIFAR-10 JPEG copy and the planted set of tests/test_data_check.py
+# (README, "Check the data"): at these values every pair shown was the same scene.
+DEFAULT_PHASH = 4
+DEFAULT_COSINE = 0.92
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L"}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    phash: int = DEFAULT_PHASH      # largest Hamming distance (of 64 bits) that counts as a near duplicate
+    cosine: float = DEFAULT_COSINE  # smallest embedding cosine that counts as a near duplicate
+
+    def validate(self) -> "Thresholds":
+        if not 0 <= self.phash <= 32:
+            raise UserError(f"--phash-distance must be between 0 and 32 bits (of 64), not {self.phash}")
+        if not 0.5 <= self.cosine <= 1.0:
+            raise UserError(f"--cosine must be between 0.5 and 1.0, not {self.cosine}")
+        return self
+
+
+@dataclass
+class Images:
+    """One row per readable image, in split order (train, then val, then test)."""
+    split: np.ndarray                 # (N,) index into SPLITS
+    names: list[str]                  # relative file path, or "#i" for array sources
+    labels: np.ndarray                # (N,) int
+    exact: list[bytes]
+    phash: np.ndarray                 # (N,) uint64
+    phash_mirror: np.ndarray          # (N,) uint64
+    small: np.ndarray | None          # (N, EMBED_SIZE, EMBED_SIZE, 3) uint8, full mode only
+    facts: list[dict[str, Any]]       # size, mode, format, exif_rotated (folder data)
+
+
+@dataclass
+class Pair:
+    a: int
+    b: int
+    kind: str            # exact | near
+    how: str             # pixels | phash | phash-mirror | embedding
+    hamming: int
+    cosine: float | None
+
+
+@dataclass
+class Report:
+    data: dict[str, Any]                                   # the JSON report
+    pairs: list[Pair] = field(default_factory=list)
+    images: Images | None = None
+    thumbnail: Callable[[int], Image.Image] | None = None  # row -> RGB image, for the page
+    drop_train: list[int] = field(default_factory=list)    # rows of train images that duplicate val/test
+    rows_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(pair item in data) -> its two rows
+
+    def rows(self, item: dict[str, Any]) -> tuple[int, int]:
+        return self.rows_of[id(item)]
+
+
+# ---- entry points ----------------------------------------------------------------------------
+
+def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
+          log: progress.Log | None = None, bar: bool | None = None) -> Report:
+    """Check a `--data` source as training would split it."""
+    thresholds.validate()
+    if mode not in ("fast", "full"):
+        raise UserError(f"--mode must be fast or full, not '{mode}'")
+    from training.data import check_config  # noqa: PLC0415
+
+    check_config(cfg)
+    start = time.perf_counter()
+    scheme, _, arg = cfg.spec.partition(":")
+    if scheme == "folder" and arg:
+        from training.data import list_folder  # noqa: PLC0415
+
+        listing = list_folder(cfg, Path(arg).expanduser())
+        imgs, unreadable = _fingerprint_files(listing, mode, log, bar)
+        root = listing.root
+        meta = {"source": f"folder {root} ({listing.layout})", "class_names": listing.class_names,
+                "not_images": _not_images(listing.class_folders, root), "unreadable": unreadable}
+
+        def thumbnail(row: int) -> Image.Image:
+            return images.open_image(root / imgs.names[row])
+    else:
+        from training.data import load_dataset  # noqa: PLC0415
+
+        ds = load_dataset(cfg)
+        imgs = fingerprint_arrays({"train": ds.train, "val": ds.val, "test": ds.test}, mode, log, bar)
+        arrays = np.concatenate([ds.train.x, ds.val.x, ds.test.x])
+        meta = {"source": ds.source, "class_names": ds.class_names, "not_images": [],
+                "unreadable": [{"file": f, "why": "not a readable image"} for f in ds.skipped]}
+
+        def thumbnail(row: int) -> Image.Image:
+            return Image.fromarray(arrays[row])
+    if len(imgs.labels) == 0:
+        raise UserError(f"--data {cfg.spec}: no readable images to check")
+    report = _analyse(imgs, meta, mode, thresholds, weights, log, bar)
+    report.thumbnail = thumbnail
+    report.data["seconds"]["total"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
+                  log: progress.Log | None = None) -> Report:
+    """The training run's own check, on the pixels it is about to train on (cross-split pairs only)."""
+    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    imgs = fingerprint_arrays(splits, mode, log, bar=False)
+    meta = {"source": dataset.source, "class_names": dataset.class_names, "not_images": [],
+            "unreadable": [{"file": f, "why": "not a readable image"} for f in dataset.skipped]}
+    return _analyse(imgs, meta, mode, thresholds, weights, log, False, cross_only=True)
+
+
+# ---- fingerprints ----------------------------------------------------------------------------
+
+def _fingerprint(rgb: Image.Image, mode: str) -> tuple[bytes, int, int, np.ndarray | None]:
+    exact = hashlib.blake2b(rgb.tobytes(), digest_size=16, person=f"{rgb.width}x{rgb.height}".encode()[:16]).digest()
+    ph = _hash_int(imagehash.phash(rgb))
+    mirrored = _hash_int(imagehash.phash(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    small = None
+    if mode == "full":
+        small = np.asarray(rgb.resize((EMBED_SIZE, EMBED_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return exact, ph, mirrored, small
+
+
+def _hash_int(h: imagehash.ImageHash) -> int:
+    return int.from_bytes(np.packbits(h.hash.flatten()).tobytes(), "big")
+
+
+def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple | None, str | None]:
+    """(facts, fingerprints, why unreadable) of one file; never raises for a bad file."""
+    name = path.relative_to(root).as_posix()
+    try:
+        with Image.open(path) as img:
+            img.load()
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            facts = {"size": f"{img.width}x{img.height}", "mode": img.mode, "format": img.format or "?",
+                     "exif_rotated": orientation not in (None, 1),
+                     "alpha": img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)}
+            rgb = images.to_rgb(img)
+            return facts, _fingerprint(rgb, mode), None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        return {"file": name}, None, f"not a readable image ({exc.__class__.__name__})"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return {"file": name}, None, f"cannot decode ({str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__})"
+
+
+def _fingerprint_files(listing, mode: str, log, bar) -> tuple[Images, list[dict[str, str]]]:
+    rows: list[tuple[int, Path, int]] = [(s, f, int(y)) for s, name in enumerate(SPLITS)
+                                         for f, y in zip(*listing.splits[name])]
+    results: list[tuple] = []
+    with progress.step("decoding and hashing", len(rows), log=log, bar=bar) as advance, \
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        # Pillow's decode and resize release the GIL, so threads overlap them.
+        for out in pool.map(lambda r: _inspect(r[1], listing.root, mode), rows):
+            results.append(out)
+            advance(1)
+    keep = [i for i, (_, fp, _) in enumerate(results) if fp is not None]
+    unreadable = [{"file": rows[i][1].relative_to(listing.root).as_posix(), "why": why}
+                  for i, (_, fp, why) in enumerate(results) if fp is None]
+    imgs = _columns([rows[i][0] for i in keep], [rows[i][1].relative_to(listing.root).as_posix() for i in keep],
+                    [rows[i][2] for i in keep], [results[i][1] for i in keep], [results[i][0] for i in keep])
+    return imgs, unreadable
+
+
+def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | None = None) -> Images:
+    """Fingerprints of array splits (data.Split): synthetic, CIFAR-10 batches, a decoded folder."""
+    split_idx, names, labels, fps = [], [], [], []
+    total = sum(len(splits[s]) for s in SPLITS)
+    with progress.step("hashing", total, log=log, bar=bar) as advance:
+        for s, name in enumerate(SPLITS):
+            split = splits[name]
+            ids = split.ids()
+            for i in range(len(split)):
+                fps.append(_fingerprint(Image.fromarray(split.x[i]), mode))
+                split_idx.append(s)
+                names.append(ids[i])
+                labels.append(int(split.y[i]))
+                if i % 256 == 255:
+                    advance(256)
+            advance(len(split) % 256)
+    facts = [{"size": f"{splits[SPLITS[s]].x.shape[2]}x{splits[SPLITS[s]].x.shape[1]}", "mode": "RGB",
+              "format": "array", "exif_rotated": False, "alpha": False} for s in split_idx]
+    return _columns(split_idx, names, labels, fps, facts)
+
+
+def _columns(split_idx, names, labels, fps, facts) -> Images:
+    small = [fp[3] for fp in fps]
+    return Images(
+        split=np.asarray(split_idx, np.int8), names=list(names), labels=np.asarray(labels, np.int64),
+        exact=[fp[0] for fp in fps],
+        phash=np.asarray([fp[1] for fp in fps], np.uint64), phash_mirror=np.asarray([fp[2] for fp in fps], np.uint64),
+        small=np.stack(small) if small and small[0] is not None else None, facts=list(facts))
+
+
+def _not_images(folders: list[Path], root: Path) -> list[str]:
+    """Files in class folders that training skips for their name (not an image suffix)."""
+    out = []
+    for folder in folders:
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and not images.is_image_path(f):
+                out.append(f.relative_to(root).as_posix())
+    return out
+
+
+# ---- embeddings ----------------------------------------------------------------------------
+
+def embeddings(small: np.ndarray, weights: str, log=None, bar: bool | None = None) -> np.ndarray:
+    """Pooled MobileNetV2 features (N, 1280) of EMBED_SIZE-px images, ImageNet weights (imagenet or a file)."""
+    from training import backbones  # noqa: PLC0415
+    from training.env import keras, tf  # noqa: PLC0415
+
+    base = backbones.build_pretrained(backbones.get("mobilenetv2"), EMBED_SIZE, weights)
+    pool = keras().layers.GlobalAveragePooling2D()
+
+    @tf().function(reduce_retracing=True)
+    def embed(x):
+        return pool(base(x / 127.5 - 1.0, training=False))  # MobileNetV2's preprocess_input
+
+    out = np.zeros((len(small), base.output_shape[-1]), np.float32)
+    with progress.step("embedding (MobileNetV2)", len(small), log=log, bar=bar) as advance:
+        for i in range(0, len(small), EMBED_BATCH):
+            batch = small[i:i + EMBED_BATCH].astype(np.float32)
+            out[i:i + len(batch)] = embed(tf().constant(batch)).numpy()
+            advance(len(batch))
+    return out
+
+
+def project(features: np.ndarray, dims: int = PCA_DIMS) -> np.ndarray:
+    """Centre, keep the top `dims` principal axes, unit length: a cosine that ignores the shared mean."""
+    x = features.astype(np.float64) - features.mean(axis=0, dtype=np.float64)
+    if len(x) > dims + 1:
+        # Eigen-decomposition of the DxD covariance: cheap for D=1280 whatever N is.
+        _, vecs = np.linalg.eigh(x.T @ x)
+        x = x @ vecs[:, ::-1][:, :dims]
+    x = x.astype(np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+# ---- pair search ---------------------------------------------------------------------------
+
+def _bits(h: np.ndarray) -> np.ndarray:
+    """uint64 hashes -> (N, 64) float32 of +-1, so that Hamming distance = (64 - a.b) / 2."""
+    as_bytes = h.astype(">u8").view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(as_bytes, axis=1).astype(np.float32) * 2 - 1
+
+
+def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cross_only: bool,
+           log=None, bar: bool | None = None) -> tuple[list[Pair], bool]:
+    """Every pair within the thresholds (hash, or embedding when given); (pairs, truncated)."""
+    n = len(imgs.labels)
+    bits, mirror = _bits(imgs.phash), _bits(imgs.phash_mirror)
+    split = imgs.split
+    split_end = np.searchsorted(split, np.arange(len(SPLITS)), side="right")
+    pairs: list[Pair] = []
+    truncated = False
+    with progress.step("searching pairs", n, log=log, bar=bar) as advance:
+        for start in range(0, n, SEARCH_BLOCK):
+            stop = min(n, start + SEARCH_BLOCK)
+            # Columns right of the block's first row; cross-split only: from the end of its split on.
+            cols = slice(int(split_end[split[start]]) if cross_only else start, n)
+            if cols.start >= n:
+                advance(stop - start)
+                continue
+            ham = (64 - bits[start:stop] @ bits[cols].T) / 2
+            ham_m = (64 - bits[start:stop] @ mirror[cols].T) / 2
+            best = np.minimum(ham, ham_m)
+            cos = emb[start:stop] @ emb[cols].T if emb is not None else None
+            hit = best <= thresholds.phash + 0.5
+            if cos is not None:
+                hit |= cos >= thresholds.cosine
+            rows_g = np.arange(start, stop)[:, None]
+            cols_g = np.arange(cols.start, n)[None, :]
+            hit &= cols_g > rows_g
+            if cross_only:
+                hit &= split[start:stop][:, None] != split[cols][None, :]
+            for r, c in zip(*np.nonzero(hit)):
+                i, j = start + int(r), cols.start + int(c)
+                d = int(round(best[r, c]))
+                cosine = float(cos[r, c]) if cos is not None else None
+                if imgs.exact[i] == imgs.exact[j]:
+                    kind, how = "exact", "pixels"
+                elif d <= thresholds.phash:
+                    kind, how = "near", "phash" if ham[r, c] <= ham_m[r, c] else "phash-mirror"
+                else:
+                    kind, how = "near", "embedding"
+                pairs.append(Pair(i, j, kind, how, d, None if cosine is None else round(cosine, 4)))
+            advance(stop - start)
+            if len(pairs) > MAX_PAIRS:
+                truncated = True
+                break
+    return pairs, truncated
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+def _analyse(imgs: Images, meta: dict[str, Any], mode: str, thresholds: Thresholds, weights: str, log, bar,
+             *, cross_only: bool = False) -> Report:
+    seconds: dict[str, float] = {}
+    emb = None
+    embed_note = "fast mode: hashes only"
+    if mode == "full" and imgs.small is not None:
+        t = time.perf_counter()
+        try:
+            emb = project(embeddings(imgs.small, weights, log, bar))
+            embed_note = f"MobileNetV2 ({weights}) at {EMBED_SIZE}px, centred, top {PCA_DIMS} PCA axes"
+        except UserError as exc:
+            # A check without embeddings still finds exact and hash-near copies: say so, do not fail.
+            embed_note = f"skipped: {exc}"
+            _warn(log)(f"warning: embeddings {embed_note}")
+        seconds["embeddings"] = round(time.perf_counter() - t, 2)
+        imgs.small = None  # the 64-px copies are not needed any more
+    t = time.perf_counter()
+    pairs, truncated = search(imgs, emb, thresholds, cross_only=cross_only, log=log, bar=bar)
+    seconds["search"] = round(time.perf_counter() - t, 2)
+    if len(imgs.labels) > ANN_ABOVE and emb is not None:
+        _warn(log)(f"note: {len(imgs.labels):,} images: an exact all-pairs search is slow at this size; "
+                                  "a nearest-neighbour index (faiss) is the tool past it")
+
+    names = meta["class_names"]
+    split_name = [SPLITS[s] for s in imgs.split]
+
+    def entry(row: int) -> dict[str, Any]:
+        return {"split": split_name[row], "file": imgs.names[row], "label": names[int(imgs.labels[row])]}
+
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"exact": 0, "near": 0})
+    dup_of: dict[str, set[int]] = defaultdict(set)   # "test-in-train" -> rows of test images with a copy in train
+    conflicts, listed = [], []
+    rows_of = {}
+    drop = set()
+    for p in pairs:
+        sa, sb = split_name[p.a], split_name[p.b]
+        key = f"{sa}-{sb}"
+        counts[key][p.kind] += 1
+        if sa != sb:
+            dup_of[f"{sb}-in-{sa}"].add(p.b)
+            if sa == "train":
+                drop.add(p.a)
+        item = {"a": entry(p.a), "b": entry(p.b), "kind": p.kind, "how": p.how, "hamming": p.hamming,
+                "cosine": p.cosine}
+        if imgs.labels[p.a] != imgs.labels[p.b]:
+            conflicts.append(item)
+        listed.append(item)
+        rows_of[id(item)] = (p.a, p.b)
+    split_sizes = {s: int((imgs.split == i).sum()) for i, s in enumerate(SPLITS)}
+    leaks = {key: {"images": len(rows), "of": split_sizes[key.split("-")[0]],
+                   "percent": round(100 * len(rows) / max(1, split_sizes[key.split("-")[0]]), 2)}
+             for key, rows in sorted(dup_of.items())}
+    data = {
+        "source": meta["source"],
+        "mode": mode,
+        "cross_split_only": cross_only,
+        "class_names": names,
+        "splits": split_sizes,
+        "thresholds": {"phash_distance": thresholds.phash, "cosine": thresholds.cosine},
+        "embeddings": embed_note,
+        "pairs_found": len(pairs),
+        "pairs_truncated": truncated,
+        "duplicates": {k: counts[k] for k in sorted(counts)},
+        "leaks": leaks,
+        "label_conflicts": conflicts,
+        "pairs": _order(listed),
+        "balance": _balance(imgs, names),
+        "images": _image_facts(imgs, names),
+        "unreadable": meta["unreadable"],
+        "not_images": meta["not_images"],
+        "seconds": seconds,
+    }
+    return Report(data, pairs, imgs, None, sorted(drop), rows_of)
+
+
+def _warn(log):
+    return log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _order(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leaks first (train-test, train-val, val-test), then within-split pairs; closest first."""
+    rank = {"train-test": 0, "train-val": 1, "val-test": 2}
+    return sorted(items, key=lambda it: (rank.get(f"{it['a']['split']}-{it['b']['split']}", 3),
+                                         it["kind"] != "exact", it["hamming"], -(it["cosine"] or 0)))
+
+
+def _balance(imgs: Images, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for s, split in enumerate(SPLITS):
+        labels = imgs.labels[imgs.split == s]
+        if len(labels) == 0:
+            continue
+        counts = np.bincount(labels, minlength=len(names))
+        out[split] = {"counts": {names[c]: int(counts[c]) for c in range(len(names))},
+                      "largest_smallest_ratio": round(float(counts.max() / counts.min()), 2) if counts.min() else None,
+                      "missing": [names[c] for c in range(len(names)) if counts[c] == 0]}
+    return out
+
+
+def _image_facts(imgs: Images, names: list[str]) -> dict[str, Any]:
+    sizes: dict[str, Counter] = defaultdict(Counter)
+    for s, f in zip(imgs.split, imgs.facts):
+        sizes[f["size"]][SPLITS[s]] += 1
+    kinds = Counter()
+    for f in imgs.facts:
+        kinds["grayscale"] += f["mode"] in GRAYSCALE_MODES
+        kinds["alpha"] += bool(f["alpha"])
+        kinds["cmyk"] += f["mode"] == "CMYK"
+        kinds["16-bit"] += f["mode"] in SIXTEEN_BIT_MODES
+        kinds["palette"] += f["mode"] in ("P", "PA")
+        kinds["exif_rotated"] += bool(f["exif_rotated"])
+    return {
+        "sizes": {size: dict(c) for size, c in sorted(sizes.items(), key=lambda kv: -sum(kv[1].values()))},
+        "modes": dict(Counter(f["mode"] for f in imgs.facts)),
+        "formats": dict(Counter(f["format"] for f in imgs.facts)),
+        "kinds": {k: int(v) for k, v in kinds.items()},
+        "class_outliers": _class_outliers(imgs, names),
+    }
+
+
+def _class_outliers(imgs: Images, names: list[str], *, min_images: int = 5) -> list[str]:
+    """A class whose images mostly share a size, format or mode the other classes rarely have:
+    a model can learn that instead of the disease."""
+    out = []
+    labels = imgs.labels
+    for attr in ("size", "format", "mode"):
+        values = np.asarray([f[attr] for f in imgs.facts], dtype=object)
+        for c, name in enumerate(names):
+            mine, rest = values[labels == c], values[labels != c]
+            if len(mine) < min_images or len(rest) < min_images:
+                continue
+            top, n = Counter(mine).most_common(1)[0]
+            share, share_rest = n / len(mine), float(np.mean(rest == top))
+            if share >= 0.5 and share - share_rest >= 0.4:
+                out.append(f"class '{name}': {share:.0%} of its images have {attr} {top}, "
+                           f"against {share_rest:.0%} of the other classes'")
+    return out
