@@ -125,6 +125,8 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (mixed_float16 on a GPU, float32 on CPU) | float32 | mixed_float16.")] = "auto",
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA compilation (default: on for GPUs, never on CPU).")] = None,
     distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = "auto",
+    data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = "fast",
+    drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = False,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
@@ -149,7 +151,7 @@ def train(
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, logit_scale=logit_scale,
         tta=tta, batch_size=batch_size, target=target,
         patience=patience or None, seed=seed, name=name, overwrite=overwrite, feature_cache=feature_cache,
-        precision=precision, jit=jit, distribute=distribute,
+        precision=precision, jit=jit, distribute=distribute, data_check=data_check, drop_leaks=drop_leaks,
     )
     _show_run(run_training(cfg, runs_dir, log=log), json_out)
 

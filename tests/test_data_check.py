@@ -87,3 +87,91 @@ def make_set(root: Path, *, per_class: tuple[int, int, int] = (14, 4, 4), seed: 
     clean_image(rng).convert("L").save(root / "train" / "gamma" / "gray.png")
     clean_image(rng).convert("CMYK").save(root / "train" / "gamma" / "cmyk.jpg")
     return planted
+
+
+def _pairs(report: dict) -> set[tuple[str, str]]:
+    return {tuple(sorted((f"{p['a']['file']}", f"{p['b']['file']}"))) for p in report["pairs"]}
+
+
+@pytest.fixture(scope="module")
+def planted_set(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str]]]:
+    root = tmp_path_factory.mktemp("planted")
+    return root, make_set(root)
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
+def test_full_check_finds_every_planted_pair_and_no_clean_pair(planted_set, run_cli, tmp_path):
+    root, planted = planted_set
+    out = tmp_path / "check"
+    res = run_cli("data", "check", "--data", f"folder:{root}", "--out", out, "--weights", MOBILENET, "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert report == json.loads((out / "report.json").read_text())
+    found = _pairs(report)
+    expected = {tuple(sorted(pair)) for pair in planted.values()}
+    assert found == expected, f"missed {expected - found}; not planted {found - expected}"
+    how = {tuple(sorted((p["a"]["file"], p["b"]["file"]))): (p["kind"], p["how"]) for p in report["pairs"]}
+    assert how[tuple(sorted(planted["exact"]))] == ("exact", "pixels")
+    assert how[tuple(sorted(planted["flipped"]))][0] == "near"
+    # Every planted copy sits in val or test: each is a leak, counted once per held-out image.
+    assert report["leaks"]["test-in-train"]["images"] == 5 and report["leaks"]["val-in-train"]["images"] == 2
+    assert [tuple(sorted((p["a"]["file"], p["b"]["file"]))) for p in report["label_conflicts"]] == [tuple(sorted(planted["conflict"]))]
+    assert [u["file"] for u in report["unreadable"]] == ["train/alpha/broken.jpg"]
+    assert report["not_images"] == ["train/beta/notes.txt"]
+    assert report["images"]["kinds"]["grayscale"] == 1 and report["images"]["kinds"]["cmyk"] == 1
+    assert report["images"]["sizes"]["64x64"] == {"val": 1}
+    assert report["balance"]["train"]["counts"] == {"alpha": 14, "beta": 14, "gamma": 16}
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 2 * (len(expected) + 1)  # every pair, the conflict twice
+    assert "data:image/png;base64," in page and "train/alpha/broken.jpg" in page and "train/beta/notes.txt" in page
+
+
+def test_fast_check_finds_the_hashable_copies(planted_set, run_cli, tmp_path):
+    root, planted = planted_set
+    res = run_cli("data", "check", "--data", f"folder:{root}", "--out", tmp_path / "fast", "--mode", "fast", "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    found = _pairs(report)
+    hashable = {tuple(sorted(pair)) for name, pair in planted.items() if name != "crop"}
+    assert hashable <= found, f"missed {hashable - found}"
+    assert found <= {tuple(sorted(pair)) for pair in planted.values()}, "a clean pair was reported"
+    assert report["embeddings"] == "fast mode: hashes only"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "folder:/no/such/folder"], "no such folder"),
+    (["--data", "folder:{empty}"], "no class sub-folders with images"),
+    (["--data", "folder:{root}", "--phash-distance", "40"], "--phash-distance must be between 0 and 32"),
+    (["--data", "folder:{root}", "--cosine", "1.5"], "--cosine must be between 0.5 and 1.0"),
+    (["--data", "folder:{root}", "--mode", "quick"], "--mode must be fast or full"),
+    (["--data", "nonsense"], "unknown --data 'nonsense'"),
+])
+def test_bad_input_is_one_line_exit_2(planted_set, run_cli, tmp_path, args, message):
+    root, _ = planted_set
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    args = [a.format(root=root, empty=tmp_path / "empty") for a in args]
+    res = run_cli("data", "check", *args, "--out", tmp_path / "out")
+    assert res.code == 2
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_drops_leaks_and_records_them(planted_set, run_cli, tmp_path):
+    root, planted = planted_set
+    runs = tmp_path / "runs"
+    res = run_cli("train", "--data", f"folder:{root}", "--image-size", "32", "--epochs", "1", "--drop-leaks",
+                  "--name", "leaky", "--runs-dir", runs, "--json")
+    assert res.code == 0, res.err
+    record = json.loads(res.out)
+    check = record["data_check"]
+    assert check["mode"] == "fast"
+    dropped = check["dropped"]
+    originals = {planted[name][0] for name in planted if name != "crop"}
+    assert originals <= set(dropped["files"]) and dropped["count"] == len(dropped["files"])
+    assert record["data"]["splits"]["train"] == dropped["train_before"] - dropped["count"]
+    assert check["leaks"]["test-in-train"]["images"] >= 5
+    assert "have an exact or near copy in train" in res.err
+
+    res = run_cli("train", "--data", "synthetic", "--data-check", "off", "--drop-leaks", "--runs-dir", runs)
+    assert res.code == 2 and "--drop-leaks needs the data check" in res.err

@@ -24,7 +24,8 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -160,8 +161,11 @@ def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), 
 
 def _fingerprint(rgb: Image.Image, mode: str) -> tuple[bytes, int, int, np.ndarray | None]:
     exact = hashlib.blake2b(rgb.tobytes(), digest_size=16, person=f"{rgb.width}x{rgb.height}".encode()[:16]).digest()
-    ph = _hash_int(imagehash.phash(rgb))
-    mirrored = _hash_int(imagehash.phash(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    # phash's own first step (grey, 32x32 Lanczos), done once: the hash of this is the hash of the image,
+    # and its mirror is a mirrored image's hash without another full-size pass.
+    grey = rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    ph = _hash_int(imagehash.phash(grey))
+    mirrored = _hash_int(imagehash.phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
     small = None
     if mode == "full":
         small = np.asarray(rgb.resize((EMBED_SIZE, EMBED_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
@@ -190,16 +194,30 @@ def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple |
         return {"file": name}, None, f"cannot decode ({str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__})"
 
 
+def _inspect_job(job: tuple[str, str, str]) -> tuple[dict[str, Any], tuple | None, str | None]:
+    path, root, mode = job
+    return _inspect(Path(path), Path(root), mode)
+
+
 def _fingerprint_files(listing, mode: str, log, bar) -> tuple[Images, list[dict[str, str]]]:
     rows: list[tuple[int, Path, int]] = [(s, f, int(y)) for s, name in enumerate(SPLITS)
                                          for f, y in zip(*listing.splits[name])]
+    jobs = [(str(f), str(listing.root), mode) for _, f, _ in rows]
     results: list[tuple] = []
-    with progress.step("decoding and hashing", len(rows), log=log, bar=bar) as advance, \
-            ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        # Pillow's decode and resize release the GIL, so threads overlap them.
-        for out in pool.map(lambda r: _inspect(r[1], listing.root, mode), rows):
-            results.append(out)
-            advance(1)
+    workers = os.cpu_count() or 1
+    with progress.step("decoding and hashing", len(rows), log=log, bar=bar) as advance:
+        if workers > 1 and len(jobs) >= 2000:
+            # Processes, not threads: the hashing is Python and numpy on tiny arrays, held by the GIL.
+            # spawn, not fork: the parent may hold TensorFlow's threads, which a fork does not copy.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for out in pool.map(_inspect_job, jobs, chunksize=128):
+                    results.append(out)
+                    advance(1)
+        else:
+            for job in jobs:
+                results.append(_inspect_job(job))
+                advance(1)
     keep = [i for i, (_, fp, _) in enumerate(results) if fp is not None]
     unreadable = [{"file": rows[i][1].relative_to(listing.root).as_posix(), "why": why}
                   for i, (_, fp, why) in enumerate(results) if fp is None]
@@ -477,3 +495,47 @@ def _class_outliers(imgs: Images, names: list[str], *, min_images: int = 5) -> l
                 out.append(f"class '{name}': {share:.0%} of its images have {attr} {top}, "
                            f"against {share_rest:.0%} of the other classes'")
     return out
+
+
+# ---- the training run's own check ------------------------------------------------------------
+
+def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None]:
+    """Check a run's splits for cross-split copies before it trains: warn, record the counts, and with
+    --drop-leaks remove the training images that duplicate a val or test image. (dataset, record part)."""
+    if cfg.data_check not in MODES:
+        raise UserError(f"--data-check must be one of {', '.join(MODES)}, not '{cfg.data_check}'")
+    if cfg.data_check == "off":
+        if cfg.drop_leaks:
+            raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
+        return dataset, None
+    start = time.perf_counter()
+    # full: the run's own MobileNetV2 weights when it has a file of them, else Keras's ImageNet download.
+    weights = cfg.weights if cfg.backbone == "mobilenetv2" and cfg.weights and Path(cfg.weights).is_file() else "imagenet"
+    report = check_dataset(dataset, mode=cfg.data_check, weights=weights, log=log)
+    d = report.data
+    part: dict[str, Any] = {
+        "mode": cfg.data_check,
+        "thresholds": d["thresholds"],
+        "embeddings": d["embeddings"],
+        "pairs": {k: v for k, v in d["duplicates"].items()},
+        "leaks": d["leaks"],
+        "label_conflicts": len(d["label_conflicts"]),
+        "dropped": None,
+    }
+    for key, leak in d["leaks"].items():
+        held, _, source = key.partition("-in-")
+        log(f"warning: data check: {leak['images']} {held} image(s) ({leak['percent']:.2f}%) have an exact or near copy "
+            f"in {source}; {held} accuracy will read high" + ("" if cfg.drop_leaks else " (--drop-leaks removes the training copies)"))
+    if d["label_conflicts"]:
+        log(f"warning: data check: {len(d['label_conflicts'])} pair(s) of copies carry different labels")
+    if cfg.drop_leaks:
+        ids = dataset.train.ids()
+        drop = np.asarray(report.drop_train, np.int64)  # train rows come first, so rows are train indices
+        keep = np.ones(len(dataset.train), bool)
+        keep[drop] = False
+        part["dropped"] = {"count": int(len(drop)), "train_before": len(dataset.train), "files": [ids[i] for i in drop]}
+        if len(drop):
+            dataset.train = dataset.train.take(keep)
+            log(f"data check: dropped {len(drop)} training image(s) that duplicate a val or test image")
+    part["seconds"] = round(time.perf_counter() - start, 2)
+    return dataset, part

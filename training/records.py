@@ -20,6 +20,11 @@ record.json (schema 1):
   epochs, avg_epoch_time_sec, total_time_sec, target, epochs_to_target (int | null)
   test            {loss, accuracy, per_class_accuracy {class: acc}, confusion_matrix [[int]]}
   environment     {machine {...}, versions {...}, devices [..], precision, distribution}
+  data_check      null (--data-check off) | {mode (fast: hashes | full: + embeddings), thresholds {phash_distance,
+                  cosine}, embeddings (what was used, or why not), pairs {"train-test": {exact, near}, ...}
+                  (cross-split pairs), leaks {"test-in-train": {images, of, percent}, ...}, label_conflicts (pairs
+                  whose labels differ), dropped (null, or with --drop-leaks {count, train_before, files [train
+                  ids removed]}), seconds}; the splits above are after the drop
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, data as datasets, env, feature_cache, models, records, strategies
+from training import accel as accelerators, data as datasets, datacheck, env, feature_cache, models, records, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import Interrupted
@@ -145,6 +145,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         log(f"skipped (not a readable image): {name}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
+    dataset, data_check = datacheck.guard(dataset, cfg, log)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
@@ -276,6 +277,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                       "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
                       "resumed": bool(state.get("resumed"))}
     record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
+    record["data_check"] = data_check
     storage.write_json(staging / records.RECORD, record)
     final = storage.runs_dir(runs_dir) / cfg.name
     # The rename is the moment the run is finished; until then config.json keeps it resumable.

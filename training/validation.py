@@ -6,7 +6,7 @@ import dataclasses
 
 from serving.errors import UserError
 from training import backbones, strategies
-from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
+from training.config import AUGMENT_POLICIES, DATA_CHECKS, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -27,6 +27,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
     if cfg.tta not in TTA_MODES:
         raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
+    if cfg.data_check not in DATA_CHECKS:
+        raise UserError(f"unknown --data-check '{cfg.data_check}'; choose from {', '.join(DATA_CHECKS)}")
+    if cfg.drop_leaks and cfg.data_check == "off":
+        raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
     if cfg.lr <= 0 or cfg.finetune_lr <= 0:
         raise UserError("--lr and --finetune-lr must be above 0")
     for flag, value in (("--momentum", cfg.momentum), ("--bn-momentum", cfg.bn_momentum), ("--dropout", cfg.dropout)):
