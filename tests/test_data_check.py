@@ -175,3 +175,21 @@ def test_training_drops_leaks_and_records_them(planted_set, run_cli, tmp_path):
 
     res = run_cli("train", "--data", "synthetic", "--data-check", "off", "--drop-leaks", "--runs-dir", runs)
     assert res.code == 2 and "--drop-leaks needs the data check" in res.err
+
+
+def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
+    """datacheck.phash runs imagehash.phash's algorithm on all images in one call: same bits."""
+    import imagehash
+
+    from training import datacheck
+
+    root, _ = planted_set
+    imgs = [Image.open(f).convert("RGB") for f in sorted(root.rglob("*.png"))]
+    grey = np.stack([datacheck._fingerprint(im, "fast")[1] for im in imgs])
+
+    def as_int(h) -> int:
+        return int.from_bytes(np.packbits(h.hash.flatten()).tobytes(), "big")
+
+    ours, ours_mirror = datacheck.phash(grey), datacheck.phash(grey[:, :, ::-1])
+    assert [int(h) for h in ours] == [as_int(imagehash.phash(im)) for im in imgs]
+    assert [int(h) for h in ours_mirror] == [as_int(imagehash.phash(ImageOps.mirror(im))) for im in imgs]
