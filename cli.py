@@ -534,7 +534,8 @@ def data_check(
     mode: Annotated[str, typer.Option(help="full: hashes and MobileNetV2 embeddings | fast: hashes only (what training runs).")] = "full",
     weights: Annotated[str, typer.Option(help="Embedding weights: imagenet (Keras download) | PATH.h5 (MobileNetV2, no top).")] = "imagenet",
     phash_distance: Annotated[int, typer.Option(help="Near duplicate: perceptual hashes at most this many bits apart (of 64; 0-32).")] = 4,
-    cosine: Annotated[float, typer.Option(help="Near duplicate: embedding cosine at least this (0.5-1).")] = 0.92,
+    pixel_correlation: Annotated[float, typer.Option(help="...and their 32x32 grey images correlate at least this (0-1).")] = 0.9,
+    cosine: Annotated[float, typer.Option(help="Near duplicate (full mode): embedding cosine at least this (0.5-1).")] = 0.88,
     classes: Classes = None,
     val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = 0.1,
     seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = 0,
@@ -545,7 +546,7 @@ def data_check(
     from training.datacheck import Thresholds, check  # noqa: PLC0415
     from training.datacheck_page import default_out, write  # noqa: PLC0415
 
-    thresholds = Thresholds(phash=phash_distance, cosine=cosine).validate()
+    thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
     log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
     report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=log)
