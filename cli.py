@@ -562,7 +562,7 @@ def data_check(
 def _print_data_check(d: dict, folder: Path) -> None:
     console.print(f"{d['source']}: " + ", ".join(f"{s} {n:,}" for s, n in d["splits"].items()), highlight=False)
     rows = [[k, f"{v['images']:,}", f"{v['of']:,}", f"{v['percent']:.2f}%"] for k, v in d["leaks"].items()]
-    console.print(_table("leaks (held-out images with a copy in an earlier split)", ["which", "images", "of", "share"],
+    console.print(_table("leaks across splits", ["which", "images", "of", "share"],
                          rows or [["none", "0", "", ""]], text=("which",)))
     rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d["duplicates"].items()]
     console.print(_table("duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",)))

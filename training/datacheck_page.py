@@ -48,7 +48,8 @@ def page(report: Report) -> str:
     within = [p for p in d["pairs"] if p["a"]["split"] == p["b"]["split"]]
     sections = [
         f"<h1>Data check</h1><p>{html.escape(d['source'])}<br>mode {d['mode']}; thresholds: pHash distance &le; "
-        f"{d['thresholds']['phash_distance']} bits, embedding cosine &ge; {d['thresholds']['cosine']}; embeddings: "
+        f"{d['thresholds']['phash_distance']} bits with pixel correlation &ge; {d['thresholds']['pixel_correlation']}, "
+        f"embedding cosine &ge; {d['thresholds']['cosine']} (full mode); embeddings: "
         f"{html.escape(d['embeddings'])}; {d['seconds'].get('total', 0):.1f} s</p>",
         f"<p>splits: {', '.join(f'{s} {n:,}' for s, n in d['splits'].items())}</p>",
         "<h2>Leaks: held-out images with a copy in an earlier split</h2><table><tr><th>which</th><th>images</th>"
@@ -81,7 +82,8 @@ def _pairs_html(title: str, pairs: list[dict], report: Report) -> str:
         conflict = " conflict" if item["a"]["label"] != item["b"]["label"] else ""
         cards.append(
             f"<div class='pair{conflict}'>{_img(report, a)} {_img(report, b)}<br>{item['kind']} ({item['how']}, "
-            f"{item['hamming']} bits{cos})<br>{_who(item['a'])}<br>{_who(item['b'])}</div>")
+            f"{item['hamming']} bits, pixels r {item['pixel_correlation']:.2f}{cos})<br>{_who(item['a'])}<br>"
+            f"{_who(item['b'])}</div>")
     more = f"<p>{len(pairs) - PAGE_PAIRS:,} more in report.json</p>" if len(pairs) > PAGE_PAIRS else ""
     return f"<h2>{html.escape(title)} ({len(pairs):,})</h2>{''.join(cards)}{more}"
 
