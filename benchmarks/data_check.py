@@ -1,7 +1,7 @@
 """`tlserve data check` on the full CIFAR-10 JPEG copy: time, memory, and test images with a copy in train.
 
     PYTHONPATH=. .venv/bin/python benchmarks/data_check.py [--data folder:../shared/datasets/cifar10-jpg]
-        [--out DIR] [--phash-distance 4] [--cosine 0.88] [--dump pairs.npz]
+        [--out DIR] [--phash-distance 4] [--cosine 0.9] [--dump pairs.npz]
 
 Runs the full check (decode, hashes, MobileNetV2 embeddings with the shared ImageNet weights, the
 exact all-pairs search), writes report.json and index.html, and prints seconds, peak RSS, and how
