@@ -195,3 +195,24 @@ def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
     ours, ours_mirror = datacheck.phash(grey), datacheck.phash(grey[:, :, ::-1])
     assert [int(h) for h in ours] == [as_int(imagehash.phash(im)) for im in imgs]
     assert [int(h) for h in ours_mirror] == [as_int(imagehash.phash(ImageOps.mirror(im))) for im in imgs]
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
+def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set):
+    """--data-check full on the pixels training will use, with the run's MobileNetV2 weights file."""
+    from training import datacheck
+    from training.config import DataConfig, TrainConfig
+    from training.data import load_dataset
+
+    root, planted = planted_set
+    cfg = TrainConfig(data=DataConfig(spec=f"folder:{root}", image_size=64), backbone="mobilenetv2", strategy="frozen",
+                      weights=str(MOBILENET), data_check="full", drop_leaks=True)
+    lines: list[str] = []
+    dataset = load_dataset(cfg.data)
+    before = len(dataset.train)
+    dataset, part = datacheck.guard(dataset, cfg, lines.append)
+    assert part["mode"] == "full" and part["embeddings"].startswith(f"MobileNetV2 ({MOBILENET})")
+    assert part["leaks"]["test-in-train"]["images"] >= 5 and part["label_conflicts"] == 1
+    assert {planted[n][0] for n in planted if n != "crop"} <= set(part["dropped"]["files"])
+    assert len(dataset.train) == before - part["dropped"]["count"]
+    assert any(line.startswith("warning: data check:") for line in lines)
