@@ -86,6 +86,12 @@ def make_set(root: Path, *, per_class: tuple[int, int, int] = (14, 4, 4), seed: 
     (root / "train" / "beta" / "notes.txt").write_text("collected on a Tuesday\n")
     clean_image(rng).convert("L").save(root / "train" / "gamma" / "gray.png")
     clean_image(rng).convert("CMYK").save(root / "train" / "gamma" / "cmyk.jpg")
+    # 16-bit grey, and a JPEG stored on its side with an EXIF orientation tag.
+    grey16 = (np.asarray(clean_image(rng).convert("L"), np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(grey16).save(root / "train" / "gamma" / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    clean_image(rng).save(root / "train" / "gamma" / "rotated.jpg", exif=exif.tobytes())
     return planted
 
 
@@ -120,9 +126,10 @@ def test_full_check_finds_every_planted_pair_and_no_clean_pair(planted_set, run_
     assert [tuple(sorted((p["a"]["file"], p["b"]["file"]))) for p in report["label_conflicts"]] == [tuple(sorted(planted["conflict"]))]
     assert [u["file"] for u in report["unreadable"]] == ["train/alpha/broken.jpg"]
     assert report["not_images"] == ["train/beta/notes.txt"]
-    assert report["images"]["kinds"]["grayscale"] == 1 and report["images"]["kinds"]["cmyk"] == 1
+    kinds = report["images"]["kinds"]
+    assert (kinds["grayscale"], kinds["cmyk"], kinds["16-bit"], kinds["exif_rotated"]) == (2, 1, 1, 1), kinds
     assert report["images"]["sizes"]["64x64"] == {"val": 1}
-    assert report["balance"]["train"]["counts"] == {"alpha": 14, "beta": 14, "gamma": 16}
+    assert report["balance"]["train"]["counts"] == {"alpha": 14, "beta": 14, "gamma": 18}
     page = (out / "index.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 2 * (len(expected) + 1)  # every pair, the conflict twice
     assert "data:image/png;base64," in page and "train/alpha/broken.jpg" in page and "train/beta/notes.txt" in page

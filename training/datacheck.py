@@ -209,9 +209,11 @@ def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple |
     try:
         with Image.open(path) as img:
             img.load()
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            exif = img.getexif()
+            orientation = exif.get(ExifTags.Base.Orientation, 1)
+            camera = " ".join(str(exif.get(tag, "")).strip() for tag in (ExifTags.Base.Make, ExifTags.Base.Model)).strip()
             facts = {"size": f"{img.width}x{img.height}", "mode": img.mode, "format": img.format or "?",
-                     "exif_rotated": orientation not in (None, 1),
+                     "camera": camera or "none recorded", "exif_rotated": orientation not in (None, 1),
                      "alpha": img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)}
             rgb = images.to_rgb(img)
             return facts, _fingerprint(rgb, mode), None
@@ -270,7 +272,7 @@ def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | 
                     advance(256)
             advance(len(split) % 256)
     facts = [{"size": f"{splits[SPLITS[s]].x.shape[2]}x{splits[SPLITS[s]].x.shape[1]}", "mode": "RGB",
-              "format": "array", "exif_rotated": False, "alpha": False} for s in split_idx]
+              "format": "array", "camera": "none recorded", "exif_rotated": False, "alpha": False} for s in split_idx]
     return _columns(split_idx, names, labels, fps, facts)
 
 
@@ -531,17 +533,18 @@ def _image_facts(imgs: Images, names: list[str]) -> dict[str, Any]:
         "sizes": {size: dict(c) for size, c in sorted(sizes.items(), key=lambda kv: -sum(kv[1].values()))},
         "modes": dict(Counter(f["mode"] for f in imgs.facts)),
         "formats": dict(Counter(f["format"] for f in imgs.facts)),
+        "cameras": dict(Counter(f["camera"] for f in imgs.facts).most_common(20)),
         "kinds": {k: int(v) for k, v in kinds.items()},
         "class_outliers": _class_outliers(imgs, names),
     }
 
 
 def _class_outliers(imgs: Images, names: list[str], *, min_images: int = 5) -> list[str]:
-    """A class whose images mostly share a size, format or mode the other classes rarely have:
-    a model can learn that instead of the disease."""
+    """A class whose images mostly share a size, format, mode or camera (EXIF make and model: the
+    source) the other classes rarely have: a model can learn that instead of the disease."""
     out = []
     labels = imgs.labels
-    for attr in ("size", "format", "mode"):
+    for attr in ("size", "format", "mode", "camera"):
         values = np.asarray([f[attr] for f in imgs.facts], dtype=object)
         for c, name in enumerate(names):
             mine, rest = values[labels == c], values[labels != c]

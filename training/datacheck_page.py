@@ -146,10 +146,11 @@ def _facts_html(d: dict) -> str:
     kinds = ", ".join(f"{k} {v:,}" for k, v in facts["kinds"].items())
     modes = ", ".join(f"{k} {v:,}" for k, v in facts["modes"].items())
     formats = ", ".join(f"{k} {v:,}" for k, v in facts["formats"].items())
+    cameras = ", ".join(f"{html.escape(k)} {v:,}" for k, v in facts["cameras"].items())
     outliers = "".join(f"<li>{html.escape(line)}</li>" for line in facts["class_outliers"]) or "<li>none</li>"
     return (f"<table><tr><th>size (WxH)</th>{''.join(f'<th>{s}</th>' for s in SPLITS)}</tr>{size_rows}</table>"
-            f"<p>kinds: {kinds}<br>modes: {modes}<br>formats: {formats}</p>"
-            f"<p>classes that differ in size, format or mode from the others:</p><ul>{outliers}</ul>")
+            f"<p>kinds: {kinds}<br>modes: {modes}<br>formats: {formats}<br>cameras (EXIF): {cameras}</p>"
+            f"<p>classes that differ in size, format, mode or camera from the others:</p><ul>{outliers}</ul>")
 
 
 def _files_html(d: dict) -> str:
