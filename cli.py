@@ -129,6 +129,8 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (mixed_float16 on a GPU, float32 on CPU) | float32 | mixed_float16.")] = "auto",
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA compilation (default: on for GPUs, never on CPU).")] = None,
     distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = "auto",
+    data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = "fast",
+    drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = False,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
@@ -627,6 +629,73 @@ def explain(
     if failures:
         raise typer.Exit(2)
 
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+data_app = typer.Typer(help="Look at a data source before trusting a number trained on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    data: Data = "synthetic",
+    out: Annotated[Optional[Path], typer.Option(help="Folder for report.json and index.html (default: data-check/<UTC time>/ under $TLSERVE_HOME or .).")] = None,
+    mode: Annotated[str, typer.Option(help="full: hashes and MobileNetV2 embeddings | fast: hashes only (what training runs).")] = "full",
+    weights: Annotated[str, typer.Option(help="Embedding weights: imagenet (Keras download) | PATH.h5 (MobileNetV2, no top).")] = "imagenet",
+    phash_distance: Annotated[int, typer.Option(help="Near duplicate: perceptual hashes at most this many bits apart (of 64; 0-32).")] = 4,
+    pixel_correlation: Annotated[float, typer.Option(help="...and their 32x32 grey images correlate at least this (0-1).")] = 0.9,
+    cosine: Annotated[float, typer.Option(help="Near duplicate (full mode): embedding cosine at least this (0.5-1).")] = 0.9,
+    classes: Classes = None,
+    val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+) -> None:
+    """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
+    from training.config import DataConfig  # noqa: PLC0415
+    from training.datacheck import Thresholds, check  # noqa: PLC0415
+    from training.datacheck_page import default_out, write  # noqa: PLC0415
+
+    thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
+    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
+    cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
+    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=log)
+    folder = write(report, out or default_out())
+    if json_out:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(report.data, indent=2))
+        return
+    _print_data_check(report.data, folder)
+
+
+def _print_data_check(d: dict, folder: Path) -> None:
+    console.print(f"{d['source']}: " + ", ".join(f"{s} {n:,}" for s, n in d["splits"].items()), highlight=False)
+    rows = [[k, f"{v['images']:,}", f"{v['of']:,}", f"{v['percent']:.2f}%"] for k, v in d["leaks"].items()]
+    console.print(_table("leaks across splits", ["which", "images", "of", "share"],
+                         rows or [["none", "0", "", ""]], text=("which",)))
+    rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d["duplicates"].items()]
+    console.print(_table("duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",)))
+    names = d["class_names"]
+    splits = list(d["balance"])
+    rows = [[c, *[f"{d['balance'][s]['counts'][c]:,}" for s in splits]] for c in names]
+    rows.append(["largest/smallest", *[str(d["balance"][s]["largest_smallest_ratio"]) for s in splits]])
+    console.print(_table("class balance", ["class", *splits], rows, text=("class",)))
+    facts = d["images"]
+    console.print("sizes: " + ", ".join(f"{k} {sum(v.values()):,}" for k, v in list(facts["sizes"].items())[:6])
+                  + (" ..." if len(facts["sizes"]) > 6 else ""), highlight=False)
+    console.print("kinds: " + (", ".join(f"{k} {v:,}" for k, v in facts["kinds"].items() if v) or "all plain RGB"), highlight=False)
+    for line in facts["class_outliers"]:
+        console.print(f"warning: {line}", highlight=False)
+    if d["label_conflicts"]:
+        console.print(f"warning: {len(d['label_conflicts']):,} label conflict(s): the same image under two classes", highlight=False)
+    for u in d["unreadable"]:
+        console.print(f"unreadable: {u['file']}: {u['why']}", highlight=False)
+    for f in d["not_images"]:
+        console.print(f"not an image: {f}", highlight=False)
+    console.print(f"embeddings: {d['embeddings']}", highlight=False)
+    console.print(f"report: {folder / 'index.html'} and {folder / 'report.json'} ({d['seconds'].get('total', 0):.1f} s)",
+                  highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

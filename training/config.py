@@ -11,6 +11,7 @@ HEADS = ("gap", "gap-dense", "flatten-dense-bn")
 AUGMENT_POLICIES = ("seed", "flip-crop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 TTA_MODES = ("none", "flip")
+DATA_CHECKS = ("off", "fast", "full")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainConfig:
     patience: int | None = 5           # early stopping on val_loss; None = off
     seed: int = 0
     feature_cache: bool = True         # frozen backbones: extract features once, train the head on them
+    data_check: str = "fast"           # off | fast (hashes, cross-split) | full (+ MobileNetV2 embeddings)
+    drop_leaks: bool = False           # drop training images that duplicate a val or test image
     precision: str = "auto"            # auto (mixed_float16 on GPU) | float32 | mixed_float16
     jit: bool | None = None            # XLA; None = on for GPU, never on CPU
     distribute: str = "auto"           # auto | none | mirrored (TF_CONFIG set: multi-worker)

@@ -76,7 +76,7 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    _check(cfg)
+    check_config(cfg)
     scheme, _, arg = cfg.spec.partition(":")
     if scheme == "synthetic" and not arg:
         ds = _synthetic(cfg)
@@ -93,7 +93,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return ds
 
 
-def _check(cfg: DataConfig) -> None:
+def check_config(cfg: DataConfig) -> None:
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError("--limit must be a positive number of images per split")
     if not 0 <= cfg.val_split < 1:
@@ -302,7 +302,20 @@ def _files(root: Path, class_names: list[str]) -> tuple[list[Path], np.ndarray]:
     return files, np.asarray(labels, np.int64)
 
 
-def _folder(cfg: DataConfig, root: Path) -> Dataset:
+@dataclass
+class FolderListing:
+    """A folder source's splits as file lists, before any pixel is decoded: what training will use,
+    and what `tlserve data check` inspects, so a leak the check reports is one the run has."""
+    root: Path
+    class_names: list[str]
+    splits: dict[str, tuple[list[Path], np.ndarray]]  # train/val/test -> (files, labels)
+    layout: str
+    class_folders: list[Path]  # every folder the files were listed from
+
+
+def list_folder(cfg: DataConfig, root: Path) -> FolderListing:
+    """The files and labels of each split of `folder:root`, split exactly as training splits them
+    (same seed and --val-split); --limit is applied later, by the caller that decodes."""
     if root.is_file():
         raise UserError(f"--data folder:{root}: this is a file; give the folder that holds one sub-folder per class")
     if not root.is_dir():
@@ -334,15 +347,22 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
         else:
             train_files, train_y, val_files, val_y = _split_files(train_files, train_y, cfg.val_split, cfg.seed + 1)
             layout = "train/test sub-folders; validation drawn from train"
+        used = [split_dirs[n] for n in ("train", val_name, "test") if n in split_dirs]
+        folders = [d / c for d in used for c in class_names if (d / c).is_dir()]
     else:
         files, labels = _files(root, class_names)
         rest_files, rest_y, test_files, test_y = _split_files(files, labels, FOLDER_TEST_FRACTION, cfg.seed)
         train_files, train_y, val_files, val_y = _split_files(rest_files, rest_y, cfg.val_split, cfg.seed + 1)
         layout = f"stratified split, seed {cfg.seed}"
+        folders = [root / c for c in class_names]
+    splits = {"train": (train_files, train_y), "val": (val_files, val_y), "test": (test_files, test_y)}
+    return FolderListing(root, class_names, splits, layout, folders)
 
+
+def _folder(cfg: DataConfig, root: Path) -> Dataset:
+    listing = list_folder(cfg, root)
     picked = {}
-    for name, (files, labels) in {"train": (train_files, train_y), "val": (val_files, val_y),
-                                  "test": (test_files, test_y)}.items():
+    for name, (files, labels) in listing.splits.items():
         if cfg.limit and len(files) > cfg.limit:  # decode only what will be used
             idx = _balanced_index(labels, cfg.limit, cfg.seed)
             files, labels = [files[i] for i in idx], labels[idx]
@@ -352,8 +372,8 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
     skipped: list[str] = []
     with progress.step(f"decoding images from {root.name}", sum(len(files) for files, _ in picked.values())) as advance:
         splits = {name: _decode(files, labels, size, skipped, root, advance) for name, (files, labels) in picked.items()}
-    return Dataset(splits["train"], splits["val"], splits["test"], class_names, f"folder {root} ({layout})",
-                   size, images.DEFAULT_INTERPOLATION, skipped)
+    return Dataset(splits["train"], splits["val"], splits["test"], listing.class_names,
+                   f"folder {root} ({listing.layout})", size, images.DEFAULT_INTERPOLATION, skipped)
 
 
 def _split_files(files: list[Path], labels: np.ndarray, fraction: float, seed: int):

@@ -29,6 +29,11 @@ record.json (schema 1):
                   (test is of the calibrated model when calibration ran: accuracy is unchanged, loss is its NLL)
   training        {class_weights {class: weight} | null, feature_cache, caches, ...}
   environment     {machine {...}, versions {...}, devices [..], precision, distribution}
+  data_check      null (--data-check off) | {mode (fast: hashes | full: + embeddings), thresholds {phash_distance,
+                  cosine}, embeddings (what was used, or why not), pairs {"train-test": {exact, near}, ...}
+                  (cross-split pairs), leaks {"test-in-train": {images, of, percent}, ...}, label_conflicts (pairs
+                  whose labels differ), dropped (null, or with --drop-leaks {count, train_before, files [train
+                  ids removed]}), seconds}; the splits above are after the drop
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from serving import machine, storage
 from serving.errors import UserError
-from training import accel as accelerators, calibration, class_weights, cluster as clusters, data as datasets, env, \
-    feature_cache, metrics, models, progress, records, strategies, tensorboard_logs
+from training import accel as accelerators, calibration, class_weights, cluster as clusters, data as datasets, \
+    datacheck, env, feature_cache, metrics, models, progress, records, strategies, tensorboard_logs
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import ClusterLost, Interrupted
@@ -238,6 +238,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
         log(f"skipped (not a readable image): {name}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
+    dataset, data_check = datacheck.guard(dataset, cfg, log)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
     imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
@@ -418,6 +419,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
                                    "own mid-epoch state is single-process"}
     record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
     record["calibration"] = calibrated.facts
+    record["data_check"] = data_check
     storage.write_json(staging / records.RECORD, record)
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")

@@ -6,7 +6,7 @@ import dataclasses
 
 from serving.errors import UserError
 from training import backbones, class_weights, strategies
-from training.config import AUGMENT_POLICIES, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
+from training.config import AUGMENT_POLICIES, DATA_CHECKS, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -28,6 +28,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.tta not in TTA_MODES:
         raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
     class_weights.check_spec(cfg.class_weight)
+    if cfg.data_check not in DATA_CHECKS:
+        raise UserError(f"unknown --data-check '{cfg.data_check}'; choose from {', '.join(DATA_CHECKS)}")
+    if cfg.drop_leaks and cfg.data_check == "off":
+        raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
     if cfg.lr <= 0 or cfg.finetune_lr <= 0:
         raise UserError("--lr and --finetune-lr must be above 0")
     for flag, value in (("--momentum", cfg.momentum), ("--bn-momentum", cfg.bn_momentum), ("--dropout", cfg.dropout)):
