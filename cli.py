@@ -57,7 +57,7 @@ RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Where runs 
 ModelsDir = Annotated[Optional[Path], typer.Option("--models-dir", help="Where exported models live (default: $TLSERVE_HOME/models or ./models).")]
 
 
-# ---- training (issue 2) ----------------------------------------------------------------
+# ---- training ----------------------------------------------------------------
 
 Data = Annotated[str, typer.Option("--data", help="cifar10 | cifar10:PATH | folder:PATH | synthetic.")]
 Classes = Annotated[Optional[str], typer.Option("--classes", help="Subset and re-index: '0-4', '5,7', 'cat,dog'.")]
@@ -302,7 +302,7 @@ def _fmt(value) -> str:
     return format_cell(value)
 
 
-# ---- export / predict / models (issue 3) -----------------------------------------------
+# ---- export / predict / models -----------------------------------------------
 
 
 @app.command()
@@ -476,7 +476,7 @@ def list_models_cmd(
                       highlight=False, soft_wrap=True)
 
 
-# ---- serve / build (issue 4) -----------------------------------------------------------
+# ---- serve / build -----------------------------------------------------------
 
 
 @app.command()
@@ -519,7 +519,7 @@ def build(
                   highlight=False)
 
 
-# ---- compare / bench / features (issue 5) ----------------------------------------------
+# ---- compare / bench / features ----------------------------------------------
 
 
 def _ints(spec: str, option: str) -> tuple[int, ...]:
