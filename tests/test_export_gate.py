@@ -44,7 +44,8 @@ def test_a_variant_over_a_limit_is_not_kept_and_the_manifest_says_why(runs, tmp_
         assert crossed["limit"] == "max_accuracy_drop" and crossed["limit_points"] == -1
         assert crossed["drop_points"] == pytest.approx(drop) and crossed["over_by_points"] == pytest.approx(drop + 1)
         assert set(facts["test_per_class_recall"]) == set(manifest["class_names"])
-    assert result.out.count("NOT KEPT") == 2 and "over by" in result.out
+    assert result.out.count("NOT KEPT") == 2 and result.out.count("not kept: ") == 2 and "gate: " not in result.out
+    assert result.out.count("over --max-accuracy-drop -1 by") == 2
     # A variant the gate dropped cannot be served: one clear line.
     served = run_cli("predict", folder, str(tmp_path), "--variant", "int8")
     assert served.code == 2 and "no int8 model" in served.err
@@ -77,7 +78,7 @@ def test_variants_within_the_limits_are_kept_with_their_figures(runs, tmp_path, 
         gate = manifest["artifacts"][file]["gate"]
         assert gate["passed"] is True and gate["crossed"] == []
         assert gate["accuracy_drop_points"] == pytest.approx(-100 * manifest["artifacts"][file]["accuracy_delta"])
-    assert "NOT KEPT" not in result.out and result.out.count("kept:") == 2
+    assert "NOT KEPT" not in result.out and result.out.count("gate: ") == 2 and result.out.count(" kept: ") == 2
 
 
 def test_a_limit_that_is_not_a_number_is_one_line(runs, tmp_path, run_cli):

@@ -471,8 +471,9 @@ def mistake_gradcams(model_dir: Path, mistakes: list[dict[str, Any]], data: Labe
         return {}
     pixels = np.stack([px for _, px in picked])
     wanted = np.array([class_names.index(m["predicted"]) for m, _ in picked])
-    with progress.step("Grad-CAM of the mistakes", len(picked), log=log):
+    with progress.step("Grad-CAM of the mistakes", len(picked), log=log) as advance:
         maps = explain.explain_arrays(load_model(run.model_path), pixels, wanted)
+        advance(len(picked))
     return {m["index"]: explain.overlay_png(px, heat) for (m, px), heat in zip(picked, maps)}
 
 
