@@ -119,14 +119,18 @@ def test_compare_without_runs_is_one_line(tmp_path, run_cli):
 def test_features_grid(cnn_run, finetune_run, runs_root, sample_images, tmp_path, run_cli):
     image = sorted(sample_images.glob("*.png"))[0]
     out = tmp_path / "maps.png"
-    result = run_cli("features", "cnn", image, "--layer", "conv2d_1", "--runs-dir", runs_root, "--out", out)
+    from training.models import load_model
+
+    # Keras numbers layer names per session, so the name depends on what the session built first.
+    conv = [layer.name for layer in load_model(cnn_run / "model.keras").layers if layer.name.startswith("conv2d")]
+    result = run_cli("features", "cnn", image, "--layer", conv[1], "--runs-dir", runs_root, "--out", out)
     assert result.code == 0, result.err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     nested = tmp_path / "nested.png"
     result = run_cli("features", finetune_run, image, "--layer", "block_13_expand_relu", "--runs-dir", runs_root,
                      "--out", nested)
     assert result.code == 0, result.err and nested.is_file()
-    result = run_cli("features", "cnn", image, "--layer", "conv2d_7", "--runs-dir", runs_root)
+    result = run_cli("features", "cnn", image, "--layer", "conv2d_9999", "--runs-dir", runs_root)
     assert result.code == 2 and "nearest: conv2d" in result.err
 
 

@@ -117,7 +117,7 @@ def test_recorded_test_loss_is_the_training_loss():
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
-    model = SimpleNamespace(predict=lambda ds, verbose=0: probs, losses=[])
+    model = SimpleNamespace(predict=lambda ds, verbose=0, callbacks=None: probs, losses=[])
     dataset = SimpleNamespace(test=SimpleNamespace(y=labels), class_names=["a", "b", "c"])
     assert _evaluate(model, None, dataset, 0.0)["loss"] == pytest.approx(-np.log([0.7, 0.8]).mean(), rel=1e-5)
     test = _evaluate(model, None, dataset, 0.2)

@@ -82,7 +82,7 @@ def test_runs_table_and_seed001_csv(cnn_run, runs_root, run_cli, tmp_path):
     assert result.code == 0 and "cnn" in result.out
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
-                             "trainable_params", "non_trainable_params", "epochs_to_target"]
+                             "trainable_params", "non_trainable_params", "epochs_to_target", "macro_f1"]
     cnn = next(r for r in rows if r["model"] == "cnn")
     assert float(cnn["test_accuracy"]) == pytest.approx(_record(cnn_run)["test"]["accuracy"])
 
