@@ -380,7 +380,7 @@ def predict(
             table.add_row(r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top))
         console.print(table)
     for failure in failures:
-        err.print(f"[bold red]error:[/] {failure}", highlight=False)
+        err.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)  # a path stays on one line
     if failures:
         raise typer.Exit(2)
 
@@ -455,7 +455,7 @@ def list_models_cmd(
     from training.export import list_models  # noqa: PLC0415
 
     for stale in storage.remove_stale_staging(storage.models_dir(models_dir)):
-        err.print(f"removed {stale.name}: left by an export that was killed", highlight=False)
+        err.print(f"removed {stale.name}: left by an export that was killed", highlight=False, soft_wrap=True)
     rows = list_models(models_dir)
     if json_out:
         import json  # noqa: PLC0415
