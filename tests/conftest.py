@@ -46,6 +46,27 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def run_cli_module():
+    """run_cli for module fixtures: output captured by redirecting the rich consoles' files."""
+    import contextlib
+    import io
+
+    import cli
+
+    def run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code or 0
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tlserve_bin() -> Path:
     """The installed console script, for tests that need a separate process."""

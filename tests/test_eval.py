@@ -52,27 +52,6 @@ def evaluated(cnn_model, labelled, tmp_path_factory, run_cli_module):
     return json.loads(r.out), out
 
 
-@pytest.fixture(scope="module")
-def run_cli_module():
-    import contextlib
-    import io
-
-    import cli
-    from conftest import CliResult
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        code = 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code or 0
-        return CliResult(code, out.getvalue(), err.getvalue())
-
-    return run
-
-
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

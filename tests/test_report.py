@@ -18,28 +18,6 @@ def benched(cnn_model, run_cli_module):
     return json.loads(result.out)
 
 
-@pytest.fixture(scope="module")
-def run_cli_module():
-    """run_cli for module fixtures: output captured by redirecting the rich consoles' files."""
-    import contextlib
-    import io
-
-    import cli
-    from conftest import CliResult
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        code = 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code or 0
-        return CliResult(code, out.getvalue(), err.getvalue())
-
-    return run
-
-
 def test_bench_measures_every_runtime_and_stores_machine_facts(benched, cnn_model):
     rows = benched["results"]
     assert {(r["runtime"], r["batch_size"]) for r in rows} == {
