@@ -49,7 +49,8 @@ INLINE_DECODE_PIXELS = 256 * 256
 
 @dataclass
 class GuardState:
-    """Filled by the service once its model is loaded (the guard is created before that)."""
+    """What the guard needs from the service, handed to both by serving/service.py: the guard is
+    created before the model loads, and the service fills this in once it has."""
     input_hw: tuple[int, int] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     # The service's classify(decoded images, top_k, batch=..., min_confidence=...) -> the JSON answer;
@@ -60,8 +61,6 @@ class GuardState:
     in_flight: int = 0
 
 
-STATE = GuardState()
-
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
@@ -70,11 +69,11 @@ class RequestError(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app, max_bytes: int = ServiceSettings.max_request_bytes,
+    def __init__(self, app, state: GuardState, max_bytes: int = ServiceSettings.max_request_bytes,
                  max_pixels: int = ServiceSettings.max_pixels,
                  max_request_pixels: int = ServiceSettings.max_request_pixels,
                  body_timeout_s: float = ServiceSettings.body_timeout_s):
-        self.app, self.max_bytes, self.max_pixels = app, max_bytes, max_pixels
+        self.app, self.state, self.max_bytes, self.max_pixels = app, state, max_bytes, max_pixels
         self.max_request_pixels, self.body_timeout_s = max_request_pixels, body_timeout_s
         self._decoder: ThreadPoolExecutor | None = None
 
@@ -94,9 +93,9 @@ class RequestGuard:
         if path in ("/metadata", "/metadata/"):
             if method != "GET":
                 return await _json(send, 405, {"error": "use GET /metadata"})
-            if not STATE.metadata:
+            if not self.state.metadata:
                 return await _json(send, 503, {"error": "model is still loading"})
-            return await _json(send, 200, STATE.metadata)
+            return await _json(send, 200, self.state.metadata)
         if path not in IMAGE_ROUTES and path != "/infer":
             return await self.app(scope, receive, send)
         if method != "POST":
@@ -107,16 +106,16 @@ class RequestGuard:
         try:
             body = await self._read_body(scope, receive)
             if path == "/infer":
-                _check_infer(body)
-                return await _counted(self.app(scope, _replay(body, receive), send))
+                _check_infer(body, self.state.input_hw)
+                return await self._counted(self.app(scope, _replay(body, receive), send))
             field_name, many = IMAGE_ROUTES[path]
             decoded, top_k, min_confidence = await self._images(scope, body, field_name, many)
         except RequestError as exc:
             return await _json(send, exc.status, {"error": str(exc)})
-        if STATE.classify is None:
+        if self.state.classify is None:
             return await _json(send, 503, {"error": "model is still loading"})
         try:
-            answer = await _counted(STATE.classify(decoded, top_k, batch=many, min_confidence=min_confidence))
+            answer = await self._counted(self.state.classify(decoded, top_k, batch=many, min_confidence=min_confidence))
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound
             return await _json(send, 503, {"error": str(exc)})
         await _json(send, 200, answer)
@@ -188,7 +187,8 @@ class RequestGuard:
     async def _decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """Each upload as a model-sized uint8 array, one at a time, so no two full-size images of a
         request are alive together; the request's pixels are bounded from the headers first."""
-        if STATE.input_hw is None:
+        input_hw = self.state.input_hw
+        if input_hw is None:
             raise RequestError(503, "model is still loading")
         try:
             sizes = [images.header_size(data, max_pixels=self.max_pixels, name=label) for label, data in files]
@@ -198,11 +198,11 @@ class RequestGuard:
         if sum(pixels) > self.max_request_pixels:
             raise RequestError(413, f"the images hold {sum(pixels):,} pixels in all, over the per-request limit "
                                     f"of {self.max_request_pixels:,}; send fewer or smaller images per request")
-        interpolation = STATE.metadata.get("input", {}).get("interpolation", images.DEFAULT_INTERPOLATION)
+        interpolation = self.state.metadata.get("input", {}).get("interpolation", images.DEFAULT_INTERPOLATION)
         loop = asyncio.get_running_loop()
         arrays = []
         for (label, data), count in zip(files, pixels):
-            decode = functools.partial(images.load_array, data, STATE.input_hw, interpolation=interpolation,
+            decode = functools.partial(images.load_array, data, input_hw, interpolation=interpolation,
                                        max_pixels=self.max_pixels, name=label)
             try:
                 arrays.append(decode() if count <= INLINE_DECODE_PIXELS
@@ -211,14 +211,13 @@ class RequestGuard:
                 raise _image_error(exc) from None
         return arrays
 
-
-async def _counted(call: Awaitable[Any]) -> Any:
-    """Await a call on the model, counted in STATE.in_flight while it waits and runs."""
-    STATE.in_flight += 1
-    try:
-        return await call
-    finally:
-        STATE.in_flight -= 1
+    async def _counted(self, call: Awaitable[Any]) -> Any:
+        """Await a call on the model, counted in state.in_flight while it waits and runs."""
+        self.state.in_flight += 1
+        try:
+            return await call
+        finally:
+            self.state.in_flight -= 1
 
 
 def _yield_cpu() -> None:
@@ -236,14 +235,13 @@ def _image_error(exc: images.ImageError) -> RequestError:
     return RequestError(413 if isinstance(exc, images.ImageTooLarge) else 400, str(exc))
 
 
-def _check_infer(body: bytes) -> None:
+def _check_infer(body: bytes, hw: tuple[int, int] | None) -> None:
     """The batchable /infer API concatenates callers' arrays: one wrong shape would fail everyone's batch."""
     try:
         payload = json.loads(body or b"{}")
         array = np.asarray(payload.get("images"), dtype=np.float32)
     except (ValueError, TypeError, AttributeError):
         raise RequestError(400, "expected JSON {\"images\": [N, H, W, 3] pixel array}") from None
-    hw = STATE.input_hw
     if array.ndim != 4 or (hw is not None and array.shape[1:] != (*hw, 3)) or len(array) == 0:
         expected = f"(N, {hw[0]}, {hw[1]}, 3)" if hw else "(N, H, W, 3)"
         raise RequestError(400, f"images must have shape {expected}, got {tuple(array.shape)}")

@@ -2,6 +2,14 @@
 
 Which model is configuration, not code: TLSERVE_MODEL names a models/<name>
 folder or a BentoML model tag (a bento sets it to the tag it carries).
+
+The request path. POST /predict and /predict_batch are answered by the request guard
+(serving/guard.py, an ASGI middleware in front of BentoML's endpoints): it bounds and parses the
+body, decodes each image once and calls `ImageClassifier.classify`, which queues the pixels for a
+shared onnxruntime call (serving/batching.py). GET /metadata is answered by the guard from what the
+service recorded at load. POST /infer (raw pixel arrays) is checked by the guard, then handed to
+BentoML's batchable endpoint. Everything else (/healthz, /readyz, /metrics, the docs) is BentoML's.
+Why the guard answers instead of BentoML's own parsing: serving/guard.py's docstring.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import numpy as np
 
 from serving import images
 from serving.batching import BatchWorker, Overloaded
-from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, STATE, RequestGuard
+from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, GuardState, RequestGuard
 from serving.lifecycle import supervise_parent
 from serving.manifest import resolve_model
 from serving.predict import top_k as top_classes
@@ -39,6 +47,9 @@ def _model_ref() -> str:
 MODEL_REF = _model_ref()
 SETTINGS = ServiceSettings.from_env()
 DEFAULT_TOP_K = 3
+# Shared by this worker's service instance (which fills it once the model is loaded) and its
+# request guard (which BentoML creates before that, from the arguments given at the bottom).
+GUARD_STATE = GuardState()
 
 
 @functools.cache
@@ -91,8 +102,8 @@ class ImageClassifier:
         for model in filter(None, (self.model, self._lone)):
             model.predict(np.zeros((1, h, w, 3), np.float32))  # warm-up: first-run allocations off the request path
         manifest = self.model.manifest
-        STATE.input_hw = (h, w)
-        STATE.metadata = {
+        GUARD_STATE.input_hw = (h, w)
+        GUARD_STATE.metadata = {
             "name": manifest["name"], "version": manifest["version"], "class_names": manifest["class_names"],
             "input": manifest["input"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
             "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
@@ -116,8 +127,8 @@ class ImageClassifier:
                                     max_wait_s=SETTINGS.max_latency_ms / 1000,
                                     on_call=_requests_per_call().observe,
                                     lone_predict=self._predict_lone if self._lone else None,
-                                    quiet=lambda: STATE.in_flight <= 1)
-        STATE.classify = self.classify
+                                    quiet=lambda: GUARD_STATE.in_flight <= 1)
+        GUARD_STATE.classify = self.classify
 
     def _predict_lone(self, pixels: np.ndarray) -> np.ndarray:
         _lone_calls().inc()
@@ -187,5 +198,5 @@ class ImageClassifier:
         return {"model": self.model.name, "version": self.model.version}
 
 
-ImageClassifier.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_request_bytes, max_pixels=SETTINGS.max_pixels,
-                                    max_request_pixels=SETTINGS.max_request_pixels, body_timeout_s=SETTINGS.body_timeout_s)
+ImageClassifier.add_asgi_middleware(RequestGuard, state=GUARD_STATE, max_bytes=SETTINGS.max_request_bytes,
+                                    max_pixels=SETTINGS.max_pixels, max_request_pixels=SETTINGS.max_request_pixels, body_timeout_s=SETTINGS.body_timeout_s)

@@ -157,18 +157,23 @@ def _balanced_index(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.array(order[:limit], dtype=np.int64))
 
 
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The one splitter (arrays and folders alike): a mask of `fraction` of each class, fixed by seed;
+    at least one image of a class with two or more, none of a class with one."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    if fraction > 0:
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            if len(idx) > 1:
+                held[idx[: max(1, int(round(len(idx) * fraction)))]] = True
+    return held
+
+
 def _carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """A stratified validation split from train, fixed by seed."""
-    if fraction <= 0:
-        return train, Split(train.x[:0], train.y[:0])
-    rng = np.random.default_rng(seed + 1)
-    val_idx = []
-    for c in np.unique(train.y):
-        idx = rng.permutation(np.flatnonzero(train.y == c))
-        val_idx.extend(idx[: max(1, int(round(len(idx) * fraction)))] if len(idx) > 1 else [])
-    mask = np.zeros(len(train), dtype=bool)
-    mask[val_idx] = True
-    return train.take(~mask), train.take(mask)
+    """A stratified validation split from train (seed + 1: the folder loader's validation seed)."""
+    held = stratified_holdout(train.y, fraction, seed + 1)
+    return train.take(~held), train.take(held)
 
 
 # ---- synthetic ---------------------------------------------------------------------------
@@ -377,16 +382,9 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
 
 
 def _split_files(files: list[Path], labels: np.ndarray, fraction: float, seed: int):
-    """Stratified: `fraction` of each class goes to the second part (at least one when a class has two+)."""
-    rng = np.random.default_rng(seed)
-    second = np.zeros(len(files), dtype=bool)
-    if fraction > 0:
-        for c in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            if len(idx) > 1:
-                second[idx[: max(1, int(round(len(idx) * fraction)))]] = True
-    keep, held = np.flatnonzero(~second), np.flatnonzero(second)
-    return [files[i] for i in keep], labels[keep], [files[i] for i in held], labels[held]
+    held = stratified_holdout(labels, fraction, seed)
+    keep, out = np.flatnonzero(~held), np.flatnonzero(held)
+    return [files[i] for i in keep], labels[keep], [files[i] for i in out], labels[out]
 
 
 def _folder_image_size(cfg: DataConfig, files: list[Path]) -> tuple[int, int]:
