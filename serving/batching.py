@@ -1,15 +1,10 @@
 """Adaptive batching for the image routes: one inference thread that takes every request waiting.
 
-Written here rather than taken from BentoML because of a measured stall. BentoML's
-CorkDispatcher (it still batches the array API `/infer`) decides when to start the next model
-call from the event loop, on 1 ms polling ticks, one call at a time. On a CPU-bound server the
-loop is busy answering the batch that just finished, so the next batch waits behind that
-work: serving mobilenetv2 to 32 clients on 2 cores, onnxruntime sat idle between calls for a
-median 9.4 ms per 8.7 ms call (busy 46% of the time) while the requests for the next call were
-already decoded and queued. Here the inference thread starts the next call the moment the last
-one returns, with everything that queued meanwhile (up to `max_batch` images): batches grow
-with load, a lone request runs at once, and the event loop only queues work and hands back
-answers.
+Written here rather than taken from BentoML because BentoML's dispatcher starts the next model
+call from the event loop, which a CPU-bound server keeps busy: onnxruntime sat idle a median 9.4 ms
+per 8.7 ms call (docs/decisions.md, "Our own batching thread"). Here the inference thread starts
+the next call the moment the last one returns, with everything that queued meanwhile (up to
+`max_batch` images): batches grow with load and a lone request runs at once.
 """
 from __future__ import annotations
 

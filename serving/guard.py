@@ -8,14 +8,12 @@ ASGI middleware sees each image request first: it bounds the body, parses the
 multipart form, checks the field names and decodes every image once with
 serving.images (bombs refused by header), straight to the model's input size.
 
-It then answers the request itself with the service's `classify`, the same
-function the endpoints call. Passing the request on to BentoML's endpoint layer
-would parse the multipart body a second time, spool each upload to a temporary
-file and validate it again through pydantic and its JSON schema: measured here
-as about a third of the server's time for a 32x32 upload (1 ms of ~3 ms).
-BentoML's own middleware (metrics, tracing, access log, concurrency limit) sits
-outside this one and still sees every request; the endpoints stay declared, so
-the OpenAPI page and BentoML's clients describe and call the same routes.
+It then answers the request itself with the service's `classify`, the same function the
+endpoints call, rather than passing it on to BentoML's endpoint layer, which would parse and spool
+the upload again: about a third of the server's time for a 32x32 upload (docs/decisions.md, "The
+guard answers the image routes"). BentoML's own middleware (metrics, tracing, access log,
+concurrency limit) sits outside this one and still sees every request; the endpoints stay declared,
+so the OpenAPI page and BentoML's clients describe and call the same routes.
 """
 from __future__ import annotations
 
@@ -42,8 +40,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
 OPTIONAL_FIELDS = {"top_k", "min_confidence"}
 MAX_BATCH_FILES = 64
-# Images up to this many pixels (by header) decode on the event loop: a 256x256 noisy PNG takes
-# ~1.5 ms here against ~0.1 ms for a hop to a thread; a 1000x1000 one would hold the loop ~18 ms.
+# Images up to this many pixels (by header) decode on the event loop, larger ones on a thread: a hop
+# to the thread costs more than decoding a small image (docs/decisions.md, "Small images decode inline").
 INLINE_DECODE_PIXELS = 256 * 256
 
 
@@ -222,7 +220,7 @@ class RequestGuard:
 
 def _yield_cpu() -> None:
     """Linux's nice value is per thread: the decode thread gives way to the event loop and onnxruntime
-    (small requests' p50 during a 64 x 36 MP batch: 5.3 ms at equal priority, 3.9 ms with this)."""
+    (small requests' p50 during a large-image batch: 5.3 ms -> 3.9 ms; docs/decisions.md)."""
     if sys.platform == "linux":
         tid = threading.get_native_id()
         try:

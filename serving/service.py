@@ -88,11 +88,8 @@ class ImageClassifier:
         if not MODEL_REF:
             raise RuntimeError("set TLSERVE_MODEL to an exported model folder or a BentoML model tag")
         model_dir = Path(self.bento_model.path) if self.bento_model is not None else resolve_model(MODEL_REF)
-        # onnxruntime's idle threads busy-wait by default; under load they take the CPU the event loop
-        # needs: 796 vs 985 requests/s with spinning off (mobilenetv2, 32 clients, 2 cores). Parking them
-        # costs a lone request latency instead (resnet50v2, one client: 6.64 ms p50 against 5.91), so with
-        # TLSERVE_ORT_SPIN=auto the model is loaded twice on CPU: a session that never spins for batches
-        # and busy times, and one that spins during the call for a request served alone (5.98 ms).
+        # Two sessions on CPU with TLSERVE_ORT_SPIN=auto: one whose threads never spin, for batches and
+        # busy times, and one that spins during a call, for a request served alone (docs/decisions.md).
         self.model = OnnxClassifier.load(model_dir, device=SETTINGS.device,
                                          spin="always" if SETTINGS.ort_spin == "1" else "never")
         self._lone = None
@@ -119,10 +116,8 @@ class ImageClassifier:
                        "max_pixels_per_request": SETTINGS.max_request_pixels, "body_timeout_s": SETTINGS.body_timeout_s},
         }
         # One onnxruntime call for the requests waiting together; requests per call go to /metrics.
-        # Not through the batchable `infer` API: reaching it from another endpoint goes through
-        # BentoML's self-proxy, the array serialized to JSON and sent through the whole HTTP app
-        # again (measured ~4 ms plus ~5 ms of JSON per 32x32 image, more than the model itself);
-        # serving/batching.py says why not BentoML's dispatcher either.
+        # Not through the batchable `infer` API: from another endpoint it goes through BentoML's
+        # self-proxy and JSON, which costs more than the model (docs/decisions.md, serving/batching.py).
         self._batched = BatchWorker(self.model.predict, max_batch=SETTINGS.max_batch,
                                     max_wait_s=SETTINGS.max_latency_ms / 1000,
                                     on_call=_requests_per_call().observe,
