@@ -11,7 +11,7 @@ from typing import Any
 
 from serving.errors import UserError
 from serving.machine import cpu_flags
-from training import cluster as clusters
+from training import cluster as clusters, env
 from training.env import keras, tf
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -84,7 +84,7 @@ class Accel:
 def setup(precision: str = "auto", jit: bool | None = None, distribute: str = "auto") -> Accel:
     """Apply the choices: global Keras dtype policy, and the strategy whose scope builds the model."""
     T, K = tf(), keras()
-    gpus = len(T.config.list_physical_devices("GPU"))
+    gpus = len(env.gpus())
     chosen_precision = choose_precision(gpus, precision)
     chosen = choose_distribution(gpus, distribute, os.environ.get("TF_CONFIG"))
     K.mixed_precision.set_global_policy(chosen_precision)

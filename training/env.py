@@ -103,9 +103,14 @@ def keras():
     return tf_keras
 
 
+def gpus() -> list[str]:
+    """The GPUs TensorFlow sees: the one place training asks (precision, XLA, distribution, runtimes)."""
+    return [d.name for d in tf().config.list_physical_devices("GPU")]
+
+
 def machine_facts() -> dict[str, Any]:
     """serving.machine's CPU, cores and memory, plus the GPUs TensorFlow sees when it is loaded already."""
     facts = machine.machine_facts()
     if _tf is not None:
-        facts["gpus"] = [d.name for d in _tf.config.list_physical_devices("GPU")]
+        facts["gpus"] = gpus()
     return facts

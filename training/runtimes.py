@@ -55,7 +55,7 @@ def predict_files(model_dir: Path, paths: list[Path], **options: Any) -> tuple[l
 
 
 def _tf_device() -> str:
-    return "GPU" if env.tf().config.list_physical_devices("GPU") else "CPU"
+    return "GPU" if env.gpus() else "CPU"
 
 
 def _bench_savedmodel(model_dir: Path, manifest: dict[str, Any], threads: int | None):
