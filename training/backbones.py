@@ -17,7 +17,7 @@ class BackboneSpec:
     name: str
     description: str
     app: str | None = None              # keras.applications constructor, None for our CNNs
-    preprocess: str = "unit"            # key into layers.PREPROCESSORS
+    preprocess: str = "unit"            # "unit" (x / 255) or the keras.applications module whose preprocess_input applies
     min_input: int = 32                 # smallest input keras.applications accepts
     default_input: int | None = None    # resize target when --input-size is not given (None: image size)
     batchnorm: bool = False             # cnn-bn: BatchNorm between every conv/dense and its activation

@@ -17,7 +17,12 @@ from training import backbones
 from training.config import TrainConfig
 from training.env import keras, tf
 
-PREPROCESSORS = ("unit", "mobilenet_v2", "vgg16", "resnet_v2")
+UNIT = "unit"  # our CNNs: pixels / 255; any other mode names the keras.applications module whose preprocess_input applies
+
+
+def check_preprocess(mode: str) -> None:
+    if mode != UNIT and not hasattr(getattr(keras().applications, mode, None), "preprocess_input"):
+        raise ValueError(f"unknown preprocess mode {mode}: not 'unit' nor a keras.applications module")
 
 
 @functools.cache  # one class per process: Keras registers each serializable name once
@@ -33,16 +38,13 @@ def preprocess_layer_class():
     class BackbonePreprocess(K.layers.Layer):
         def __init__(self, mode: str = "unit", **kwargs):
             super().__init__(**kwargs)
-            if mode not in PREPROCESSORS:
-                raise ValueError(f"unknown preprocess mode {mode}")
+            check_preprocess(mode)
             self.mode = mode
 
         def call(self, inputs):
-            if self.mode == "unit":
+            if self.mode == UNIT:
                 return inputs / 255.0
-            module = {"mobilenet_v2": K.applications.mobilenet_v2, "vgg16": K.applications.vgg16,
-                      "resnet_v2": K.applications.resnet_v2}[self.mode]
-            return module.preprocess_input(inputs)
+            return getattr(K.applications, self.mode).preprocess_input(inputs)
 
         def get_config(self):
             return {**super().get_config(), "mode": self.mode}
