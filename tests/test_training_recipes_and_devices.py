@@ -1,4 +1,4 @@
-"""Training speed and scale: feature caching equals the uncached path, accelerator decisions,
+"""Training recipes and devices: feature caching equals the uncached path, accelerator decisions,
 MirroredStrategy over two logical CPUs, and resuming a killed run."""
 from __future__ import annotations
 
