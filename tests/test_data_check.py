@@ -229,8 +229,9 @@ def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set)
 # ---- nearest-neighbour search (faiss, the [ann] extra; scripts/setup.sh installs it) ----------------
 
 def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
-    """Unit vectors in 128 dims, 60 planted copies (one a group of five): faiss HNSW finds exactly the
-    pairs an exhaustive search finds above the cosine, and every planted pair is among them."""
+    """Unit vectors in 128 dims, 60 planted copies (one a group of five): faiss finds exactly the
+    pairs an exhaustive search finds above the cosine, and every planted pair is among them (the
+    default IVF-Flat index, and HNSW)."""
     from training import datacheck
 
     rng = np.random.default_rng(3)
@@ -247,8 +248,10 @@ def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cos = x @ x.T
     exact = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(cos >= 0.9, k=1)))}
-    found = {(int(a), int(b)) for a, b in zip(*datacheck.ann_candidates(x, 0.9).nonzero())}
-    assert planted <= exact and found == exact, f"missed {exact - found}; extra {found - exact}"
+    assert planted <= exact
+    for kind in ("ivf", "hnsw"):
+        found = {(int(a), int(b)) for a, b in zip(*datacheck.ann_candidates(x, 0.9, kind=kind).nonzero())}
+        assert found == exact, f"{kind}: missed {exact - found}; extra {found - exact}"
 
 
 @pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
@@ -261,11 +264,11 @@ def test_ann_search_reports_the_same_pairs_as_exact_search(planted_set, run_cli,
         assert res.code == 0, res.err
         reports[how] = json.loads(res.out)
         assert reports[how]["search"]["used"] == how
-    assert reports["ann"]["search"]["index"].startswith("faiss HNSW")
+    assert reports["ann"]["search"]["index"].startswith("faiss IVF-Flat")
     assert _pairs(reports["ann"]) == _pairs(reports["exact"]) == {tuple(sorted(pair)) for pair in planted.values()}
     assert [(p["kind"], p["how"], p["cosine"]) for p in reports["ann"]["pairs"]] == \
         [(p["kind"], p["how"], p["cosine"]) for p in reports["exact"]["pairs"]]
-    assert "search: ann (faiss HNSW" in (tmp_path / "ann" / "index.html").read_text()
+    assert "search: ann (faiss IVF-Flat" in (tmp_path / "ann" / "index.html").read_text()
 
 
 @pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")

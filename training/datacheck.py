@@ -53,8 +53,12 @@ SEARCH_BLOCK = 256       # rows per block: each 256 x 60k float32 matrix is 61 M
 ANN_ABOVE = 200_000      # beyond this many images an exact all-pairs search is the wrong tool (see above)
 SEARCHES = ("auto", "exact", "ann")
 ANN_NEIGHBOURS = 32      # neighbours asked of the index per image: more than any real image has copies
-HNSW_LINKS = 32          # faiss HNSW graph degree (M)
-HNSW_EF_SEARCH = 128     # candidates HNSW keeps while searching: recall against cost (benchmarks/ann_search.py)
+# IVF-Flat, not HNSW: on CIFAR-10's embeddings (benchmarks/ann_search.py, README "Check the data") both
+# found every exact pair, but building HNSW over 256 dims cost more than the exact search it replaces.
+ANN_INDEX = "ivf"
+IVF_NPROBE = 16          # inverted lists searched per query (of ~4 sqrt(n))
+HNSW_LINKS = 32          # faiss HNSW graph degree (M), for --index comparisons in the benchmark
+HNSW_EF_SEARCH = 128
 ANN_INSTALL = "pip install 'tlserve[ann]' (faiss-cpu)"
 MAX_PAIRS = 200_000      # a degenerate set (thousands of blank images) must not fill memory with pairs
 # Defaults chosen by looking at CIFAR-10 JPEG-copy pairs (README, "Check the data"): at pHash <= 4 with
@@ -440,16 +444,17 @@ def _import_faiss():
     return faiss
 
 
-def build_index(faiss, x: np.ndarray, kind: str = "hnsw", *, links: int = HNSW_LINKS, ef_search: int = HNSW_EF_SEARCH,
-                nlist: int | None = None, nprobe: int = 16):
-    """A faiss inner-product index over unit vectors (so inner product = cosine): hnsw (the default,
-    see ANN_INDEX's measurement) or ivf (IVF-Flat, nlist lists, nprobe of them searched)."""
+def build_index(faiss, x: np.ndarray, kind: str = ANN_INDEX, *, links: int = HNSW_LINKS, ef_search: int = HNSW_EF_SEARCH,
+                nlist: int | None = None, nprobe: int = IVF_NPROBE):
+    """A faiss inner-product index over unit vectors (so inner product = cosine): ivf (IVF-Flat, the
+    default: nlist k-means lists, nprobe of them searched), hnsw, or flat (exhaustive)."""
     d = x.shape[1]
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, links, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = ef_search
     elif kind == "ivf":
-        nlist = nlist or max(1, int(4 * np.sqrt(len(x))))
+        # ~4 sqrt(n) lists, but at least 39 training points per list (faiss's k-means asks for them).
+        nlist = nlist or max(1, min(int(4 * np.sqrt(len(x))), len(x) // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = nprobe
@@ -461,7 +466,7 @@ def build_index(faiss, x: np.ndarray, kind: str = "hnsw", *, links: int = HNSW_L
     return index
 
 
-def ann_candidates(emb: np.ndarray, min_cosine: float, *, kind: str = "hnsw", neighbours: int = ANN_NEIGHBOURS,
+def ann_candidates(emb: np.ndarray, min_cosine: float, *, kind: str = ANN_INDEX, neighbours: int = ANN_NEIGHBOURS,
                    log=None, bar: bool | None = None, **index_args):
     """Pairs (i < j) among each image's `neighbours` nearest by the index with cosine >= min_cosine, as a
     sparse boolean matrix. An image with more than `neighbours` copies keeps only its nearest ones,
@@ -477,13 +482,14 @@ def ann_candidates(emb: np.ndarray, min_cosine: float, *, kind: str = "hnsw", ne
         index = build_index(faiss, x, kind, **index_args)
         for start in range(0, n, 4096):
             sims, nbrs = index.search(x[start:start + 4096], k)
-            rows = np.repeat(np.arange(start, start + len(sims)), k)
+            batch = len(sims)
+            rows = np.repeat(np.arange(start, start + batch), k)
             cols, sims = nbrs.ravel(), sims.ravel()
             # A hair below the threshold: the exact cosine (computed again in search) decides.
             keep = (cols >= 0) & (cols != rows) & (sims >= min_cosine - 1e-3)
             rows_out.append(np.minimum(rows[keep], cols[keep]))
             cols_out.append(np.maximum(rows[keep], cols[keep]))
-            advance(len(sims))
+            advance(batch)
     a = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
     b = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
     return sparse.csr_matrix((np.ones(len(a), bool), (a, b)), shape=(n, n))
@@ -502,7 +508,7 @@ def choose_search(requested: str, n: int, has_embeddings: bool, log) -> dict[str
         why = f"faiss is not installed: exact all-pairs cosine instead; {ANN_INSTALL} adds the nearest-neighbour index"
         _warn(log)(f"note: {n:,} images: {why}")
         return {**out, "why": why}
-    return {**out, "used": "ann", "index": f"faiss HNSW (M {HNSW_LINKS}, efSearch {HNSW_EF_SEARCH}), "
+    return {**out, "used": "ann", "index": f"faiss IVF-Flat (~4 sqrt(n) lists, nprobe {IVF_NPROBE}), "
                                           f"{ANN_NEIGHBOURS} neighbours per image",
             "why": f"{n:,} images" + (f" > {ANN_ABOVE:,}" if requested == "auto" else ", --search ann")}
 
