@@ -15,7 +15,8 @@ the same class to that training image). Both sides count distinct training image
   precision  our training images that the list has (and with which judgment), the rest listed apart.
 
 "train" here is the original training set: our check's train and val splits (val is carved from it).
---sheet draws a few of our pairs that the list does not have, to judge whether they are real copies.
+--sheet draws a few of our test images that the list does not pair with any of their training partners,
+to judge whether they are real copies.
 """
 from __future__ import annotations
 
@@ -106,15 +107,30 @@ def main() -> None:
     print(f"  listed as 0/1 (same scene)   {len(same):>4} of {len(ours):>4} = {len(same) / n:.3f}")
     print(f"  listed as 2 (very similar)   {len(similar):>4} of {len(ours):>4} = {len(similar) / n:.3f}")
     print(f"  not in the list              {len(missing):>4} of {len(ours):>4} = {len(missing) / n:.3f}")
+    print(f"  (chance level, a check of the train mapping: a random training image is in the list with "
+          f"probability {len(judgment_of) / len(index):.4f})")
+    # A test image paired with several copies inside the training set (CIFAR has train-train copies too):
+    # the list names one of them, so per test image: listed when any of its training partners is.
+    partners = defaultdict(set)
+    for t, pairs in ours.items():
+        for test, _, _ in pairs:
+            partners[test].add(t)
+    listed_tests = [x for x, ts in partners.items() if any(t in judgment_of for t in ts)]
+    same_tests = [x for x, ts in partners.items() if any(judgment_of.get(t) in (0, 1) for t in ts)]
+    print(f"per test image: {len(listed_tests)} of {len(partners)} of ours have a training partner in the list "
+          f"({len(same_tests)} as 0/1) = {len(listed_tests) / max(1, len(partners)):.3f}")
     how = defaultdict(int)
     for t in missing:
         how[ours[t][0][2]["how"]] += 1
     print(f"  ...found by: {dict(how)}")
-    if args.sheet and missing:
+    unlisted = sorted(x for x in partners if x not in listed_tests)
+    print(f"test images of ours with no training partner in the list: {len(unlisted)}")
+    if args.sheet and unlisted:
         rng = np.random.default_rng(0)
-        pick = sorted(rng.choice(missing, min(args.sheet_rows, len(missing)), replace=False).tolist())
-        sheet([ours[t][0] for t in pick], args.sheet, args.data_root)
-        print(f"sheet of {len(pick)} pairs not in the list: {args.sheet}")
+        pick = sorted(rng.choice(unlisted, min(args.sheet_rows, len(unlisted)), replace=False).tolist())
+        rows_ = [next(pair for t in sorted(partners[x]) for pair in ours[t] if pair[0] == x) for x in pick]
+        sheet(rows_, args.sheet, args.data_root)
+        print(f"sheet of {len(pick)} of them with a training partner: {args.sheet}")
 
 
 if __name__ == "__main__":
