@@ -266,8 +266,9 @@ def test_ann_search_reports_the_same_pairs_as_exact_search(planted_set, run_cli,
         assert reports[how]["search"]["used"] == how
     assert reports["ann"]["search"]["index"].startswith("faiss IVF-Flat")
     assert _pairs(reports["ann"]) == _pairs(reports["exact"]) == {tuple(sorted(pair)) for pair in planted.values()}
-    assert [(p["kind"], p["how"], p["cosine"]) for p in reports["ann"]["pairs"]] == \
-        [(p["kind"], p["how"], p["cosine"]) for p in reports["exact"]["pairs"]]
+    assert [(p["kind"], p["how"]) for p in reports["ann"]["pairs"]] == [(p["kind"], p["how"]) for p in reports["exact"]["pairs"]]
+    # The same cosines, up to float32 summation order (one dot product against a matrix product).
+    assert np.allclose([p["cosine"] for p in reports["ann"]["pairs"]], [p["cosine"] for p in reports["exact"]["pairs"]], atol=2e-4)
     assert "search: ann (faiss IVF-Flat" in (tmp_path / "ann" / "index.html").read_text()
 
 
