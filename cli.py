@@ -647,6 +647,7 @@ def data_check(
     val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = 0.1,
     seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+    search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra).")] = "auto",
 ) -> None:
     """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
     from training.config import DataConfig  # noqa: PLC0415
@@ -656,7 +657,7 @@ def data_check(
     thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
     log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
-    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=log)
+    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=log, search=search)
     folder = write(report, out or default_out())
     if json_out:
         import json  # noqa: PLC0415
@@ -690,7 +691,7 @@ def _print_data_check(d: dict, folder: Path) -> None:
         console.print(f"unreadable: {u['file']}: {u['why']}", highlight=False)
     for f in d["not_images"]:
         console.print(f"not an image: {f}", highlight=False)
-    console.print(f"embeddings: {d['embeddings']}", highlight=False)
+    console.print(f"embeddings: {d['embeddings']}; search: {d['search']['used']}", highlight=False)
     console.print(f"report: {folder / 'index.html'} and {folder / 'report.json'} ({d['seconds'].get('total', 0):.1f} s)",
                   highlight=False)
 

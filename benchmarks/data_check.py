@@ -1,7 +1,7 @@
 """`tlserve data check` on the full CIFAR-10 JPEG copy: time, memory, and test images with a copy in train.
 
     PYTHONPATH=. .venv/bin/python benchmarks/data_check.py [--data folder:../shared/datasets/cifar10-jpg]
-        [--out DIR] [--phash-distance 4] [--cosine 0.9] [--dump pairs.npz]
+        [--out DIR] [--phash-distance 4] [--cosine 0.9] [--search auto|exact|ann] [--dump pairs.npz]
 
 Runs the full check (decode, hashes, MobileNetV2 embeddings with the shared ImageNet weights, the
 exact all-pairs search), writes report.json and index.html, and prints seconds, peak RSS, and how
@@ -39,12 +39,15 @@ def main() -> None:
     parser.add_argument("--phash-distance", type=int, default=datacheck.DEFAULT_PHASH)
     parser.add_argument("--cosine", type=float, default=datacheck.DEFAULT_COSINE)
     parser.add_argument("--mode", default="full", choices=("fast", "full"))
+    parser.add_argument("--search", default="auto", choices=datacheck.SEARCHES,
+                        help="embedding pair search (benchmarks/ann_search.py compares the two alone)")
     parser.add_argument("--dump", type=Path, default=None, help="save every pair (rows, hamming, cosine, names) as .npz")
     args = parser.parse_args()
     weights = str(WEIGHTS) if WEIGHTS.is_file() else "imagenet"
     start = time.perf_counter()
     report = datacheck.check(DataConfig(spec=args.data), mode=args.mode,
-                             thresholds=datacheck.Thresholds(args.phash_distance, args.cosine), weights=weights)
+                             thresholds=datacheck.Thresholds(args.phash_distance, args.cosine), weights=weights,
+                             search=args.search)
     check_seconds = time.perf_counter() - start
     out = write(report, args.out or default_out())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -53,6 +56,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}")
     print(f"data: {d['source']}: {d['splits']}")
     print(f"thresholds: phash <= {args.phash_distance} bits, cosine >= {args.cosine}; embeddings: {d['embeddings']}")
+    print(f"search: {d['search']['used']}" + (f" ({d['search']['index']})" if d['search']['index'] else "") + f": {d['search']['why']}")
     print(f"check: {check_seconds:.1f} s (steps {d['seconds']}); page written in {time.perf_counter() - start - check_seconds:.1f} s")
     print(f"peak RSS: {peak_mb:,.0f} MB")
     print(f"pairs: {d['pairs_found']:,} ({d['duplicates']})")

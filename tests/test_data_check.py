@@ -154,6 +154,7 @@ def test_fast_check_finds_the_hashable_copies(planted_set, run_cli, tmp_path):
     (["--data", "folder:{root}", "--cosine", "1.5"], "--cosine must be between 0.5 and 1.0"),
     (["--data", "folder:{root}", "--mode", "quick"], "--mode must be fast or full"),
     (["--data", "nonsense"], "unknown --data 'nonsense'"),
+    (["--data", "folder:{root}", "--search", "fuzzy"], "--search must be one of auto, exact, ann"),
 ])
 def test_bad_input_is_one_line_exit_2(planted_set, run_cli, tmp_path, args, message):
     root, _ = planted_set
@@ -223,3 +224,70 @@ def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set)
     assert {planted[n][0] for n in planted if n != "crop"} <= set(part["dropped"]["files"])
     assert len(dataset.train) == before - part["dropped"]["count"]
     assert any(line.startswith("warning: data check:") for line in lines)
+
+
+# ---- nearest-neighbour search (faiss, the [ann] extra; scripts/setup.sh installs it) ----------------
+
+def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
+    """Unit vectors in 128 dims, 60 planted copies (one a group of five): faiss finds exactly the
+    pairs an exhaustive search finds above the cosine, and every planted pair is among them (the
+    default IVF-Flat index, and HNSW)."""
+    from training import datacheck
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4000, 128)).astype(np.float32)
+    planted = set()
+    for k in range(55):
+        i, j = 2 * k, 3000 + k
+        x[j] = x[i] + rng.normal(scale=0.2, size=128)  # cosine about 0.98
+        planted.add((i, j))
+    for j in range(3100, 3104):                          # five copies of one image: ten pairs among them
+        x[j] = x[500] + rng.normal(scale=0.2, size=128)
+    group = [500, 3100, 3101, 3102, 3103]
+    planted |= {(a, b) for a in group for b in group if a < b}
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cos = x @ x.T
+    exact = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(cos >= 0.9, k=1)))}
+    assert planted <= exact
+    for kind in ("ivf", "hnsw"):
+        found = {(int(a), int(b)) for a, b in zip(*datacheck.ann_candidates(x, 0.9, kind=kind).nonzero())}
+        assert found == exact, f"{kind}: missed {exact - found}; extra {found - exact}"
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
+def test_ann_search_reports_the_same_pairs_as_exact_search(planted_set, run_cli, tmp_path):
+    root, planted = planted_set
+    reports = {}
+    for how in ("exact", "ann"):
+        res = run_cli("data", "check", "--data", f"folder:{root}", "--out", tmp_path / how, "--weights", MOBILENET,
+                      "--cosine", "0.8", "--search", how, "--json")
+        assert res.code == 0, res.err
+        reports[how] = json.loads(res.out)
+        assert reports[how]["search"]["used"] == how
+    assert reports["ann"]["search"]["index"].startswith("faiss IVF-Flat")
+    assert _pairs(reports["ann"]) == _pairs(reports["exact"]) == {tuple(sorted(pair)) for pair in planted.values()}
+    assert [(p["kind"], p["how"]) for p in reports["ann"]["pairs"]] == [(p["kind"], p["how"]) for p in reports["exact"]["pairs"]]
+    # The same cosines, up to float32 summation order (one dot product against a matrix product).
+    assert np.allclose([p["cosine"] for p in reports["ann"]["pairs"]], [p["cosine"] for p in reports["exact"]["pairs"]], atol=2e-4)
+    assert "search: ann (faiss IVF-Flat" in (tmp_path / "ann" / "index.html").read_text()
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
+def test_without_faiss_the_check_falls_back_to_exact_search_with_one_line(planted_set, monkeypatch):
+    """Past the switch (lowered here to 10 images) with faiss not importable: exact search, one note."""
+    import sys
+
+    from training import datacheck
+    from training.config import DataConfig
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    monkeypatch.setattr(datacheck, "ANN_ABOVE", 10)
+    root, planted = planted_set
+    lines: list[str] = []
+    report = datacheck.check(DataConfig(spec=f"folder:{root}"), mode="full", weights=str(MOBILENET),
+                             thresholds=datacheck.Thresholds(cosine=0.8), log=lines.append, bar=False)
+    search = report.data["search"]
+    assert (search["requested"], search["used"]) == ("auto", "exact")
+    notes = [line for line in lines if "faiss is not installed" in line]
+    assert len(notes) == 1 and "pip install 'tlserve[ann]'" in notes[0], lines
+    assert _pairs(report.data) == {tuple(sorted(pair)) for pair in planted.values()}

@@ -13,8 +13,11 @@ Every image gets three fingerprints:
 
 Pairs are searched exactly, block by block with numpy (Hamming distance as a dot product of +-1
 bit vectors, cosine as a dot product of unit vectors): ~60k images take seconds per pass on 2 cores.
-Past ANN_ABOVE images an all-pairs search grows quadratically; that is where a nearest-neighbour
-library (faiss, `pip install faiss-cpu`) would take over the embedding search. We do not write one.
+Past ANN_ABOVE images the all-pairs cosine grows quadratically, so the embedding search moves to a
+faiss index (the optional extra `pip install 'tlserve[ann]'`): each image's ANN_NEIGHBOURS nearest
+neighbours, kept when their exact cosine clears the threshold (see ann_pairs). The 64-bit hash
+search stays exact: it is 4x cheaper per pair than the 256-dim cosine. --search exact|ann|auto
+forces one; without faiss installed the check falls back to exact search and says how to install it.
 
 Split assignment is data.list_folder's, the one training uses (same seed and --val-split), so a
 leak reported here is a leak the run has.
@@ -48,6 +51,15 @@ EMBED_BATCH = 256
 PCA_DIMS = 256
 SEARCH_BLOCK = 256       # rows per block: each 256 x 60k float32 matrix is 61 MB
 ANN_ABOVE = 200_000      # beyond this many images an exact all-pairs search is the wrong tool (see above)
+SEARCHES = ("auto", "exact", "ann")
+ANN_NEIGHBOURS = 32      # neighbours asked of the index per image: more than any real image has copies
+# IVF-Flat, not HNSW: on CIFAR-10's embeddings (benchmarks/ann_search.py, README "Check the data") both
+# found every exact pair, but building HNSW over 256 dims cost more than the exact search it replaces.
+ANN_INDEX = "ivf"
+IVF_NPROBE = 16          # inverted lists searched per query (of ~4 sqrt(n))
+HNSW_LINKS = 32          # faiss HNSW graph degree (M), for --index comparisons in the benchmark
+HNSW_EF_SEARCH = 128
+ANN_INSTALL = "pip install 'tlserve[ann]' (faiss-cpu)"
 MAX_PAIRS = 200_000      # a degenerate set (thousands of blank images) must not fill memory with pairs
 # Defaults chosen by looking at CIFAR-10 JPEG-copy pairs (README, "Check the data"): at pHash <= 4 with
 # the pixel check every sampled pair was the same scene; at 6 and 8 a few were not.
@@ -125,11 +137,13 @@ class Report:
 # ---- entry points ----------------------------------------------------------------------------
 
 def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
-          log: progress.Log | None = None, bar: bool | None = None) -> Report:
+          log: progress.Log | None = None, bar: bool | None = None, search: str = "auto") -> Report:
     """Check a `--data` source as training would split it."""
     thresholds.validate()
     if mode not in ("fast", "full"):
         raise UserError(f"--mode must be fast or full, not '{mode}'")
+    if search not in SEARCHES:
+        raise UserError(f"--search must be one of {', '.join(SEARCHES)}, not '{search}'")
     from training.data import check_config  # noqa: PLC0415
 
     check_config(cfg)
@@ -159,20 +173,20 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
             return Image.fromarray(arrays[row])
     if len(imgs.labels) == 0:
         raise UserError(f"--data {cfg.spec}: no readable images to check")
-    report = _analyse(imgs, meta, mode, thresholds, weights, log, bar)
+    report = _analyse(imgs, meta, mode, thresholds, weights, log, bar, search_kind=search)
     report.thumbnail = thumbnail
     report.data["seconds"]["total"] = round(time.perf_counter() - start, 2)
     return report
 
 
 def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
-                  log: progress.Log | None = None) -> Report:
+                  log: progress.Log | None = None, search: str = "auto") -> Report:
     """The training run's own check, on the pixels it is about to train on (cross-split pairs only)."""
     splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     imgs = fingerprint_arrays(splits, mode, log, bar=False)
     meta = {"source": dataset.source, "class_names": dataset.class_names, "not_images": [],
             "unreadable": [{"file": f, "why": "not a readable image"} for f in dataset.skipped]}
-    return _analyse(imgs, meta, mode, thresholds, weights, log, False, cross_only=True)
+    return _analyse(imgs, meta, mode, thresholds, weights, log, False, cross_only=True, search_kind=search)
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
@@ -347,13 +361,14 @@ def _standardised(grey: np.ndarray) -> np.ndarray:
 
 
 def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cross_only: bool,
-           log=None, bar: bool | None = None) -> tuple[list[Pair], bool]:
+           log=None, bar: bool | None = None, candidates=None) -> tuple[list[Pair], bool]:
     """Every pair within the thresholds; (pairs, truncated).
 
     A hash match alone is not enough: low-detail images (a shape on a plain ground, sky) share
     their few low frequencies without being copies, so a hash candidate must also correlate
     pixel for pixel (on phash's own 32x32 grey reduction, mirrored when the mirror hash matched).
-    An embedding match (full mode) stands on its own."""
+    An embedding match (full mode) stands on its own. `candidates` (ann search: a sparse upper-triangular
+    matrix from ann_candidates) replaces the all-pairs cosine: only its pairs are embedding candidates."""
     n = len(imgs.labels)
     bits, mirror = _bits(imgs.phash), _bits(imgs.phash_mirror)
     z = _standardised(imgs.grey)
@@ -376,9 +391,12 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
             dot = bits[start:stop] @ bits[cols].T
             dot_m = bits[start:stop] @ mirror[cols].T
             hit = (dot >= min_dot) | (dot_m >= min_dot)
-            cos = emb[start:stop] @ emb[cols].T if emb is not None else None
+            cos = emb[start:stop] @ emb[cols].T if emb is not None and candidates is None else None
             if cos is not None:
                 hit |= cos >= thresholds.cosine
+            if candidates is not None:
+                near_r, near_c = candidates[start:stop, cols.start:n].nonzero()
+                hit[near_r, near_c] = True
             if cols.start < stop:  # the block's own square: keep each pair once, never an image with itself
                 width = stop - cols.start
                 hit[:, :width] &= np.arange(cols.start, stop)[None, :] > np.arange(start, stop)[:, None]
@@ -389,7 +407,12 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
             ham, ham_m = (64 - dot[rr, cc]) / 2, (64 - dot_m[rr, cc]) / 2
             mirrored = ham_m < ham
             best = np.minimum(ham, ham_m)
-            cosines = cos[rr, cc] if cos is not None else None
+            if cos is not None:
+                cosines = cos[rr, cc]
+            elif emb is not None:  # ann: the exact cosine of the few hits, so both searches report alike
+                cosines = np.einsum("kd,kd->k", emb[ii], emb[jj])
+            else:
+                cosines = None
             direct, flipped = np.einsum("kd,kd->k", z[ii], z[jj]), np.einsum("kd,kd->k", z[ii], z_mirror[jj])
             corr = np.where(mirrored, flipped, direct)
             corr_any = np.maximum(direct, flipped)
@@ -415,10 +438,85 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
     return pairs, truncated
 
 
+def _import_faiss():
+    import faiss  # noqa: PLC0415  (the optional `ann` extra)
+
+    return faiss
+
+
+def build_index(faiss, x: np.ndarray, kind: str = ANN_INDEX, *, links: int = HNSW_LINKS, ef_search: int = HNSW_EF_SEARCH,
+                nlist: int | None = None, nprobe: int = IVF_NPROBE):
+    """A faiss inner-product index over unit vectors (so inner product = cosine): ivf (IVF-Flat, the
+    default: nlist k-means lists, nprobe of them searched), hnsw, or flat (exhaustive)."""
+    d = x.shape[1]
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, links, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    elif kind == "ivf":
+        # ~4 sqrt(n) lists, but at least 39 training points per list (faiss's k-means asks for them).
+        nlist = nlist or max(1, min(int(4 * np.sqrt(len(x))), len(x) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = nprobe
+    elif kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    index.add(x)
+    return index
+
+
+def ann_candidates(emb: np.ndarray, min_cosine: float, *, kind: str = ANN_INDEX, neighbours: int = ANN_NEIGHBOURS,
+                   log=None, bar: bool | None = None, **index_args):
+    """Pairs (i < j) among each image's `neighbours` nearest by the index with cosine >= min_cosine, as a
+    sparse boolean matrix. An image with more than `neighbours` copies keeps only its nearest ones,
+    which still links every copy into the same group on the page."""
+    from scipy import sparse  # noqa: PLC0415
+
+    faiss = _import_faiss()
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    n = len(x)
+    k = min(neighbours + 1, n)  # +1: an image finds itself first
+    rows_out, cols_out = [], []
+    with progress.step(f"nearest neighbours (faiss {kind})", n, log=log, bar=bar) as advance:
+        index = build_index(faiss, x, kind, **index_args)
+        for start in range(0, n, 4096):
+            sims, nbrs = index.search(x[start:start + 4096], k)
+            batch = len(sims)
+            rows = np.repeat(np.arange(start, start + batch), k)
+            cols, sims = nbrs.ravel(), sims.ravel()
+            # A hair below the threshold: the exact cosine (computed again in search) decides.
+            keep = (cols >= 0) & (cols != rows) & (sims >= min_cosine - 1e-3)
+            rows_out.append(np.minimum(rows[keep], cols[keep]))
+            cols_out.append(np.maximum(rows[keep], cols[keep]))
+            advance(batch)
+    a = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
+    b = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
+    return sparse.csr_matrix((np.ones(len(a), bool), (a, b)), shape=(n, n))
+
+
+def choose_search(requested: str, n: int, has_embeddings: bool, log) -> dict[str, Any]:
+    """Which embedding search runs, and why (the report's "search")."""
+    out = {"requested": requested, "used": "exact", "index": None}
+    if not has_embeddings:
+        return {**out, "why": "no embeddings: hashes only, searched exactly"}
+    if requested == "exact" or (requested == "auto" and n <= ANN_ABOVE):
+        return {**out, "why": f"{n:,} images" + (f" <= {ANN_ABOVE:,}" if requested == "auto" else "") + ": exact all-pairs cosine"}
+    try:
+        _import_faiss()
+    except ImportError:
+        why = f"faiss is not installed: exact all-pairs cosine instead; {ANN_INSTALL} adds the nearest-neighbour index"
+        _warn(log)(f"note: {n:,} images: {why}")
+        return {**out, "why": why}
+    return {**out, "used": "ann", "index": f"faiss IVF-Flat (~4 sqrt(n) lists, nprobe {IVF_NPROBE}), "
+                                          f"{ANN_NEIGHBOURS} neighbours per image",
+            "why": f"{n:,} images" + (f" > {ANN_ABOVE:,}" if requested == "auto" else ", --search ann")}
+
+
 # ---- the report ----------------------------------------------------------------------------
 
 def _analyse(imgs: Images, meta: dict[str, Any], mode: str, thresholds: Thresholds, weights: str, log, bar,
-             *, cross_only: bool = False) -> Report:
+             *, cross_only: bool = False, search_kind: str = "auto") -> Report:
     seconds: dict[str, float] = {}
     emb = None
     embed_note = "fast mode: hashes only"
@@ -433,12 +531,14 @@ def _analyse(imgs: Images, meta: dict[str, Any], mode: str, thresholds: Threshol
             _warn(log)(f"warning: embeddings {embed_note}")
         seconds["embeddings"] = round(time.perf_counter() - t, 2)
         imgs.small = None  # the 64-px copies are not needed any more
+    how = choose_search(search_kind, len(imgs.labels), emb is not None, log)
     t = time.perf_counter()
-    pairs, truncated = search(imgs, emb, thresholds, cross_only=cross_only, log=log, bar=bar)
+    candidates = None
+    if how["used"] == "ann":
+        candidates = ann_candidates(emb, thresholds.cosine, log=log, bar=bar)
+        seconds["ann_index"] = round(time.perf_counter() - t, 2)
+    pairs, truncated = search(imgs, emb, thresholds, cross_only=cross_only, log=log, bar=bar, candidates=candidates)
     seconds["search"] = round(time.perf_counter() - t, 2)
-    if len(imgs.labels) > ANN_ABOVE and emb is not None:
-        _warn(log)(f"note: {len(imgs.labels):,} images: an exact all-pairs search is slow at this size; "
-                                  "a nearest-neighbour index (faiss) is the tool past it")
 
     names = meta["class_names"]
     split_name = [SPLITS[s] for s in imgs.split]
@@ -478,6 +578,7 @@ def _analyse(imgs: Images, meta: dict[str, Any], mode: str, thresholds: Threshol
         "thresholds": {"phash_distance": thresholds.phash, "pixel_correlation": thresholds.pixels,
                        "cosine": thresholds.cosine},
         "embeddings": embed_note,
+        "search": how,
         "pairs_found": len(pairs),
         "pairs_truncated": truncated,
         "duplicates": {k: counts[k] for k in sorted(counts)},
@@ -578,6 +679,7 @@ def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None]:
         "mode": cfg.data_check,
         "thresholds": d["thresholds"],
         "embeddings": d["embeddings"],
+        "search": d["search"]["used"],
         "pairs": {k: v for k, v in d["duplicates"].items()},
         "leaks": d["leaks"],
         "label_conflicts": len(d["label_conflicts"]),

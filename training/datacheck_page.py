@@ -50,7 +50,7 @@ def page(report: Report) -> str:
         f"<h1>Data check</h1><p>{html.escape(d['source'])}<br>mode {d['mode']}; thresholds: pHash distance &le; "
         f"{d['thresholds']['phash_distance']} bits with pixel correlation &ge; {d['thresholds']['pixel_correlation']}, "
         f"embedding cosine &ge; {d['thresholds']['cosine']} (full mode); embeddings: "
-        f"{html.escape(d['embeddings'])}; {d['seconds'].get('total', 0):.1f} s</p>",
+        f"{html.escape(d['embeddings'])}; search: {html.escape(_search_line(d))}; {d['seconds'].get('total', 0):.1f} s</p>",
         f"<p>splits: {', '.join(f'{s} {n:,}' for s, n in d['splits'].items())}</p>",
         "<h2>Leaks: held-out images with a copy in an earlier split</h2><table><tr><th>which</th><th>images</th>"
         f"<th>of</th><th>share</th></tr>{leaks_rows}</table>",
@@ -158,3 +158,11 @@ def _files_html(d: dict) -> str:
     other = "".join(f"<li>{html.escape(f)}</li>" for f in d["not_images"]) or "<li>none</li>"
     return (f"<h2>Files that will not decode</h2><ul>{bad}</ul>"
             f"<h2>Files that are not images (skipped by training)</h2><ul>{other}</ul>")
+
+
+def _search_line(d: dict) -> str:
+    """How the pairs were searched (reports written before the faiss switch have no "search")."""
+    how = d.get("search")
+    if not how:
+        return "exact"
+    return f"{how['used']}" + (f" ({how['index']})" if how.get("index") else "") + f": {how['why']}"
