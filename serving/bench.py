@@ -78,7 +78,7 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
         from serving.runtime import load as loader  # noqa: PLC0415
     manifest = Manifest.load(model_dir)
     for runtime in runtimes:
-        formats.by_runtime(runtime, known)
+        formats.check_runtime(runtime, known)
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be at least 1")
     if iterations is not None and iterations < 1 or duration is not None and duration <= 0:

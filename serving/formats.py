@@ -88,10 +88,14 @@ def export_command(manifest: Manifest, wanted: Format) -> str:
                      *flags, "--overwrite"])
 
 
-def by_runtime(name: str, choices: tuple[str, ...] = RUNTIMES) -> Format:
-    if name not in choices or name not in BY_RUNTIME:
+def check_runtime(name: str, choices: tuple[str, ...] = RUNTIMES) -> str:
+    if name not in choices:
         raise UserError(f"unknown runtime '{name}'; choose from {', '.join(choices)}{nearest(name, list(choices))}")
-    return BY_RUNTIME[name]
+    return name
+
+
+def by_runtime(name: str, choices: tuple[str, ...] = RUNTIMES) -> Format:
+    return BY_RUNTIME[check_runtime(name, tuple(c for c in choices if c in BY_RUNTIME))]
 
 
 def by_variant(name: str) -> Format:

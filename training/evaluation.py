@@ -172,7 +172,7 @@ def load_variants(model_dir: Path, manifest: Manifest, runtime: str, spec: str) 
     image is read, so a missing variant fails at once."""
     from training.runtimes import load  # noqa: PLC0415 (TensorFlow, for the TensorFlow rows only)
 
-    formats.by_runtime(runtime, RUNTIMES)
+    formats.check_runtime(runtime, RUNTIMES)
     if runtime != "onnx":
         return [Variant(runtime, load(model_dir, runtime, manifest=manifest).predict, "tensorflow")]
     out = []
