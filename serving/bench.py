@@ -222,9 +222,9 @@ async def _load(url: str, uploads: list[bytes], clients: int, requests: int, war
 
 def inprocess_p50_ms(model_dir: Path, hw: tuple[int, int]) -> float:
     """The floor under any HTTP figure: onnxruntime fp32 p50 at batch 1, in this process."""
-    from serving.runtime import OnnxClassifier  # noqa: PLC0415
+    from serving.runtime import load  # noqa: PLC0415
 
-    model = OnnxClassifier.load(model_dir)
+    model = load(model_dir, "onnx")
     x = np.random.default_rng(0).uniform(0, 255, (1, *hw, 3)).astype(np.float32)
     return percentiles(time_calls(lambda: model.predict(x), warmup=10, iterations=200, duration=None))["p50_ms"]
 

@@ -47,6 +47,9 @@ class InputSpec:
     def hw(self) -> tuple[int, int]:
         return self.height, self.width
 
+    def to_dict(self) -> dict[str, Any]:
+        return _dump(self)
+
 
 @dataclass
 class Artifact:

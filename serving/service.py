@@ -94,7 +94,7 @@ class ImageClassifier:
         STATE.input_hw = (h, w)
         STATE.metadata = {
             "name": manifest.name, "version": manifest.version, "class_names": manifest.class_names,
-            "input": manifest.to_dict()["input"], "backbone": manifest.backbone, "strategy": manifest.strategy,
+            "input": manifest.input.to_dict(), "backbone": manifest.backbone, "strategy": manifest.strategy,
             "tta": manifest.tta, "test_accuracy": manifest.test_accuracy, "runtime": "onnxruntime",
             "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": SETTINGS.max_batch,
             "max_latency_ms": SETTINGS.max_latency_ms, "ort_spin": SETTINGS.ort_spin, "lone_session": self._lone is not None,
