@@ -34,7 +34,7 @@ class Format:
     @property
     def in_export(self) -> bool:
         """An artifact of the export (hashed in the manifest); keras is the run's model.keras."""
-        return self.runtime != "keras"
+        return self.export_format is not None
 
     def present(self, manifest: Manifest) -> bool:
         """Whether this model has it: an artifact the manifest lists (and the gate kept), or for keras
