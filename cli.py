@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.errors import UserError
+from serving.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
 
 app = typer.Typer(
     name="tlserve",
@@ -328,20 +329,20 @@ def export(
                          max_class_drop=max_class_drop)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
                                 log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    rejected = manifest["export"].get("gate", {}).get("rejected", {})
-    rows = [[file, f"{facts['bytes'] / 1e6:.2f}", f"{facts['max_abs_diff']:.2e}", f"{facts['top1_agreement']:.0%}",
-             _fmt(facts.get("test_accuracy")), _fmt(facts.get("accuracy_delta")), _fmt(facts.get("test_ece")),
-             "—" if facts.get("gate") is None else ("NOT KEPT" if file in rejected else "kept")]
-            for file, facts in {**manifest["artifacts"], **rejected}.items()]
-    console.print(_table(f"exported {manifest['name']}:{manifest['version']}",
+    rejected = manifest.rejected
+    rows = [[file, f"{facts.bytes / 1e6:.2f}", f"{facts.max_abs_diff:.2e}", f"{facts.top1_agreement:.0%}",
+             _fmt(facts.test_accuracy), _fmt(facts.accuracy_delta), _fmt(facts.test_ece),
+             "—" if facts.gate is None else ("NOT KEPT" if file in rejected else "kept")]
+            for file, facts in {**manifest.artifacts, **rejected}.items()]
+    console.print(_table(f"exported {manifest.name}:{manifest.version}",
                          ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows,
                          text=("file", "gate")))
-    for file, facts in manifest["artifacts"].items():  # too long for a cell; export logged the rejected ones
-        if facts.get("gate") is not None:
-            console.print(f"gate: {file} {_gate_verdict(facts['gate'])}", highlight=False, soft_wrap=True)
+    for file, facts in manifest.artifacts.items():  # too long for a cell; export logged the rejected ones
+        if facts.gate is not None:
+            console.print(f"gate: {file} {_gate_verdict(facts.gate)}", highlight=False, soft_wrap=True)
     console.print(f"max diff: largest |output - Keras output| on the check batch; folder: {path}", highlight=False,
                   soft_wrap=True)
-    if not manifest["export"]["check_informative"]:
+    if not manifest.export.check_informative:
         console.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
                       "nothing about whether the runtimes compute the same function", highlight=False, soft_wrap=True)
 
@@ -357,8 +358,8 @@ def predict(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many classes to show per image.")] = 3,
-    runtime: Annotated[str, typer.Option(help="onnx | savedmodel | keras.")] = "onnx",
-    variant: Annotated[str, typer.Option(help="ONNX file: fp32 | fp16 | int8.")] = "fp32",
+    runtime: Annotated[str, typer.Option(help=f"{choices(BASE_RUNTIMES)} (onnx takes --variant).")] = "onnx",
+    variant: Annotated[str, typer.Option(help=f"With --runtime onnx, the ONNX file: {choices(BY_VARIANT)}.")] = "fp32",
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per image.")] = False,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -390,8 +391,8 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
     data: Annotated[str, typer.Option("--data", help="Labelled images: folder:PATH (one folder per class, with or without train/val/test) | cifar10[:PATH] | synthetic.")],
     split: Annotated[str, typer.Option(help="With split sub-folders (or cifar10/synthetic): train | val | test.")] = "test",
-    variants: Annotated[str, typer.Option(help="ONNX variants: comma-separated fp32,fp16,int8, or all the export has.")] = "all",
-    runtime: Annotated[str, typer.Option(help="onnx | savedmodel | keras (the last two ignore --variants).")] = "onnx",
+    variants: Annotated[str, typer.Option(help=f"ONNX variants: comma-separated {','.join(BY_VARIANT)}, or all the export has.")] = "all",
+    runtime: Annotated[str, typer.Option(help=f"{choices(BASE_RUNTIMES)} (only onnx takes --variants).")] = "onnx",
     url: Annotated[Optional[str], typer.Option(help="Evaluate the running service instead (e.g. http://127.0.0.1:3000).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default: MODEL/eval/<timestamp>/).")] = None,
     ignore_unknown: Annotated[bool, typer.Option("--ignore-unknown", help="Skip (and count) class folders the model does not know.")] = False,
@@ -529,7 +530,7 @@ def _ints(spec: str, option: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: Annotated[Optional[str], typer.Argument(help="An exported model (name, folder or BentoML tag). With --url: optional, adds the in-process floor and stores the result.")] = None,
-    runtimes: Annotated[str, typer.Option(help="keras, tf-function, savedmodel, onnx, onnx-fp16, onnx-int8 (missing variants are skipped).")] = "keras,savedmodel,onnx,onnx-int8,onnx-fp16",
+    runtimes: Annotated[str, typer.Option(help=f"{', '.join(BENCH_RUNTIMES)} (missing variants are skipped).")] = "keras,savedmodel,onnx,onnx-int8,onnx-fp16",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
     duration: Annotated[float, typer.Option(help="Seconds per runtime and batch size.")] = 3.0,
     iterations: Annotated[Optional[int], typer.Option(help="A fixed number of timed calls instead of --duration.")] = None,

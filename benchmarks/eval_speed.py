@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving import bench  # noqa: E402
 from serving.machine import cpu_model  # noqa: E402
-from serving.manifest import load_manifest, resolve_model  # noqa: E402
+from serving.manifest import Manifest, resolve_model  # noqa: E402
 from serving.runtime import OnnxClassifier  # noqa: E402
 from training import evaluation  # noqa: E402
 
@@ -43,11 +43,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = resolve_model(args.model)
-    manifest = load_manifest(model_dir)
-    shape = manifest["input"]["shape"]
-    hw = (int(shape[1]), int(shape[2]))
-    interpolation = manifest["input"].get("interpolation", "bilinear")
-    data = evaluation.load_labelled(args.data, args.split, manifest["class_names"], hw, ignore_unknown=True)
+    manifest = Manifest.load(model_dir)
+    hw, interpolation = manifest.input.hw, manifest.input.interpolation
+    data = evaluation.load_labelled(args.data, args.split, manifest.class_names, hw, ignore_unknown=True)
     if args.limit:
         keep = slice(0, args.limit)
         data = evaluation.Labelled(data.names[keep], data.labels[keep], data.source,
@@ -55,14 +53,14 @@ def main() -> None:
                                    data.arrays[keep] if data.arrays is not None else None)
     batch32 = np.stack([a for a in (data.pixels(i, hw, interpolation) for i in range(64)) if a is not None][:32])
     batch32 = batch32.astype(np.float32)
-    print(f"machine: {cpu_model()}; model {manifest['name']} ({manifest['backbone']}, input {hw[0]}x{hw[1]}); "
+    print(f"machine: {cpu_model()}; model {manifest.name} ({manifest.backbone}, input {hw[0]}x{hw[1]}); "
           f"{len(data):,} images from {data.source}; best of {args.rounds} round(s)", flush=True)
     for variant in evaluation.load_variants(model_dir, manifest, "onnx", args.variants):
-        # bench's own session (serving.bench._onnx_runner: default spinning, default threads)
+        # bench's own session (serving.runtime.load: default spinning, default threads)
         benched = OnnxClassifier.load(model_dir, variant=variant.name)
         evals, benches = [], []
         for _ in range(args.rounds):  # interleaved, so both see the same neighbours on a shared machine
-            scored = evaluation.score_inprocess(data, [variant], hw, interpolation, len(manifest["class_names"]),
+            scored = evaluation.score_inprocess(data, [variant], hw, interpolation, manifest.num_classes,
                                                 log=lambda line: None)
             evals.append(int(scored.kept.sum()) / scored.wall_seconds)
             samples = bench.time_calls(lambda: benched.predict(batch32), warmup=5, iterations=None,

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.bench import bench_http, inprocess_p50_ms, sample_uploads  # noqa: E402
-from serving.manifest import load_manifest  # noqa: E402
+from serving.manifest import Manifest  # noqa: E402
 
 
 def free_port() -> int:
@@ -68,8 +68,8 @@ def main() -> None:
                         help="both servers without their per-request access log (on by default in both)")
     args = parser.parse_args()
     levels = tuple(int(c) for c in args.concurrency.split(","))
-    manifest = load_manifest(args.model_dir)
-    hw = (manifest["input"]["shape"][1], manifest["input"]["shape"][2])
+    manifest = Manifest.load(args.model_dir)
+    hw = manifest.input.hw
     uploads = sample_uploads(hw, 16)
     bin_dir = Path(sys.executable).parent
     tlserve_env = {"TLSERVE_MODEL": str(args.model_dir.resolve())}
@@ -97,7 +97,7 @@ def main() -> None:
         for proc in procs:
             stop(proc)
     floor = inprocess_p50_ms(args.model_dir, hw)
-    print(f"\nmodel {manifest['name']} ({manifest['backbone']}, input {hw[0]}x{hw[1]}), {args.rounds} rounds of "
+    print(f"\nmodel {manifest.name} ({manifest.backbone}, input {hw[0]}x{hw[1]}), {args.rounds} rounds of "
           f"{args.requests} requests, access logs {'off' if args.no_access_log else 'on'}; "
           f"in-process onnxruntime p50, batch 1: {floor:.3f} ms")
     print(f"{'concurrency':>11} | {'tlserve p50':>11} | {'peer p50':>9} | {'tlserve req/s':>13} | {'peer req/s':>10} | "

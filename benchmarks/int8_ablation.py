@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.machine import cpu_model  # noqa: E402
+from serving.manifest import Manifest  # noqa: E402
 from serving.runtime import make_session  # noqa: E402
 from training import records  # noqa: E402
 from training.config import DataConfig  # noqa: E402
@@ -54,10 +55,11 @@ def predictions(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def ablate(model_dir: Path, rounds: int, test_limit: int) -> dict[str, object]:
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    record = json.loads((Path(manifest["run_path"]) / records.RECORD).read_text())
+    manifest = Manifest.load(model_dir)
+    record = json.loads((Path(manifest.run_path) / records.RECORD).read_text())
     data = load_dataset(DataConfig(**record["config"]["data"]))
-    calib = data.train.x[:manifest["artifacts"].get("model.int8.onnx", {}).get("calibration_images", 256)]
+    int8 = manifest.artifacts.get("model.int8.onnx")
+    calib = data.train.x[:int8.calibration_images if int8 and int8.calibration_images else 256]
     calib = calib.astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": model_dir / "model.onnx", "int8 plain": Path(tmp) / "plain.onnx",

@@ -120,13 +120,13 @@ def main() -> None:
         model_dir = Path(os.environ["TLSERVE_HOME"]) / "models" / run_name
         report = bench_model(model_dir, runtimes=("keras", "tf-function", "onnx", "onnx-int8"), batch_sizes=(1, 32),
                              duration=args.duration, log=lambda s: None)
+        from serving.manifest import Manifest
         from training.models import load_model
-        import json
 
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        flops = model_flops(load_model(Path(manifest["run_path"]) / "model.keras"))
+        manifest = Manifest.load(model_dir)
+        flops = model_flops(load_model(manifest.keras_path))
         p50 = {(r["runtime"], r["batch_size"]): r for r in report["results"]}
-        int8 = manifest["artifacts"]["model.int8.onnx"]
+        int8 = manifest.artifacts["model.int8.onnx"]
         rows.append((name, p50, flops, int8))
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; float32 matmul ceiling {ceiling:.1f} GFLOP/s "
           f"(numpy {rates['numpy']:.1f}, onnxruntime {rates['onnxruntime']:.1f})")
@@ -138,7 +138,7 @@ def main() -> None:
         b32 = p[("onnx", 32)]["images_per_sec"]
         achieved = b32 * flops / 1e9
         print(f"| {name} | {k:.2f} ms | {f:.2f} ms | {o:.3f} ms | {q:.3f} ms | {k / o:.1f}x | {f / o:.1f}x | {o / q:.2f}x | "
-              f"{int8['accuracy_delta']:+.4f} | {b32:.0f} | {flops / 1e9:.3f} | {achieved:.1f} ({achieved / ceiling:.0%}) |")
+              f"{int8.accuracy_delta:+.4f} | {b32:.0f} | {flops / 1e9:.3f} | {achieved:.1f} ({achieved / ceiling:.0%}) |")
 
 
 if __name__ == "__main__":

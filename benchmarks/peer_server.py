@@ -38,7 +38,7 @@ def make_app(model_dir: str) -> Starlette:
         return JSONResponse({"top": [{"label": model.class_names[i], "probability": float(probs[i])} for i in order]})
 
     async def metadata(request: Request) -> JSONResponse:
-        return JSONResponse({"name": model.name, "input": model.manifest["input"], "provider": model.provider})
+        return JSONResponse({"name": model.name, "input": model.manifest.input.to_dict(), "provider": model.provider})
 
     return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/metadata", metadata)])
 

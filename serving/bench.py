@@ -1,8 +1,9 @@
 """`tlserve bench`: inference latency and throughput, in-process per runtime or end to end over HTTP.
 
 Every result is stored under models/<name>/bench/ with the machine it came from, so figures
-from different machines are never mixed silently. The onnxruntime runtimes are here; keras,
-tf-function and savedmodel need TensorFlow and come from training.runtimes, which passes them in.
+from different machines are never mixed silently. Every runtime is loaded through one loader
+(sha256 checked first): serving.runtime.load for the onnxruntime rows of serving.formats, or
+training.runtimes.load, which training passes in with keras, tf-function and savedmodel too.
 """
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import numpy as np
 
-from serving import machine, storage
+from serving import formats, machine, storage
 from serving.errors import UserError
-from serving.manifest import VARIANTS, load_manifest
+from serving.manifest import Manifest, ModelFolder
+from serving.runtime import Loader
 
-ONNX_RUNTIMES = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}  # runtime -> ONNX variant
+ONNX_RUNTIMES = tuple(f.runtime for f in formats.ONNX)
 DEFAULT_RUNTIMES = ("onnx", "onnx-int8", "onnx-fp16")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -62,65 +64,35 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int | None, du
             return samples
 
 
-# (predict function, provider, threads) for one runtime
-Runner = tuple[Callable[[np.ndarray], Any], str, Optional[int]]
-# (model folder, manifest, threads) -> (Runner, None), or (None, the reason the runtime is missing)
-RunnerFactory = Callable[[Path, dict[str, Any], Optional[int]], tuple[Optional[Runner], Optional[str]]]
-
-
-def _onnx_runner(model_dir: Path, manifest: dict[str, Any], runtime: str,
-                 threads: int | None) -> tuple[Runner | None, str | None]:
-    variant = ONNX_RUNTIMES[runtime]
-    if VARIANTS[variant] not in manifest["artifacts"]:
-        return None, f"no {VARIANTS[variant]}; make it with: {export_command(manifest, variant)}"
-    from serving.runtime import OnnxClassifier, physical_cores  # noqa: PLC0415
-
-    model = OnnxClassifier.load(model_dir, variant=variant, threads=threads)
-    return (model.predict, model.provider, threads or physical_cores()), None
-
-
-def export_command(manifest: dict[str, Any], wanted: str) -> str:
-    """The `tlserve export` line that writes this model again with `wanted` (a variant or format) added."""
-    formats = {"onnx"} if wanted in VARIANTS else {"savedmodel"}
-    formats |= {"savedmodel" for f in manifest["artifacts"] if f == "saved_model"}
-    formats |= {"onnx" for f in manifest["artifacts"] if f.endswith(".onnx")}
-    flags = [f"--{v}" for v in ("fp16", "int8") if v == wanted or VARIANTS[v] in manifest["artifacts"]]
-    order = [f for f in ("savedmodel", "onnx") if f in formats]
-    return " ".join(["tlserve export", manifest["run"], "--name", manifest["name"], "--formats", ",".join(order),
-                     *flags, "--overwrite"])
-
-
 def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
                 iterations: int | None = None, duration: float | None = 3.0, warmup: int = 5,
                 threads: int | None = None, log: Callable[[str], None] = print,
-                runners: Mapping[str, RunnerFactory] | None = None,
+                loader: Loader | None = None, known: tuple[str, ...] = ONNX_RUNTIMES,
                 facts: Callable[[], dict[str, Any]] = machine.machine_facts) -> dict[str, Any]:
     """Time each runtime at each batch size in this process and store the result.
 
-    The onnxruntime runtimes are built here; `runners` adds others by name (training.runtimes passes
-    keras, tf-function and savedmodel), and `facts` is what the stored result says about the machine."""
-    manifest = load_manifest(model_dir)
-    others = dict(runners or {})
-    known = (*others, *ONNX_RUNTIMES)
-    bad = [r for r in runtimes if r not in known]
-    if bad:
-        raise UserError(f"unknown runtime '{bad[0]}'; choose from {', '.join(known)}")
+    `loader` loads a runtime by name (default serving.runtime.load: the onnxruntime rows; training.runtimes
+    passes its loader and `known` with keras, tf-function and savedmodel too), and `facts` is what the
+    stored result says about the machine."""
+    if loader is None:
+        from serving.runtime import load as loader  # noqa: PLC0415
+    manifest = Manifest.load(model_dir)
+    for runtime in runtimes:
+        formats.check_runtime(runtime, known)
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be at least 1")
     if iterations is not None and iterations < 1 or duration is not None and duration <= 0:
         raise UserError("--iterations and --duration must be positive")
-    h, w = int(manifest["input"]["shape"][1]), int(manifest["input"]["shape"][2])
+    h, w = manifest.input.hw
     rng = np.random.default_rng(0)
     results, skipped = [], {}
     for runtime in runtimes:
-        if runtime in ONNX_RUNTIMES:
-            runner, why = _onnx_runner(model_dir, manifest, runtime, threads)
-        else:
-            runner, why = others[runtime](model_dir, manifest, threads)
-        if runner is None:
-            skipped[runtime] = why
+        try:
+            loaded = loader(model_dir, runtime, manifest=manifest, threads=threads)
+        except formats.MissingFormat as missing:
+            skipped[runtime] = str(missing)
             continue
-        predict, provider, used_threads = runner
+        predict, provider, used_threads = loaded.predict, loaded.provider, loaded.threads
         for batch in batch_sizes:
             x = rng.uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
             samples = time_calls(lambda: predict(x), warmup=warmup, iterations=iterations, duration=duration)
@@ -139,13 +111,13 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
                  facts=facts)
 
 
-def _save(model_dir: Path, manifest: dict[str, Any], kind: str, body: dict[str, Any],
+def _save(model_dir: Path, manifest: Manifest, kind: str, body: dict[str, Any],
           facts: Callable[[], dict[str, Any]] = machine.machine_facts) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
-    report = {"schema": 1, "kind": kind, "model": manifest["name"], "version": manifest["version"],
+    report = {"schema": 1, "kind": kind, "model": manifest.name, "version": manifest.version,
               "created_at": now.isoformat(timespec="seconds"), "machine": facts(),
               "versions": machine.package_versions(), **body}
-    path = Path(model_dir) / "bench" / f"{kind}-{now:%Y%m%d-%H%M%S}.json"
+    path = ModelFolder(Path(model_dir)).bench_dir / f"{kind}-{now:%Y%m%d-%H%M%S}.json"
     storage.write_json(path, report)
     report["path"] = str(path)
     return report
@@ -250,9 +222,9 @@ async def _load(url: str, uploads: list[bytes], clients: int, requests: int, war
 
 def inprocess_p50_ms(model_dir: Path, hw: tuple[int, int]) -> float:
     """The floor under any HTTP figure: onnxruntime fp32 p50 at batch 1, in this process."""
-    from serving.runtime import OnnxClassifier  # noqa: PLC0415
+    from serving.runtime import load  # noqa: PLC0415
 
-    model = OnnxClassifier.load(model_dir)
+    model = load(model_dir, "onnx")
     x = np.random.default_rng(0).uniform(0, 255, (1, *hw, 3)).astype(np.float32)
     return percentiles(time_calls(lambda: model.predict(x), warmup=10, iterations=200, duration=None))["p50_ms"]
 
@@ -291,7 +263,7 @@ def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests:
     body = {"url": url, "server": {k: meta.get(k) for k in server_keys},
             "inprocess_onnx_p50_ms": floor, "results": results}
     if model_dir is not None:
-        return _save(model_dir, load_manifest(model_dir), "http", body)
+        return _save(model_dir, Manifest.load(model_dir), "http", body)
     return {"schema": 1, "kind": "http", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine.machine_facts(), **body}
 

@@ -15,7 +15,7 @@ import yaml
 
 from serving.errors import UserError
 from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
-from serving.manifest import load_manifest, resolve_model
+from serving.manifest import Manifest, resolve_model
 from serving.settings import ServiceSettings
 
 SERVICE = "serving.service:ImageClassifier"
@@ -89,15 +89,15 @@ def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:
     """Build a bento carrying the model; returns (bento tag, build output)."""
     if not BENTOFILE.is_file():
         raise UserError(f"{BENTOFILE} not found: `tlserve build` runs from a tlserve source checkout")
-    manifest = load_manifest(resolve_model(model_ref, models_dir))
-    tag = manifest.get("bentoml_tag")
+    manifest = Manifest.load(resolve_model(model_ref, models_dir))
+    tag = manifest.bentoml_tag
     if not tag:
         raise UserError(f"model '{model_ref}' was exported with --no-register; export it again to register it")
     config = yaml.safe_load(BENTOFILE.read_text())
     config["models"] = [tag]
     config.setdefault("envs", [])
     config["envs"] = [e for e in config["envs"] if e.get("name") != "TLSERVE_MODEL"] + [{"name": "TLSERVE_MODEL", "value": tag}]
-    config.setdefault("labels", {})["model"] = manifest["name"]
+    config.setdefault("labels", {})["model"] = manifest.name
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
         generated = Path(fh.name)

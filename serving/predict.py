@@ -1,24 +1,24 @@
 """`tlserve predict`: classify image files with an exported model.
 
-onnxruntime is here; the savedmodel and keras runtimes need TensorFlow and come from training.runtimes.
+Models are loaded through one loader (serving.runtime.load: the onnxruntime rows of serving.formats);
+the savedmodel and keras rows need TensorFlow, so training.runtimes passes its own loader in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
-from serving import images
+from serving import formats, images
 from serving.errors import UserError
-from serving.manifest import load_manifest
+from serving.manifest import Manifest
+from serving.runtime import Loader
 
 BATCH = 32
 # float32 pixel batches (N, H, W, 3) -> probabilities (N, classes)
 Predictor = Callable[[np.ndarray], np.ndarray]
-# (model folder, its manifest) -> a Predictor; for the runtimes other than onnx
-PredictorFactory = Callable[[Path, dict[str, Any]], Predictor]
 
 
 @dataclass
@@ -43,32 +43,28 @@ def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict[str, A
     return [{"label": class_names[i], "probability": float(probs[i])} for i in order]
 
 
-def predictor(model_dir: Path, runtime: str, variant: str = "fp32",
-              runtimes: Mapping[str, PredictorFactory] | None = None) -> Predictor:
-    """A function from float32 pixel batches to probabilities, for the chosen runtime.
+def predictor(model_dir: Path, runtime: str, variant: str = "fp32", loader: Loader | None = None,
+              manifest: Manifest | None = None) -> Predictor:
+    """A function from float32 pixel batches to probabilities, for the chosen row of serving.formats.
 
-    onnx is served here; other runtimes come in `runtimes` (training.runtimes.PREDICTORS: savedmodel,
-    keras), so that this module, like all of serving/, never imports TensorFlow."""
-    manifest = load_manifest(model_dir)
-    others = dict(runtimes or {})
-    if runtime != "onnx" and runtime not in others:
-        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(['onnx', *others])}")
+    `--runtime onnx --variant int8` is the onnx-int8 row. Without a `loader` only the onnxruntime rows
+    load (serving/ never imports TensorFlow); training.runtimes.load adds savedmodel and keras."""
+    if loader is None:
+        from serving.runtime import load as loader  # noqa: PLC0415
+    fmt = formats.by_runtime(runtime)
     if runtime == "onnx":
-        from serving.runtime import OnnxClassifier  # noqa: PLC0415
-
-        return OnnxClassifier.load(model_dir, variant=variant).predict
-    return others[runtime](model_dir, manifest)
+        fmt = formats.by_variant(variant)
+    return loader(model_dir, fmt.runtime, manifest=manifest).predict
 
 
 def predict_files(model_dir: Path, paths: list[Path], *, runtime: str = "onnx", variant: str = "fp32", k: int = 5,
-                  runtimes: Mapping[str, PredictorFactory] | None = None) -> tuple[list[Prediction], list[str]]:
+                  loader: Loader | None = None) -> tuple[list[Prediction], list[str]]:
     """(predictions, failures); an unreadable file is named in failures and the rest still run."""
-    manifest = load_manifest(model_dir)
+    manifest = Manifest.load(model_dir)
     if k < 1:
         raise UserError("--top-k must be at least 1")
-    h, w = int(manifest["input"]["shape"][1]), int(manifest["input"]["shape"][2])
-    interpolation = manifest["input"].get("interpolation", images.DEFAULT_INTERPOLATION)
-    run = predictor(model_dir, runtime, variant, runtimes)  # a bad model fails before any file is read
+    (h, w), interpolation = manifest.input.hw, manifest.input.interpolation
+    run = predictor(model_dir, runtime, variant, loader, manifest)  # a bad model fails before any file is read
     files = expand(paths)
     if not files:
         raise UserError("no image files given")
@@ -82,6 +78,6 @@ def predict_files(model_dir: Path, paths: list[Path], *, runtime: str = "onnx", 
     results = []
     for start in range(0, len(arrays), BATCH):
         probs = run(np.stack(arrays[start:start + BATCH]).astype(np.float32))
-        results.extend(Prediction(name, top_k(p, manifest["class_names"], k))
+        results.extend(Prediction(name, top_k(p, manifest.class_names, k))
                        for name, p in zip(names[start:start + BATCH], probs))
     return results, failures

@@ -1,15 +1,20 @@
-"""onnxruntime sessions for exported models: CUDA only when it really loads, else CPU, quietly."""
+"""onnxruntime sessions for exported models: CUDA only when it really loads, else CPU, quietly.
+
+`load` is serving's half of the one loader: any onnxruntime row of serving.formats, its sha256
+checked first. training.runtimes.load adds the TensorFlow rows and delegates the others here.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from serving import formats
 from serving.errors import UserError
-from serving.manifest import VARIANTS, load_manifest, verify_artifacts
+from serving.manifest import Manifest, verify_artifacts
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -96,48 +101,69 @@ def _preload_cuda_wheels(ort) -> None:
 
 
 @dataclass
+class Loaded:
+    """One row of serving.formats loaded for a model: float32 (N, H, W, 3) pixels -> probabilities."""
+    runtime: str
+    predict: Callable[[np.ndarray], np.ndarray]
+    provider: str
+    threads: Optional[int] = None
+
+
+# (model folder, runtime name, manifest=, device=, threads=, spin=) -> Loaded; serving.runtime.load or
+# training.runtimes.load (which adds the TensorFlow rows)
+Loader = Callable[..., Loaded]
+
+
+def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, device: str = "auto",
+         threads: int | None = None, spin: str = "always") -> Loaded:
+    """An onnxruntime row of the formats table for this model, after checking its sha256."""
+    fmt = formats.by_runtime(runtime)
+    if not fmt.serving_can_load:
+        raise UserError(f"--runtime {runtime} needs TensorFlow, which serving does not load; "
+                        f"use one of {', '.join(f.runtime for f in formats.ONNX)}")
+    model = OnnxClassifier.load(model_dir, variant=fmt.variant, device=device, threads=threads, spin=spin,
+                                manifest=manifest)
+    return Loaded(runtime, model.predict, model.provider, threads or physical_cores())
+
+
+@dataclass
 class OnnxClassifier:
-    manifest: dict[str, Any]
+    manifest: Manifest
     session: Any
     provider: str
     variant: str = "fp32"
 
     @classmethod
     def load(cls, model_dir: Path, *, variant: str = "fp32", device: str = "auto", verify: bool = True,
-             threads: int | None = None, spin: str = "always") -> "OnnxClassifier":
+             threads: int | None = None, spin: str = "always", manifest: Manifest | None = None) -> "OnnxClassifier":
         model_dir = Path(model_dir)
-        manifest = load_manifest(model_dir)
-        if variant not in VARIANTS:
-            raise UserError(f"unknown variant '{variant}'; choose from {', '.join(VARIANTS)}")
-        filename = VARIANTS[variant]
-        if filename not in manifest.get("artifacts", {}):
-            raise UserError(f"{model_dir} has no {variant} model ({filename}); export it with "
-                            f"`tlserve export RUN --{variant}`" if variant != "fp32" else f"{model_dir} has no ONNX model")
+        manifest = manifest or Manifest.load(model_dir)
+        fmt = formats.by_variant(variant)
+        formats.require(manifest, fmt)
         if verify:
-            verify_artifacts(model_dir, manifest, [filename])
-        session, provider = make_session(model_dir / filename, device=device, threads=threads, spin=spin)
+            verify_artifacts(model_dir, manifest, [fmt.file])
+        session, provider = make_session(model_dir / fmt.file, device=device, threads=threads, spin=spin)
         return cls(manifest, session, provider, variant)
 
     @property
     def class_names(self) -> list[str]:
-        return self.manifest["class_names"]
+        return self.manifest.class_names
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        shape = self.manifest["input"]["shape"]
-        return int(shape[1]), int(shape[2])
+        return self.manifest.input.hw
 
     @property
     def interpolation(self) -> str:
-        return self.manifest["input"].get("interpolation", "bilinear")
+        return self.manifest.input.interpolation
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, H, W, 3) pixels 0..255 → (N, classes) probabilities."""
@@ -147,4 +173,4 @@ class OnnxClassifier:
             raise UserError(f"expected images of shape (N, {h}, {w}, 3), got {tuple(batch.shape)}")
         if batch.dtype != np.float32:
             batch = batch.astype(np.float32)
-        return self.session.run(None, {self.manifest["input"]["name"]: batch})[0]
+        return self.session.run(None, {self.manifest.input.name: batch})[0]

@@ -101,15 +101,15 @@ class ImageClassifier:
         manifest = self.model.manifest
         GUARD_STATE.input_hw = (h, w)
         GUARD_STATE.metadata = {
-            "name": manifest["name"], "version": manifest["version"], "class_names": manifest["class_names"],
-            "input": manifest["input"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
-            "tta": manifest.get("tta", "none"), "test_accuracy": manifest["test_accuracy"], "runtime": "onnxruntime",
+            "name": manifest.name, "version": manifest.version, "class_names": manifest.class_names,
+            "input": manifest.input.to_dict(), "backbone": manifest.backbone, "strategy": manifest.strategy,
+            "tta": manifest.tta, "test_accuracy": manifest.test_accuracy, "runtime": "onnxruntime",
             "variant": self.model.variant, "provider": self.model.provider, "max_batch_size": SETTINGS.max_batch,
             "max_latency_ms": SETTINGS.max_latency_ms, "ort_spin": SETTINGS.ort_spin, "lone_session": self._lone is not None,
             # The default abstention threshold (TLSERVE_MIN_CONFIDENCE; a request's min_confidence overrides it)
             # and the temperature baked into the model at training, so a client knows what the numbers mean.
             "min_confidence": SETTINGS.min_confidence,
-            "temperature": (manifest.get("calibration") or {}).get("temperature"),
+            "temperature": manifest.temperature,
             # What a client can meet before the model: each is a 4xx with a JSON reason.
             "limits": {"files_per_request": MAX_BATCH_FILES, "fields": ["image", "images", *sorted(OPTIONAL_FIELDS)],
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels_per_image": SETTINGS.max_pixels,

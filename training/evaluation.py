@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving import images, storage
+from serving import formats, images, storage
 from serving.errors import UserError
-from serving.manifest import VARIANTS, load_manifest
+from serving.manifest import Manifest, ModelFolder
 from training import data as datasets, metrics, progress
 
 # onnxruntime runs at this batch size: at 32 and above its images/s on this CPU levels off.
@@ -34,7 +34,7 @@ DECODE_THREADS = 8
 # /predict_batch takes at most serving.guard.MAX_BATCH_FILES uploads per request.
 HTTP_BATCH = 64
 MISTAKES = 24
-RUNTIMES = ("onnx", "savedmodel", "keras")
+RUNTIMES = formats.BASE_RUNTIMES  # onnx takes --variants, the others ignore it
 
 Log = Callable[[str], None]
 
@@ -154,36 +154,33 @@ class Variant:
     provider: str
 
 
-def parse_variants(spec: str, manifest: dict[str, Any]) -> list[str]:
-    have = [v for v, f in VARIANTS.items() if f in manifest.get("artifacts", {})]
+def parse_variants(spec: str, manifest: Manifest) -> list[str]:
+    have = [f.variant for f in formats.ONNX if f.present(manifest)]
     if spec.strip() == "all":
         return have
     wanted = [v.strip() for v in spec.split(",") if v.strip()]
     for v in wanted:
-        if v not in VARIANTS:
-            raise UserError(f"unknown variant '{v}'; choose from {', '.join(VARIANTS)} or all")
+        if v not in formats.BY_VARIANT:
+            raise UserError(f"unknown variant '{v}'; choose from {', '.join(formats.BY_VARIANT)} or all")
     if not wanted:
         raise UserError("--variants names no variant")
     return list(dict.fromkeys(wanted))
 
 
-def load_variants(model_dir: Path, manifest: dict[str, Any], runtime: str, spec: str) -> list[Variant]:
-    """Every requested runtime/variant loaded (and sha256-checked) before any image is read, so a
-    missing variant fails at once."""
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+def load_variants(model_dir: Path, manifest: Manifest, runtime: str, spec: str) -> list[Variant]:
+    """Every requested runtime/variant loaded (and sha256-checked, by training.runtimes.load) before any
+    image is read, so a missing variant fails at once."""
+    from training.runtimes import load  # noqa: PLC0415 (TensorFlow, for the TensorFlow rows only)
+
+    formats.check_runtime(runtime, RUNTIMES)
     if runtime != "onnx":
-        from training.runtimes import predictor  # noqa: PLC0415 (TensorFlow)
-
-        return [Variant(runtime, predictor(model_dir, runtime), "tensorflow")]
-    from serving.runtime import OnnxClassifier  # noqa: PLC0415
-
+        return [Variant(runtime, load(model_dir, runtime, manifest=manifest).predict, "tensorflow")]
     out = []
     for v in parse_variants(spec, manifest):
         # Idle onnxruntime threads park instead of spinning: the decode threads need those cores
         # between calls (CIFAR-10 JPEGs, tiny CNN, 2 busy cores: 890 images/s against 701 spinning).
-        model = OnnxClassifier.load(model_dir, variant=v, spin="never")
-        out.append(Variant(v, model.predict, model.provider))
+        loaded = load(model_dir, formats.by_variant(v).runtime, manifest=manifest, spin="never")
+        out.append(Variant(v, loaded.predict, loaded.provider))
     return out
 
 
@@ -244,7 +241,7 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def server_metadata(url: str, manifest: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+def server_metadata(url: str, manifest: Manifest, timeout: float = 10.0) -> dict[str, Any]:
     """The service's /metadata, refused unless it serves this very model (same name, version, classes)."""
     import httpx  # noqa: PLC0415
 
@@ -256,9 +253,9 @@ def server_metadata(url: str, manifest: dict[str, Any], timeout: float = 10.0) -
     if not isinstance(meta, dict) or "class_names" not in meta:
         raise UserError(f"--url {url}: not a tlserve service (no model metadata at /metadata)")
     if (meta.get("name"), meta.get("version"), meta.get("class_names")) != \
-            (manifest["name"], manifest["version"], manifest["class_names"]):
+            (manifest.name, manifest.version, manifest.class_names):
         raise UserError(f"--url {url} serves {meta.get('name')}:{meta.get('version')}, not "
-                        f"{manifest['name']}:{manifest['version']}; evaluate the model it serves")
+                        f"{manifest.name}:{manifest.version}; evaluate the model it serves")
     return meta
 
 
@@ -353,11 +350,9 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     from serving import machine  # noqa: PLC0415
 
     model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    class_names = manifest["class_names"]
-    shape = manifest["input"]["shape"]
-    hw = (int(shape[1]), int(shape[2]))
-    interpolation = manifest["input"].get("interpolation", images.DEFAULT_INTERPOLATION)
+    manifest = Manifest.load(model_dir)
+    class_names = manifest.class_names
+    hw, interpolation = manifest.input.hw, manifest.input.interpolation
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     final = _out_dir(model_dir, opts.out)
@@ -378,7 +373,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     y = data.labels[scored.kept]
     n = int(scored.kept.sum())
     result: dict[str, Any] = {
-        "schema": 1, "kind": "eval", "model": manifest["name"], "version": manifest["version"],
+        "schema": 1, "kind": "eval", "model": manifest.name, "version": manifest.version,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": {"spec": opts.data, "split": opts.split, "seed": opts.seed, "source": data.source,
                  "images": len(data), "scored": n,
@@ -413,7 +408,7 @@ def _out_dir(model_dir: Path, out: Path | None) -> Path:
         if out.exists():
             raise UserError(f"--out {out} already exists; give a new folder")
         return out
-    base = model_dir / "eval" / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    base = ModelFolder(model_dir).eval_dir / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     final, k = base, 1
     while final.exists():  # two evals in the same second
         k += 1

@@ -281,25 +281,25 @@ def resolve_run(ref: str, runs_dir: Path | None = None, models_dir: Path | None 
     run_path = records.resolve_run_dir(ref, runs_dir)
     if (run_path / records.RECORD).is_file() or (Path(ref) / records.RECORD).is_file():
         return records.load_run(ref, runs_dir)
-    from serving.manifest import MANIFEST, load_manifest, resolve_model  # noqa: PLC0415
+    from serving.manifest import Manifest, ModelFolder, resolve_model  # noqa: PLC0415
 
-    if not (Path(ref) / MANIFEST).is_file() and not (storage.models_dir(models_dir) / ref / MANIFEST).is_file():
+    if not ModelFolder(Path(ref)).is_export() and not ModelFolder(storage.models_dir(models_dir) / ref).is_export():
         if run_path.is_dir():
             return records.load_run(ref, runs_dir)  # an unfinished run: load_run says so
         known = [r.name for r in records.list_runs(runs_dir)] + _model_names(models_dir)
         raise UserError(f"no run or exported model named '{ref}' (looked in {storage.runs_dir(runs_dir)} and "
                         f"{storage.models_dir(models_dir)}){nearest(ref, known)}")
     model_dir = resolve_model(ref, models_dir)
-    manifest = load_manifest(model_dir)
-    for candidate in (manifest.get("run_path"), manifest.get("run")):
+    manifest = Manifest.load(model_dir)
+    for candidate in (manifest.run_path, manifest.run):
         if candidate and (records.resolve_run_dir(candidate, runs_dir) / records.RECORD).is_file():
             run = records.load_run(candidate, runs_dir)
-            if run.record["data"]["class_names"] != manifest["class_names"]:
+            if run.record["data"]["class_names"] != manifest.class_names:
                 raise UserError(f"run '{run.name}' no longer has the classes model '{ref}' was exported with "
                                 "(retrained since?); explain the run itself")
             return run
-    raise UserError(f"model '{ref}' was exported from run '{manifest.get('run')}', which is not at "
-                    f"{manifest.get('run_path')} nor in {storage.runs_dir(runs_dir)}; Grad-CAM needs the run's "
+    raise UserError(f"model '{ref}' was exported from run '{manifest.run}', which is not at "
+                    f"{manifest.run_path} nor in {storage.runs_dir(runs_dir)}; Grad-CAM needs the run's "
                     f"{records.MODEL} (pass --runs-dir)")
 
 

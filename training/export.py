@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving import machine, storage
+from serving import formats as table, machine, storage
 from serving.errors import UserError
-from serving.manifest import MANIFEST, VARIANTS, artifact_digest, tree_bytes
+from serving.manifest import Artifact, ExportFacts, Gate, InputSpec, Manifest, artifact_digest, tree_bytes
 from training import env, progress, records
 from training.config import DataConfig
 
-FORMATS = ("savedmodel", "onnx")
+FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
 PARITY_TOLERANCE = 1e-4
 DEFAULT_OPSET = 17
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ class _Check:
     calib_x: np.ndarray
     class_names: list[str] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)  # variants the accuracy gate did not keep
+    rejected: dict[str, Artifact] = field(default_factory=dict)  # variants the accuracy gate did not keep
 
     @property
     def spread(self) -> float:
@@ -87,7 +87,7 @@ def parse_formats(spec: str) -> tuple[str, ...]:
 
 
 def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, models_dir: Path | None = None,
-           log: Log = print) -> tuple[Path, dict[str, Any]]:
+           log: Log = print) -> tuple[Path, Manifest]:
     run = records.load_run(run_ref, runs_dir)
     if not run.model_path.is_file():
         raise UserError(f"run '{run.name}' has no {records.MODEL}")
@@ -120,13 +120,14 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     for stale in storage.remove_stale_staging(final.parent, name):
         log(f"removed {stale.name}: left by an export that was killed")
     with storage.staged_dir(final, overwrite=opts.overwrite) as staging:
-        artifacts: dict[str, dict[str, Any]] = {}
+        artifacts: dict[str, Artifact] = {}
         if "savedmodel" in opts.formats:
-            artifacts["saved_model"] = _export_savedmodel(model, staging / "saved_model", check, log)
+            saved_model = table.BY_RUNTIME["savedmodel"].file
+            artifacts[saved_model] = _export_savedmodel(model, staging / saved_model, check, log)
         if "onnx" in opts.formats:
             artifacts.update(_export_onnx(model, staging, check, opts, log))
         manifest = _manifest(run, name, version, opts, artifacts, check)
-        storage.write_json(staging / MANIFEST, manifest)
+        manifest.save(staging)
         if opts.register:
             _register(name, version, staging, manifest)
             log(f"registered in the BentoML model store as {name}:{version}")
@@ -149,7 +150,9 @@ def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
     return {"max_abs_diff": diff, "top1_agreement": agree}
 
 
-def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> dict[str, Any]:
+def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> Artifact:
+    from training.runtimes import savedmodel_predictor  # noqa: PLC0415
+
     T = env.tf()
     h, w = model.input_shape[1:3]
 
@@ -159,12 +162,13 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> dict[str, 
 
     with progress.step("writing the SavedModel", None):
         T.saved_model.save(model, str(path), signatures={"serving_default": serve})
-        loaded = T.saved_model.load(str(path))
-    probs = loaded.signatures["serving_default"](image=T.constant(check.images))["probabilities"].numpy()
-    parity = _compare(probs, check)
+        # hashed first, then loaded the way training.runtimes.load loads it once the manifest exists
+        digest = artifact_digest(path)
+        predict = savedmodel_predictor(path)
+    parity = _compare(predict(check.images), check)
     _require_parity("SavedModel", parity)
     log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.0%}")
-    return {"sha256": artifact_digest(path), "bytes": tree_bytes(path), **parity}
+    return Artifact(digest, tree_bytes(path), **parity)
 
 
 def _require_parity(what: str, parity: dict[str, Any]) -> None:
@@ -173,7 +177,7 @@ def _require_parity(what: str, parity: dict[str, Any]) -> None:
                         f"{parity['top1_agreement']:.1%}); export refused, nothing written")
 
 
-def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, dict[str, Any]]:
+def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, Artifact]:
     import onnx  # noqa: PLC0415
     import tf2onnx  # noqa: PLC0415
 
@@ -181,7 +185,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
 
     T = env.tf()
     h, w = model.input_shape[1:3]
-    fp32_path = staging / VARIANTS["fp32"]
+    fp32_path = staging / table.BY_VARIANT["fp32"].file
     with progress.step("converting to ONNX", None), env._quiet_stderr_fd():  # tf2onnx logs every rewrite at INFO
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
                                    opset=opts.opset, output_path=str(fp32_path))
@@ -190,48 +194,50 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
     onnx.checker.check_model(proto)
 
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Artifact] = {}
     fp32: dict[str, Any] = {}
-    for variant in ("fp32", "fp16", "int8"):
+    for fmt in table.ONNX:
+        variant, file = fmt.variant, fmt.file
         if variant == "fp16" and not opts.fp16 or variant == "int8" and not opts.int8:
             continue
-        path = staging / VARIANTS[variant]
+        path = staging / file
         if variant == "fp16":
             _to_fp16(fp32_path, path)
         elif variant == "int8":
             quantize_int8(fp32_path, path, check.calib_x)
+        # hashed first, then opened as serving.runtime.load opens it once the manifest exists
+        digest = artifact_digest(path)
         session, _ = make_session(path, device="cpu")
         probs = session.run(None, {"image": check.images})[0]
         parity = _compare(probs, check)
         if variant == "fp32":
             _require_parity("ONNX", parity)
-        scores = _test_scores(session, check, VARIANTS[variant])
-        entry = {"sha256": artifact_digest(path), "bytes": path.stat().st_size, **parity,
-                 "test_accuracy": scores["accuracy"], "test_ece": scores["ece"],
-                 "test_per_class_recall": scores["recall"]}
+        scores = _test_scores(session, check, file)
+        entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=scores["accuracy"],
+                         test_ece=scores["ece"], test_per_class_recall=scores["recall"])
         if variant == "fp32":
             fp32 = scores
         else:
-            entry["accuracy_delta"] = scores["accuracy"] - fp32["accuracy"]
-            entry["gate"] = gate(fp32, scores, opts.max_accuracy_drop, opts.max_class_drop)
+            entry.accuracy_delta = scores["accuracy"] - fp32["accuracy"]
+            entry.gate = gate(fp32, scores, opts.max_accuracy_drop, opts.max_class_drop)
         if variant == "int8":
-            entry["calibration_images"] = int(len(check.calib_x))
-            entry["quantization"] = ("static QDQ, per-channel 7-bit int8 weights, uint8 activations, MinMax "
-                                     "calibration; pixel preprocessing and softmax kept float32")
-        delta = f", accuracy delta {entry['accuracy_delta']:+.4f}" if "accuracy_delta" in entry else ""
-        log(f"{VARIANTS[variant]}: {entry['bytes'] / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
+            entry.calibration_images = int(len(check.calib_x))
+            entry.quantization = ("static QDQ, per-channel 7-bit int8 weights, uint8 activations, MinMax "
+                                  "calibration; pixel preprocessing and softmax kept float32")
+        delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
+        log(f"{file}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
             f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
             f"ECE {scores['ece']:.4f}")
         del session
-        if "gate" in entry and not entry["gate"]["passed"]:
+        if entry.gate is not None and not entry.gate["passed"]:
             # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
             path.unlink()
-            entry["sha256"] = None
-            entry["kept"] = False
-            check.rejected[VARIANTS[variant]] = entry
-            log(f"{VARIANTS[variant]}: not kept: {entry['gate']['reason']}")
+            entry.sha256 = None
+            entry.kept = False
+            check.rejected[file] = entry
+            log(f"{file}: not kept: {entry.gate['reason']}")
             continue
-        out[VARIANTS[variant]] = entry
+        out[file] = entry
     return out
 
 
@@ -343,86 +349,83 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
             leftover.unlink(missing_ok=True)
 
 
-def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Any],
-              check: _Check) -> dict[str, Any]:
+def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Artifact],
+              check: _Check) -> Manifest:
     r = run.record
     h, w = r["data"]["image_size"]
-    return {
-        "schema": 1,
-        "name": name,
-        "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": run.name,
-        "run_path": str(run.path.resolve()),
-        "class_names": r["data"]["class_names"],
-        "input": {"name": "image", "shape": [None, h, w, 3], "dtype": "float32", "range": [0, 255],
-                  "layout": "NHWC", "interpolation": r["data"].get("interpolation", "bilinear")},
-        "output": {"name": "probabilities", "shape": [None, len(r["data"]["class_names"])]},
-        "backbone": r["model"]["backbone"],
-        "strategy": r["model"]["strategy"],
-        "tta": r["config"].get("tta", "none"),  # flip: every image is run twice (it and its mirror)
-        "test_accuracy": r["test"]["accuracy"],
-        "params": r["model"]["total_params"],
-        "export": {"opset": opts.opset if "onnx" in opts.formats else None, "formats": list(opts.formats),
-                   "check_batch": int(len(check.images)), "parity_tolerance": PARITY_TOLERANCE,
-                   # False: every check image gave the same output, so parity says nothing about the function.
-                   "check_informative": check.informative, "check_output_spread": check.spread,
-                   "versions": machine.package_versions(),
-                   # fp16/int8 against fp32 on the run's test split, in accuracy points.
-                   "gate": {"max_accuracy_drop": opts.max_accuracy_drop, "max_class_drop": opts.max_class_drop,
-                            "test_images": int(len(check.test_y)), "rejected": check.rejected}},
-        # The temperature baked into the model at training (training.calibration); each artifact's
-        # test_ece is that variant's own ECE on the test split.
-        "calibration": r.get("calibration"),
-        "artifacts": artifacts,
-        "bentoml_tag": f"{name}:{version}" if opts.register else None,
-    }
+    class_names = r["data"]["class_names"]
+    return Manifest(
+        schema=1,
+        name=name,
+        version=version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run=run.name,
+        run_path=str(run.path.resolve()),
+        class_names=class_names,
+        input=InputSpec(name="image", shape=[None, h, w, 3], dtype="float32", range=[0, 255], layout="NHWC",
+                        interpolation=r["data"].get("interpolation", "bilinear")),
+        output={"name": "probabilities", "shape": [None, len(class_names)]},
+        backbone=r["model"]["backbone"],
+        strategy=r["model"]["strategy"],
+        tta=r["config"].get("tta", "none"),
+        test_accuracy=r["test"]["accuracy"],
+        params=r["model"]["total_params"],
+        export=ExportFacts(
+            opset=opts.opset if "onnx" in opts.formats else None, formats=list(opts.formats),
+            check_batch=int(len(check.images)), parity_tolerance=PARITY_TOLERANCE,
+            check_informative=check.informative, check_output_spread=check.spread,
+            versions=machine.package_versions(),
+            # fp16/int8 against fp32 on the run's test split, in accuracy points.
+            gate=Gate(max_accuracy_drop=opts.max_accuracy_drop, max_class_drop=opts.max_class_drop,
+                      test_images=int(len(check.test_y)), rejected=check.rejected)),
+        # each artifact's test_ece is that variant's own ECE on the test split
+        calibration=r.get("calibration"),
+        artifacts=artifacts,
+        bentoml_tag=f"{name}:{version}" if opts.register else None,
+    )
 
 
-def _register(name: str, version: str, folder: Path, manifest: dict[str, Any]) -> None:
+def _register(name: str, version: str, folder: Path, manifest: Manifest) -> None:
     import bentoml  # noqa: PLC0415
 
-    metadata = {"run": manifest["run"], "backbone": manifest["backbone"], "strategy": manifest["strategy"],
-                "test_accuracy": float(manifest["test_accuracy"]), "classes": len(manifest["class_names"])}
+    metadata = {"run": manifest.run, "backbone": manifest.backbone, "strategy": manifest.strategy,
+                "test_accuracy": float(manifest.test_accuracy), "classes": manifest.num_classes}
     with bentoml.models.create(bentoml.Tag(name, version), labels={"tool": "tlserve"}, metadata=metadata) as ref:
         shutil.copytree(folder, ref.path, dirs_exist_ok=True)
 
 
 def list_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
     """Exported models in models/ and, for those not there, in the BentoML model store."""
-    from serving.manifest import list_local, load_manifest  # noqa: PLC0415
+    from serving.manifest import ModelFolder, local_folders  # noqa: PLC0415
 
     rows = []
     seen = set()
-    root = storage.models_dir(models_dir)
-    for name in list_local(models_dir):
-        manifest = load_manifest(root / name)
-        rows.append(_row(manifest, str(root / name)))
-        seen.add(manifest.get("bentoml_tag"))
+    for folder in local_folders(models_dir):
+        manifest = folder.manifest()
+        rows.append(_row(manifest, str(folder.path)))
+        seen.add(manifest.bentoml_tag)
     try:
         import bentoml  # noqa: PLC0415
 
         for model in bentoml.models.list():
-            path = Path(model.path)
-            if str(model.tag) in seen or not (path / MANIFEST).is_file():
+            folder = ModelFolder(Path(model.path))
+            if str(model.tag) in seen or not folder.is_export():
                 continue
-            rows.append(_row(load_manifest(path), f"bentoml:{model.tag}"))
+            rows.append(_row(folder.manifest(), f"bentoml:{model.tag}"))
     except ImportError:
         pass
     return rows
 
 
-def _variants(artifacts: dict[str, Any]) -> str:
+def _variants(manifest: Manifest) -> str:
     """'savedmodel,fp32,int8': what a model folder can be served or benchmarked as, in a few letters."""
-    from serving.manifest import VARIANTS  # noqa: PLC0415
-
-    names = ["savedmodel"] if "saved_model" in artifacts else []
-    return ",".join(names + [v for v, file in VARIANTS.items() if file in artifacts])
+    return ",".join(f.variant or f.runtime for f in table.FORMATS if f.in_export and f.present(manifest))
 
 
-def _row(manifest: dict[str, Any], where: str) -> dict[str, Any]:
-    artifacts = manifest.get("artifacts", {})
-    return {"name": manifest["name"], "version": manifest["version"], "backbone": manifest["backbone"],
-            "strategy": manifest["strategy"], "test_accuracy": manifest["test_accuracy"],
-            "onnx_mb": round(artifacts.get("model.onnx", {}).get("bytes", 0) / 1e6, 2),
-            "formats": ",".join(sorted(artifacts)), "variants": _variants(artifacts), "bentoml_tag": manifest.get("bentoml_tag"), "where": where}
+def _row(manifest: Manifest, where: str) -> dict[str, Any]:
+    fp32 = manifest.artifacts.get(table.BY_VARIANT["fp32"].file)
+    return {"name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
+            "strategy": manifest.strategy, "test_accuracy": manifest.test_accuracy,
+            "onnx_mb": round((fp32.bytes if fp32 else 0) / 1e6, 2),
+            "formats": ",".join(sorted(manifest.artifacts)), "variants": _variants(manifest),
+            "bentoml_tag": manifest.bentoml_tag, "where": where}

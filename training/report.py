@@ -9,19 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from serving import storage
+from serving import formats, storage
 from serving.errors import UserError
+from serving.manifest import Manifest, ModelFolder, local_folders
 from training import plots, records
 
 SERVE_RUNTIME = "onnx"
-# eval's variant names -> bench's runtime names
-VARIANT_RUNTIMES = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}
 
 
 @dataclass
 class Entry:
     record: dict[str, Any]
-    manifest: dict[str, Any] | None
+    manifest: Manifest | None
     bench: dict[str, Any] | None  # latest in-process bench of its export
     evaluation: dict[str, Any] | None = None  # latest `tlserve eval` of that export (its metrics.json)
 
@@ -44,27 +43,22 @@ def gather(run_refs: list[str], runs_dir: Path | None, models_dir: Path | None) 
     return [Entry(run.record, *exports.get(run.name, (None, None, None))) for run in runs]
 
 
-Export = tuple[dict[str, Any], Optional[dict[str, Any]], Optional[dict[str, Any]]]
+Export = tuple[Manifest, Optional[dict[str, Any]], Optional[dict[str, Any]]]
 
 
 def _exports(models_dir: Path | None) -> dict[str, Export]:
     """run name → (manifest, latest in-process bench, latest eval) of its export (the newest
     benchmarked one, if any)."""
-    root = storage.models_dir(models_dir)
     found: dict[str, Export] = {}
-    if not root.is_dir():
-        return found
-    for folder in sorted(root.iterdir()):
-        if folder.name.startswith(".") or not (folder / "manifest.json").is_file():
-            continue
-        manifest = storage.read_json(folder / "manifest.json")
-        benches = sorted((folder / "bench").glob("inprocess-*.json")) if (folder / "bench").is_dir() else []
+    for folder in local_folders(models_dir):
+        manifest = folder.manifest()
+        benches = folder.bench_results("inprocess")
         bench = storage.read_json(benches[-1]) if benches else None
-        previous = found.get(manifest["run"])
+        previous = found.get(manifest.run)
         # A benchmarked export beats an unbenchmarked one; then the newest wins.
-        rank = (bench is not None, manifest["created_at"])
-        if previous is None or rank > (previous[1] is not None, previous[0]["created_at"]):
-            found[manifest["run"]] = (manifest, bench, latest_eval(folder))
+        rank = (bench is not None, manifest.created_at)
+        if previous is None or rank > (previous[1] is not None, previous[0].created_at):
+            found[manifest.run] = (manifest, bench, latest_eval(folder.path))
     return found
 
 
@@ -72,7 +66,7 @@ def latest_eval(model_dir: Path) -> dict[str, Any] | None:
     """The newest in-process `tlserve eval` stored under the model folder (an HTTP eval measures the
     service, not the variants), or None."""
     stored = []
-    for path in (model_dir / "eval").glob("*/metrics.json") if (model_dir / "eval").is_dir() else []:
+    for path in ModelFolder(Path(model_dir)).eval_results():
         try:
             result = storage.read_json(path)
         except (OSError, ValueError):
@@ -164,10 +158,10 @@ def _write(entries: list[Entry], folder: Path) -> None:
     doc.heading("Deployment: size and latency beside accuracy")
     rows = []
     for e in entries:
-        a = (e.manifest or {}).get("artifacts", {})
-        fp32, int8 = a.get("model.onnx", {}), a.get("model.int8.onnx", {})
-        rows.append([e.name, e.record["test"]["accuracy"], fp32["bytes"] / 1e6 if fp32 else None,
-                     int8["bytes"] / 1e6 if int8 else None, int8.get("accuracy_delta"),
+        a = e.manifest.artifacts if e.manifest else {}
+        fp32, int8 = a.get(formats.BY_VARIANT["fp32"].file), a.get(formats.BY_VARIANT["int8"].file)
+        rows.append([e.name, e.record["test"]["accuracy"], fp32.bytes / 1e6 if fp32 else None,
+                     int8.bytes / 1e6 if int8 else None, int8.accuracy_delta if int8 else None,
                      e.latency("keras"), e.latency("onnx"), e.latency("onnx-int8"), e.latency("onnx", 32)])
     doc.table(["run", "test accuracy", "onnx MB", "int8 MB", "int8 accuracy delta", "keras p50 ms (b1)",
                "onnx p50 ms (b1)", "int8 p50 ms (b1)", "onnx p50 ms (b32)"], rows)
@@ -183,7 +177,8 @@ def _write(entries: list[Entry], folder: Path) -> None:
     for e in entries:
         ev = e.evaluation
         for variant, m in (ev or {}).get("variants", {}).items():
-            runtime = VARIANT_RUNTIMES.get(variant, variant)
+            # eval names ONNX rows by variant (fp32), bench by runtime (onnx)
+            runtime = formats.BY_VARIANT[variant].runtime if variant in formats.BY_VARIANT else variant
             rows.append([e.name, variant, ev["data"]["source"], m["images"], m["accuracy"], m["macro_f1"], m["ece"],
                          e.latency(runtime), e.latency(runtime, 32), m.get("model_images_per_sec")])
     if rows:
