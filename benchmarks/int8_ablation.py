@@ -55,8 +55,8 @@ def predictions(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def ablate(model_dir: Path, rounds: int, test_limit: int) -> dict[str, object]:
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    record = json.loads((Path(manifest["run_path"]) / records.RECORD).read_text())
-    data = load_dataset(DataConfig(**record["config"]["data"]))
+    record = records.RunRecord.load(Path(manifest["run_path"]) / records.RECORD)
+    data = load_dataset(DataConfig(**record.config["data"]))
     calib = data.train.x[:manifest["artifacts"].get("model.int8.onnx", {}).get("calibration_images", 256)]
     calib = calib.astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

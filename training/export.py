@@ -136,11 +136,11 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
 def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
     from training.data import load_dataset  # noqa: PLC0415
 
-    data = load_dataset(DataConfig(**run.record["config"]["data"]))
+    data = load_dataset(DataConfig(**run.record.config["data"]))
     images = data.test.x[: opts.check_images].astype(np.float32)
     keras_probs = model.predict(images, verbose=0)
     calib = data.train.x[: opts.calibration_images].astype(np.float32)
-    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record["data"]["class_names"]))
+    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record.data.class_names))
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
@@ -345,7 +345,7 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
 
 def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Any],
               check: _Check) -> dict[str, Any]:
-    r = run.record
+    r = run.record.to_dict()  # the manifest copies the record.json shape
     h, w = r["data"]["image_size"]
     return {
         "schema": 1,
