@@ -22,7 +22,7 @@ import io
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from serving import storage
 from serving.errors import UserError
@@ -40,9 +40,9 @@ TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test
 
 # ---- the schema ------------------------------------------------------------------------------
 
-def _section(cls: type, *, optional: bool = False) -> Any:
-    """A field holding a nested section (a dict in the JSON)."""
-    return field(default=None, metadata={"section": cls, "optional": optional})
+def _section(cls: type) -> Any:
+    """A field holding a nested section (a dict in the JSON; None where an older file lacks it)."""
+    return field(default=None, metadata={"section": cls})
 
 
 def _optional() -> Any:
@@ -64,7 +64,7 @@ class _Section:
         return [f for f in dataclasses.fields(cls) if f.name not in cls._BOOKKEEPING]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]):
+    def from_dict(cls, d: dict[str, Any]) -> Self:
         if not isinstance(d, dict):
             raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
         values: dict[str, Any] = {}
