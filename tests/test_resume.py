@@ -49,9 +49,9 @@ def _assert_same_run(reference: Path, resumed: Path, point: str) -> None:
     assert [h["val_loss"] for h in got.history] == [h["val_loss"] for h in ref.history], point
     for a, b in zip(_weights(reference), _weights(resumed), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=f"killed at {point}")
-    assert got["test"]["accuracy"] == ref["test"]["accuracy"], point
-    assert got["model"]["trainable_params"] == ref["model"]["trainable_params"], point
-    assert got["training"]["resumed"] is True
+    assert got.test.accuracy == ref.test.accuracy, point
+    assert got.model.trainable_params == ref.model.trainable_params, point
+    assert got.training.resumed is True
 
 
 def test_scratch_run_with_dropout_and_augmentation_resumes_exactly(tlserve_bin, tmp_path):
