@@ -48,7 +48,7 @@ RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/ep
                "epochs_to_target": "to target", "macro_f1": "macro F1"}
 
 
-def _runs_table(title: str, records: list[dict]) -> Table:
+def _runs_table(title: str, records: list) -> Table:
     from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
 
     rows = [[_fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
@@ -155,7 +155,7 @@ def _show_run(run, json_out: bool) -> None:
     if json_out:
         import json  # noqa: PLC0415
 
-        print(json.dumps(run.record, indent=2))
+        print(json.dumps(run.record.to_dict(), indent=2))
         return
     _print_record(run)
 
@@ -165,27 +165,26 @@ def _print_record(run) -> None:
 
     r = run.record
     row = table_row(r)
-    table = Table(title=f"run {r['name']}", show_header=False)
+    table = Table(title=f"run {r.name}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    m = r["model"]
+    m, t = r.model, r.test
     facts = {
-        "data": f"{r['data']['source']}, {r['data']['num_classes']} classes, splits {r['data']['splits']}",
-        "model": f"{m['backbone']} / {m['strategy']}, input {m['input_shape'][0]}x{m['input_shape'][1]} -> {m['input_size']}, "
-                 f"{m['layers']} layers (depth {m['depth']})",
-        "params": f"total {m['total_params']:,}  trainable {m['trainable_params']:,}  non-trainable {m['non_trainable_params']:,}",
+        "data": f"{r.data.source}, {r.data.num_classes} classes, splits {r.data.splits}",
+        "model": f"{m.backbone} / {m.strategy}, input {m.input_shape[0]}x{m.input_shape[1]} -> {m.input_size}, "
+                 f"{m.layers} layers (depth {m.depth})",
+        "params": f"total {m.total_params:,}  trainable {m.trainable_params:,}  non-trainable {m.non_trainable_params:,}",
         "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
-        "epochs_to_target": f"{row['epochs_to_target']} (target {r['target']})",
-        "test": f"accuracy {r['test']['accuracy']:.4f}  loss {r['test']['loss']:.4f}"
-                + (f"  macro F1 {r['test']['macro_f1']:.4f}" if r["test"].get("macro_f1") is not None else ""),
+        "epochs_to_target": f"{row['epochs_to_target']} (target {r.target})",
+        "test": f"accuracy {t.accuracy:.4f}  loss {t.loss:.4f}" + (f"  macro F1 {t.macro_f1:.4f}" if t.macro_f1 is not None else ""),
         "record": str(run.path / "record.json"),
     }
-    cal = r.get("calibration") or {}
-    if cal.get("temperature") is not None:
-        facts["calibration"] = (f"temperature {cal['temperature']:.3f}; test ECE {cal['test_ece_before']:.4f} -> "
-                                f"{cal['test_ece_after']:.4f} (val {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f})")
-    elif cal.get("skipped"):
-        facts["calibration"] = f"skipped: {cal['skipped']}"
+    cal = r.calibration
+    if cal is not None and cal.temperature is not None:
+        facts["calibration"] = (f"temperature {cal.temperature:.3f}; test ECE {cal.test_ece_before:.4f} -> "
+                                f"{cal.test_ece_after:.4f} (val {cal.val_ece_before:.4f} -> {cal.val_ece_after:.4f})")
+    elif cal is not None and cal.skipped:
+        facts["calibration"] = f"skipped: {cal.skipped}"
     for key, value in facts.items():
         table.add_row(key, value)
     console.print(table)

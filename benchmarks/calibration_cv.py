@@ -10,7 +10,6 @@ errors), beside the test log-loss before and after T.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,18 +22,19 @@ from training import calibration, metrics  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.models import load_model  # noqa: E402
+from training.records import RECORD, RunRecord  # noqa: E402
 
 
 def main(paths: list[str]) -> None:
     print("| run | val images | T | test NLL before -> after | cross-check |")
     print("|---|---:|---:|---|---|")
     for run in map(Path, paths):
-        record = json.loads((run / "record.json").read_text())
-        t = record.get("calibration", {}).get("temperature")
+        record = RunRecord.load(run / RECORD)
+        t = record.calibration.temperature if record.calibration is not None else None
         if t is None:
             print(f"| {run.name} | | | | no temperature baked in |")
             continue
-        data = load_dataset(DataConfig(**record["config"]["data"]))
+        data = load_dataset(DataConfig(**record.config["data"]))
         model = load_model(run / "model.keras")
         raw_val = metrics.apply_temperature(model.predict(data.val.x.astype(np.float32), verbose=0), 1 / t)
         raw_test = metrics.apply_temperature(model.predict(data.test.x.astype(np.float32), verbose=0), 1 / t)

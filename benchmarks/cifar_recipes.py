@@ -10,7 +10,6 @@ Runs land in benchmarks/.work/runs (TLSERVE_HOME).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml  # noqa: E402
 from serving.machine import cpu_flags, package_versions  # noqa: E402
 from training import env  # noqa: E402
 from training.accel import BF16_FLAGS  # noqa: E402
+from training.records import RECORD, RunRecord  # noqa: E402
 
 RECIPE_DIR = ROOT / "recipes"
 # bfloat16 where the CPU computes it (AVX512-BF16, AMX); emulated elsewhere and many times slower than float32.
@@ -51,16 +51,16 @@ def recipe_args(recipe: str) -> list[str]:
     return ["--config", str(path), *(["--precision", _PRECISION] if "precision" in options else [])]
 
 
-def run(name: str, args: list[str], retrain: bool) -> dict:
-    record_path = Path(os.environ["TLSERVE_HOME"]) / "runs" / name / "record.json"
+def run(name: str, args: list[str], retrain: bool) -> RunRecord:
+    record_path = Path(os.environ["TLSERVE_HOME"]) / "runs" / name / RECORD
     if record_path.is_file() and not retrain:
-        return json.loads(record_path.read_text())
+        return RunRecord.load(record_path)
     try:
         cli.main(["train", *args, "--name", name, "--overwrite"])
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise SystemExit(f"training {name} failed ({exc.code})") from None
-    return json.loads(record_path.read_text())
+    return RunRecord.load(record_path)
 
 
 def main() -> None:
@@ -80,10 +80,10 @@ def main() -> None:
         extra = (["--epochs", str(args.epochs)] if args.epochs else []) + (["--limit", str(args.limit)] if args.limit else [])
         suffix = (f"-e{args.epochs}" if args.epochs else "") + (f"-l{args.limit}" if args.limit else "")
         record = run(f"cifar-{recipe}{suffix}", [*recipe_args(recipe), "--data", args.data, *extra], args.retrain)
-        acc, target = record["test"]["accuracy"], recipe_file(recipe)[1]["target"]
-        rows.append((recipe, record["config"]["cnn_layers"], record["epochs"], record["data"]["splits"]["train"],
-                     record["total_time_sec"], record["avg_epoch_time_sec"], acc, target, RECIPES[recipe],
-                     record["environment"]["precision"]))
+        acc, target = record.test.accuracy, recipe_file(recipe)[1]["target"]
+        rows.append((recipe, record.config["cnn_layers"], record.epochs, record.data.splits["train"],
+                     record.total_time_sec, record.avg_epoch_time_sec, acc, target, RECIPES[recipe],
+                     record.environment.precision))
     machine = env.machine_facts()
     print(f"\nCIFAR-10 from scratch on {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
           f"TensorFlow {package_versions().get('tensorflow')}")

@@ -23,6 +23,7 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 from serving import storage  # noqa: E402
 from training import metrics  # noqa: E402
+from training.records import RECORD, RunRecord  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 
@@ -46,10 +47,10 @@ def main() -> None:
             name = f"cw-{mode}-s{seed}"
             subprocess.run([str(tlserve), "train", *recipe, "--seed", str(seed), "--class-weight", mode,
                             "--name", name, "--overwrite", "--json"], check=True, stdout=subprocess.DEVNULL)
-            record = storage.read_json(storage.runs_dir() / name / "record.json")
-            names = record["data"]["class_names"]
-            summary = metrics.summary(np.array(record["test"]["confusion_matrix"]), names)
-            counts = record["data"]["train_class_counts"]
+            record = RunRecord.load(storage.runs_dir() / name / RECORD)
+            names = record.data.class_names
+            summary = metrics.summary(np.array(record.test.confusion_matrix), names)
+            counts = record.data.train_class_counts
             small = min(counts, key=counts.get)
             scores[mode].append(summary["macro_f1"])
             print(f"| {seed} | {mode} | {summary['accuracy']:.4f} | {summary['macro_f1']:.4f} | "

@@ -13,7 +13,6 @@ under `tlserve bench`), so this compares the recipes; quote `tlserve bench` for 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -56,8 +55,8 @@ def predictions(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def ablate(model_dir: Path, rounds: int, test_limit: int) -> dict[str, object]:
     manifest = Manifest.load(model_dir)
-    record = json.loads((Path(manifest.run_path) / records.RECORD).read_text())
-    data = load_dataset(DataConfig(**record["config"]["data"]))
+    record = records.RunRecord.load(Path(manifest.run_path) / records.RECORD)
+    data = load_dataset(DataConfig(**record.config["data"]))
     int8 = manifest.artifacts.get("model.int8.onnx")
     calib = data.train.x[:int8.calibration_images if int8 and int8.calibration_images else 256]
     calib = calib.astype(np.float32)

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.machine import cpu_model  # noqa: E402
+from training.records import RECORD, RunRecord  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpg"
 
@@ -37,13 +38,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _images_per_second(record: dict) -> tuple[float, int]:
-    rows = record["history"][1:]
-    images = record["data"]["splits"]["train"] * len(rows)
+def _images_per_second(record: RunRecord) -> tuple[float, int]:
+    rows = record.history[1:]
+    images = record.data.splits["train"] * len(rows)
     return images / sum(r["seconds"] for r in rows), images
 
 
-def _run(args: list[str], tf_configs: list[str | None], workdir: Path) -> tuple[dict, float]:
+def _run(args: list[str], tf_configs: list[str | None], workdir: Path) -> tuple[RunRecord, float]:
     tlserve = str(Path(sys.executable).with_name("tlserve"))
     procs = []
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def _run(args: list[str], tf_configs: list[str | None], workdir: Path) -> tuple[
             log.close()
     wall = time.perf_counter() - t0
     runs = Path(args[args.index("--runs-dir") + 1])
-    return json.loads((runs / args[args.index("--name") + 1] / "record.json").read_text()), wall
+    return RunRecord.load(runs / args[args.index("--name") + 1] / RECORD), wall
 
 
 def main() -> None:
@@ -88,11 +89,11 @@ def main() -> None:
     one_rate, images = _images_per_second(one)
     two_rate, _ = _images_per_second(two)
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs")
-    print(f"data: {args.data} --limit {args.limit}: {one['data']['splits']['train']} training images, "
-          f"global batch {one['training']['global_batch_size']} (two workers: "
-          f"{two['training']['cluster']['per_replica_batch_size']} each), epochs 2-{args.epochs} timed ({images} images)")
-    print(f"one worker:  {one_rate:8.1f} images/s  test accuracy {one['test']['accuracy']:.4f}  wall {one_wall:.0f}s")
-    print(f"two workers: {two_rate:8.1f} images/s  test accuracy {two['test']['accuracy']:.4f}  wall {two_wall:.0f}s")
+    print(f"data: {args.data} --limit {args.limit}: {one.data.splits['train']} training images, "
+          f"global batch {one.training.global_batch_size} (two workers: "
+          f"{two.training.cluster['per_replica_batch_size']} each), epochs 2-{args.epochs} timed ({images} images)")
+    print(f"one worker:  {one_rate:8.1f} images/s  test accuracy {one.test.accuracy:.4f}  wall {one_wall:.0f}s")
+    print(f"two workers: {two_rate:8.1f} images/s  test accuracy {two.test.accuracy:.4f}  wall {two_wall:.0f}s")
     print(f"two / one:   {two_rate / one_rate:.2f}x  (one machine: the engine's overhead, not a speed-up)")
     print(f"logs and runs: {workdir}")
 

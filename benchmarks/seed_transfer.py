@@ -34,6 +34,7 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 from serving.machine import cpu_model  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
+from training.records import RunRecord  # noqa: E402
 from training.train import train  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -53,17 +54,17 @@ class Row:
     wall: list[float] = field(default_factory=list)
 
 
-def _run(cfg: TrainConfig) -> tuple[dict, float]:
+def _run(cfg: TrainConfig) -> tuple[RunRecord, float]:
     t0 = time.perf_counter()
     run = train(replace(cfg, overwrite=True, patience=None), log=lambda line: print(f"  {line}", flush=True),
                 progress=False)
     return run.record, time.perf_counter() - t0
 
 
-def _phase(record: dict, phase: str) -> tuple[float, float, int]:
+def _phase(record: RunRecord, phase: str) -> tuple[float, float, int]:
     """(seconds of the phase's epochs plus its cache extraction, steady seconds per epoch, epochs)."""
-    rows = [h for h in record["history"] if h["phase"] == phase]
-    cache = record["training"].get("caches", {}).get(phase, {})
+    rows = [h for h in record.history if h["phase"] == phase]
+    cache = record.training.caches.get(phase, {})
     total = sum(h["seconds"] for h in rows) + cache.get("seconds", 0.0)
     later = rows[1:] or rows  # the first epoch traces the graph
     return total, sum(h["seconds"] for h in later) / len(later), len(rows)
@@ -78,13 +79,13 @@ def seed000(limit: int | None, augment: bool) -> list[Row]:
     record, wall = _run(cfg)
     frozen, ft = Row(f"s000 MobileNetV2@224 frozen 3 ep, {label}", "0.8233 in 1,287 s"), \
         Row(f"s000 then top-30 fine-tune 3 ep, {label}", "0.8521 in 1,529 s")
-    for row, phase, acc in ((frozen, "head", record["test"]["phase1_accuracy"]),
-                            (ft, "finetune", record["test"]["accuracy"])):
+    for row, phase, acc in ((frozen, "head", record.test.phase1_accuracy),
+                            (ft, "finetune", record.test.accuracy)):
         seconds, per_epoch, _ = _phase(record, phase)
         row.accuracies.append(acc)
         row.seconds.append(seconds)
         row.per_epoch.append(per_epoch)
-        row.peak_gb.append(record["training"]["peak_rss_bytes"] / 1e9)
+        row.peak_gb.append(record.training.peak_rss_bytes / 1e9)
         row.wall.append(wall)
     return [frozen, ft]
 
@@ -110,12 +111,12 @@ def seed001(limit: int | None, seeds: int) -> list[Row]:
         for seed in range(seeds):
             name = f"s001-{label.split()[1].lower()}-{cfg.strategy}-seed{seed}"
             record, wall = _run(replace(cfg, seed=seed, data=replace(cfg.data, seed=seed), name=name))
-            seconds = record["total_time_sec"]
-            later = record["history"][1:] or record["history"]
-            row.accuracies.append(record["test"]["accuracy"])
+            seconds = record.total_time_sec
+            later = record.history[1:] or record.history
+            row.accuracies.append(record.test.accuracy)
             row.seconds.append(seconds)
             row.per_epoch.append(sum(h["seconds"] for h in later) / len(later))
-            row.peak_gb.append(record["training"]["peak_rss_bytes"] / 1e9)
+            row.peak_gb.append(record.training.peak_rss_bytes / 1e9)
             row.wall.append(wall)
         rows.append(row)
     return rows
@@ -136,9 +137,9 @@ def seed003(limit: int | None) -> list[Row]:
     rows = []
     for label, figure, cfg in experiments:
         record, wall = _run(cfg)
-        later = record["history"][1:] or record["history"]
-        rows.append(Row(label, figure, [record["test"]["accuracy"]], [record["total_time_sec"]],
-                        [sum(h["seconds"] for h in later) / len(later)], [record["training"]["peak_rss_bytes"] / 1e9],
+        later = record.history[1:] or record.history
+        rows.append(Row(label, figure, [record.test.accuracy], [record.total_time_sec],
+                        [sum(h["seconds"] for h in later) / len(later)], [record.training.peak_rss_bytes / 1e9],
                         [wall]))
     return rows
 

@@ -10,7 +10,6 @@ out of the per-epoch figures (graph tracing); the one-time feature extraction is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,20 +20,21 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
 from serving.machine import cpu_model  # noqa: E402
+from training.records import RECORD, RunRecord  # noqa: E402
 
 
-def train(name: str, args: list[str]) -> dict:
+def train(name: str, args: list[str]) -> RunRecord:
     try:
         cli.main(["train", *args, "--name", name, "--overwrite", "--patience", "0"])
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise SystemExit(f"training {name} failed ({exc.code})") from None
-    return json.loads((Path(os.environ["TLSERVE_HOME"]) / "runs" / name / "record.json").read_text())
+    return RunRecord.load(Path(os.environ["TLSERVE_HOME"]) / "runs" / name / RECORD)
 
 
-def steady(record: dict, phase: str | None = None) -> float:
+def steady(record: RunRecord, phase: str | None = None) -> float:
     """Mean seconds of the epochs after the first of a phase (the first includes tracing)."""
-    rows = [h for h in record["history"] if phase is None or h["phase"] == phase]
+    rows = [h for h in record.history if phase is None or h["phase"] == phase]
     later = rows[1:] or rows
     return sum(h["seconds"] for h in later) / len(later)
 
@@ -52,19 +52,19 @@ def main() -> None:
         frozen = [*common, "--limit", str(limit), "-b", "mobilenetv2", "-s", "frozen", "--input-size", str(size)]
         seed_style = train(f"speed-frozen{size}-seedstyle", [*frozen, "--no-feature-cache"])
         cached = train(f"speed-frozen{size}-cached", frozen)
-        n = seed_style["data"]["splits"]["train"]
+        n = seed_style.data.splits["train"]
         a, b = steady(seed_style), steady(cached)
         rows.append((f"frozen MobileNetV2 @{size}, seed-style loop", n, a, n / a, "", ""))
         rows.append((f"frozen MobileNetV2 @{size}, cached features", n, b, n / b,
-                     f"{cached['training']['extract_seconds']:.1f} s once", f"{a / b:.0f}x"))
+                     f"{cached.training.extract_seconds:.1f} s once", f"{a / b:.0f}x"))
     for backbone in ("cnn", "cnn-bn"):
         r = train(f"speed-{backbone}", [*common, "--limit", str(args.limit), "-b", backbone, "--cnn-layers", "seed002"])
-        n = r["data"]["splits"]["train"]
+        n = r.data.splits["train"]
         rows.append((f"{backbone} (seed002 layers) from scratch @32", n, steady(r), n / steady(r), "", ""))
     ft = train("speed-finetune96", [*common, "--limit", str(args.limit), "-b", "mobilenetv2", "-s", "finetune",
                                     "--input-size", "96", "--epochs", "1", "--finetune-epochs", str(args.epochs),
                                     "--unfreeze", "30"])
-    n = ft["data"]["splits"]["train"]
+    n = ft.data.splits["train"]
     rows.append(("MobileNetV2 @96 fine-tune phase 2 (top 30)", n, steady(ft, "finetune"), n / steady(ft, "finetune"), "", ""))
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; data {args.data}")
     print("| configuration | train images | s / epoch (after the first) | images / s | feature extraction | speed-up |")

@@ -40,7 +40,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|")
     for name in args.runs:
         run = records.load_run(name)
-        cfg = TrainConfig.from_dict(run.record["config"])
+        cfg = TrainConfig.from_dict(run.record.config)
         if cfg.from_run:
             raise SystemExit(f"{name}: a --from-run model is not rebuilt from its config; score its source instead")
         test = datasets.load_dataset(cfg.data).test
@@ -50,7 +50,7 @@ def main() -> None:
             print(f"| {name} | {len(test.y):,} | (trained with --tta flip) | {acc:.4f} | | {seconds:.1f} |")
             continue
         twin = models.build(dataclasses.replace(cfg, tta="flip"),
-                            tuple(run.record["model"]["input_shape"][:2]), len(run.record["data"]["class_names"])).model
+                            tuple(run.record.model.input_shape[:2]), len(run.record.data.class_names)).model
         twin.set_weights(trained.get_weights())  # the TTA layers hold no weights: same order, same values
         plain, t_plain = accuracy(trained, test)
         flipped, t_flip = accuracy(twin, test)

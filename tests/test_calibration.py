@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.records import RunRecord
+
 from conftest import cli_call
 
 TINY = ["--data", "synthetic", "-b", "cnn", "--cnn-layers", "c16,p,c32,p,f,d32", "--epochs", "6", "--limit", "400",
@@ -24,8 +26,8 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-def _record(run: Path) -> dict:
-    return json.loads((run / "record.json").read_text())
+def _record(run: Path) -> RunRecord:
+    return RunRecord.load(run / "record.json")
 
 
 def _probs(run: Path, x: np.ndarray) -> np.ndarray:
@@ -35,15 +37,15 @@ def _probs(run: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_fitted_temperature_lowers_validation_nll_and_is_recorded(runs):
-    cal = _record(runs / "cal")["calibration"]
-    assert cal["temperature"] > 0 and cal["fitted_on"] == "val" and cal["layer"] == "probabilities"
-    assert cal["val_nll_after"] < cal["val_nll_before"]
+    cal = _record(runs / "cal").calibration
+    assert cal.temperature > 0 and cal.fitted_on == "val" and cal.layer == "probabilities"
+    assert cal.val_nll_after < cal.val_nll_before
     # T minimises NLL, not ECE: on 200 validation images ECE need not fall, so it is only recorded.
     for key in ("test_ece_before", "test_ece_after", "val_ece_before", "val_ece_after"):
-        assert 0 <= cal[key] <= 1, key
-    assert cal["test_top1_agreement"] == 1.0
-    raw = _record(runs / "raw")["calibration"]
-    assert raw["temperature"] is None and "--no-calibrate" in raw["skipped"]
+        assert 0 <= getattr(cal, key) <= 1, key
+    assert cal.test_top1_agreement == 1.0
+    raw = _record(runs / "raw").calibration
+    assert raw.temperature is None and "--no-calibrate" in raw.skipped
 
 
 def test_baked_model_serves_apply_temperature_of_the_unbaked_one_with_the_same_argmax(runs):
@@ -52,14 +54,14 @@ def test_baked_model_serves_apply_temperature_of_the_unbaked_one_with_the_same_a
     from training.data import load_dataset
 
     record = _record(runs / "cal")
-    test = load_dataset(DataConfig(**record["config"]["data"])).test
+    test = load_dataset(DataConfig(**record.config["data"])).test
     baked, plain = _probs(runs / "cal", test.x), _probs(runs / "raw", test.x)
-    temperature = record["calibration"]["temperature"]
+    temperature = record.calibration.temperature
     np.testing.assert_allclose(baked, metrics.apply_temperature(plain, temperature), atol=2e-5)
     assert (baked.argmax(1) == plain.argmax(1)).all()
     # The record's test figures are the calibrated model's: same accuracy as the uncalibrated twin.
-    assert record["test"]["accuracy"] == _record(runs / "raw")["test"]["accuracy"]
-    assert record["calibration"]["test_ece_after"] == pytest.approx(metrics.ece(test.y, baked), abs=1e-6)
+    assert record.test.accuracy == _record(runs / "raw").test.accuracy
+    assert record.calibration.test_ece_after == pytest.approx(metrics.ece(test.y, baked), abs=1e-6)
 
 
 @pytest.mark.parametrize("options", [
@@ -99,7 +101,7 @@ def test_manifest_carries_calibration_and_each_variants_ece(runs, tmp_path, run_
                      "--max-accuracy-drop", "100", "--max-class-drop", "100")
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
-    assert manifest["calibration"] == _record(runs / "cal")["calibration"]
+    assert manifest["calibration"] == _record(runs / "cal").calibration.to_dict()
     for file in ("model.onnx", "model.int8.onnx"):
         facts = manifest["artifacts"][file]
         assert 0 <= facts["test_ece"] <= 1 and set(facts["test_per_class_recall"]) == set(manifest["class_names"])

@@ -2,11 +2,12 @@
 name=weight pairs, recorded in the run; the imbalance warning; user mistakes are one line."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from training.records import RunRecord
 
 # A class is kept or dropped whole from the generated set: 48 / 12 / 12 images, 4x imbalance.
 COUNTS = {"circle": 48, "square": 12, "triangle": 12}
@@ -28,8 +29,8 @@ def imbalanced(tmp_path_factory) -> Path:
     return root
 
 
-def _record(runs: Path, name: str) -> dict:
-    return json.loads((runs / name / "record.json").read_text())
+def _record(runs: Path, name: str) -> RunRecord:
+    return RunRecord.load(runs / name / "record.json")
 
 
 def test_balanced_weights_are_recorded_and_the_imbalance_is_warned_about(imbalanced, tmp_path, run_cli):
@@ -38,11 +39,11 @@ def test_balanced_weights_are_recorded_and_the_imbalance_is_warned_about(imbalan
     assert result.code == 0, result.err
     assert "imbalanced training split: 'circle'" in result.out and "--class-weight balanced" in result.out
     record = _record(tmp_path, "bal")
-    counts = record["data"]["train_class_counts"]
+    counts = record.data.train_class_counts
     assert counts["circle"] > 3 * counts["square"]
     total, k = sum(counts.values()), len(counts)
-    assert record["config"]["class_weight"] == "balanced"
-    assert record["training"]["class_weights"] == pytest.approx({c: total / (k * n) for c, n in counts.items()}, rel=1e-5)
+    assert record.config["class_weight"] == "balanced"
+    assert record.training.class_weights == pytest.approx({c: total / (k * n) for c, n in counts.items()}, rel=1e-5)
 
 
 def test_explicit_weights_with_the_feature_cache(imbalanced, tmp_path, run_cli):
@@ -52,8 +53,8 @@ def test_explicit_weights_with_the_feature_cache(imbalanced, tmp_path, run_cli):
                      "--name", "cached", "--runs-dir", tmp_path)
     assert result.code == 0, result.err
     record = _record(tmp_path, "cached")
-    assert record["training"]["feature_cache"] is True
-    assert record["training"]["class_weights"] == {"circle": 1.0, "square": 3.0, "triangle": 2.5}
+    assert record.training.feature_cache is True
+    assert record.training.class_weights == {"circle": 1.0, "square": 3.0, "triangle": 2.5}
 
 
 def test_weights_change_what_is_learned(imbalanced, tmp_path, run_cli):
@@ -61,8 +62,8 @@ def test_weights_change_what_is_learned(imbalanced, tmp_path, run_cli):
         assert run_cli("train", "--data", f"folder:{imbalanced}", *SMALL_CNN, "--class-weight", spec, "--seed", "4",
                        "--name", name, "--runs-dir", tmp_path).code == 0
     plain, heavy = _record(tmp_path, "w-none"), _record(tmp_path, "w-heavy")
-    assert plain["training"]["class_weights"] is None
-    assert heavy["history"][0]["loss"] != pytest.approx(plain["history"][0]["loss"], rel=1e-3)
+    assert plain.training.class_weights is None
+    assert heavy.history[0]["loss"] != pytest.approx(plain.history[0]["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("spec, message", [

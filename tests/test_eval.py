@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from training.records import RunRecord
+
 from conftest import bentoml_server, free_port
 
 CLASSES = ("circle", "square", "ring", "checker")
@@ -146,9 +148,9 @@ def test_eval_savedmodel_and_synthetic_split_default_folder(cnn_model, cnn_run, 
     r = run_cli_module("eval", cnn_model, "--data", "synthetic", "--runtime", "savedmodel", "--json")
     assert r.code == 0, r.err
     result = json.loads(r.out)
-    record = json.loads((cnn_run / "record.json").read_text())
-    assert result["variants"]["savedmodel"]["accuracy"] == pytest.approx(record["test"]["accuracy"])
-    assert result["variants"]["savedmodel"]["macro_f1"] == pytest.approx(record["test"]["macro_f1"])
+    record = RunRecord.load(cnn_run / "record.json")
+    assert result["variants"]["savedmodel"]["accuracy"] == pytest.approx(record.test.accuracy)
+    assert result["variants"]["savedmodel"]["macro_f1"] == pytest.approx(record.test.macro_f1)
     assert Path(result["path"]).parent == cnn_model / "eval"
 
 
@@ -204,17 +206,18 @@ def test_eval_bad_inputs_are_one_line_and_write_nothing(cnn_model, labelled, tmp
 def test_record_has_precision_recall_f1_from_its_confusion_matrix(cnn_run):
     import numpy as np
 
-    t = json.loads((cnn_run / "record.json").read_text())["test"]
-    m = np.array(t["confusion_matrix"])
-    names = json.loads((cnn_run / "record.json").read_text())["data"]["class_names"]
+    record = RunRecord.load(cnn_run / "record.json")
+    t = record.test
+    m = np.array(t.confusion_matrix)
+    names = record.data.class_names
     for i, c in enumerate(names):
         tp, predicted, support = m[i, i], m[:, i].sum(), m[i].sum()
         p = tp / predicted if predicted else 0.0
         r = tp / support if support else 0.0
-        assert t["per_class"][c]["precision"] == pytest.approx(p)
-        assert t["per_class"][c]["recall"] == pytest.approx(r) == pytest.approx(t["per_class_accuracy"][c])
-        assert t["per_class"][c]["support"] == support
-    assert t["macro_f1"] == pytest.approx(np.mean([t["per_class"][c]["f1"] for c in names]))
+        assert t.per_class[c]["precision"] == pytest.approx(p)
+        assert t.per_class[c]["recall"] == pytest.approx(r) == pytest.approx(t.per_class_accuracy[c])
+        assert t.per_class[c]["support"] == support
+    assert t.macro_f1 == pytest.approx(np.mean([t.per_class[c]["f1"] for c in names]))
 
 
 def test_runs_and_compare_show_f1_and_eval_and_still_read_old_records(cnn_run, cnn_model, runs_root, models_root,

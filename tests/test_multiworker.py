@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, free_port
+from training.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 TIMEOUT = 240  # per group of processes; the whole file stays well under that on an idle 2-core machine
@@ -70,8 +71,8 @@ def _tlserve() -> str:
     return str(Path(sys.executable).with_name("tlserve"))
 
 
-def _record(run: Path) -> dict:
-    return json.loads((run / "record.json").read_text())
+def _record(run: Path) -> RunRecord:
+    return RunRecord.load(run / "record.json")
 
 
 def _weights(run: Path) -> list[np.ndarray]:
@@ -104,18 +105,18 @@ def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
     assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]
     assert not _worker_leftovers("two")
     record, reference = _record(runs / "two"), _record(runs / "one")
-    cluster = record["training"]["cluster"]
+    cluster = record.training.cluster
     assert cluster["workers"] == 2 and cluster["task"] == "worker:0" and cluster["chief"] is True
     assert cluster["cluster"]["worker"] == json.loads(configs[0])["cluster"]["worker"]
-    assert cluster["global_batch_size"] == 2 * PER_WORKER_BATCH == record["training"]["global_batch_size"]
+    assert cluster["global_batch_size"] == 2 * PER_WORKER_BATCH == record.training.global_batch_size
     assert cluster["per_replica_batch_size"] == PER_WORKER_BATCH and cluster["replicas"] == 2
-    assert record["environment"]["distribution"] == "multiworker"
-    assert reference["training"]["global_batch_size"] == 2 * PER_WORKER_BATCH and "cluster" not in reference["training"]
-    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
+    assert record.environment.distribution == "multiworker"
+    assert reference.training.global_batch_size == 2 * PER_WORKER_BATCH and reference.training.cluster is None
+    assert [h["epoch"] for h in record.history] == [1, 2, 3]
     # Both learned (10 classes: chance is 0.1) and to the same accuracy within the tolerance.
-    assert record["test"]["accuracy"] > 0.3, record["test"]
-    assert abs(record["test"]["accuracy"] - reference["test"]["accuracy"]) <= ACCURACY_TOLERANCE, \
-        (record["test"]["accuracy"], reference["test"]["accuracy"])
+    assert record.test.accuracy > 0.3, record.test
+    assert abs(record.test.accuracy - reference.test.accuracy) <= ACCURACY_TOLERANCE, \
+        (record.test.accuracy, reference.test.accuracy)
     # The same initial weights and data order: the weights stay close, layer by layer.
     for a, b in zip(_weights(runs / "two"), _weights(runs / "one"), strict=True):
         assert np.linalg.norm(a - b) <= WEIGHT_TOLERANCE * np.linalg.norm(b) + 1e-6
@@ -155,9 +156,9 @@ def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path, run_cl
     assert sorted(p.name for p in runs.iterdir()) == ["lost"]
     assert not _worker_leftovers("lost")
     record = _record(runs / "lost")
-    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]  # every epoch once
-    assert record["training"]["cluster"]["restarted"] is True
-    assert record["test"]["accuracy"] > 0.3
+    assert [h["epoch"] for h in record.history] == [1, 2, 3]  # every epoch once
+    assert record.training.cluster["restarted"] is True
+    assert record.test.accuracy > 0.3
     assert not (runs / "lost" / "backup").exists()
 
 

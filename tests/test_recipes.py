@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from training.records import RunRecord
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"), key=lambda p: ("from-run" in p.read_text(), p.name))
 # What makes any recipe tiny; every other key of the file is used as written.
@@ -17,8 +18,8 @@ TINY = {"data": "synthetic", "limit": "32", "epochs": "1", "finetune-epochs": "1
         "input-size": "32", "image-size": "32", "batch-size": "16", "precision": "float32"}
 
 
-def _record(run: Path) -> dict:
-    return json.loads((run / "record.json").read_text())
+def _record(run: Path) -> RunRecord:
+    return RunRecord.load(run / "record.json")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_recipes_of_each_kind_run_as_written_with_tiny_overrides(run_cli, recipe
     overrides = [a for key, value in TINY.items() for a in (f"--{key}", value)]
     result = run_cli("train", "--config", recipe, *overrides, "--runs-dir", recipe_runs)
     assert result.code == 0, result.err[-2000:]
-    config = _record(recipe_runs / written["name"])["config"]
+    config = _record(recipe_runs / written["name"]).config
     for key, value in written.items():
         field = key.replace("-", "_")
         if key in TINY or field not in config or field in ("strategy", "patience") and not config.get(field):
@@ -84,11 +85,11 @@ def test_record_json_reruns_the_exact_configuration(run_cli, tmp_path):
     again = run_cli("train", "--config", tmp_path / "first" / "record.json", "--name", "again", "--runs-dir", tmp_path)
     assert again.code == 0, again.err
     a, b = _record(tmp_path / "first"), _record(tmp_path / "again")
-    assert {**a["config"], "name": None} == {**b["config"], "name": None}
-    assert a["data"]["spec"] == b["data"]["spec"] and a["data"]["seed"] == b["data"]["seed"] == 7
+    assert {**a.config, "name": None} == {**b.config, "name": None}
+    assert a.data.spec == b.data.spec and a.data.seed == b.data.seed == 7
     # Same configuration and seed on the same machine: the same training, epoch for epoch.
-    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
-    assert a["test"]["accuracy"] == b["test"]["accuracy"]
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    assert a.test.accuracy == b.test.accuracy
 
 
 def test_command_line_overrides_the_file_and_json_works(run_cli, tmp_path):
@@ -97,7 +98,7 @@ def test_command_line_overrides_the_file_and_json_works(run_cli, tmp_path):
                                   "--cnn-layers": "seed002", "patience": 0, "name": "from-file"}))
     result = run_cli("train", "--config", recipe, "--epochs", "1", "--name", "cli", "--runs-dir", tmp_path)
     assert result.code == 0, result.err
-    config = _record(tmp_path / "cli")["config"]
+    config = _record(tmp_path / "cli").config
     assert (config["epochs"], config["lr"], config["batch_size"], config["cnn_layers"]) == (1, 0.002, 16, "seed002")
     assert not (tmp_path / "from-file").exists()
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from training.records import RunRecord
+
 from conftest import cli_call
 
 
@@ -65,13 +67,13 @@ def test_compare_report(cnn_run, benched, finetune_run, runs_root, models_root, 
     assert result.code == 0, result.err
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    cnn = json.loads((cnn_run / "record.json").read_text())
-    ft = json.loads((runs_root / finetune_run / "record.json").read_text())
+    cnn = RunRecord.load(cnn_run / "record.json")
+    ft = RunRecord.load(runs_root / finetune_run / "record.json")
     # the seed 001 table carries each run's real numbers
-    assert f"| cnn | {cnn['epochs']} | {cnn['avg_epoch_time_sec']:.4f} | {cnn['total_time_sec']:.4f} | " \
-           f"{cnn['test']['accuracy']:.4f} | {cnn['model']['trainable_params']:,} |" in md
+    assert f"| cnn | {cnn.epochs} | {cnn.avg_epoch_time_sec:.4f} | {cnn.total_time_sec:.4f} | " \
+           f"{cnn.test.accuracy:.4f} | {cnn.model.trainable_params:,} |" in md
     # frozen vs fine-tuned: the finetune run's phase-1 (frozen) and final accuracy
-    assert f"{ft['test']['phase1_accuracy']:.4f} | {ft['test']['accuracy']:.4f}" in md
+    assert f"{ft.test.phase1_accuracy:.4f} | {ft.test.accuracy:.4f}" in md
     onnx_b1 = next(r["p50_ms"] for r in benched["results"] if r["runtime"] == "onnx" and r["batch_size"] == 1)
     assert f"{onnx_b1:.4f}" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -79,10 +81,10 @@ def test_compare_report(cnn_run, benched, finetune_run, runs_root, models_root, 
     # self-contained: every figure embedded, nothing fetched from elsewhere
     assert page.count("data:image/png;base64,") == len(pngs)
     assert not re.search(r'(src|href)="(http|//)', page)
-    best = max((cnn, ft), key=lambda r: r["test"]["accuracy"])
-    assert f"Most accurate: {best['name']} at {best['test']['accuracy']:.4f}" in md
-    fastest = min((cnn, ft), key=lambda r: r["total_time_sec"])
-    assert f"Fastest to train: {fastest['name']}" in md
+    best = max((cnn, ft), key=lambda r: r.test.accuracy)
+    assert f"Most accurate: {best.name} at {best.test.accuracy:.4f}" in md
+    fastest = min((cnn, ft), key=lambda r: r.total_time_sec)
+    assert f"Fastest to train: {fastest.name}" in md
     assert "Fastest to serve: cnn" in md  # the only benchmarked export
 
 

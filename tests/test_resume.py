@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED
+from training.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 MOBILENET = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
@@ -23,8 +24,8 @@ def _weights(run: Path) -> list[np.ndarray]:
     return load_model(run / "model.keras").get_weights()
 
 
-def _record(run: Path) -> dict:
-    return json.loads((run / "record.json").read_text())
+def _record(run: Path) -> RunRecord:
+    return RunRecord.load(run / "record.json")
 
 
 def _train(tlserve_bin, *args) -> subprocess.CompletedProcess:
@@ -44,13 +45,13 @@ def _kill_then_resume(tlserve_bin, runs: Path, name: str, point: str, args: list
 
 def _assert_same_run(reference: Path, resumed: Path, point: str) -> None:
     ref, got = _record(reference), _record(resumed)
-    assert [h["epoch"] for h in got["history"]] == [h["epoch"] for h in ref["history"]], point
-    assert [h["val_loss"] for h in got["history"]] == [h["val_loss"] for h in ref["history"]], point
+    assert [h["epoch"] for h in got.history] == [h["epoch"] for h in ref.history], point
+    assert [h["val_loss"] for h in got.history] == [h["val_loss"] for h in ref.history], point
     for a, b in zip(_weights(reference), _weights(resumed), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=f"killed at {point}")
-    assert got["test"]["accuracy"] == ref["test"]["accuracy"], point
-    assert got["model"]["trainable_params"] == ref["model"]["trainable_params"], point
-    assert got["training"]["resumed"] is True
+    assert got.test.accuracy == ref.test.accuracy, point
+    assert got.model.trainable_params == ref.model.trainable_params, point
+    assert got.training.resumed is True
 
 
 def test_scratch_run_with_dropout_and_augmentation_resumes_exactly(tlserve_bin, tmp_path):
@@ -72,12 +73,12 @@ def test_two_phase_finetune_resumes_exactly(tlserve_bin, tmp_path):
             "--patience", "2", "--finetune-lr", "1e-3", "--seed", "3", "--runs-dir", tmp_path]
     assert _train(tlserve_bin, *args, "--name", "ref").returncode == 0
     ref = _record(tmp_path / "ref")
-    assert [h["phase"] for h in ref["history"]] == ["head", "head", "finetune", "finetune"]
-    assert ref["training"]["feature_cache"] is True
+    assert [h["phase"] for h in ref.history] == ["head", "head", "finetune", "finetune"]
+    assert ref.training.feature_cache is True
     for n, point in enumerate(("phase-end:head", "batch:6", "checkpoint:phase-finetune")):
         resumed = _kill_then_resume(tlserve_bin, tmp_path, f"f{n}", point, args)
         _assert_same_run(tmp_path / "ref", resumed, point)
-        assert _record(resumed)["test"]["phase1_accuracy"] == ref["test"]["phase1_accuracy"]
+        assert _record(resumed).test.phase1_accuracy == ref.test.phase1_accuracy
 
 
 def test_early_stopping_state_survives_a_resume(tmp_path):

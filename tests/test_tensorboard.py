@@ -3,13 +3,13 @@ TensorBoard's own reader, their per-epoch scalars are the run's history, once pe
 cached-feature phases and for runs killed and resumed."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from conftest import ROOT
+from training.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 TINY = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--patience", "0", "--seed", "1"]
@@ -28,7 +28,7 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _assert_events_match_history(run: Path) -> None:
-    history = json.loads((run / "record.json").read_text())["history"]
+    history = RunRecord.load(run / "record.json").history
     for phase in dict.fromkeys(row["phase"] for row in history):
         rows = [row for row in history if row["phase"] == phase]
         steps = [row["epoch"] - 1 for row in rows]
@@ -65,8 +65,8 @@ def test_cached_feature_phases_log_each_phase(run_cli, tmp_path):
     result = run_cli("train", *TINY, "-b", "mobilenetv2", "-s", "finetune", "--weights", "none", "--input-size", "32",
                      "--unfreeze", "10", "--epochs", "2", "--finetune-epochs", "1", "--name", "ft", "--runs-dir", tmp_path)
     assert result.code == 0, result.err
-    record = json.loads((tmp_path / "ft" / "record.json").read_text())
-    assert record["training"]["caches"]["finetune"]["used"] is True
+    record = RunRecord.load(tmp_path / "ft" / "record.json")
+    assert record.training.caches["finetune"]["used"] is True
     assert sorted(p.name for p in (tmp_path / "ft" / "tensorboard").iterdir()) == ["finetune", "head"]
     _assert_events_match_history(tmp_path / "ft")
 
@@ -84,5 +84,5 @@ def test_killed_and_resumed_run_logs_every_epoch_once(tlserve_bin, tmp_path):
             assert "tensorboard: wrote the epochs" in killed.stdout
     resumed = subprocess.run([str(tlserve_bin), *map(str, resume)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert len(json.loads((tmp_path / "k" / "record.json").read_text())["history"]) == 3
+    assert len(RunRecord.load(tmp_path / "k" / "record.json").history) == 3
     _assert_events_match_history(tmp_path / "k")

@@ -8,22 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.records import RunRecord
+
 from conftest import cli_call
 
 
-def _record(run_dir: Path) -> dict:
-    return json.loads((run_dir / "record.json").read_text())
+def _record(run_dir: Path) -> RunRecord:
+    return RunRecord.load(run_dir / "record.json")
 
 
 def test_cnn_learns_synthetic(cnn_run):
     record = _record(cnn_run)
     # 10 balanced classes: chance is 0.10.
-    assert record["test"]["accuracy"] >= 0.8, record["test"]
-    assert record["history"][-1]["val_accuracy"] >= 0.7
+    assert record.test.accuracy >= 0.8, record.test
+    assert record.history[-1]["val_accuracy"] >= 0.7
 
 
 def test_record_has_every_field(cnn_run):
-    r = _record(cnn_run)
+    r = _record(cnn_run).to_dict()  # the file's keys, as DESIGN.md states them
     assert r["schema"] == 1 and r["name"] == "cnn" and r["status"] == "finished"
     cfg = r["config"]
     for key in ("backbone", "strategy", "weights", "epochs", "lr", "batch_size", "optimizer", "seed", "target",
@@ -84,7 +86,7 @@ def test_runs_table_and_seed001_csv(cnn_run, runs_root, run_cli, tmp_path):
     assert list(rows[0]) == ["model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test_accuracy",
                              "trainable_params", "non_trainable_params", "epochs_to_target", "macro_f1"]
     cnn = next(r for r in rows if r["model"] == "cnn")
-    assert float(cnn["test_accuracy"]) == pytest.approx(_record(cnn_run)["test"]["accuracy"])
+    assert float(cnn["test_accuracy"]) == pytest.approx(_record(cnn_run).test.accuracy)
 
 
 def test_existing_run_is_not_overwritten(cnn_run, runs_root, run_cli):
@@ -128,10 +130,10 @@ def test_seed004_transfer_from_run(runs_root, run_cli):
     cli_call("train", *common, "--from-run", "s004-base", "--classes", "5-9", "--train-last", "2", "--epochs", "1",
              "--name", "s004-last2")
     last1, last2 = _record(runs_root / "s004-last1"), _record(runs_root / "s004-last2")
-    assert last1["model"]["trainable_params"] == 325
-    assert last2["model"]["trainable_params"] == 8_581
-    assert last1["model"]["strategy"] == "from-run" and last1["config"]["from_run"] == "s004-base"
-    assert last1["data"]["num_classes"] == 5
+    assert last1.model.trainable_params == 325
+    assert last2.model.trainable_params == 8_581
+    assert last1.model.strategy == "from-run" and last1.config["from_run"] == "s004-base"
+    assert last1.data.num_classes == 5
 
 
 def test_finetune_two_phases_on_tiny_mobilenet(runs_root):
@@ -139,13 +141,13 @@ def test_finetune_two_phases_on_tiny_mobilenet(runs_root):
              "--input-size", "32", "--epochs", "1", "--finetune-epochs", "1", "--unfreeze", "10",
              "--runs-dir", runs_root, "--name", "mnv2-ft", "--batch-size", "32")
     r = _record(runs_root / "mnv2-ft")
-    assert [h["phase"] for h in r["history"]] == ["head", "finetune"]
-    assert [h["epoch"] for h in r["history"]] == [1, 2]
-    assert "phase1_accuracy" in r["test"]
+    assert [h["phase"] for h in r.history] == ["head", "finetune"]
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    assert r.test.phase1_accuracy is not None
     from training.models import load_model
 
     model = load_model(runs_root / "mnv2-ft" / "model.keras")
-    assert model.count_params() == r["model"]["total_params"]
+    assert model.count_params() == r.model.total_params
 
 
 @pytest.mark.parametrize("strategy, momentum", [("scratch", 0.9), ("frozen", 0.999)])

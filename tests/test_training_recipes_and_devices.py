@@ -14,11 +14,12 @@ import pytest
 
 from conftest import cli_call
 from training.accel import choose_distribution, choose_jit, choose_precision, precision_note
+from training.records import RunRecord
 from serving.errors import UserError
 
 
-def _record(path: Path) -> dict:
-    return json.loads((path / "record.json").read_text())
+def _record(path: Path) -> RunRecord:
+    return RunRecord.load(path / "record.json")
 
 
 def test_feature_cache_matches_uncached_training(tmp_path):
@@ -27,12 +28,12 @@ def test_feature_cache_matches_uncached_training(tmp_path):
     cli_call(*common, "--name", "cached")
     cli_call(*common, "--name", "plain", "--no-feature-cache")
     cached, plain = _record(tmp_path / "cached"), _record(tmp_path / "plain")
-    assert cached["training"]["feature_cache"] is True and cached["training"]["extract_seconds"] > 0
-    assert plain["training"]["feature_cache"] is False and plain["training"]["feature_cache_reason"] == "--no-feature-cache"
-    for a, b in zip(cached["history"], plain["history"]):
+    assert cached.training.feature_cache is True and cached.training.extract_seconds > 0
+    assert plain.training.feature_cache is False and plain.training.feature_cache_reason == "--no-feature-cache"
+    for a, b in zip(cached.history, plain.history):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
-    assert cached["test"]["accuracy"] == pytest.approx(plain["test"]["accuracy"], abs=1e-6)
+    assert cached.test.accuracy == pytest.approx(plain.test.accuracy, abs=1e-6)
     from training.models import load_model
 
     wa = load_model(tmp_path / "cached" / "model.keras").get_layer("probabilities").get_weights()
@@ -44,8 +45,8 @@ def test_feature_cache_matches_uncached_training(tmp_path):
 def test_augmentation_turns_the_cache_off(tmp_path):
     cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "vgg16", "-s", "frozen", "--weights", "none",
              "--input-size", "32", "--epochs", "1", "--augment", "--runs-dir", tmp_path, "--name", "aug")
-    training = _record(tmp_path / "aug")["training"]
-    assert training["feature_cache"] is False and "augment" in training["feature_cache_reason"]
+    training = _record(tmp_path / "aug").training
+    assert training.feature_cache is False and "augment" in training.feature_cache_reason
 
 
 def test_flip_tta_turns_the_cache_off():
@@ -70,17 +71,17 @@ def test_residual_onecycle_bfloat16_recipe_trains_and_exports(tmp_path):
               "--runs-dir", runs]
     cli_call("train", *recipe, "--limit", "600", "--epochs", "6", "--name", "res")
     record = _record(runs / "res")
-    cfg = record["config"]
+    cfg = record.config
     assert (cfg["schedule"], cfg["augment_policy"], cfg["nesterov"], cfg["weight_decay"]) == ("onecycle", "flip-crop", True, 5e-4)
-    lrs = [row["lr"] for row in record["history"]]
+    lrs = [row["lr"] for row in record.history]
     # 12 steps an epoch: warm-up (30% of 72 steps) from lr/25 to the peak, then a cosine down to zero.
     assert lrs[0] > 0.1 / 25 and max(lrs) <= 0.1 + 1e-6 and lrs[-1] < 0.01 and lrs.index(max(lrs)) in (0, 1)
-    assert record["test"]["accuracy"] > 0.3  # chance is 0.1
+    assert record.test.accuracy > 0.3  # chance is 0.1
     from training import models
     from training.env import keras
 
     cli_call("train", *recipe, "--limit", "100", "--epochs", "1", "--precision", "mixed_bfloat16", "--name", "bf16")
-    assert _record(runs / "bf16")["environment"]["precision"] == "mixed_bfloat16"
+    assert _record(runs / "bf16").environment.precision == "mixed_bfloat16"
     assert keras().mixed_precision.global_policy().name == "float32"  # the run did not leak its policy
     model = models.load_model(runs / "bf16" / "model.keras")
     assert {layer.dtype_policy.name for layer in models.leaf_layers(model)} == {"float32"}
@@ -132,7 +133,7 @@ def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     common = ["--data", "synthetic", "--limit", "100", "--runs-dir", runs, "--batch-size", "25", "--epochs", "1"]
     cli_call("train", *common, "-b", "cnn-bn", "--cnn-layers", "c8,p,c16,gm", "--logit-scale", "0.125",
              "--label-smoothing", "0.1", "--name", "scaled")
-    cfg = _record(runs / "scaled")["config"]
+    cfg = _record(runs / "scaled").config
     assert (cfg["logit_scale"], cfg["label_smoothing"]) == (0.125, 0.1)
     from training import models
     from training.env import keras
@@ -149,7 +150,7 @@ def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
     assert facts["max_abs_diff"] <= 1e-4 and facts["top1_agreement"] == 1.0
     cli_call("train", *common, "--from-run", "scaled", "--classes", "0-4", "--name", "moved")
     moved = _record(runs / "moved")
-    assert moved["model"]["trainable_params"] == 16 * 5 + 5
+    assert moved.model.trainable_params == 16 * 5 + 5
     result = run_cli("train", *common, "-b", "mobilenetv2", "--weights", "none", "--logit-scale", "0.5")
     assert result.code == 2 and "scratch CNNs" in result.err
     result = run_cli("train", *common, "--label-smoothing", "1")
@@ -194,10 +195,10 @@ def test_mirrored_strategy_on_two_logical_cpus(tlserve_bin, tmp_path):
                       "--distribute", "mirrored", "--batch-size", "32", "--runs-dir", tmp_path, "--name", "mirrored",
                       env={"TLSERVE_LOGICAL_CPUS": "2"})
     assert result.returncode == 0, result.stderr
-    env = _record(tmp_path / "mirrored")["environment"]
-    assert env["distribution"] == "mirrored" and env["replicas"] == 2
-    assert sum("CPU" in d for d in env["devices"]) == 2
-    assert _record(tmp_path / "mirrored")["training"]["global_batch_size"] == 64
+    env = _record(tmp_path / "mirrored").environment
+    assert env.distribution == "mirrored" and env.replicas == 2
+    assert sum("CPU" in d for d in env.devices) == 2
+    assert _record(tmp_path / "mirrored").training.global_batch_size == 64
     # without two devices, asking for mirrored is a clear error, not a crash
     result = _tlserve(tlserve_bin, "train", "--epochs", "1", "--distribute", "mirrored", "--runs-dir", tmp_path)
     assert result.returncode == 2 and "TLSERVE_LOGICAL_CPUS" in result.stderr and "Traceback" not in result.stderr
@@ -230,10 +231,10 @@ def test_killed_run_resumes_with_history_continuing(tlserve_bin, tmp_path):
     resumed = _tlserve(tlserve_bin, "train", "--resume", "long", "--runs-dir", tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     r = _record(tmp_path / "long")
-    assert [h["epoch"] for h in r["history"]] == [1, 2, 3, 4, 5, 6]
-    assert r["training"]["resumed"] is True and r["epochs"] == 6
+    assert [h["epoch"] for h in r.history] == [1, 2, 3, 4, 5, 6]
+    assert r.training.resumed is True and r.epochs == 6
     assert not (tmp_path / ".long.partial").exists()
-    assert r["test"]["accuracy"] > 0.3
+    assert r.test.accuracy > 0.3
 
 
 def test_sigint_leaves_a_resumable_run(tlserve_bin, tmp_path):

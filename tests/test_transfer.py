@@ -3,11 +3,12 @@ that make frozen and fine-tuned training cheap: pooled features, the frozen bott
 memory-mapped caches. Cached and uncached training must give the same weights."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from training.records import RunRecord
 
 from conftest import SHARED, cli_call
 
@@ -16,8 +17,8 @@ LEAVES = SHARED / "datasets" / "banana-leaf"
 needs_weights = pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
 
 
-def _record(run: Path) -> dict:
-    return json.loads((run / "record.json").read_text())
+def _record(run: Path) -> RunRecord:
+    return RunRecord.load(run / "record.json")
 
 
 def _weights(run: Path) -> list[np.ndarray]:
@@ -33,7 +34,7 @@ def test_imagenet_weights_beat_random_weights_on_real_leaves(tmp_path):
               "-s", "frozen", "--epochs", "8", "--lr", "3e-3", "--patience", "0", "--runs-dir", tmp_path]
     cli_call(*common, "--weights", MOBILENET, "--name", "imagenet")
     cli_call(*common, "--weights", "none", "--name", "random")
-    real, random = _record(tmp_path / "imagenet")["test"]["accuracy"], _record(tmp_path / "random")["test"]["accuracy"]
+    real, random = _record(tmp_path / "imagenet").test.accuracy, _record(tmp_path / "random").test.accuracy
     assert real - random >= 0.20, (real, random)
 
 
@@ -76,17 +77,17 @@ def test_cached_fine_tune_equals_the_uncached_one(tmp_path, unfreeze):
     cli_call(*common, "--name", "cached")
     cli_call(*common, "--name", "plain", "--no-feature-cache")
     cached, plain = _record(tmp_path / "cached"), _record(tmp_path / "plain")
-    phase2 = cached["training"]["caches"]["finetune"]
-    assert phase2["used"] is True and plain["training"]["caches"]["finetune"]["used"] is False
+    phase2 = cached.training.caches["finetune"]
+    assert phase2["used"] is True and plain.training.caches["finetune"]["used"] is False
     assert phase2["shared_with"] == "head"  # one pass over the images made both phases' caches
     if unfreeze[0] == "--unfreeze-from":
         assert len(phase2["shapes"]) == 2, phase2
-    for a, b in zip(cached["history"], plain["history"]):
+    for a, b in zip(cached.history, plain.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    assert cached["history"][-1]["loss"] != cached["history"][-2]["loss"]  # phase 2 did train
+    assert cached.history[-1]["loss"] != cached.history[-2]["loss"]  # phase 2 did train
     for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "plain"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # measured: at most 1.3e-5 apart
-    assert cached["model"]["trainable_params"] == plain["model"]["trainable_params"]
+    assert cached.model.trainable_params == plain.model.trainable_params
 
 
 def test_phase2_cache_says_why_it_is_off():
@@ -119,14 +120,14 @@ def test_pooled_and_memory_mapped_caches(tmp_path, monkeypatch):
     cli_call(*common, "--name", "spatial", "--head", "flatten-dense-bn")
     monkeypatch.setattr(feature_cache, "IN_MEMORY_BYTES", 0)
     cli_call(*common, "--name", "on-disk")
-    pooled = _record(tmp_path / "pooled")["training"]["caches"]["head"]
+    pooled = _record(tmp_path / "pooled").training.caches["head"]
     assert pooled["shapes"] == [[1280]] and pooled["storage"] == "memory" and "pooled" in pooled["what"]
     assert pooled["bytes"] == 4 * 1280 * 64 * 3
-    spatial = _record(tmp_path / "spatial")["training"]["caches"]["head"]
+    spatial = _record(tmp_path / "spatial").training.caches["head"]
     assert spatial["shapes"] == [[1, 1, 1280]]
     on_disk = _record(tmp_path / "on-disk")
-    assert on_disk["training"]["caches"]["head"]["storage"] == "disk"
-    assert on_disk["training"]["peak_rss_bytes"] > 0
+    assert on_disk.training.caches["head"]["storage"] == "disk"
+    assert on_disk.training.peak_rss_bytes > 0
     assert not (tmp_path / "on-disk" / "cache").exists()
     for a, b in zip(_weights(tmp_path / "pooled"), _weights(tmp_path / "on-disk"), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -138,4 +139,4 @@ def test_a_fine_tune_without_phase_1_records_no_frozen_accuracy(tmp_path):
              "--input-size", "32", "--epochs", "0", "--finetune-epochs", "1", "--unfreeze", "10", "--runs-dir", tmp_path,
              "--name", "partial")
     record = _record(tmp_path / "partial")
-    assert "phase1_accuracy" not in record["test"] and [h["phase"] for h in record["history"]] == ["finetune"]
+    assert record.test.phase1_accuracy is None and [h["phase"] for h in record.history] == ["finetune"]

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.records import RunRecord
+
 from conftest import cli_call
 
 
@@ -124,8 +126,8 @@ def test_tables_show_every_name_and_number_at_80_columns(cnn_run, runs_root, tmp
     assert "…" not in result.out
     joined = "".join(line.split()[0] if line.split() else "" for line in lines)
     assert long_name in joined, result.out
-    record = json.loads((runs / long_name / "record.json").read_text())
-    for value in (f"{record['test']['accuracy']:.4f}", f"{record['model']['trainable_params']:,}", "to target"):
+    record = RunRecord.load(runs / long_name / "record.json")
+    for value in (f"{record.test.accuracy:.4f}", f"{record.model.trainable_params:,}", "to target"):
         assert value in result.out.replace("\n", " ") or value.split()[0] in result.out, value
 
 

@@ -458,8 +458,8 @@ def mistake_gradcams(model_dir: Path, mistakes: list[dict[str, Any]], data: Labe
     except UserError as exc:
         (log or print)(f"Grad-CAM of the mistakes skipped: {exc}")
         return {}
-    h, w = run.record["data"]["image_size"]
-    interpolation = run.record["data"].get("interpolation", images.DEFAULT_INTERPOLATION)
+    h, w = run.record.data.image_size
+    interpolation = run.record.data.interpolation or images.DEFAULT_INTERPOLATION
     picked = [(m, data.pixels(m["index"], (h, w), interpolation)) for m in mistakes]
     picked = [(m, px) for m, px in picked if px is not None]
     if not picked:

@@ -294,7 +294,7 @@ def resolve_run(ref: str, runs_dir: Path | None = None, models_dir: Path | None 
     for candidate in (manifest.run_path, manifest.run):
         if candidate and (records.resolve_run_dir(candidate, runs_dir) / records.RECORD).is_file():
             run = records.load_run(candidate, runs_dir)
-            if run.record["data"]["class_names"] != manifest.class_names:
+            if run.record.data.class_names != manifest.class_names:
                 raise UserError(f"run '{run.name}' no longer has the classes model '{ref}' was exported with "
                                 "(retrained since?); explain the run itself")
             return run
@@ -321,7 +321,7 @@ def explain_files(ref: str, paths: list[Path], *, out: Path, layer: str | None =
     from training.models import load_model  # noqa: PLC0415
 
     run = resolve_run(ref, runs_dir, models_dir)
-    class_names = list(run.record["data"]["class_names"])
+    class_names = list(run.record.data.class_names)
     wanted = None
     if class_name is not None:
         if class_name not in class_names:
@@ -332,8 +332,8 @@ def explain_files(ref: str, paths: list[Path], *, out: Path, layer: str | None =
         raise UserError("no image files given")
     model = load_model(run.model_path)
     cam = explainer(model, layer)  # a bad --layer fails before any image is read
-    h, w = run.record["data"]["image_size"]
-    interpolation = run.record["data"].get("interpolation", images.DEFAULT_INTERPOLATION)
+    h, w = run.record.data.image_size
+    interpolation = run.record.data.interpolation or images.DEFAULT_INTERPOLATION
     done, failures, used = [], [], set()
     for path in files:
         try:

@@ -137,11 +137,11 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
 def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
     from training.data import load_dataset  # noqa: PLC0415
 
-    data = load_dataset(DataConfig(**run.record["config"]["data"]))
+    data = load_dataset(DataConfig(**run.record.config["data"]))
     images = data.test.x[: opts.check_images].astype(np.float32)
     keras_probs = model.predict(images, verbose=0)
     calib = data.train.x[: opts.calibration_images].astype(np.float32)
-    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record["data"]["class_names"]))
+    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record.data.class_names))
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
@@ -352,8 +352,8 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool
 def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Artifact],
               check: _Check) -> Manifest:
     r = run.record
-    h, w = r["data"]["image_size"]
-    class_names = r["data"]["class_names"]
+    h, w = r.data.image_size
+    class_names = r.data.class_names
     return Manifest(
         schema=1,
         name=name,
@@ -363,13 +363,13 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
         run_path=str(run.path.resolve()),
         class_names=class_names,
         input=InputSpec(name="image", shape=[None, h, w, 3], dtype="float32", range=[0, 255], layout="NHWC",
-                        interpolation=r["data"].get("interpolation", "bilinear")),
+                        interpolation=r.data.interpolation or "bilinear"),
         output={"name": "probabilities", "shape": [None, len(class_names)]},
-        backbone=r["model"]["backbone"],
-        strategy=r["model"]["strategy"],
-        tta=r["config"].get("tta", "none"),
-        test_accuracy=r["test"]["accuracy"],
-        params=r["model"]["total_params"],
+        backbone=r.model.backbone,
+        strategy=r.model.strategy,
+        tta=r.config.get("tta", "none"),
+        test_accuracy=r.test.accuracy,
+        params=r.model.total_params,
         export=ExportFacts(
             opset=opts.opset if "onnx" in opts.formats else None, formats=list(opts.formats),
             check_batch=int(len(check.images)), parity_tolerance=PARITY_TOLERANCE,
@@ -379,7 +379,7 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
             gate=Gate(max_accuracy_drop=opts.max_accuracy_drop, max_class_drop=opts.max_class_drop,
                       test_images=int(len(check.test_y)), rejected=check.rejected)),
         # each artifact's test_ece is that variant's own ECE on the test split
-        calibration=r.get("calibration"),
+        calibration=r.calibration.to_dict() if r.calibration else None,
         artifacts=artifacts,
         bentoml_tag=f"{name}:{version}" if opts.register else None,
     )

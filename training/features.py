@@ -33,8 +33,8 @@ def feature_maps(run_ref: str, image: Path, layer: str, out: Path | None, *, max
     run = records.load_run(run_ref, runs_dir)
     model = load_model(run.model_path)
     sub = layer_model(model, layer)
-    h, w = run.record["data"]["image_size"]
-    pixels = images.load_array(image, (h, w), interpolation=run.record["data"].get("interpolation", "bilinear"),
+    h, w = run.record.data.image_size
+    pixels = images.load_array(image, (h, w), interpolation=run.record.data.interpolation or "bilinear",
                                name=str(image))
     maps = sub.predict(pixels[None].astype(np.float32), verbose=0)[0]
     if maps.ndim != 3:

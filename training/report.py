@@ -19,14 +19,14 @@ SERVE_RUNTIME = "onnx"
 
 @dataclass
 class Entry:
-    record: dict[str, Any]
+    record: records.RunRecord
     manifest: Manifest | None
     bench: dict[str, Any] | None  # latest in-process bench of its export
     evaluation: dict[str, Any] | None = None  # latest `tlserve eval` of that export (its metrics.json)
 
     @property
     def name(self) -> str:
-        return self.record["name"]
+        return self.record.name
 
     def latency(self, runtime: str = SERVE_RUNTIME, batch: int = 1) -> float | None:
         for row in (self.bench or {}).get("results", []):
@@ -135,7 +135,7 @@ def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
 def _write(entries: list[Entry], folder: Path) -> None:
     recs = [e.record for e in entries]
     doc = Doc("tlserve comparison")
-    machines = sorted({r["environment"]["machine"].get("cpu", "?") for r in recs})
+    machines = sorted({(r.environment.machine if r.environment else {}).get("cpu", "?") for r in recs})
     doc.para(f"{len(entries)} run(s); training machine(s): {', '.join(machines)}. Every figure below is read from "
              "the runs' records, their export manifests and stored benchmarks.")
 
@@ -146,12 +146,12 @@ def _write(entries: list[Entry], folder: Path) -> None:
     rows = []
     for e in entries:
         r = e.record
-        strategy = r["model"]["strategy"]
-        frozen = r["test"].get("phase1_accuracy") if strategy == "finetune" else \
-            (r["test"]["accuracy"] if strategy == "frozen" else None)
-        tuned = r["test"]["accuracy"] if strategy != "frozen" else None
-        rows.append([e.name, r["model"]["backbone"], strategy, frozen, tuned, r["model"]["total_params"],
-                     r["model"]["trainable_params"], r["model"]["non_trainable_params"]])
+        strategy = r.model.strategy
+        frozen = r.test.phase1_accuracy if strategy == "finetune" else \
+            (r.test.accuracy if strategy == "frozen" else None)
+        tuned = r.test.accuracy if strategy != "frozen" else None
+        rows.append([e.name, r.model.backbone, strategy, frozen, tuned, r.model.total_params,
+                     r.model.trainable_params, r.model.non_trainable_params])
     doc.table(["run", "backbone", "strategy", "frozen accuracy", "fine-tuned / trained accuracy", "total params",
                "trainable params", "frozen params"], rows)
 
@@ -160,7 +160,7 @@ def _write(entries: list[Entry], folder: Path) -> None:
     for e in entries:
         a = e.manifest.artifacts if e.manifest else {}
         fp32, int8 = a.get(formats.BY_VARIANT["fp32"].file), a.get(formats.BY_VARIANT["int8"].file)
-        rows.append([e.name, e.record["test"]["accuracy"], fp32.bytes / 1e6 if fp32 else None,
+        rows.append([e.name, e.record.test.accuracy, fp32.bytes / 1e6 if fp32 else None,
                      int8.bytes / 1e6 if int8 else None, int8.accuracy_delta if int8 else None,
                      e.latency("keras"), e.latency("onnx"), e.latency("onnx-int8"), e.latency("onnx", 32)])
     doc.table(["run", "test accuracy", "onnx MB", "int8 MB", "int8 accuracy delta", "keras p50 ms (b1)",
@@ -188,9 +188,10 @@ def _write(entries: list[Entry], folder: Path) -> None:
         doc.para("No stored evals yet (tlserve eval MODEL --data SPEC).")
 
     doc.heading("Curves")
-    doc.image(plots.curves(recs, folder / "curves.png"), "training and validation accuracy and loss per epoch")
-    doc.image(plots.accuracy_bars(recs, folder / "test_accuracy.png"), "test accuracy per run")
-    points = [(e.name, e.latency(), e.record["test"]["accuracy"]) for e in entries if e.latency() is not None]
+    as_json = [r.to_dict() for r in recs]  # the plots read the record.json shape
+    doc.image(plots.curves(as_json, folder / "curves.png"), "training and validation accuracy and loss per epoch")
+    doc.image(plots.accuracy_bars(as_json, folder / "test_accuracy.png"), "test accuracy per run")
+    points = [(e.name, e.latency(), e.record.test.accuracy) for e in entries if e.latency() is not None]
     if points:
         doc.image(plots.tradeoff(points, folder / "accuracy_vs_latency.png"), "accuracy against serving latency")
     else:
@@ -198,17 +199,17 @@ def _write(entries: list[Entry], folder: Path) -> None:
 
     doc.heading("Per-class accuracy, precision, recall, F1 and confusion matrices")
     for e in entries:
-        t = e.record["test"]
-        scores = t.get("per_class")  # records before precision/recall/F1 were recorded lack it
+        t = e.record.test
+        scores = t.per_class  # records before precision/recall/F1 were recorded lack it
         if scores:
             doc.table(["class", f"{e.name} accuracy", "precision", "recall", "F1", "support"],
                       [[c, a, scores[c]["precision"], scores[c]["recall"], scores[c]["f1"], scores[c]["support"]]
-                       for c, a in t["per_class_accuracy"].items()])
-            doc.para(f"{e.name}: macro F1 {records.format_cell(t.get('macro_f1'))}, "
-                     f"weighted F1 {records.format_cell(t.get('weighted_f1'))}.")
+                       for c, a in t.per_class_accuracy.items()])
+            doc.para(f"{e.name}: macro F1 {records.format_cell(t.macro_f1)}, "
+                     f"weighted F1 {records.format_cell(t.weighted_f1)}.")
         else:
-            doc.table(["class", f"{e.name} accuracy"], [[c, a] for c, a in t["per_class_accuracy"].items()])
-        doc.image(plots.confusion(t["confusion_matrix"], e.record["data"]["class_names"], e.name,
+            doc.table(["class", f"{e.name} accuracy"], [[c, a] for c, a in t.per_class_accuracy.items()])
+        doc.image(plots.confusion(t.confusion_matrix, e.record.data.class_names, e.name,
                                   folder / f"confusion-{e.name}.png"), f"confusion matrix of {e.name}")
 
     doc.heading("Answers")
@@ -218,39 +219,39 @@ def _write(entries: list[Entry], folder: Path) -> None:
 
 
 def _facts(e: Entry) -> str:
-    m = e.record["model"]
-    share = m["trainable_params"] / m["total_params"] if m["total_params"] else 0
-    return (f"{m['backbone']} / {m['strategy']}: depth {m['depth']} layers, {m['total_params']:,} parameters of which "
-            f"{share:.1%} trainable, {e.record['epochs']} epochs at input {m['input_size']}x{m['input_size']}")
+    m = e.record.model
+    share = m.trainable_params / m.total_params if m.total_params else 0
+    return (f"{m.backbone} / {m.strategy}: depth {m.depth} layers, {m.total_params:,} parameters of which "
+            f"{share:.1%} trainable, {e.record.epochs} epochs at input {m.input_size}x{m.input_size}")
 
 
 def answers(entries: list[Entry]) -> list[str]:
     """The seeds' questions, answered by comparing the recorded numbers."""
     out = []
-    best = max(entries, key=lambda e: e.record["test"]["accuracy"])
-    tied = [e.name for e in entries if e is not best and e.record["test"]["accuracy"] == best.record["test"]["accuracy"]]
-    out.append(f"Most accurate: {best.name} at {best.record['test']['accuracy']:.4f} test accuracy"
+    best = max(entries, key=lambda e: e.record.test.accuracy)
+    tied = [e.name for e in entries if e is not best and e.record.test.accuracy == best.record.test.accuracy]
+    out.append(f"Most accurate: {best.name} at {best.record.test.accuracy:.4f} test accuracy"
                + (f" (tied with {', '.join(tied)})" if tied else "") + f" — {_facts(best)}.")
-    fastest = min(entries, key=lambda e: e.record["total_time_sec"])
-    per_epoch = min(entries, key=lambda e: e.record["avg_epoch_time_sec"] or float("inf"))
-    out.append(f"Fastest to train: {fastest.name} in {fastest.record['total_time_sec']:.1f} s in total — {_facts(fastest)}.")
+    fastest = min(entries, key=lambda e: e.record.total_time_sec)
+    per_epoch = min(entries, key=lambda e: e.record.avg_epoch_time_sec or float("inf"))
+    out.append(f"Fastest to train: {fastest.name} in {fastest.record.total_time_sec:.1f} s in total — {_facts(fastest)}.")
     if per_epoch is not fastest:
-        cached = per_epoch.record.get("training", {}).get("feature_cache")
-        out.append(f"Fastest per epoch: {per_epoch.name} at {per_epoch.record['avg_epoch_time_sec']:.2f} s per epoch"
+        cached = per_epoch.record.training is not None and per_epoch.record.training.feature_cache
+        out.append(f"Fastest per epoch: {per_epoch.name} at {per_epoch.record.avg_epoch_time_sec:.2f} s per epoch"
                    + (" (head trained on cached backbone features)." if cached else "."))
     served = [e for e in entries if e.latency() is not None]
     if served:
         quick = min(served, key=lambda e: e.latency())
         out.append(f"Fastest to serve: {quick.name} at {quick.latency():.3f} ms p50 (onnxruntime, batch 1, "
-                   f"{quick.bench['machine'].get('cpu', '?')}) with {quick.record['model']['total_params']:,} parameters.")
+                   f"{quick.bench['machine'].get('cpu', '?')}) with {quick.record.model.total_params:,} parameters.")
     else:
         out.append("Fastest to serve: not measured yet (export and `tlserve bench` the runs).")
     if len(entries) > 1:
-        slow = max(entries, key=lambda e: e.record["total_time_sec"])
+        slow = max(entries, key=lambda e: e.record.total_time_sec)
         s, f = slow.record, fastest.record
-        out.append(f"Why, in the records: {slow.name} took {s['total_time_sec'] / max(f['total_time_sec'], 1e-9):.1f}x "
-                   f"as long as {fastest.name} — {s['epochs']} epochs over {s['data']['splits']['train']:,} training "
-                   f"images vs {f['epochs']} over {f['data']['splits']['train']:,}, {s['model']['trainable_params']:,} "
-                   f"vs {f['model']['trainable_params']:,} trainable parameters, depth {s['model']['depth']} vs "
-                   f"{f['model']['depth']}, input {s['model']['input_size']} vs {f['model']['input_size']} px.")
+        out.append(f"Why, in the records: {slow.name} took {s.total_time_sec / max(f.total_time_sec, 1e-9):.1f}x "
+                   f"as long as {fastest.name} — {s.epochs} epochs over {s.data.splits['train']:,} training "
+                   f"images vs {f.epochs} over {f.data.splits['train']:,}, {s.model.trainable_params:,} "
+                   f"vs {f.model.trainable_params:,} trainable parameters, depth {s.model.depth} vs "
+                   f"{f.model.depth}, input {s.model.input_size} vs {f.model.input_size} px.")
     return out

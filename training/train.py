@@ -21,16 +21,16 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from serving import machine, storage
+from serving import storage
 from serving.errors import UserError
 from training import accel as accelerators, calibration, class_weights, cluster as clusters, data as datasets, \
-    datacheck, env, feature_cache, metrics, models, progress, records, strategies, tensorboard_logs
+    datacheck, feature_cache, metrics, models, progress, records, strategies, tensorboard_logs
 from training.config import TrainConfig
 from training.env import keras, tf
 from training.errors import ClusterLost, Interrupted
@@ -417,10 +417,10 @@ def _train_in(cfg, runs_dir, staging: Path, state: dict[str, Any], log: Log, pro
             "exact_resume": False,
             "exact_resume_reason": "a restarted cluster continues from TensorFlow's last epoch backup; tlserve's "
                                    "own mid-epoch state is single-process"}
-    record = _record(cfg, dataset, built, model, history, total_time, test, staging, acc, training_facts)
-    record["calibration"] = calibrated.facts
-    record["data_check"] = data_check
-    storage.write_json(staging / records.RECORD, record)
+    record = records.build(cfg, dataset, model=model, input_size=built.input_size, history=history, total_time=total_time,
+                           test=test, folder=staging, accel=acc, training=training_facts,
+                           calibration=calibrated.facts, data_check=data_check)
+    storage.write_json(staging / records.RECORD, record.to_dict())
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
         return records.Run(staging, record)  # the caller removes the temporary folder
@@ -441,7 +441,7 @@ def _prepare(cfg: TrainConfig, dataset, source: records.Run | None):
             raise UserError(f"--from-run {source.name} takes {expected[0]}x{expected[1]} images; this data is "
                             f"{dataset.image_size[0]}x{dataset.image_size[1]} (set --image-size)")
         model = strategies.transfer_from(src_model, num_classes, cfg.train_last)
-        built = models.BuiltModel(model, None, int(source.record["model"]["input_size"]), None)
+        built = models.BuiltModel(model, None, int(source.record.model.input_size), None)
         return built, [_Phase("transfer", cfg.epochs, cfg.lr)]
     built = models.build(cfg, dataset.image_size, num_classes)
     if cfg.strategy in ("frozen", "finetune"):
@@ -791,38 +791,3 @@ def _evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]
     return {"loss": float(loss), "accuracy": float(accuracy), "per_class_accuracy": per_class,
             "confusion_matrix": matrix.tolist(), "per_class": scores["per_class"],
             "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"], "probabilities": probs}
-
-
-def _record(cfg, dataset, built, model, history, total_time, test, staging: Path, acc, training_facts) -> dict[str, Any]:
-    facts = models.facts(model)
-    epochs = len(history)
-    return {
-        "schema": records.SCHEMA,
-        "name": cfg.name,
-        "status": "finished",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-        "data": {**dataset.summary(), "spec": cfg.data.spec, "seed": cfg.data.seed},
-        "model": {
-            "backbone": cfg.backbone,
-            "strategy": cfg.strategy,
-            "weights": cfg.weights,
-            "from_run": cfg.from_run,
-            "input_shape": [*dataset.image_size, 3],
-            "input_dtype": "float32",
-            "input_range": [0, 255],
-            "input_size": built.input_size,
-            "interpolation": dataset.interpolation,
-            **facts,
-            "size_bytes": (staging / records.MODEL).stat().st_size,
-        },
-        "history": history,
-        "epochs": epochs,
-        "avg_epoch_time_sec": round(sum(r["seconds"] for r in history) / epochs, 4) if epochs else None,
-        "total_time_sec": round(total_time, 4),
-        "target": cfg.target,
-        "epochs_to_target": records.epochs_to_target(history, cfg.target),
-        "test": test,
-        "training": training_facts,
-        "environment": {"machine": env.machine_facts(), "versions": machine.package_versions(), **acc.facts()},
-    }
