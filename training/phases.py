@@ -9,6 +9,7 @@ TensorFlow's backup on a cluster), and continuing where an interrupted phase sto
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -85,7 +86,7 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.dataset.train) // self.batch)
+        return math.ceil(len(self.dataset.train) / self.batch)
 
     @property
     def splits(self) -> dict[str, Any]:

@@ -236,8 +236,9 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     pipes = {"val": datasets.pipeline(dataset.val, batch) if len(dataset.val) else None,
              "test": datasets.pipeline(dataset.test, batch)}
     ckpts = Checkpoints(staging, random_generators(model), read_from=shared)
-    run = phases.Run(cfg, acc, built, dataset, state, ckpts, staging, shared, cluster, log,
-                     sys.stdout.isatty() if progress is None else progress, weights, use_cache, batch, pipes)
+    run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
+                     shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
+                     class_weights=weights, use_cache=use_cache, batch=batch, pipes=pipes)
     if state.checkpoint:
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
