@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 from serving.machine import cpu_model  # noqa: E402
 from training import env, feature_cache, models  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import Split  # noqa: E402
-from training.train import _pipeline  # noqa: E402
+from training.data import Split, pipeline  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 
@@ -46,11 +45,11 @@ def main() -> None:
     x = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     split = Split(x, np.zeros(args.images, np.int64))
 
-    feature_cache.extract(plan.extractor, {"warm": Split(x[:128], split.y[:128])}, _pipeline, Path(tempfile.mkdtemp()))
+    feature_cache.extract(plan.extractor, {"warm": Split(x[:128], split.y[:128])}, pipeline, Path(tempfile.mkdtemp()))
     tf_rates = []
     for _ in range(args.rounds):
         t0 = time.perf_counter()
-        feature_cache.extract(plan.extractor, {"train": split}, _pipeline, Path(tempfile.mkdtemp()))
+        feature_cache.extract(plan.extractor, {"train": split}, pipeline, Path(tempfile.mkdtemp()))
         tf_rates.append(args.images / (time.perf_counter() - t0))
 
     import tf2onnx  # noqa: PLC0415

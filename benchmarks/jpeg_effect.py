@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from training import env, feature_cache, models  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
-from training.data import Split, load_dataset  # noqa: E402
-from training.train import _pipeline  # noqa: E402
+from training.data import Split, load_dataset, pipeline  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = str(SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5")
@@ -69,7 +68,7 @@ def main() -> None:
     for label, (a, b) in {"as in the copy": (xtr, xte),
                           f"one more JPEG pass (quality {args.quality})": (rejpeg(xtr, args.quality),
                                                                            rejpeg(xte, args.quality))}.items():
-        cache = feature_cache.extract(plan.extractor, {"train": Split(a, ytr), "test": Split(b, yte)}, _pipeline,
+        cache = feature_cache.extract(plan.extractor, {"train": Split(a, ytr), "test": Split(b, yte)}, pipeline,
                                       Path(tempfile.mkdtemp()))
         results[label] = (head_accuracy(cache.splits["train"][0], ytr, cache.splits["test"][0], yte),
                           float(np.mean(np.abs(a.astype(np.int16) - xtr.astype(np.int16)))))

@@ -25,7 +25,9 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 import cli  # noqa: E402
 from serving.machine import cpu_model  # noqa: E402
 from training import env  # noqa: E402
+from training.config import DataConfig, TrainConfig  # noqa: E402
 from training.runtimes import bench_model  # noqa: E402
+from training.train import train  # noqa: E402
 
 MODELS = [  # (name, backbone, input size)
     ("cnn", "cnn", None),
@@ -111,11 +113,8 @@ def main() -> None:
     rows = []
     for name, backbone, size in chosen:
         run_name = f"lat-{name}"
-        train = ["train", "--data", args.data, "--limit", str(args.limit), "-b", backbone, "--epochs", "1",
-                 "--name", run_name, "--overwrite", "--weights", "none"]
-        if size:
-            train += ["-s", "scratch", "--input-size", str(size)]
-        run(train)
+        train(TrainConfig(data=DataConfig(spec=args.data, limit=args.limit), backbone=backbone, epochs=1, name=run_name,
+                          overwrite=True, weights="none", strategy="scratch", input_size=size or None))
         run(["export", run_name, "--int8", "--overwrite", "--no-register"])
         model_dir = Path(os.environ["TLSERVE_HOME"]) / "models" / run_name
         report = bench_model(model_dir, runtimes=("keras", "tf-function", "onnx", "onnx-int8"), batch_sizes=(1, 32),

@@ -18,18 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-import cli  # noqa: E402
 from serving.machine import cpu_model  # noqa: E402
-from training.records import RECORD, RunRecord  # noqa: E402
+from training.config import DataConfig, TrainConfig  # noqa: E402
+from training.records import RunRecord  # noqa: E402
+from training.train import train as run_training  # noqa: E402
 
 
-def train(name: str, args: list[str]) -> RunRecord:
-    try:
-        cli.main(["train", *args, "--name", name, "--overwrite", "--patience", "0"])
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise SystemExit(f"training {name} failed ({exc.code})") from None
-    return RunRecord.load(Path(os.environ["TLSERVE_HOME"]) / "runs" / name / RECORD)
+def train(name: str, data: str, limit: int, **options) -> RunRecord:
+    """One run (no early stopping, so every configuration trains its epochs), its record."""
+    cfg = TrainConfig(data=DataConfig(spec=data, limit=limit), name=name, overwrite=True, patience=None, **options)
+    return run_training(cfg).record
 
 
 def steady(record: RunRecord, phase: str | None = None) -> float:
@@ -47,23 +45,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     rows = []
-    common = ["--data", args.data, "--weights", "none", "--epochs", str(args.epochs), "--batch-size", "64"]
+    common = dict(data=args.data, weights="none", epochs=args.epochs, batch_size=64)
     for size, limit in ((96, args.limit), (224, args.limit_224)):
-        frozen = [*common, "--limit", str(limit), "-b", "mobilenetv2", "-s", "frozen", "--input-size", str(size)]
-        seed_style = train(f"speed-frozen{size}-seedstyle", [*frozen, "--no-feature-cache"])
-        cached = train(f"speed-frozen{size}-cached", frozen)
+        frozen = dict(common, limit=limit, backbone="mobilenetv2", strategy="frozen", input_size=size)
+        seed_style = train(f"speed-frozen{size}-seedstyle", **frozen, feature_cache=False)
+        cached = train(f"speed-frozen{size}-cached", **frozen)
         n = seed_style.data.splits["train"]
         a, b = steady(seed_style), steady(cached)
         rows.append((f"frozen MobileNetV2 @{size}, seed-style loop", n, a, n / a, "", ""))
         rows.append((f"frozen MobileNetV2 @{size}, cached features", n, b, n / b,
                      f"{cached.training.extract_seconds:.1f} s once", f"{a / b:.0f}x"))
     for backbone in ("cnn", "cnn-bn"):
-        r = train(f"speed-{backbone}", [*common, "--limit", str(args.limit), "-b", backbone, "--cnn-layers", "seed002"])
+        r = train(f"speed-{backbone}", **common, limit=args.limit, backbone=backbone, cnn_layers="seed002")
         n = r.data.splits["train"]
         rows.append((f"{backbone} (seed002 layers) from scratch @32", n, steady(r), n / steady(r), "", ""))
-    ft = train("speed-finetune96", [*common, "--limit", str(args.limit), "-b", "mobilenetv2", "-s", "finetune",
-                                    "--input-size", "96", "--epochs", "1", "--finetune-epochs", str(args.epochs),
-                                    "--unfreeze", "30"])
+    ft = train("speed-finetune96", **dict(common, epochs=1), limit=args.limit, backbone="mobilenetv2", strategy="finetune",
+               input_size=96, finetune_epochs=args.epochs, unfreeze=30)
     n = ft.data.splits["train"]
     rows.append(("MobileNetV2 @96 fine-tune phase 2 (top 30)", n, steady(ft, "finetune"), n / steady(ft, "finetune"), "", ""))
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; data {args.data}")

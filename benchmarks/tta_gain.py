@@ -23,12 +23,12 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 from training import data as datasets, models, records  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.train import _pipeline  # noqa: E402
+from training.data import pipeline  # noqa: E402
 
 
 def accuracy(model, split) -> tuple[float, float]:
     started = time.perf_counter()
-    probs = model.predict(_pipeline(split, 256), verbose=0)
+    probs = model.predict(pipeline(split, 256), verbose=0)
     return float(np.mean(probs.argmax(axis=1) == split.y)), time.perf_counter() - started
 
 

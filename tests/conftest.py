@@ -86,6 +86,18 @@ def cli_call(*args: str | Path) -> None:
             pytest.fail(f"tlserve {' '.join(map(str, args))} exited {exc.code}")
 
 
+def train_run(runs: Path, name: str, *, data: str = "synthetic", limit: int | None = None, classes: str | None = None,
+              seed: int = 0, **options) -> Path:
+    """Train a run through the library, `train(TrainConfig(...))`, for fixtures that only need a finished run.
+    `seed` seeds the data split too, as `tlserve train --seed` does."""
+    from training.config import DataConfig, TrainConfig  # noqa: PLC0415
+    from training.train import train  # noqa: PLC0415
+
+    cfg = TrainConfig(data=DataConfig(spec=data, limit=limit, classes=classes, seed=seed), seed=seed, name=name, **options)
+    train(cfg, runs, progress=False)
+    return runs / name
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
@@ -94,9 +106,7 @@ def runs_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cnn_run(runs_root) -> Path:
     """One small CNN trained on synthetic data, shared by every test that needs a finished run."""
-    cli_call("train", "--data", "synthetic", "--backbone", "cnn", "--epochs", "4", "--name", "cnn",
-             "--runs-dir", runs_root, "--seed", "0")
-    return runs_root / "cnn"
+    return train_run(runs_root, "cnn", backbone="cnn", epochs=4)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def main() -> None:
     kind, _, arg = point.partition(":")
     import cli
     from serving import storage
-    from training import train
+    from training import checkpoints, run_state, train
     from training.env import keras
 
     K = keras()
@@ -47,7 +47,7 @@ def main() -> None:
 
         K.Model.fit = fit_and_die
     elif kind == "checkpoint":
-        write = train._Checkpoints.write
+        write = checkpoints.Checkpoints.write
 
         def write_and_die(self, name, **objects):
             ref = write(self, name, **objects)
@@ -55,27 +55,27 @@ def main() -> None:
                 _die()
             return ref
 
-        train._Checkpoints.write = write_and_die
+        checkpoints.Checkpoints.write = write_and_die
     elif kind == "phase-end":
         write_json = storage.write_json
 
         def write_json_and_die(path, data):
             write_json(path, data)
-            if path.name == train.STATE and arg in data.get("phases_done", []):
+            if path.name == run_state.STATE and arg in data.get("phases_done", []):
                 _die()
 
-        train.storage.write_json = write_json_and_die
+        storage.write_json = write_json_and_die
     elif kind == "state":
         write_json = storage.write_json
 
         def write_state_and_die(path, data):
             write_json(path, data)
-            if path.name == train.STATE and len(data.get("history", [])) == int(arg):
+            if path.name == run_state.STATE and len(data.get("history", [])) == int(arg):
                 _die()
 
-        train.storage.write_json = write_state_and_die
+        storage.write_json = write_state_and_die
     elif kind == "evaluate":
-        train._evaluate = lambda *a, **kw: _die()
+        train.evaluate = lambda *a, **kw: _die()
     elif kind == "save":
         promote = storage.promote
 

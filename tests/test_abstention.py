@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import bentoml_server, cli_call
+from conftest import bentoml_server, cli_call, train_run
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -17,8 +17,7 @@ DEFAULT_THRESHOLD = 0.5
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("abstain")
-    cli_call("train", "--data", "synthetic", "-b", "cnn", "--cnn-layers", "c16,p,c32,p,f,d32", "--epochs", "3",
-             "--limit", "200", "--seed", "3", "--name", "ab", "--runs-dir", root / "runs")
+    train_run(root / "runs", "ab", backbone="cnn", cnn_layers="c16,p,c32,p,f,d32", epochs=3, limit=200, seed=3)
     cli_call("export", "ab", "--runs-dir", root / "runs", "--models-dir", root / "models", "--formats", "onnx",
              "--no-register")
     return root / "models" / "ab"

@@ -11,18 +11,16 @@ import pytest
 
 from training.records import RunRecord
 
-from conftest import cli_call
-
-TINY = ["--data", "synthetic", "-b", "cnn", "--cnn-layers", "c16,p,c32,p,f,d32", "--epochs", "6", "--limit", "400",
-        "--seed", "1"]
+from conftest import train_run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """The same tiny run twice: calibrated, and with --no-calibrate (otherwise identical)."""
     root = tmp_path_factory.mktemp("calib-runs")
-    cli_call("train", *TINY, "--name", "cal", "--runs-dir", root)
-    cli_call("train", *TINY, "--name", "raw", "--no-calibrate", "--runs-dir", root)
+    tiny = dict(backbone="cnn", cnn_layers="c16,p,c32,p,f,d32", epochs=6, limit=400, seed=1)
+    train_run(root, "cal", **tiny)
+    train_run(root, "raw", calibrate=False, **tiny)
     return root
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from conftest import cli_call
+from conftest import cli_call, train_run
 from serving.manifest import sha256_file
 from serving.runtime import OnnxClassifier
 from serving.errors import UserError
@@ -27,8 +27,8 @@ def backbone_models(runs_root, models_root) -> dict[str, Path]:
     out = {}
     for backbone in ("mobilenetv2", "vgg16", "resnet50v2"):
         name = f"exp-{backbone}"
-        cli_call("train", "--data", "synthetic", "--limit", "48", "-b", backbone, "-s", "frozen", "--weights", "none",
-                 "--input-size", "32", "--epochs", "1", "--batch-size", "16", "--runs-dir", runs_root, "--name", name)
+        train_run(runs_root, name, limit=48, backbone=backbone, strategy="frozen", weights="none", input_size=32,
+                  epochs=1, batch_size=16)
         cli_call("export", name, "--runs-dir", runs_root, "--models-dir", models_root, "--no-register")
         out[backbone] = models_root / name
     return out

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_call
+from conftest import train_run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gate-runs")
-    cli_call("train", "--data", "synthetic", "-b", "cnn", "--cnn-layers", "c16,p,c32,p,f,d32", "--epochs", "3",
-             "--limit", "200", "--seed", "2", "--name", "g", "--runs-dir", root)
+    train_run(root, "g", backbone="cnn", cnn_layers="c16,p,c32,p,f,d32", epochs=3, limit=200, seed=2)
     return root
 
 

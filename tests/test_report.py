@@ -9,7 +9,7 @@ import pytest
 
 from training.records import RunRecord
 
-from conftest import cli_call
+from conftest import cli_call, train_run
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,8 @@ def test_bench_skips_missing_variants(runs_root, models_root, run_cli):
 
 @pytest.fixture(scope="module")
 def finetune_run(runs_root) -> str:
-    cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "mobilenetv2", "-s", "finetune", "--weights", "none",
-             "--input-size", "32", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32",
-             "--runs-dir", runs_root, "--name", "rep-mnv2-ft")
+    train_run(runs_root, "rep-mnv2-ft", limit=64, backbone="mobilenetv2", strategy="finetune", weights="none",
+              input_size=32, epochs=1, finetune_epochs=1, batch_size=32)
     return "rep-mnv2-ft"
 
 

@@ -84,12 +84,13 @@ def test_two_phase_finetune_resumes_exactly(tlserve_bin, tmp_path):
 def test_early_stopping_state_survives_a_resume(tmp_path):
     """Patience counter, best loss and best-epoch weights come back from the saved state, so the
     resumed phase stops where the uninterrupted one did and ends with the best epoch's weights."""
-    from training import train
+    from training.callbacks import early_stopping
+    from training.checkpoints import Checkpoints
     from training.env import keras
 
     K = keras()
     model = K.Sequential([K.Input((2,)), K.layers.Dense(1)])
-    ckpts = train._Checkpoints(tmp_path, [])
+    ckpts = Checkpoints(tmp_path, [])
     losses = [1.0, 0.5, 0.7, 0.8]  # best at epoch 2; patience 2 stops after epoch 4
 
     def run_epochs(early, epochs):
@@ -97,11 +98,11 @@ def test_early_stopping_state_survives_a_resume(tmp_path):
             model.set_weights([np.full((2, 1), epoch, np.float32), np.zeros(1, np.float32)])
             early.on_epoch_end(epoch, {"val_loss": losses[epoch]})
 
-    early = train._EarlyStopping(2, None, ckpts)
+    early = early_stopping(2, None, ckpts)
     early.set_model(model)
     run_epochs(early, range(3))
     saved = json.loads(json.dumps(early.snapshot("train")))  # through JSON, as state.json holds it
-    resumed = train._EarlyStopping(2, saved, ckpts)
+    resumed = early_stopping(2, saved, ckpts)
     resumed.set_model(model)
     resumed.on_train_begin()  # what fit calls: it must not reset the restored progress
     run_epochs(resumed, [3])

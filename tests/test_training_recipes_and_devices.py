@@ -100,29 +100,30 @@ def test_residual_block_needs_matching_channels(run_cli, tmp_path):
 
 @pytest.mark.fast
 def test_label_smoothing_loss_matches_its_definition():
-    from training.train import _loss
+    from training.optim import loss
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
     targets = 0.8 * np.eye(3)[labels] + 0.2 / 3
     expected = -(targets * np.log(probs)).sum(axis=1)
-    np.testing.assert_allclose(_loss(0.2)(labels, probs).numpy(), expected, rtol=1e-5)
-    assert _loss(0.0) == "sparse_categorical_crossentropy"
+    np.testing.assert_allclose(loss(0.2)(labels, probs).numpy(), expected, rtol=1e-5)
+    assert loss(0.0) == "sparse_categorical_crossentropy"
 
 
 def test_recorded_test_loss_is_the_training_loss():
     """With label smoothing the recorded test loss is the smoothed loss trained on, as val_loss is, so the two compare."""
     from types import SimpleNamespace
 
-    from training.train import _evaluate, _loss
+    from training.optim import loss
+    from training.train import evaluate
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
     model = SimpleNamespace(predict=lambda ds, verbose=0, callbacks=None: probs, losses=[])
     dataset = SimpleNamespace(test=SimpleNamespace(y=labels), class_names=["a", "b", "c"])
-    assert _evaluate(model, None, dataset, 0.0)["loss"] == pytest.approx(-np.log([0.7, 0.8]).mean(), rel=1e-5)
-    test = _evaluate(model, None, dataset, 0.2)
-    assert test["loss"] == pytest.approx(float(np.mean(_loss(0.2)(labels, probs))), rel=1e-5)
+    assert evaluate(model, None, dataset, 0.0)["loss"] == pytest.approx(-np.log([0.7, 0.8]).mean(), rel=1e-5)
+    test = evaluate(model, None, dataset, 0.2)
+    assert test["loss"] == pytest.approx(float(np.mean(loss(0.2)(labels, probs))), rel=1e-5)
     assert test["accuracy"] == 1.0 and test["confusion_matrix"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
 
 

@@ -7,8 +7,12 @@ pod). Its chief is the `chief` task when the cluster names one, else worker 0: t
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from serving.errors import UserError
@@ -87,3 +91,13 @@ def from_env(distribute: str, tf_config: str | None) -> Cluster | None:
         return None
     found = parse(tf_config)
     return found if found is not None and found.workers > 1 else None
+
+
+def worker_folder(name: str, cluster: Cluster, runs_dir: Path) -> Path:
+    """A non-chief's temporary folder (emptied), named for the run, the task and the runs folder, so a
+    worker started again after a kill (which could not clean up) removes what its predecessor left."""
+    where = hashlib.sha1(str(runs_dir.resolve()).encode()).hexdigest()[:8]
+    folder = Path(tempfile.gettempdir()) / f"tlserve-{name}-{cluster.task_type}{cluster.task_index}-{where}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder

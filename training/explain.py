@@ -97,7 +97,7 @@ class GradCam:
     """Grad-CAM of one model at one layer; build once, call on batches of raw pixels."""
 
     def __init__(self, model, layer: str | None = None):
-        K, T = keras(), tf()
+        T = tf()
         name = layer or default_layer(model)
         target, owner = _find(model, name)
         shape = _output_shape(target)

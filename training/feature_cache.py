@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from training import progress
+from training import data as datasets, progress, strategies
 from training.config import TrainConfig
 from training.env import keras, tf
 
@@ -189,6 +189,30 @@ def _extract_split(run, split, pipeline, shapes: list[tuple[int, ...]], disk: Pa
         if isinstance(array, np.memmap):
             array.flush()
     return arrays
+
+
+def phase_plan(cfg: TrainConfig, built, phase: str, use_cache: bool, log, facts: dict[str, Any]) -> Plan | None:
+    """The phase's Plan, or None (with the reason logged and put in `facts`, the record's caches)."""
+    if phase == "head" and use_cache:
+        plan = head_plan(built.model, built.backbone, built.features)
+    elif phase == "finetune":
+        start = strategies.unfreeze_start(built.backbone, cfg)
+        ok, why = decide_finetune(cfg, built.backbone, start)
+        if not ok:
+            if phase not in facts:
+                log(f"phase {phase} cache off: {why}")
+            facts[phase] = {"used": False, "reason": why}
+            return None
+        plan = finetune_plan(built.model, built.backbone, built.backbone_training, start)
+    else:
+        return None
+    facts[phase] = {"used": True, "what": plan.where}
+    return plan
+
+
+def cached_pipeline(cache: Cache, split: str, y: np.ndarray, batch_size: int):
+    """A split's cached activations in order (validation and test); None for an empty split."""
+    return datasets.pipeline(datasets.Split(cache.splits[split], y), batch_size) if len(y) else None
 
 
 def peak_rss_bytes() -> int:
