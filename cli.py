@@ -28,9 +28,9 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _log(json_out: bool = False) -> Callable[[str], None]:
-    """Progress lines: on stdout, or on stderr when stdout carries JSON."""
-    out = err if json_out else console
+def _log(stderr: bool = False) -> Callable[[str], None]:
+    """Progress lines: on stdout, or on stderr (where they go when stdout carries JSON)."""
+    out = err if stderr else console
     return lambda line: out.print(line, highlight=False)
 
 
@@ -285,7 +285,7 @@ def eval_cmd(
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
                        runs_dir=runs_dir)
-    result = evaluate(resolve_model(model, models_dir), opts, log=_log(json_out=True))
+    result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
     if json_out:
         _print_json(result)
         return
