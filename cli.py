@@ -1,17 +1,22 @@
-"""The `tlserve` command line: options in, tables out; the work lives in training/ and serving/."""
+"""The `tlserve` command line: options in, tables out; the work lives in training/ and serving/.
+
+Each command parses its options, calls one function of the packages and hands the result to one
+printer in training/tables.py. TensorFlow, BentoML and training.train are imported inside the
+commands that need them, so `tlserve --help` stays instant.
+"""
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import training  # noqa: F401  (sets TensorFlow's environment before anything imports it)
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from serving.errors import UserError
 from serving.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
+from training import tables
 
 app = typer.Typer(
     name="tlserve",
@@ -24,35 +29,15 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]], *, text: tuple[str, ...] = ()) -> Table:
-    """A table that shows every name and number whole on an 80-column terminal: no vertical rules,
-    a number column never narrower than its longest value (headers wrap instead), and the `text`
-    columns (names) wrap inside their cell rather than being cut."""
-    from rich import box  # noqa: PLC0415
-
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
-    for i, col in enumerate(columns):
-        if col in text:
-            table.add_column(col, overflow="fold", ratio=1, min_width=8)
-        else:
-            widest = max((len(row[i]) for row in rows), default=1)
-            table.add_column(col, justify="right", overflow="fold", min_width=widest)
-    for row in rows:
-        table.add_row(*row)
-    return table
+def _log(stderr: bool = False) -> Callable[[str], None]:
+    """Progress lines: on stdout, or on stderr (where they go when stdout carries JSON)."""
+    out = err if stderr else console
+    return lambda line: out.print(line, highlight=False)
 
 
-# Short headers for the run table (its CSV keeps the full field names).
-RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/epoch", "total_time_sec": "total s",
-               "test_accuracy": "test acc", "trainable_params": "trainable", "non_trainable_params": "frozen",
-               "epochs_to_target": "to target", "macro_f1": "macro F1"}
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
 
-
-def _runs_table(title: str, records: list) -> Table:
-    from training.records import TABLE_FIELDS, table_row  # noqa: PLC0415
-
-    rows = [[_fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
-    return _table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",))
 
 RunsDir = Annotated[Optional[Path], typer.Option("--runs-dir", help="Where runs live (default: $TLSERVE_HOME/runs or ./runs).")]
 ModelsDir = Annotated[Optional[Path], typer.Option("--models-dir", help="Where exported models live (default: $TLSERVE_HOME/models or ./models).")]
@@ -142,56 +127,19 @@ def train(
 
     options = merge(ctx, config) if config else dict(ctx.params)
     json_out, runs_dir = options["json_out"], options["runs_dir"]
-    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
-    if resume:
-        if config:
-            raise UserError("--resume continues a run with its own options; leave out --config")
-        _show_run(resume_training(resume, runs_dir, log=log), json_out)
-        return
-    _show_run(run_training(train_config(options), runs_dir, log=log), json_out)
-
-
-def _show_run(run, json_out: bool) -> None:
+    if resume and config:
+        raise UserError("--resume continues a run with its own options; leave out --config")
+    run = (resume_training(resume, runs_dir, log=_log(json_out)) if resume
+           else run_training(train_config(options), runs_dir, log=_log(json_out)))
     if json_out:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(run.record.to_dict(), indent=2))
+        _print_json(run.record.to_dict())
         return
-    _print_record(run)
-
-
-def _print_record(run) -> None:
-    from training.records import table_row  # noqa: PLC0415
-
-    r = run.record
-    row = table_row(r)
-    table = Table(title=f"run {r.name}", show_header=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    m, t = r.model, r.test
-    facts = {
-        "data": f"{r.data.source}, {r.data.num_classes} classes, splits {r.data.splits}",
-        "model": f"{m.backbone} / {m.strategy}, input {m.input_shape[0]}x{m.input_shape[1]} -> {m.input_size}, "
-                 f"{m.layers} layers (depth {m.depth})",
-        "params": f"total {m.total_params:,}  trainable {m.trainable_params:,}  non-trainable {m.non_trainable_params:,}",
-        "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
-        "epochs_to_target": f"{row['epochs_to_target']} (target {r.target})",
-        "test": f"accuracy {t.accuracy:.4f}  loss {t.loss:.4f}" + (f"  macro F1 {t.macro_f1:.4f}" if t.macro_f1 is not None else ""),
-        "record": str(run.path / "record.json"),
-    }
-    cal = r.calibration
-    if cal is not None and cal.temperature is not None:
-        facts["calibration"] = (f"temperature {cal.temperature:.3f}; test ECE {cal.test_ece_before:.4f} -> "
-                                f"{cal.test_ece_after:.4f} (val {cal.val_ece_before:.4f} -> {cal.val_ece_after:.4f})")
-    elif cal is not None and cal.skipped:
-        facts["calibration"] = f"skipped: {cal.skipped}"
-    for key, value in facts.items():
-        table.add_row(key, value)
-    console.print(table)
+    tables.print_record(console, run)
 
 
 @app.command()
 def summary(
+    ctx: typer.Context,
     backbone: Backbone = "cnn",
     strategy: Strategy = "scratch",
     image_size: Annotated[int, typer.Option("--image-size", help="The data's image size.")] = 32,
@@ -211,53 +159,20 @@ def summary(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Inspect a backbone + strategy without training: depth, parameters, trainable vs frozen layers."""
+    from training.recipes import train_config  # noqa: PLC0415
     from training.summary import describe  # noqa: PLC0415
 
-    result = describe(backbone=backbone, strategy=strategy, image_size=image_size, num_classes=num_classes,
-                      weights=weights, input_size=input_size, head=head, head_units=head_units, cnn_layers=cnn_layers,
-                      cnn_padding=cnn_padding, bn_momentum=bn_momentum, l2=l2, truncate_at=truncate_at,
-                      unfreeze=unfreeze, unfreeze_from=unfreeze_from)
+    result = describe(train_config(ctx.params), image_size=image_size, num_classes=num_classes)
     if json_out:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(result, indent=2))
+        _print_json(result)
         return
-    table = Table(title=f"{backbone} / {result['strategy']}: {image_size}x{image_size} images -> input "
-                        f"{result['input_size']}, {num_classes} classes")
-    table.add_column("")
-    for phase in result["phases"]:
-        table.add_column(phase["phase"], justify="right")
-    for key in ("layers", "depth", "total_params", "trainable_params", "non_trainable_params", "trainable_layers", "frozen_layers"):
-        table.add_row(key, *(f"{phase['facts'][key]:,}" for phase in result["phases"]))
-    console.print(table)
-    if layers:
-        listing = Table(title="layers (last phase)")
-        for col in ("#", "layer", "type", "params", "trainable"):
-            listing.add_column(col)
-        for i, layer in enumerate(result["layers"]):
-            listing.add_row(str(i), layer["name"], layer["type"], f"{layer['params']:,}", "yes" if layer["trainable"] else "no")
-        console.print(listing)
+    tables.print_summary(console, result, image_size, num_classes, layers=layers)
 
 
 @app.command("backbones")
 def list_backbones() -> None:
     """List the backbones `--backbone` accepts, and the CNN presets."""
-    from training.backbones import CNN_PRESETS, CNN_TOKENS, REGISTRY  # noqa: PLC0415
-
-    table = Table(title="backbones")
-    for col in ("name", "weights", "default input", "preprocess", "description"):
-        table.add_column(col)
-    for spec in REGISTRY.values():
-        table.add_row(spec.name, "imagenet | none | PATH" if spec.pretrained else "none (random init)",
-                      str(spec.default_input or "image size"), spec.preprocess, spec.description)
-    console.print(table)
-    presets = Table(title="CNN presets (--cnn-layers)", caption=f"Tokens: {CNN_TOKENS}.")
-    presets.add_column("preset")
-    presets.add_column("layers")
-    presets.add_column("padding")
-    for preset, (spec, padding) in CNN_PRESETS.items():
-        presets.add_row(preset, spec, padding)
-    console.print(presets)
+    tables.print_backbones(console)
 
 
 @app.command("runs")
@@ -269,7 +184,6 @@ def list_runs_cmd(
     """List finished runs with seed 001's columns plus epochs_to_target."""
     from serving import storage  # noqa: PLC0415
     from training.records import list_runs, table_csv  # noqa: PLC0415
-
     from training.train import interrupted  # noqa: PLC0415
 
     if tensorboard:
@@ -287,22 +201,14 @@ def list_runs_cmd(
     if not runs and not paused:
         raise UserError(f"no finished runs in {storage.runs_dir(runs_dir)}; train one with `tlserve train`")
     if runs:
-        console.print(_runs_table(f"runs in {storage.runs_dir(runs_dir)}", [r.record for r in runs]))
-    for name, epochs in paused:
-        console.print(f"interrupted after {epochs} epoch(s): {name}  (continue: tlserve train --resume {name})",
-                      highlight=False, soft_wrap=True)
+        tables.print_runs(console, f"runs in {storage.runs_dir(runs_dir)}", [r.record for r in runs])
+    tables.print_interrupted(console, paused)
     if csv:
         storage.write_text(csv, table_csv([r.record for r in runs]))
         console.print(f"wrote {csv}")
 
 
-def _fmt(value) -> str:
-    from training.records import format_cell  # noqa: PLC0415
-
-    return format_cell(value)
-
-
-# ---- export / predict / models -----------------------------------------------
+# ---- exported models: export, predict, eval, models --------------------------
 
 
 @app.command()
@@ -328,28 +234,7 @@ def export(
                          max_class_drop=max_class_drop)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
                                 log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    rejected = manifest.rejected
-    rows = [[file, f"{facts.bytes / 1e6:.2f}", f"{facts.max_abs_diff:.2e}", f"{facts.top1_agreement:.0%}",
-             _fmt(facts.test_accuracy), _fmt(facts.accuracy_delta), _fmt(facts.test_ece),
-             "—" if facts.gate is None else ("NOT KEPT" if file in rejected else "kept")]
-            for file, facts in {**manifest.artifacts, **rejected}.items()]
-    console.print(_table(f"exported {manifest.name}:{manifest.version}",
-                         ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows,
-                         text=("file", "gate")))
-    for file, facts in manifest.artifacts.items():  # too long for a cell; export logged the rejected ones
-        if facts.gate is not None:
-            console.print(f"gate: {file} {_gate_verdict(facts.gate)}", highlight=False, soft_wrap=True)
-    console.print(f"max diff: largest |output - Keras output| on the check batch; folder: {path}", highlight=False,
-                  soft_wrap=True)
-    if not manifest.export.check_informative:
-        console.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
-                      "nothing about whether the runtimes compute the same function", highlight=False, soft_wrap=True)
-
-
-def _gate_verdict(gate: dict) -> str:
-    """The accuracy gate's verdict on one kept variant, printed under the export table."""
-    return (f"kept: accuracy drop {gate['accuracy_drop_points']:.2f} pt, worst class "
-            f"{gate['worst_class']!r} {gate['worst_class_drop_points']:.2f} pt")
+    tables.print_export(console, path, manifest)
 
 
 @app.command()
@@ -363,8 +248,6 @@ def predict(
     models_dir: ModelsDir = None,
 ) -> None:
     """Classify image files (any mode, EXIF orientation honoured)."""
-    import json  # noqa: PLC0415
-
     from serving.manifest import resolve_model  # noqa: PLC0415
     from training.runtimes import predict_files  # noqa: PLC0415 (onnx, savedmodel, keras)
 
@@ -373,14 +256,8 @@ def predict(
         for r in results:
             print(json.dumps({"path": r.path, "top": r.top}))
     elif results:
-        table = Table(title=f"{model} ({runtime})")
-        table.add_column("image")
-        table.add_column("prediction")
-        for r in results:
-            table.add_row(r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top))
-        console.print(table)
-    for failure in failures:
-        err.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)  # a path stays on one line
+        tables.print_predictions(console, f"{model} ({runtime})", results)
+    tables.print_errors(err, failures)
     if failures:
         raise typer.Exit(2)
 
@@ -406,43 +283,14 @@ def eval_cmd(
     from serving.manifest import resolve_model  # noqa: PLC0415
     from training.evaluation import EvalOptions, evaluate  # noqa: PLC0415
 
-    log = (lambda line: err.print(line, highlight=False))
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
                        runs_dir=runs_dir)
-    result = evaluate(resolve_model(model, models_dir), opts, log=log)
+    result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
     if json_out:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(result, indent=2))
+        _print_json(result)
         return
-    _print_eval(result)
-
-
-def _print_eval(result: dict) -> None:
-    from training.evaluation_page import SUMMARY_HEADERS, scored_classes, summary_rows  # noqa: PLC0415
-
-    d = result["data"]
-    console.print(f"{d['source']}: {d['scored']:,} of {d['images']:,} images scored", highlight=False, soft_wrap=True)
-    console.print(_table(f"eval {result['model']}:{result['version']}", SUMMARY_HEADERS,
-                         [[_fmt(c) for c in row] for row in summary_rows(result)], text=("variant", "provider")))
-    names = list(result["variants"])
-    first = result["variants"][names[0]]["per_class"]
-    console.print(_table(f"per class ({names[0]}; F1 of the others)",
-                         ["class", "support", "precision", "recall", "F1", *[f"{v} F1" for v in names[1:]]],
-                         [[c, *[_fmt(first.get(c, {}).get(m)) for m in ("support", "precision", "recall", "f1")],
-                           *[_fmt(result["variants"][v]["per_class"].get(c, {}).get("f1")) for v in names[1:]]]
-                          for c in scored_classes(result)], text=("class",)))
-    thresholds = [r["threshold"] for r in result["variants"][names[0]]["coverage"]]
-    console.print(_table("abstaining below a confidence threshold: share kept, accuracy of those kept",
-                         ["threshold", *[f"{v} {m}" for v in names for m in ("kept", "acc")]],
-                         [[f"{t:g}", *[_fmt(result["variants"][v]["coverage"][i][m]) for v in names
-                                       for m in ("coverage", "accuracy")]] for i, t in enumerate(thresholds)]))
-    for label, items in (("unreadable", d["skipped_unreadable"]), ("unknown class", d["skipped_unknown_class"])):
-        if items:
-            console.print(f"skipped ({label}): " + ", ".join(f"{k} ({v})" for k, v in items.items()),
-                          highlight=False, soft_wrap=True)
-    console.print(f"wrote {result['path']} (metrics.json, predictions.csv, index.html)", highlight=False, soft_wrap=True)
+    tables.print_eval(console, result)
 
 
 @app.command("models")
@@ -451,26 +299,17 @@ def list_models_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List exported models (models/ and the BentoML model store)."""
-    from serving import storage  # noqa: PLC0415
-    from training.export import list_models  # noqa: PLC0415
+    from serving import catalog  # noqa: PLC0415
 
-    for stale in storage.remove_stale_staging(storage.models_dir(models_dir)):
+    for stale in catalog.remove_stale(models_dir):
         err.print(f"removed {stale.name}: left by an export that was killed", highlight=False, soft_wrap=True)
-    rows = list_models(models_dir)
+    rows = catalog.list_models(models_dir)
     if json_out:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return
     if not rows:
         raise UserError("no exported models; export a run with `tlserve export RUN`")
-    console.print(_table("exported models", ["name", "backbone", "strategy", "test acc", "MB", "variants"],
-                         [[r["name"], r["backbone"], r["strategy"], _fmt(r["test_accuracy"]), _fmt(r["onnx_mb"]),
-                           r["variants"].replace(",", " ")] for r in rows], text=("name", "variants")))
-    for r in rows:
-        tag = r["bentoml_tag"] if r["bentoml_tag"] and not r["where"].startswith("bentoml:") else None
-        console.print(f"{r['name']}: {r['where']}" + (f"  (BentoML {tag})" if tag else ""),
-                      highlight=False, soft_wrap=True)
+    tables.print_models(console, rows)
 
 
 # ---- serve / build -----------------------------------------------------------
@@ -485,20 +324,13 @@ def serve(
     models_dir: ModelsDir = None,
 ) -> None:
     """Serve a model over HTTP with BentoML (POST /predict, /predict_batch; GET /metadata)."""
-    import os  # noqa: PLC0415
+    from serving.bento import exec_serve  # noqa: PLC0415
 
-    from serving.bento import serve_command  # noqa: PLC0415
-    from serving.manifest import resolve_model  # noqa: PLC0415
+    def ready(model_dir: Path, url: str) -> None:
+        console.print(f"serving {model_dir} at {url}  (Ctrl-C to stop)", highlight=False)
+        console.print(f"try: curl -F image=@some.png {url}/predict", highlight=False)
 
-    model_dir = resolve_model(model, models_dir)
-    command, env = serve_command(model_dir, host, port, workers)
-    url = f"http://{host}:{port}"
-    console.print(f"serving {model_dir} at {url}  (Ctrl-C to stop)", highlight=False)
-    console.print(f"try: curl -F image=@some.png {url}/predict", highlight=False)
-    sys.stdout.flush()
-    # Become the server: signals (Ctrl-C, a supervisor's TERM) then reach BentoML directly, and
-    # this pid is the supervisor's, which its workers watch (serving/lifecycle.py).
-    os.execve(command[0], command, env)
+    exec_serve(model, models_dir, host, port, workers, ready)
 
 
 @app.command()
@@ -516,14 +348,7 @@ def build(
                   highlight=False)
 
 
-# ---- compare / bench / features ----------------------------------------------
-
-
-def _ints(spec: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in spec.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated whole numbers, not '{spec}'") from None
+# ---- measuring and looking inside: bench, compare, features, explain ----------
 
 
 @app.command()
@@ -544,31 +369,14 @@ def bench(
     models_dir: ModelsDir = None,
 ) -> None:
     """Latency (p50/p90/p99/max) and throughput, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
-    import json  # noqa: PLC0415
+    from training.benchmark import BenchOptions, bench as run_bench  # noqa: PLC0415
 
-    from serving import bench as benchmarks  # noqa: PLC0415
-    from serving.manifest import resolve_model  # noqa: PLC0415
-    from training.runtimes import bench_model  # noqa: PLC0415 (onnx runtimes and the TensorFlow ones)
-
-    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
-    model_dir = resolve_model(model, models_dir) if model else None
-    if url:
-        uploads = None
-        target = benchmarks.check_url(url, allow_remote)
-        if images is not None:
-            from serving.bench import sample_uploads  # noqa: PLC0415
-
-            uploads = sample_uploads((0, 0), folder=images)
-        report = benchmarks.bench_http(target, concurrency=_ints(concurrency, "--concurrency"), requests=requests,
-                                       uploads=uploads, model_dir=model_dir, log=log)
-    elif model_dir is None:
-        raise UserError("give a MODEL to benchmark in-process, or --url for a running service")
-    else:
-        report = bench_model(model_dir, runtimes=tuple(r.strip() for r in runtimes.split(",") if r.strip()),
-                             batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations,
-                             duration=None if iterations else duration, warmup=warmup, threads=threads, log=log)
+    opts = BenchOptions(runtimes=runtimes, batch_sizes=batch_sizes, duration=duration, iterations=iterations,
+                        warmup=warmup, threads=threads, url=url, concurrency=concurrency, requests=requests,
+                        images=images, allow_remote=allow_remote)
+    report = run_bench(model, opts, models_dir=models_dir, log=_log(json_out))
     if json_out:
-        print(json.dumps(report, indent=2))
+        _print_json(report)
     elif "path" in report:
         console.print(f"stored {report['path']}", highlight=False)
 
@@ -584,7 +392,7 @@ def compare(
     from training.report import answers, build as build_report  # noqa: PLC0415
 
     folder, entries = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
-    console.print(_runs_table("runs", [e.record for e in entries]))
+    tables.print_runs(console, "runs", [e.record for e in entries])
     for line in answers(entries):
         console.print(f"- {line}", highlight=False)
     console.print(f"report: {folder / 'report.html'} and {folder / 'report.md'}", highlight=False)
@@ -621,11 +429,9 @@ def explain(
 
     _, failures = explain_files(run_or_model, paths, out=out, layer=layer, class_name=class_name, runs_dir=runs_dir,
                                 models_dir=models_dir, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    for failure in failures:
-        err.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+    tables.print_errors(err, failures)
     if failures:
         raise typer.Exit(2)
-
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -655,45 +461,13 @@ def data_check(
     from training.datacheck_page import default_out, write  # noqa: PLC0415
 
     thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
-    log = (lambda line: err.print(line, highlight=False)) if json_out else (lambda line: console.print(line, highlight=False))
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
-    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=log, search=search)
+    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=_log(json_out), search=search)
     folder = write(report, out or default_out())
     if json_out:
-        import json  # noqa: PLC0415
-
-        print(json.dumps(report.data, indent=2))
+        _print_json(report.data)
         return
-    _print_data_check(report.data, folder)
-
-
-def _print_data_check(d: dict, folder: Path) -> None:
-    console.print(f"{d['source']}: " + ", ".join(f"{s} {n:,}" for s, n in d["splits"].items()), highlight=False)
-    rows = [[k, f"{v['images']:,}", f"{v['of']:,}", f"{v['percent']:.2f}%"] for k, v in d["leaks"].items()]
-    console.print(_table("leaks across splits", ["which", "images", "of", "share"],
-                         rows or [["none", "0", "", ""]], text=("which",)))
-    rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d["duplicates"].items()]
-    console.print(_table("duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",)))
-    names = d["class_names"]
-    splits = list(d["balance"])
-    rows = [[c, *[f"{d['balance'][s]['counts'][c]:,}" for s in splits]] for c in names]
-    rows.append(["largest/smallest", *[str(d["balance"][s]["largest_smallest_ratio"]) for s in splits]])
-    console.print(_table("class balance", ["class", *splits], rows, text=("class",)))
-    facts = d["images"]
-    console.print("sizes: " + ", ".join(f"{k} {sum(v.values()):,}" for k, v in list(facts["sizes"].items())[:6])
-                  + (" ..." if len(facts["sizes"]) > 6 else ""), highlight=False)
-    console.print("kinds: " + (", ".join(f"{k} {v:,}" for k, v in facts["kinds"].items() if v) or "all plain RGB"), highlight=False)
-    for line in facts["class_outliers"]:
-        console.print(f"warning: {line}", highlight=False)
-    if d["label_conflicts"]:
-        console.print(f"warning: {len(d['label_conflicts']):,} label conflict(s): the same image under two classes", highlight=False)
-    for u in d["unreadable"]:
-        console.print(f"unreadable: {u['file']}: {u['why']}", highlight=False)
-    for f in d["not_images"]:
-        console.print(f"not an image: {f}", highlight=False)
-    console.print(f"embeddings: {d['embeddings']}; search: {d['search']['used']}", highlight=False)
-    console.print(f"report: {folder / 'index.html'} and {folder / 'report.json'} ({d['seconds'].get('total', 0):.1f} s)",
-                  highlight=False)
+    tables.print_data_check(console, report.data, folder)
 
 
 def main(argv: list[str] | None = None) -> None:

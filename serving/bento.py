@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import yaml
 
@@ -45,6 +46,18 @@ def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[
     ServiceSettings.from_env(env)  # a bad TLSERVE_* setting is one line here, not a traceback from the server
     _check_address(host, port)
     return [sys.executable, "-m", "serving.lifecycle", "serve", SERVICE, "--host", host, "--port", str(port)], env
+
+
+def exec_serve(model_ref: str, models_dir: Path | None, host: str, port: int, workers: int,
+               ready: Callable[[Path, str], None]) -> NoReturn:
+    """Check everything, call `ready(model_dir, url)` (the caller's one chance to print), then become the
+    server: signals (Ctrl-C, a supervisor's TERM) reach BentoML directly, and this pid is the supervisor's,
+    which its workers watch (serving/lifecycle.py)."""
+    model_dir = resolve_model(model_ref, models_dir)
+    command, env = serve_command(model_dir, host, port, workers)
+    ready(model_dir, f"http://{host}:{port}")
+    sys.stdout.flush()
+    os.execve(command[0], command, env)
 
 
 def _check_address(host: str, port: int) -> None:

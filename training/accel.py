@@ -12,10 +12,10 @@ from typing import Any
 from serving.errors import UserError
 from serving.machine import cpu_flags
 from training import cluster as clusters, env
+from training.config import DISTRIBUTIONS, PRECISIONS
 from training.env import keras, tf
+from training.validation import choose
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTIONS = ("auto", "none", "mirrored")
 
 
 def choose_precision(gpus: int, requested: str = "auto") -> str:
@@ -23,9 +23,7 @@ def choose_precision(gpus: int, requested: str = "auto") -> str:
 
     mixed_bfloat16 is never automatic: it pays only on CPUs with bfloat16 instructions (AVX512-BF16,
     AMX; measured 1.3-2x on a Zen 4 here), and a user should choose reduced precision knowingly."""
-    if requested not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if requested != "auto":
+    if choose("--precision", requested, PRECISIONS) != "auto":
         return requested
     return "mixed_float16" if gpus > 0 else "float32"
 
@@ -51,9 +49,7 @@ def choose_jit(gpus: int, requested: bool | None = None) -> bool:
 
 def choose_distribution(gpus: int, requested: str = "auto", tf_config: str | None = None) -> str:
     """multiworker when TF_CONFIG names a cluster; mirrored over >1 GPU; else the default strategy."""
-    if requested not in DISTRIBUTIONS:
-        raise UserError(f"--distribute must be one of {', '.join(DISTRIBUTIONS)}")
-    if requested == "none":
+    if choose("--distribute", requested, DISTRIBUTIONS) == "none":
         return "default"
     if requested == "mirrored":
         return "mirrored"

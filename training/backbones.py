@@ -68,7 +68,9 @@ def get(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown backbone '{name}'; choose from {', '.join(REGISTRY)}{nearest(name, list(REGISTRY))}") from None
+        from training.validation import choose  # noqa: PLC0415  (validation imports this module)
+
+        return REGISTRY[choose("backbone", name, list(REGISTRY))]
 
 
 def resolve_cnn_layers(layers_or_preset: str, padding: str | None) -> tuple[str, str]:
@@ -80,9 +82,10 @@ def resolve_cnn_layers(layers_or_preset: str, padding: str | None) -> tuple[str,
         raise UserError(
             f"bad --cnn-layers '{layers_or_preset}' (token {bad[0] if bad else '(none)'}); use a preset "
             f"({', '.join(CNN_PRESETS)}) or tokens like c32,p,c64,p,f,d128,dr0.5")
-    padding = padding or preset_padding
-    if padding not in ("same", "valid"):
-        raise UserError(f"--cnn-padding must be 'same' or 'valid', not '{padding}'")
+    from training.config import CNN_PADDINGS  # noqa: PLC0415
+    from training.validation import choose  # noqa: PLC0415  (validation imports this module)
+
+    padding = choose("--cnn-padding", padding or preset_padding, CNN_PADDINGS)
     return ",".join(tokens), padding
 
 

@@ -12,6 +12,10 @@ AUGMENT_POLICIES = ("seed", "flip-crop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 TTA_MODES = ("none", "flip")
 DATA_CHECKS = ("off", "fast", "full")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTIONS = ("auto", "none", "mirrored")
+CNN_PADDINGS = ("same", "valid")
+DATA_SCHEMES = ("synthetic", "cifar10", "folder")
 
 
 @dataclass

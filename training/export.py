@@ -393,39 +393,3 @@ def _register(name: str, version: str, folder: Path, manifest: Manifest) -> None
     with bentoml.models.create(bentoml.Tag(name, version), labels={"tool": "tlserve"}, metadata=metadata) as ref:
         shutil.copytree(folder, ref.path, dirs_exist_ok=True)
 
-
-def list_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Exported models in models/ and, for those not there, in the BentoML model store."""
-    from serving.manifest import ModelFolder, local_folders  # noqa: PLC0415
-
-    rows = []
-    seen = set()
-    for folder in local_folders(models_dir):
-        manifest = folder.manifest()
-        rows.append(_row(manifest, str(folder.path)))
-        seen.add(manifest.bentoml_tag)
-    try:
-        import bentoml  # noqa: PLC0415
-
-        for model in bentoml.models.list():
-            folder = ModelFolder(Path(model.path))
-            if str(model.tag) in seen or not folder.is_export():
-                continue
-            rows.append(_row(folder.manifest(), f"bentoml:{model.tag}"))
-    except ImportError:
-        pass
-    return rows
-
-
-def _variants(manifest: Manifest) -> str:
-    """'savedmodel,fp32,int8': what a model folder can be served or benchmarked as, in a few letters."""
-    return ",".join(f.variant or f.runtime for f in table.FORMATS if f.in_export and f.present(manifest))
-
-
-def _row(manifest: Manifest, where: str) -> dict[str, Any]:
-    fp32 = manifest.artifacts.get(table.BY_VARIANT["fp32"].file)
-    return {"name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
-            "strategy": manifest.strategy, "test_accuracy": manifest.test_accuracy,
-            "onnx_mb": round((fp32.bytes if fp32 else 0) / 1e6, 2),
-            "formats": ",".join(sorted(manifest.artifacts)), "variants": _variants(manifest),
-            "bentoml_tag": manifest.bentoml_tag, "where": where}

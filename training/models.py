@@ -155,8 +155,6 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
         features = x = base(x, training=backbone_training)
         x = _head(x, cfg)
     else:
-        if cfg.truncate_at:
-            raise UserError("--truncate-at applies to pretrained backbones (mobilenetv2, vgg16, resnet50v2), not CNNs")
         layer_spec, padding = backbones.resolve_cnn_layers(cfg.cnn_layers, cfg.cnn_padding)
         x = backbones.cnn_body(x, layer_spec, padding, batchnorm=spec.batchnorm,
                                bn_momentum=cfg.bn_momentum, l2=cfg.l2)
@@ -191,9 +189,7 @@ def _head(x, cfg: TrainConfig):
         x = K.layers.BatchNormalization(name="head_bn")(x)
         x = K.layers.Activation("relu", name="head_relu")(x)
         return K.layers.Dropout(cfg.dropout, name="head_dropout")(x)
-    from training.config import HEADS  # noqa: PLC0415
-
-    raise UserError(f"unknown --head '{head}'; choose from {', '.join(HEADS)}")
+    raise AssertionError(f"--head {head!r} should have been refused by validation.resolve")
 
 
 def load_model(path: Path | str):

@@ -97,11 +97,12 @@ def _convert(param, value: Any, ctx, path: Path, key: str) -> Any:
 
 
 def train_config(o: dict[str, Any]) -> TrainConfig:
-    """`tlserve train`'s options (by parameter name) as the run's TrainConfig: every option whose name is
-    a config field goes there, so a new option needs its field, its check and its CLI parameter only."""
+    """`tlserve train`'s (or `summary`'s) options by parameter name as a TrainConfig: every option whose
+    name is a config field goes there, so a new option needs its field, its check and its CLI parameter only."""
     data_fields = {f.name for f in dataclasses.fields(DataConfig)} - {"spec"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
-    data = DataConfig(spec=o["data"], **{k: o[k] for k in data_fields if k in o})
+    data = DataConfig(spec=o.get("data", DataConfig.spec), **{k: o[k] for k in data_fields if k in o})
     values = {k: o[k] for k in fields if k in o}
-    values["patience"] = values.get("patience") or None  # the command line's 0 means off
+    if "patience" in values:
+        values["patience"] = values["patience"] or None  # the command line's 0 means off
     return TrainConfig(data=data, **values)

@@ -9,7 +9,7 @@ from-run        seed 004: our own run's layers, a new output layer, the last K w
 from __future__ import annotations
 
 from serving.errors import UserError, nearest
-from training.config import STRATEGIES, TrainConfig
+from training.config import TrainConfig
 from training.env import keras
 
 DEFAULT_UNFREEZE = 30  # seed 000's top-30 fine-tune
@@ -18,8 +18,6 @@ DEFAULT_UNFREEZE = 30  # seed 000's top-30 fine-tune
 def validate(cfg: TrainConfig, pretrained: bool) -> None:
     if cfg.from_run:
         return
-    if cfg.strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy '{cfg.strategy}'; choose from {', '.join(STRATEGIES)}{nearest(cfg.strategy, list(STRATEGIES))}")
     if not pretrained and cfg.strategy in ("frozen", "finetune", "full"):
         raise UserError(f"--strategy {cfg.strategy} needs a pretrained backbone (mobilenetv2, vgg16, resnet50v2); "
                         f"a {cfg.backbone} trains with --strategy scratch")

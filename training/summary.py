@@ -8,9 +8,11 @@ from training.config import TrainConfig
 from training.validation import resolve
 
 
-def describe(*, backbone: str, strategy: str, image_size: int, num_classes: int, **options: Any) -> dict[str, Any]:
-    """Facts per training phase (finetune has two), and the last phase's layers, with Keras's counts."""
-    cfg = resolve(TrainConfig(backbone=backbone, strategy=strategy, **options))
+def describe(cfg: TrainConfig, image_size: int, num_classes: int) -> dict[str, Any]:
+    """Facts per training phase (finetune has two), and the last phase's layers, with Keras's counts;
+    `cfg` is the same typed config `train` takes, checked the same way."""
+    backbone = cfg.backbone
+    cfg = resolve(cfg)
     built = models.build(cfg, (image_size, image_size), num_classes)
     phases = []
     if cfg.strategy in ("frozen", "finetune"):

@@ -1,35 +1,59 @@
 """The effective configuration: defaults that depend on other options, and every check
-that can fail before any data is loaded or any model is built."""
+that can fail before any data is loaded, any model is built or any folder is made."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-from serving.errors import UserError
+from serving.errors import UserError, nearest
 from training import backbones, class_weights, strategies
-from training.config import AUGMENT_POLICIES, DATA_CHECKS, OPTIMIZERS, SCHEDULES, TTA_MODES, TrainConfig
+from training.data import SCHEMES, check_config
+from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DATA_SCHEMES, DISTRIBUTIONS, HEADS, OPTIMIZERS,
+                             PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, TrainConfig)
+
+
+def choose(flag: str, value: str, choices: Sequence[str]) -> str:
+    """`value` if it is one of `choices`, else one error line naming the nearest choice: the one
+    check every named option goes through, so every such mistake reads the same."""
+    if value in choices:
+        return value
+    raise UserError(f"unknown {flag} '{value}'{nearest(str(value), list(choices))}; choose from {', '.join(choices)}")
+
+
+def check_data_spec(cfg: DataConfig) -> None:
+    """The --data scheme and the split options; the path itself is read when the data loads."""
+    scheme, _, arg = cfg.spec.partition(":")
+    if scheme not in DATA_SCHEMES:
+        raise UserError(f"unknown --data '{cfg.spec}'{nearest(scheme, list(DATA_SCHEMES))}; use one of {', '.join(SCHEMES)}")
+    if (scheme == "folder" and not arg) or (scheme == "synthetic" and arg):
+        raise UserError(f"unknown --data '{cfg.spec}'; use one of {', '.join(SCHEMES)}")
+    check_config(cfg)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other options, so the record holds the effective values."""
-    spec = backbones.get(cfg.backbone)
+    """Fill the defaults that depend on other options, so the record holds the effective values,
+    and check every choice: a mistake is one line before the data loads or a staging folder exists."""
+    spec = backbones.REGISTRY[choose("backbone", cfg.backbone, list(backbones.REGISTRY))]
     cfg = dataclasses.replace(cfg)
     if cfg.from_run:
         cfg.strategy = "from-run"
+    else:
+        choose("strategy", cfg.strategy, STRATEGIES)
     if cfg.weights is None:
         cfg.weights = "imagenet" if spec.pretrained and cfg.strategy not in ("scratch",) else "none"
     if spec.pretrained and cfg.head is None:
         cfg.head = "gap"
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{cfg.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown --schedule '{cfg.schedule}'; choose from {', '.join(SCHEDULES)}")
-    if cfg.augment_policy not in AUGMENT_POLICIES:
-        raise UserError(f"unknown --augment-policy '{cfg.augment_policy}'; choose from {', '.join(AUGMENT_POLICIES)}")
-    if cfg.tta not in TTA_MODES:
-        raise UserError(f"unknown --tta '{cfg.tta}'; choose from {', '.join(TTA_MODES)}")
+    check_data_spec(cfg.data)
+    choose("--optimizer", cfg.optimizer, OPTIMIZERS)
+    choose("--schedule", cfg.schedule, SCHEDULES)
+    choose("--augment-policy", cfg.augment_policy, AUGMENT_POLICIES)
+    choose("--tta", cfg.tta, TTA_MODES)
+    choose("--data-check", cfg.data_check, DATA_CHECKS)
+    choose("--precision", cfg.precision, PRECISIONS)
+    choose("--distribute", cfg.distribute, DISTRIBUTIONS)
+    if cfg.cnn_padding is not None:
+        choose("--cnn-padding", cfg.cnn_padding, CNN_PADDINGS)
     class_weights.check_spec(cfg.class_weight)
-    if cfg.data_check not in DATA_CHECKS:
-        raise UserError(f"unknown --data-check '{cfg.data_check}'; choose from {', '.join(DATA_CHECKS)}")
     if cfg.drop_leaks and cfg.data_check == "off":
         raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
     if cfg.lr <= 0 or cfg.finetune_lr <= 0:
@@ -53,9 +77,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--batch-size must be at least 1")
     if not 0 < cfg.target <= 1:
         raise UserError("--target is an accuracy between 0 and 1")
-    if not spec.pretrained and cfg.head is not None:
-        raise UserError(f"--head applies to pretrained backbones; the {spec.name} body comes from --cnn-layers")
-    if not spec.pretrained:
+    if spec.pretrained:
+        choose("--head", cfg.head, HEADS)
+        if cfg.input_size is not None and cfg.input_size < spec.min_input:
+            raise UserError(f"--input-size {cfg.input_size} is below {spec.name}'s minimum of {spec.min_input}")
+    else:
+        if cfg.head is not None:
+            raise UserError(f"--head applies to pretrained backbones; the {spec.name} body comes from --cnn-layers")
+        if cfg.truncate_at:
+            raise UserError("--truncate-at applies to pretrained backbones (mobilenetv2, vgg16, resnet50v2), not CNNs")
         backbones.resolve_cnn_layers(cfg.cnn_layers, cfg.cnn_padding)
     strategies.validate(cfg, spec.pretrained)
     return cfg
