@@ -51,7 +51,7 @@ TODAY: dict = {
                     "val_nll_before": 0.7, "val_nll_after": 0.65, "val_ece_before": 0.1, "val_ece_after": 0.05,
                     "test_ece_before": 0.12, "test_ece_after": 0.06, "test_nll_before": 0.71, "test_nll_after": 0.66,
                     "test_top1_agreement": 1.0},
-    "data_check": {"mode": "fast", "thresholds": {"phash_distance": 4, "cosine": 0.9}, "embeddings": "fast mode: hashes only",
+    "data_check": {"mode": "fast", "thresholds": {"phash_distance": 4, "cosine": 0.9}, "embeddings": "fast mode: hashes only", "search": "exact",
                    "pairs": {"train-test": {"exact": 1, "near": 0}},
                    "leaks": {"test-in-train": {"images": 1, "of": 10, "percent": 10.0}}, "label_conflicts": 0,
                    "dropped": {"count": 1, "train_before": 19, "files": ["circle/7.jpg"]}, "seconds": 0.5},

@@ -200,6 +200,7 @@ class DataCheckFacts(_Section):
     mode: str                        # fast: hashes | full: + embeddings
     thresholds: dict[str, float]     # {phash_distance, cosine}
     embeddings: Any                  # what was used, or why not
+    search: str | None = None        # exact | ann: how embedding pairs were found (older records: None)
     pairs: dict[str, dict[str, int]]  # {"train-test": {exact, near}, ...}
     leaks: dict[str, dict[str, Any]]  # {"test-in-train": {images, of, percent}, ...}
     label_conflicts: int             # pairs of copies whose labels differ
