@@ -1,7 +1,9 @@
 """Shared test helpers: run the CLI in-process (TensorFlow loads once per session)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # Tests never touch the user's BentoML store or working directory.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tlserve-test-bentoml-")
 os.environ["TLSERVE_HOME"] = tempfile.mkdtemp(prefix="tlserve-test-home-")
+# Removed when this process ends (each xdist worker made its own pair), so runs do not pile up in /tmp.
+for _home in (os.environ["BENTOML_HOME"], os.environ["TLSERVE_HOME"]):
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 
 @dataclass

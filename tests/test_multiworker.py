@@ -4,6 +4,7 @@ matches a one-worker run at the same global batch, and a worker killed mid-epoch
 the epoch it was in. Bad TF_CONFIGs are one line and exit 2 before TensorFlow loads."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -81,8 +82,10 @@ def _weights(run: Path) -> list[np.ndarray]:
     return load_model(run / "model.keras").get_weights()
 
 
-def _worker_leftovers(name: str) -> list[Path]:
-    return sorted(Path(tempfile.gettempdir()).glob(f"tlserve-{name}-worker1-*"))
+def _worker_leftovers(name: str, runs: Path) -> list[Path]:
+    """Worker 1's temporary folder for this runs folder (others in /tmp belong to other test sessions)."""
+    where = hashlib.sha1(str(runs.resolve()).encode()).hexdigest()[:8]
+    return sorted(Path(tempfile.gettempdir()).glob(f"tlserve-{name}-worker1-{where}"))
 
 
 def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
@@ -103,7 +106,7 @@ def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
     assert codes == [0, 0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     # Only the chief's run and the reference: worker 1 wrote nothing under runs/ and cleaned its folder.
     assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]
-    assert not _worker_leftovers("two")
+    assert not _worker_leftovers("two", runs)
     record, reference = _record(runs / "two"), _record(runs / "one")
     cluster = record.training.cluster
     assert cluster["workers"] == 2 and cluster["task"] == "worker:0" and cluster["chief"] is True
@@ -154,7 +157,7 @@ def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path, run_cl
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     assert "phase train continues after epoch 1" in logs[0].read_text()
     assert sorted(p.name for p in runs.iterdir()) == ["lost"]
-    assert not _worker_leftovers("lost")
+    assert not _worker_leftovers("lost", runs)
     record = _record(runs / "lost")
     assert [h["epoch"] for h in record.history] == [1, 2, 3]  # every epoch once
     assert record.training.cluster["restarted"] is True
