@@ -9,12 +9,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from serving.errors import UserError
+from serving.errors import UserError, choose
 from serving.machine import cpu_flags
 from training import cluster as clusters, env
 from training.config import DISTRIBUTIONS, PRECISIONS
 from training.env import keras, tf
-from training.validation import choose
 
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from serving.errors import UserError, nearest
+from serving.errors import UserError, choose, nearest
 from training.env import keras
 
 
@@ -68,7 +68,6 @@ def get(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        from training.validation import choose  # noqa: PLC0415  (validation imports this module)
 
         return REGISTRY[choose("backbone", name, list(REGISTRY))]
 
@@ -83,7 +82,6 @@ def resolve_cnn_layers(layers_or_preset: str, padding: str | None) -> tuple[str,
             f"bad --cnn-layers '{layers_or_preset}' (token {bad[0] if bad else '(none)'}); use a preset "
             f"({', '.join(CNN_PRESETS)}) or tokens like c32,p,c64,p,f,d128,dr0.5")
     from training.config import CNN_PADDINGS  # noqa: PLC0415
-    from training.validation import choose  # noqa: PLC0415  (validation imports this module)
 
     padding = choose("--cnn-padding", padding or preset_padding, CNN_PADDINGS)
     return ",".join(tokens), padding

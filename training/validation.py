@@ -3,21 +3,12 @@ that can fail before any data is loaded, any model is built or any folder is mad
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
-from serving.errors import UserError, nearest
+from serving.errors import UserError, choose, nearest
 from training import backbones, class_weights, strategies
 from training.data import SCHEMES, check_config
 from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DATA_SCHEMES, DISTRIBUTIONS, HEADS, OPTIMIZERS,
                              PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, TrainConfig)
-
-
-def choose(flag: str, value: str, choices: Sequence[str]) -> str:
-    """`value` if it is one of `choices`, else one error line naming the nearest choice: the one
-    check every named option goes through, so every such mistake reads the same."""
-    if value in choices:
-        return value
-    raise UserError(f"unknown {flag} '{value}'{nearest(str(value), list(choices))}; choose from {', '.join(choices)}")
 
 
 def check_data_spec(cfg: DataConfig) -> None:
