@@ -29,10 +29,11 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _log(stderr: bool = False) -> Callable[[str], None]:
-    """Progress lines: on stdout, or on stderr (where they go when stdout carries JSON)."""
+def _log(stderr: bool = False, soft_wrap: bool = False) -> Callable[[str], None]:
+    """Progress lines: on stdout, or on stderr (where they go when stdout carries JSON); soft_wrap
+    keeps a line with a path in it whole."""
     out = err if stderr else console
-    return lambda line: out.print(line, highlight=False)
+    return lambda line: out.print(line, highlight=False, soft_wrap=soft_wrap)
 
 
 def _print_json(value: Any) -> None:
@@ -232,8 +233,7 @@ def export(
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
                          max_class_drop=max_class_drop)
-    path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir,
-                                log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
     tables.print_export(console, path, manifest)
 
 
@@ -428,7 +428,7 @@ def explain(
     from training.explain import explain_files  # noqa: PLC0415
 
     _, failures = explain_files(run_or_model, paths, out=out, layer=layer, class_name=class_name, runs_dir=runs_dir,
-                                models_dir=models_dir, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                                models_dir=models_dir, log=_log(soft_wrap=True))
     tables.print_errors(err, failures)
     if failures:
         raise typer.Exit(2)

@@ -4,13 +4,11 @@ matches a one-worker run at the same global batch, and a worker killed mid-epoch
 the epoch it was in. Bad TF_CONFIGs are one line and exit 2 before TensorFlow loads."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, free_port
+from training.cluster import worker_path
 from training.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
@@ -83,9 +82,10 @@ def _weights(run: Path) -> list[np.ndarray]:
 
 
 def _worker_leftovers(name: str, runs: Path) -> list[Path]:
-    """Worker 1's temporary folder for this runs folder (others in /tmp belong to other test sessions)."""
-    where = hashlib.sha1(str(runs.resolve()).encode()).hexdigest()[:8]
-    return sorted(Path(tempfile.gettempdir()).glob(f"tlserve-{name}-worker1-{where}"))
+    """Worker 1's temporary folder for this runs folder, if it is still there (other folders in /tmp
+    belong to other test sessions)."""
+    folder = worker_path(name, "worker", 1, runs)
+    return [folder] if folder.exists() else []
 
 
 def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):

@@ -93,11 +93,16 @@ def from_env(distribute: str, tf_config: str | None) -> Cluster | None:
     return found if found is not None and found.workers > 1 else None
 
 
-def worker_folder(name: str, cluster: Cluster, runs_dir: Path) -> Path:
-    """A non-chief's temporary folder (emptied), named for the run, the task and the runs folder, so a
-    worker started again after a kill (which could not clean up) removes what its predecessor left."""
+def worker_path(name: str, task_type: str, task_index: int, runs_dir: Path) -> Path:
+    """Where a non-chief works: named for the run, the task and the runs folder, so a worker started
+    again after a kill (which could not clean up) finds what its predecessor left."""
     where = hashlib.sha1(str(runs_dir.resolve()).encode()).hexdigest()[:8]
-    folder = Path(tempfile.gettempdir()) / f"tlserve-{name}-{cluster.task_type}{cluster.task_index}-{where}"
+    return Path(tempfile.gettempdir()) / f"tlserve-{name}-{task_type}{task_index}-{where}"
+
+
+def worker_folder(name: str, cluster: Cluster, runs_dir: Path) -> Path:
+    """A non-chief's temporary folder (worker_path), emptied of what a killed predecessor left."""
+    folder = worker_path(name, cluster.task_type, cluster.task_index, runs_dir)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder

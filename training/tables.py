@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.manifest import Manifest
-from training.records import RunRecord, format_cell, table_row
+from training.records import TABLE_FIELDS, RunRecord, format_cell, table_row
 
 
 def fmt(value: Any) -> str:
@@ -50,8 +50,6 @@ RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/ep
 
 def print_runs(out: Console, title: str, records: list[RunRecord]) -> None:
     """Seed 001's columns plus epochs_to_target, one row per run (`runs` and `compare`)."""
-    from training.records import TABLE_FIELDS  # noqa: PLC0415
-
     rows = [[fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
     out.print(table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",)))
 
