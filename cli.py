@@ -1,7 +1,7 @@
 """The `tlserve` command line: options in, tables out; the work lives in training/ and serving/.
 
 Each command parses its options, calls one function of the packages and hands the result to one
-printer in training/tables.py. TensorFlow, BentoML and training.train are imported inside the
+printer in training/console/tables.py. TensorFlow, BentoML and training.fit.train are imported inside the
 commands that need them, so `tlserve --help` stays instant.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import training  # noqa: F401  (sets TensorFlow's environment before anything im
 import typer
 from rich.console import Console
 
-from serving.errors import UserError
-from serving.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
-from training import tables
+from serving.base.errors import UserError
+from serving.base.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
+from training.console import tables
 
 app = typer.Typer(
     name="tlserve",
@@ -123,8 +123,8 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
 ) -> None:
     """Train one model and write its run record to runs/<name>/."""
-    from training.recipes import merge, train_config  # noqa: PLC0415
-    from training.train import resume as resume_training, train as run_training  # noqa: PLC0415
+    from training.fit.recipes import merge, train_config  # noqa: PLC0415
+    from training.fit.train import resume as resume_training, train as run_training  # noqa: PLC0415
 
     options = merge(ctx, config) if config else dict(ctx.params)
     json_out, runs_dir = options["json_out"], options["runs_dir"]
@@ -160,8 +160,8 @@ def summary(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Inspect a backbone + strategy without training: depth, parameters, trainable vs frozen layers."""
-    from training.recipes import train_config  # noqa: PLC0415
-    from training.summary import describe  # noqa: PLC0415
+    from training.fit.recipes import train_config  # noqa: PLC0415
+    from training.fit.summary import describe  # noqa: PLC0415
 
     result = describe(train_config(ctx.params), image_size=image_size, num_classes=num_classes)
     if json_out:
@@ -183,12 +183,12 @@ def list_runs_cmd(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Print the command that shows every run's TensorBoard logs side by side.")] = False,
 ) -> None:
     """List finished runs with seed 001's columns plus epochs_to_target."""
-    from serving import storage  # noqa: PLC0415
-    from training.records import list_runs, table_csv  # noqa: PLC0415
-    from training.train import interrupted  # noqa: PLC0415
+    from serving.base import storage  # noqa: PLC0415
+    from training.record.records import list_runs, table_csv  # noqa: PLC0415
+    from training.fit.train import interrupted  # noqa: PLC0415
 
     if tensorboard:
-        from training.tensorboard_logs import command  # noqa: PLC0415
+        from training.record.tensorboard_logs import command  # noqa: PLC0415
 
         line = command([(r.path.name, r.path.resolve()) for r in list_runs(runs_dir)])
         if not line:
@@ -228,7 +228,7 @@ def export(
     models_dir: ModelsDir = None,
 ) -> None:
     """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
-    from training.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
+    from training.exported.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
@@ -248,8 +248,8 @@ def predict(
     models_dir: ModelsDir = None,
 ) -> None:
     """Classify image files (any mode, EXIF orientation honoured)."""
-    from serving.manifest import resolve_model  # noqa: PLC0415
-    from training.runtimes import predict_files  # noqa: PLC0415 (onnx, savedmodel, keras)
+    from serving.base.manifest import resolve_model  # noqa: PLC0415
+    from training.exported.loader import predict_files  # noqa: PLC0415 (onnx, savedmodel, keras)
 
     results, failures = predict_files(resolve_model(model, models_dir), paths, runtime=runtime, variant=variant, k=top_k)
     if json_out:
@@ -280,8 +280,8 @@ def eval_cmd(
     runs_dir: RunsDir = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, calibration and abstention of an exported model on labelled images."""
-    from serving.manifest import resolve_model  # noqa: PLC0415
-    from training.evaluation import EvalOptions, evaluate  # noqa: PLC0415
+    from serving.base.manifest import resolve_model  # noqa: PLC0415
+    from training.exported.evaluation import EvalOptions, evaluate  # noqa: PLC0415
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
@@ -369,7 +369,7 @@ def bench(
     models_dir: ModelsDir = None,
 ) -> None:
     """Latency (p50/p90/p99/max) and throughput, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
-    from training.benchmark import BenchOptions, bench as run_bench  # noqa: PLC0415
+    from training.exported.bench import BenchOptions, bench as run_bench  # noqa: PLC0415
 
     opts = BenchOptions(runtimes=runtimes, batch_sizes=batch_sizes, duration=duration, iterations=iterations,
                         warmup=warmup, threads=threads, url=url, concurrency=concurrency, requests=requests,
@@ -389,7 +389,7 @@ def compare(
     models_dir: ModelsDir = None,
 ) -> None:
     """One report: training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
-    from training.report import answers, build as build_report  # noqa: PLC0415
+    from training.exported.report import answers, build as build_report  # noqa: PLC0415
 
     folder, entries = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
     tables.print_runs(console, "runs", [e.record for e in entries])
@@ -408,7 +408,7 @@ def features(
     runs_dir: RunsDir = None,
 ) -> None:
     """Save a grid of one layer's feature maps for an image (seed 003, step 4)."""
-    from training.features import feature_maps  # noqa: PLC0415
+    from training.exported.features import feature_maps  # noqa: PLC0415
 
     path = feature_maps(run, image, layer, out, max_maps=max_maps, runs_dir=runs_dir)
     console.print(f"wrote {path}", highlight=False)
@@ -425,7 +425,7 @@ def explain(
     models_dir: ModelsDir = None,
 ) -> None:
     """Grad-CAM: write each image with a heat map of the pixels behind the prediction (or --class)."""
-    from training.explain import explain_files  # noqa: PLC0415
+    from training.exported.explain import explain_files  # noqa: PLC0415
 
     _, failures = explain_files(run_or_model, paths, out=out, layer=layer, class_name=class_name, runs_dir=runs_dir,
                                 models_dir=models_dir, log=_log(soft_wrap=True))
@@ -457,8 +457,8 @@ def data_check(
 ) -> None:
     """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
     from training.config import DataConfig  # noqa: PLC0415
-    from training.datacheck import Thresholds, check  # noqa: PLC0415
-    from training.datacheck_page import default_out, write  # noqa: PLC0415
+    from training.audit.datacheck import Thresholds, check  # noqa: PLC0415
+    from training.audit.page import default_out, write  # noqa: PLC0415
 
     thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)

@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.machine import cpu_model  # noqa: E402
-from training import datacheck  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from training.audit import datacheck  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
@@ -36,7 +36,7 @@ VARIANTS = [("ivf", {"nprobe": 4}), ("ivf", {"nprobe": 8}), ("ivf", {"nprobe": 1
 
 
 def embed(data: str) -> np.ndarray:
-    from training.data import list_folder
+    from training.data.sources import list_folder
 
     cfg = DataConfig(spec=data)
     listing = list_folder(cfg, Path(data.partition(":")[2]).expanduser())

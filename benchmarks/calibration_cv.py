@@ -5,7 +5,7 @@ test split? For finished runs that baked a temperature in:
 
 The saved model has T baked in; softmax(z / T) with temperature 1/T applied gives back the
 uncalibrated probabilities exactly, so the validation split's raw probabilities are recovered and put
-through training.calibration.cross_check's rule (5-fold, improvement of at least two standard
+through training.fit.calibration.cross_check's rule (5-fold, improvement of at least two standard
 errors), beside the test log-loss before and after T.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import calibration, metrics  # noqa: E402
+from training.fit import calibration  # noqa: E402
+from training.record import metrics  # noqa: E402
 from training.config import DataConfig  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.models import load_model  # noqa: E402
-from training.records import RECORD, RunRecord  # noqa: E402
+from training.data.sources import load_dataset  # noqa: E402
+from training.model.build import load_model  # noqa: E402
+from training.record.records import RECORD, RunRecord  # noqa: E402
 
 
 def main(paths: list[str]) -> None:

@@ -20,10 +20,10 @@ os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
 import yaml  # noqa: E402
-from serving.machine import cpu_flags, package_versions  # noqa: E402
+from serving.base.machine import cpu_flags, package_versions  # noqa: E402
 from training import env  # noqa: E402
-from training.accel import BF16_FLAGS  # noqa: E402
-from training.records import RECORD, RunRecord  # noqa: E402
+from training.fit.accel import BF16_FLAGS  # noqa: E402
+from training.record.records import RECORD, RunRecord  # noqa: E402
 
 RECIPE_DIR = ROOT / "recipes"
 # bfloat16 where the CPU computes it (AVX512-BF16, AMX); emulated elsewhere and many times slower than float32.

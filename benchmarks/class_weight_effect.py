@@ -1,5 +1,5 @@
 """Does `--class-weight balanced` raise macro F1 on an imbalanced set? Trains the same recipe with and
-without it over several seeds and scores each run's test confusion matrix with training.metrics.summary.
+without it over several seeds and scores each run's test confusion matrix with training.record.metrics.summary.
 
     .venv/bin/python benchmarks/class_weight_effect.py [--data folder:../shared/datasets/banana-leaf]
         [--seeds 0,1,2] [--epochs 10] [-- extra tlserve train options]
@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from serving import storage  # noqa: E402
-from training import metrics  # noqa: E402
-from training.records import RECORD, RunRecord  # noqa: E402
+from serving.base import storage  # noqa: E402
+from training.record import metrics  # noqa: E402
+from training.record.records import RECORD, RunRecord  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 

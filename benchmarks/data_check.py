@@ -22,10 +22,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.machine import cpu_model  # noqa: E402
-from training import datacheck  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from training.audit import datacheck  # noqa: E402
 from training.config import DataConfig  # noqa: E402
-from training.datacheck_page import default_out, write  # noqa: E402
+from training.audit.page import default_out, write  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpg"

@@ -4,9 +4,9 @@
                                               [--variants fp32,int8] [--limit N] [--rounds 1]
 
 For each variant, on the same files (the --split of --data, default the 10,000 CIFAR-10 test JPEGs):
-  - eval's images/s: tlserve eval's in-process scoring (training.evaluation.score_inprocess: decode in
+  - eval's images/s: tlserve eval's in-process scoring (training.exported.evaluation.score_inprocess: decode in
     threads one chunk ahead, onnxruntime at evaluation.BATCH), decoding included, wall clock;
-  - bench's batch-32 images/s: serving.bench's timing loop (time_calls, images/s = 32 x 1000 / mean ms)
+  - bench's batch-32 images/s: serving.timing's timing loop (time_calls, images/s = 32 x 1000 / mean ms)
     on a session loaded as bench loads it, over a batch of 32 of those images decoded beforehand, as
     `tlserve bench --runtimes onnx,onnx-int8 --batch-sizes 32` runs it.
 Prints both and their ratio (target: eval at >= 80% of bench's batch-32 images/s). Writes nothing.
@@ -22,11 +22,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving import bench  # noqa: E402
-from serving.machine import cpu_model  # noqa: E402
-from serving.manifest import Manifest, resolve_model  # noqa: E402
-from serving.runtime import OnnxClassifier  # noqa: E402
-from training import evaluation  # noqa: E402
+from serving import timing as bench  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from serving.base.manifest import Manifest, resolve_model  # noqa: E402
+from serving.sessions import OnnxClassifier  # noqa: E402
+from training.exported import evaluation  # noqa: E402
 
 DEFAULT_DATA = f"folder:{ROOT.parent / 'shared' / 'datasets' / 'cifar10-jpg'}"
 
@@ -56,7 +56,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}; model {manifest.name} ({manifest.backbone}, input {hw[0]}x{hw[1]}); "
           f"{len(data):,} images from {data.source}; best of {args.rounds} round(s)", flush=True)
     for variant in evaluation.load_variants(model_dir, manifest, "onnx", args.variants):
-        # bench's own session (serving.runtime.load: default spinning, default threads)
+        # bench's own session (serving.sessions.load: default spinning, default threads)
         benched = OnnxClassifier.load(model_dir, variant=variant.name)
         evals, benches = [], []
         for _ in range(args.rounds):  # interleaved, so both see the same neighbours on a shared machine

@@ -4,7 +4,7 @@
 
 Builds frozen MobileNetV2 (the shared ImageNet weights, 32x32 pixels resized to --size inside the
 model, as seed 000 runs it) and times, on the same random pixels:
-  - tlserve's extraction (training/feature_cache.py: the pooled-feature extractor, TensorFlow,
+  - tlserve's extraction (training/fit/feature_cache.py: the pooled-feature extractor, TensorFlow,
     batches of feature_cache.EXTRACT_BATCH), in images/s;
   - the same extractor converted to ONNX and run by onnxruntime at batch 32 (the serving engine).
 Prints both and their ratio (target: extraction at >= 70% of onnxruntime's batch-32 images/s).
@@ -22,10 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.machine import cpu_model  # noqa: E402
-from training import env, feature_cache, models  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from training import env  # noqa: E402
+from training.fit import feature_cache  # noqa: E402
+from training.model import build as models  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import Split, pipeline  # noqa: E402
+from training.data.sources import Split, pipeline  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 
@@ -54,7 +56,7 @@ def main() -> None:
 
     import tf2onnx  # noqa: PLC0415
 
-    from serving.runtime import make_session  # noqa: PLC0415
+    from serving.sessions import make_session  # noqa: PLC0415
 
     path = Path(tempfile.mkdtemp()) / "extractor.onnx"
     with env._quiet_stderr_fd():

@@ -5,7 +5,7 @@
 Builds frozen MobileNetV2 with the shared ImageNet weights on banana-leaf images at 224x224 (no
 resize inside the model), fits its small head (global pooling + dense) for a few epochs on
 --train-images of them, saves and reloads it as `tlserve explain` does, then times
-training.explain.GradCam on one image per call, the way `tlserve explain` runs it: the first call
+training.exported.explain.GradCam on one image per call, the way `tlserve explain` runs it: the first call
 (tracing) is excluded, then the mean of --calls calls, each on a different image. Also prints the
 per-image time at batch 16 (what an eval mistakes page would use) and the load average, since the
 machine may be shared.
@@ -24,11 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving import images  # noqa: E402
-from serving.machine import cpu_model  # noqa: E402
-from training import env, models  # noqa: E402
+from serving.base import images  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from training import env  # noqa: E402
+from training.model import build as models  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.explain import GradCam  # noqa: E402
+from training.exported.explain import GradCam  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 LEAVES = ROOT.parent / "shared" / "datasets" / "banana-leaf"

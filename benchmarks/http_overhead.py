@@ -26,8 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.bench import bench_http, inprocess_p50_ms, sample_uploads  # noqa: E402
-from serving.manifest import Manifest  # noqa: E402
+from serving.timing import bench_http, inprocess_p50_ms, sample_uploads  # noqa: E402
+from serving.base.manifest import Manifest  # noqa: E402
 
 
 def free_port() -> int:

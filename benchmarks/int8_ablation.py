@@ -23,13 +23,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.machine import cpu_model  # noqa: E402
-from serving.manifest import Manifest  # noqa: E402
-from serving.runtime import make_session  # noqa: E402
-from training import records  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from serving.base.manifest import Manifest  # noqa: E402
+from serving.sessions import make_session  # noqa: E402
+from training.record import records  # noqa: E402
 from training.config import DataConfig  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.export import quantize_int8  # noqa: E402
+from training.data.sources import load_dataset  # noqa: E402
+from training.exported.export import quantize_int8  # noqa: E402
 
 VARIANTS = ("fp32", "int8 plain", "int8 tlserve")
 

@@ -24,9 +24,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import env, feature_cache, models  # noqa: E402
+from training import env  # noqa: E402
+from training.fit import feature_cache  # noqa: E402
+from training.model import build as models  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
-from training.data import Split, load_dataset, pipeline  # noqa: E402
+from training.data.sources import Split, load_dataset, pipeline  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = str(SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5")

@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
 import cli  # noqa: E402
-from serving.machine import cpu_model  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
 from training import env  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
-from training.runtimes import bench_model  # noqa: E402
-from training.train import train  # noqa: E402
+from training.exported.loader import bench_model  # noqa: E402
+from training.fit.train import train  # noqa: E402
 
 MODELS = [  # (name, backbone, input size)
     ("cnn", "cnn", None),
@@ -47,7 +47,7 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     import onnx  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
 
-    from serving.runtime import session_options  # noqa: PLC0415
+    from serving.sessions import session_options  # noqa: PLC0415
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
@@ -75,7 +75,7 @@ def _timed(fn) -> float:
 
 def model_flops(model) -> float:
     """Multiply-adds x 2 of the convolution and dense layers for one image (what dominates these CNNs)."""
-    from training.models import leaf_layers
+    from training.model.build import leaf_layers
 
     K = env.keras()
     total = 0.0
@@ -119,8 +119,8 @@ def main() -> None:
         model_dir = Path(os.environ["TLSERVE_HOME"]) / "models" / run_name
         report = bench_model(model_dir, runtimes=("keras", "tf-function", "onnx", "onnx-int8"), batch_sizes=(1, 32),
                              duration=args.duration, log=lambda s: None)
-        from serving.manifest import Manifest
-        from training.models import load_model
+        from serving.base.manifest import Manifest
+        from training.model.build import load_model
 
         manifest = Manifest.load(model_dir)
         flops = model_flops(load_model(manifest.keras_path))

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.machine import cpu_model  # noqa: E402
-from training.records import RECORD, RunRecord  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
+from training.record.records import RECORD, RunRecord  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpg"
 

@@ -1,7 +1,7 @@
 """The server a user would otherwise write: Starlette + onnxruntime, one image per request, no batching.
 
 Run: python benchmarks/peer_server.py MODEL_DIR PORT [--no-access-log]   (serves POST /predict, field `image`)
-It decodes with the same serving.images code as tlserve, so only the serving machinery differs, and
+It decodes with the same serving.base.images code as tlserve, so only the serving machinery differs, and
 it keeps uvicorn's defaults, access log included, as tlserve keeps BentoML's.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serving import images
-from serving.runtime import OnnxClassifier
+from serving.base import images
+from serving.sessions import OnnxClassifier
 
 
 def make_app(model_dir: str) -> Starlette:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/seed_transfer.py [--only s000,s000-notebook,s001,s003] [--seeds 3] [--limit N]
 
-Runs each experiment with `training.train.train(TrainConfig(...))` on the shared data and the
+Runs each experiment with `training.fit.train.train(TrainConfig(...))` on the shared data and the
 shared MobileNetV2 weights (../shared/weights), and prints one Markdown table: the experiment,
 the notebook's own figure (accuracy and seconds, copied from ../shared/seeds), tlserve's measured
 test accuracy, its training seconds (feature extraction included), seconds per epoch, and the
@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from serving.machine import cpu_model  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
-from training.records import RunRecord  # noqa: E402
-from training.train import train  # noqa: E402
+from training.record.records import RunRecord  # noqa: E402
+from training.fit.train import train  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = str(SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5")

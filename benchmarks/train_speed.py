@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from serving.machine import cpu_model  # noqa: E402
+from serving.base.machine import cpu_model  # noqa: E402
 from training.config import DataConfig, TrainConfig  # noqa: E402
-from training.records import RunRecord  # noqa: E402
-from training.train import train as run_training  # noqa: E402
+from training.record.records import RunRecord  # noqa: E402
+from training.fit.train import train as run_training  # noqa: E402
 
 
 def train(name: str, data: str, limit: int, **options) -> RunRecord:

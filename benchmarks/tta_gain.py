@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from training import data as datasets, models, records  # noqa: E402
+from training.data import sources as datasets  # noqa: E402
+from training.model import build as models  # noqa: E402
+from training.record import records  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import pipeline  # noqa: E402
+from training.data.sources import pipeline  # noqa: E402
 
 
 def accuracy(model, split) -> tuple[float, float]:

@@ -22,7 +22,7 @@ image="$TLSERVE_HOME/example.png"
 $py - "$image" <<'PY'
 import sys
 from PIL import Image
-from training.data import make_synthetic
+from training.data.sources import make_synthetic
 x, y, names = make_synthetic(1, seed=2024)
 Image.fromarray(x[0]).save(sys.argv[1])
 print(f"example image: {sys.argv[1]} (a {names[y[0]]})")

@@ -14,9 +14,9 @@ from typing import Callable, NoReturn
 
 import yaml
 
-from serving.errors import UserError
+from serving.base.errors import UserError
 from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
-from serving.manifest import Manifest, resolve_model
+from serving.base.manifest import Manifest, resolve_model
 from serving.settings import ServiceSettings
 
 SERVICE = "serving.service:ImageClassifier"

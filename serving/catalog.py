@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from serving import formats, storage
-from serving.manifest import Manifest, ModelFolder, local_folders
+from serving.base import formats, storage
+from serving.base.manifest import Manifest, ModelFolder, local_folders
 
 
 def list_models(models_dir: Path | None = None) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ back as a 500 or as a 400 logged at ERROR with a traceback, there is no request
 size limit, and a JSON body holding a URL makes the server download it. This
 ASGI middleware sees each image request first: it bounds the body, parses the
 multipart form, checks the field names and decodes every image once with
-serving.images (bombs refused by header), straight to the model's input size.
+serving.base.images (bombs refused by header), straight to the model's input size.
 
 It then answers the request itself with the service's `classify`, the same function the
 endpoints call, rather than passing it on to BentoML's endpoint layer, which would parse and spool
@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, Optional
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from serving import images
+from serving.base import images
 from serving.settings import ServiceSettings, confidence_threshold
 
 Scope = dict[str, Any]

@@ -1,7 +1,7 @@
 """`tlserve predict`: classify image files with an exported model.
 
-Models are loaded through one loader (serving.runtime.load: the onnxruntime rows of serving.formats);
-the savedmodel and keras rows need TensorFlow, so training.runtimes passes its own loader in.
+Models are loaded through one loader (serving.sessions.load: the onnxruntime rows of serving.base.formats);
+the savedmodel and keras rows need TensorFlow, so training.exported.loader passes its own loader in.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving import formats, images
-from serving.errors import UserError
-from serving.manifest import Manifest
-from serving.runtime import Loader
+from serving.base import formats, images
+from serving.base.errors import UserError
+from serving.base.manifest import Manifest
+from serving.sessions import Loader
 
 BATCH = 32
 # float32 pixel batches (N, H, W, 3) -> probabilities (N, classes)
@@ -45,12 +45,12 @@ def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict[str, A
 
 def predictor(model_dir: Path, runtime: str, variant: str = "fp32", loader: Loader | None = None,
               manifest: Manifest | None = None) -> Predictor:
-    """A function from float32 pixel batches to probabilities, for the chosen row of serving.formats.
+    """A function from float32 pixel batches to probabilities, for the chosen row of serving.base.formats.
 
     `--runtime onnx --variant int8` is the onnx-int8 row. Without a `loader` only the onnxruntime rows
-    load (serving/ never imports TensorFlow); training.runtimes.load adds savedmodel and keras."""
+    load (serving/ never imports TensorFlow); training.exported.loader.load adds savedmodel and keras."""
     if loader is None:
-        from serving.runtime import load as loader  # noqa: PLC0415
+        from serving.sessions import load as loader  # noqa: PLC0415
     fmt = formats.by_runtime(runtime)
     if runtime == "onnx":
         fmt = formats.by_variant(variant)

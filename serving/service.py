@@ -21,13 +21,13 @@ from typing import Any, Optional
 import bentoml
 import numpy as np
 
-from serving import images
+from serving.base import images
 from serving.batching import BatchWorker, Overloaded
 from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, GuardState, RequestGuard
 from serving.lifecycle import supervise_parent
-from serving.manifest import resolve_model
+from serving.base.manifest import resolve_model
 from serving.predict import top_k as top_classes
-from serving.runtime import OnnxClassifier, physical_cores
+from serving.sessions import OnnxClassifier, physical_cores
 from serving.settings import ServiceSettings, confidence_threshold
 
 

@@ -2,7 +2,7 @@
 
 The service reads them when BentoML (or a bento's container) imports it; `tlserve serve` reads
 them first, so a mistake is one line and exit code 2 rather than a traceback from the server.
-TLSERVE_MODEL is not here: which model to serve is resolved by serving.manifest.
+TLSERVE_MODEL is not here: which model to serve is resolved by serving.base.manifest.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from serving.errors import UserError
-from serving.images import DEFAULT_MAX_PIXELS
-from serving.runtime import DEVICES
+from serving.base.errors import UserError
+from serving.base.images import DEFAULT_MAX_PIXELS
+from serving.sessions import DEVICES
 
 ORT_SPIN_MODES = ("auto", "1", "0")
 

@@ -96,7 +96,7 @@ def train_run(runs: Path, name: str, *, data: str = "synthetic", limit: int | No
     """Train a run through the library, `train(TrainConfig(...))`, for fixtures that only need a finished run.
     `seed` seeds the data split too, as `tlserve train --seed` does."""
     from training.config import DataConfig, TrainConfig  # noqa: PLC0415
-    from training.train import train  # noqa: PLC0415
+    from training.fit.train import train  # noqa: PLC0415
 
     cfg = TrainConfig(data=DataConfig(spec=data, limit=limit, classes=classes, seed=seed), seed=seed, name=name, **options)
     train(cfg, runs, progress=False)
@@ -134,7 +134,7 @@ def sample_images(tmp_path_factory) -> Path:
     """A few generated test images as PNG and JPEG files, in several modes."""
     from PIL import Image
 
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     folder = tmp_path_factory.mktemp("images")
     x, y, names = make_synthetic(12, seed=123)

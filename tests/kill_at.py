@@ -26,8 +26,8 @@ def main() -> None:
     point, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     kind, _, arg = point.partition(":")
     import cli
-    from serving import storage
-    from training import checkpoints, run_state, train
+    from serving.base import storage
+    from training.fit import checkpoints, run_state, train
     from training.env import keras
 
     K = keras()

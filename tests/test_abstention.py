@@ -62,7 +62,7 @@ def test_a_threshold_outside_zero_one_is_a_400(server, sample_images, value):
 
 @pytest.mark.parametrize("value", ["1", "0", "2", "x"])
 def test_a_bad_setting_is_one_line_at_startup(model, run_cli, monkeypatch, value):
-    from serving.errors import UserError
+    from serving.base.errors import UserError
     from serving.settings import ServiceSettings
 
     with pytest.raises(UserError, match="TLSERVE_MIN_CONFIDENCE"):

@@ -1,7 +1,8 @@
-"""Layering: serving/ is the base a bento ships, so it never imports training/ nor TensorFlow.
+"""Layering: serving/ is the base a bento ships, so it never imports training/ nor TensorFlow; and
+every folder imports only the folders below it in LAYERS.
 
 Dependencies run one way, cli.py -> training/ -> serving/. These checks are fast: one clean
-interpreter that imports the service, and a walk over serving/*.py's syntax trees.
+interpreter that imports the service, and a walk over every module's syntax tree.
 """
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ FORBIDDEN = ("training", "tensorflow", "tf_keras", "keras")
 
 def _forbidden(name: str) -> bool:
     return any(name == top or name.startswith(top + ".") for top in FORBIDDEN)
+
+
+# The folders from the bottom up: a module may import its own folder and the folders before it, never one
+# after it. The reading order of the layers: data -> model -> (audit) -> fit -> record -> exported -> console.
+LAYERS = ("serving.base", "serving", "training", "training.data", "training.model", "training.audit",
+          "training.record", "training.fit", "training.exported", "training.console", "cli")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    """The deepest entry of LAYERS that `module` is in (a package's face belongs to its package)."""
+    return max((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), key=len)
 
 
 def _import_in_clean_interpreter(modules: list[str]) -> dict:
@@ -54,7 +71,7 @@ def test_service_imports_without_training_or_tensorflow():
 
 
 def test_every_serving_module_imports_without_training_or_tensorflow():
-    modules = sorted(f"serving.{p.stem}" for p in SERVING.glob("*.py") if p.stem != "__init__")
+    modules = sorted(_module(p) for p in SERVING.rglob("*.py") if p.stem != "__init__")
     loaded = _import_in_clean_interpreter(modules)
     assert set(modules) <= set(loaded["modules"])
     assert [m for m in loaded["modules"] if _forbidden(m)] == []
@@ -79,7 +96,7 @@ def _imported_names(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_no_serving_source_imports_training():
-    files = sorted(SERVING.glob("*.py"))
+    files = sorted(SERVING.rglob("*.py"))
     assert files
     offending = [f"{path.relative_to(ROOT)}:{line}: {name}"
                  for path in files
@@ -91,3 +108,21 @@ def test_no_serving_source_imports_training():
 def test_bento_carries_serving_alone():
     include = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["include"]
     assert include and all(pattern.startswith("serving/") for pattern in include), include
+
+
+def test_every_folder_imports_only_the_layers_below_it():
+    sources = [*sorted((ROOT / "training").rglob("*.py")), *sorted(SERVING.rglob("*.py")), ROOT / "cli.py"]
+    upward = []
+    for path in sources:
+        here = _module(path)
+        for line, name in _imported_names(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if name.split(".")[0] in ("training", "serving") and \
+                    LAYERS.index(_layer(name)) > LAYERS.index(_layer(here)):
+                upward.append(f"{path.relative_to(ROOT)}:{line}: {here} ({_layer(here)}) imports {name}")
+    assert upward == []
+
+
+def test_no_folder_holds_more_than_twenty_modules():
+    folders = {p.parent for p in [*(ROOT / "training").rglob("*.py"), *SERVING.rglob("*.py")]}
+    crowded = {str(f.relative_to(ROOT)): n for f in folders if (n := len(list(f.glob("*.py")))) > 20}
+    assert crowded == {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import train_run
 
@@ -29,7 +29,7 @@ def _record(run: Path) -> RunRecord:
 
 
 def _probs(run: Path, x: np.ndarray) -> np.ndarray:
-    from training.models import load_model
+    from training.model.build import load_model
 
     return load_model(run / "model.keras").predict(x.astype(np.float32), verbose=0)
 
@@ -47,9 +47,9 @@ def test_fitted_temperature_lowers_validation_nll_and_is_recorded(runs):
 
 
 def test_baked_model_serves_apply_temperature_of_the_unbaked_one_with_the_same_argmax(runs):
-    from training import metrics
+    from training.record import metrics
     from training.config import DataConfig
-    from training.data import load_dataset
+    from training.data.sources import load_dataset
 
     record = _record(runs / "cal")
     test = load_dataset(DataConfig(**record.config["data"])).test
@@ -68,7 +68,9 @@ def test_baked_model_serves_apply_temperature_of_the_unbaked_one_with_the_same_a
     {"backbone": "mobilenetv2", "weights": "none", "strategy": "frozen", "head": "gap-dense", "input_size": 32},
 ])
 def test_baking_is_exact_for_every_head(options):
-    from training import calibration, metrics, models
+    from training.fit import calibration
+    from training.record import metrics
+    from training.model import build as models
     from training.config import TrainConfig
 
     cfg = TrainConfig(**options)
@@ -86,7 +88,7 @@ def test_baking_is_exact_for_every_head(options):
 
 
 def test_no_validation_split_skips_calibration_with_a_logged_reason():
-    from training import calibration
+    from training.fit import calibration
 
     lines: list[str] = []
     result = calibration.calibrate(None, True, None, np.zeros(0, np.int64), None, lines.append)
@@ -111,7 +113,7 @@ def test_manifest_carries_calibration_and_each_variants_ece(runs, tmp_path, run_
 
 @pytest.mark.fast
 def test_a_temperature_is_baked_only_when_it_clearly_helps_held_out_images():
-    from training import calibration
+    from training.fit import calibration
 
     rng = np.random.default_rng(0)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 # A class is kept or dropped whole from the generated set: 48 / 12 / 12 images, 4x imbalance.
 COUNTS = {"circle": 48, "square": 12, "triangle": 12}
@@ -18,7 +18,7 @@ SMALL_CNN = ["-b", "cnn", "--cnn-layers", "c8,p,f,d16", "--epochs", "2"]
 def imbalanced(tmp_path_factory) -> Path:
     from PIL import Image
 
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     root = tmp_path_factory.mktemp("imbalanced")
     x, y, names = make_synthetic(600, seed=5)

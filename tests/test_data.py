@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import SHARED
 from training.config import DataConfig
-from training.data import CIFAR10_CLASSES, load_dataset, make_synthetic, parse_classes
-from serving.errors import UserError
+from training.data.sources import CIFAR10_CLASSES, load_dataset, make_synthetic, parse_classes
+from serving.base.errors import UserError
 
 pytestmark = pytest.mark.fast  # the fast tier: pytest -m 'not slow'
 

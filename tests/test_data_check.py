@@ -191,7 +191,7 @@ def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
     """datacheck.phash runs imagehash.phash's algorithm on all images in one call: same bits."""
     import imagehash
 
-    from training import datacheck
+    from training.audit import datacheck
 
     root, _ = planted_set
     imgs = [Image.open(f).convert("RGB") for f in sorted(root.rglob("*.png"))]
@@ -208,9 +208,9 @@ def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
 @pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
 def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set):
     """--data-check full on the pixels training will use, with the run's MobileNetV2 weights file."""
-    from training import datacheck
+    from training.audit import datacheck
     from training.config import DataConfig, TrainConfig
-    from training.data import load_dataset
+    from training.data.sources import load_dataset
 
     root, planted = planted_set
     cfg = TrainConfig(data=DataConfig(spec=f"folder:{root}", image_size=64), backbone="mobilenetv2", strategy="frozen",
@@ -232,7 +232,7 @@ def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
     """Unit vectors in 128 dims, 60 planted copies (one a group of five): faiss finds exactly the
     pairs an exhaustive search finds above the cosine, and every planted pair is among them (the
     default IVF-Flat index, and HNSW)."""
-    from training import datacheck
+    from training.audit import datacheck
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4000, 128)).astype(np.float32)
@@ -277,7 +277,7 @@ def test_without_faiss_the_check_falls_back_to_exact_search_with_one_line(plante
     """Past the switch (lowered here to 10 images) with faiss not importable: exact search, one note."""
     import sys
 
-    from training import datacheck
+    from training.audit import datacheck
     from training.config import DataConfig
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import bentoml_server, free_port
 
@@ -23,7 +23,7 @@ CLASSES = ("circle", "square", "ring", "checker")
 def labelled(tmp_path_factory) -> Path:
     """leafish/{train,test}/<class>/ with 4 of the model's 10 classes, an unknown class, a broken PNG,
     a text file and a 64x64 JPEG (decoded down to the model's 32x32)."""
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     root = tmp_path_factory.mktemp("leafish")
     x, y, names = make_synthetic(160, seed=4242)
@@ -255,7 +255,7 @@ def test_eval_cifar10_batches_folder(cnn_model, tmp_path, run_cli_module):
 
     import numpy as np
 
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     x, y, names = make_synthetic(60, seed=77)
     order = names[::-1]  # the batches' label i is the model's class 9 - i

@@ -19,14 +19,14 @@ def _object_mask(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cnn_keras(cnn_run):
-    from training.models import load_model
+    from training.model.build import load_model
 
     return load_model(cnn_run / "model.keras")
 
 
 def test_heat_lies_on_the_shape_not_the_background(cnn_keras):
-    from training.data import make_synthetic
-    from training.explain import explain_arrays, explainer
+    from training.data.sources import make_synthetic
+    from training.exported.explain import explain_arrays, explainer
 
     x, y, _ = make_synthetic(120, seed=11)
     maps = explain_arrays(cnn_keras, x)
@@ -62,7 +62,7 @@ def test_heat_lies_on_the_shape_not_the_background(cnn_keras):
 
 def test_default_layer_is_the_last_convolution_with_a_map(cnn_keras):
     from training.env import keras
-    from training.explain import GradCam, default_layer
+    from training.exported.explain import GradCam, default_layer
 
     convs = [layer.name for layer in cnn_keras.layers if isinstance(layer, keras().layers.Conv2D)]
     assert default_layer(cnn_keras) == convs[-1]
@@ -72,10 +72,10 @@ def test_default_layer_is_the_last_convolution_with_a_map(cnn_keras):
 def test_tta_flip_map_mirrors_with_the_image():
     """With --tta flip the model scores an image and its mirror alike, so its Grad-CAM of a mirrored
     image must be the mirrored map: holds only if the mirror view's map is flipped back."""
-    from training import models
+    from training.model import build as models
     from training.config import TrainConfig
-    from training.data import make_synthetic
-    from training.explain import GradCam
+    from training.data.sources import make_synthetic
+    from training.exported.explain import GradCam
 
     model = models.build(TrainConfig(backbone="cnn", tta="flip", seed=3), (32, 32), 10).model
     x, _, _ = make_synthetic(6, seed=5)
@@ -92,11 +92,11 @@ def test_mobilenetv2_default_layer_and_nested_split(tmp_path):
     whose probabilities are the saved model's own; the default layer moves back where a small
     input shrinks the last maps to 1x1, and a 1x1 layer is refused in one line (GradCam checks
     shapes before tracing anything)."""
-    from serving.errors import UserError
-    from training import models
+    from serving.base.errors import UserError
+    from training.model import build as models
     from training.config import TrainConfig
-    from training.explain import GradCam, default_layer
-    from training.models import load_model
+    from training.exported.explain import GradCam, default_layer
+    from training.model.build import load_model
 
     cfg = TrainConfig(backbone="mobilenetv2", strategy="frozen", weights="none", input_size=64)
     built = models.build(cfg, (32, 32), 4)
@@ -124,7 +124,7 @@ def test_overlay_png_colours_the_hot_side():
     and blue where it is 0, blended over the pixels."""
     import io
 
-    from training.explain import overlay_png
+    from training.exported.explain import overlay_png
 
     pixels = np.full((20, 30, 3), 128, np.uint8)
     heat = np.zeros((5, 5), np.float32)
@@ -137,7 +137,7 @@ def test_overlay_png_colours_the_hot_side():
 
 
 def _write_images(folder: Path) -> list[Path]:
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     folder.mkdir()
     x, y, names = make_synthetic(3, seed=21)
@@ -169,7 +169,7 @@ def test_cli_writes_one_png_per_image_and_names_the_bad_one(run_cli, cnn_run, ru
 
 
 def test_cli_class_and_layer_options(run_cli, cnn_run, runs_root, cnn_keras, tmp_path):
-    from training.explain import spatial_layers
+    from training.exported.explain import spatial_layers
 
     path = _write_images(tmp_path / "images")[0]
     first = spatial_layers(cnn_keras)[2][0].name  # the first convolution (after the input and preprocess)

@@ -12,9 +12,9 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from conftest import cli_call, train_run
-from serving.manifest import sha256_file
-from serving.runtime import OnnxClassifier
-from serving.errors import UserError
+from serving.base.manifest import sha256_file
+from serving.sessions import OnnxClassifier
+from serving.base.errors import UserError
 
 
 def _manifest(model_dir: Path) -> dict:
@@ -35,7 +35,7 @@ def backbone_models(runs_root, models_root) -> dict[str, Path]:
 
 
 def _check_onnx_everywhere(model_dir: Path, run_dir: Path) -> None:
-    from training.models import load_model
+    from training.model.build import load_model
 
     path = model_dir / "model.onnx"
     proto = onnx.load(str(path))
@@ -173,7 +173,7 @@ def test_registered_in_bentoml_store(cnn_model, run_cli):
     assert (Path(stored.path) / "model.onnx").is_file()
     assert stored.info.metadata["backbone"] == "cnn"
     # the tag resolves as a model reference too
-    from serving.manifest import resolve_model
+    from serving.base.manifest import resolve_model
 
     assert (resolve_model(m["bentoml_tag"]) / "manifest.json").is_file()
     result = run_cli("models", "--models-dir", cnn_model.parent, "--json")
@@ -204,7 +204,7 @@ def test_bad_runs(run_cli, runs_root, tmp_path):
 def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_root, run_cli):
     """--tta flip: the saved model averages each image with its mirror, so an image and its mirror get the same
     answer from Keras, ONNX fp32 and ONNX int8; --from-run still sees one flat model."""
-    from training.models import load_model
+    from training.model.build import load_model
 
     common = ["--data", "synthetic", "--limit", "96", "--batch-size", "32", "--runs-dir", runs_root]
     cli_call("train", *common, "-b", "cnn-bn", "--cnn-layers", "c8,p,r8,gm", "--logit-scale", "0.125",
@@ -231,7 +231,7 @@ def test_flip_tta_model_is_mirror_invariant_in_every_format(runs_root, models_ro
 
 
 def test_session_spin_settings_reach_onnxruntime():
-    from serving.runtime import session_options
+    from serving.sessions import session_options
 
     assert session_options(spin="never").get_session_config_entry("session.intra_op.allow_spinning") == "0"
     in_run = session_options(spin="in-run")

@@ -1,4 +1,4 @@
-"""The manifest contract (serving.manifest.Manifest) and the one table of runtimes (serving.formats).
+"""The manifest contract (serving.base.manifest.Manifest) and the one table of runtimes (serving.base.formats).
 
 The fast tests work on manifests shaped as `tlserve export` writes them; the slow ones on the
 shared exported CNN (conftest.cnn_model) and copies of it that were tampered with.
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from serving import formats
-from serving.errors import UserError
-from serving.manifest import MANIFEST, Artifact, Manifest, ModelFolder
+from serving.base import formats
+from serving.base.errors import UserError
+from serving.base.manifest import MANIFEST, Artifact, Manifest, ModelFolder
 
 RECALL = {"circle": 0.75, "square": 1.0}
 
 
 def _written_by_export() -> dict:
-    """A manifest as training.export writes it today (two classes, every variant, int8 not kept)."""
+    """A manifest as training.exported.export writes it today (two classes, every variant, int8 not kept)."""
     onnx = {"sha256": "b" * 64, "bytes": 2183569, "max_abs_diff": 7.45e-07, "top1_agreement": 1.0,
             "test_accuracy": 0.9, "test_ece": 0.027, "test_per_class_recall": RECALL}
     gate = {"passed": True, "accuracy_drop_points": 0.0, "worst_class": "circle", "worst_class_drop_points": 0.0,
@@ -130,7 +130,7 @@ def test_the_table_has_one_row_per_file_and_every_export_variant():
     assert len(files) == len(set(files)) and len(formats.RUNTIMES) == len(set(formats.RUNTIMES))
     # every file a full export writes (savedmodel,onnx --fp16 --int8) is a row
     assert set(_written_by_export()["artifacts"]) | {"model.int8.onnx"} <= set(files)
-    from training import export
+    from training.exported import export
 
     assert set(export.FORMATS) == {f.export_format for f in formats.FORMATS if f.export_format}
     assert {f.export_flag for f in formats.FORMATS if f.export_flag} == {"--fp16", "--int8"}
@@ -185,7 +185,7 @@ def test_a_modified_savedmodel_is_refused_by_bench_and_predict(cnn_model, tmp_pa
 def test_every_artifact_of_a_real_export_has_a_row_and_loads(cnn_model):
     import numpy as np
 
-    from training.runtimes import load
+    from training.exported.loader import load
 
     m = Manifest.load(cnn_model)
     assert set(m.artifacts) <= {f.file for f in formats.FORMATS}
@@ -198,7 +198,7 @@ def test_every_artifact_of_a_real_export_has_a_row_and_loads(cnn_model):
 
 
 def test_keras_that_is_not_the_exported_model_is_refused(cnn_model, tmp_path):
-    from training.runtimes import load
+    from training.exported.loader import load
 
     copy_dir = tmp_path / "other"
     shutil.copytree(cnn_model, copy_dir, ignore=shutil.ignore_patterns("bench", "eval", "saved_model", "*.onnx"))

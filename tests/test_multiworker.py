@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, free_port
-from training.cluster import worker_path
-from training.records import RunRecord
+from training.fit.cluster import worker_path
+from training.record.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 TIMEOUT = 240  # per group of processes; the whole file stays well under that on an idle 2-core machine
@@ -76,7 +76,7 @@ def _record(run: Path) -> RunRecord:
 
 
 def _weights(run: Path) -> list[np.ndarray]:
-    from training.models import load_model
+    from training.model.build import load_model
 
     return load_model(run / "model.keras").get_weights()
 
@@ -192,7 +192,7 @@ def test_a_cluster_run_needs_a_name(run_cli, monkeypatch, tmp_path):
 
 
 def test_cluster_roles_follow_tensorflow():
-    from training.cluster import parse
+    from training.fit.cluster import parse
 
     workers_only = parse('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}')
     assert workers_only.is_chief and workers_only.workers == 2

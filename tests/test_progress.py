@@ -37,7 +37,7 @@ def test_step_is_a_bar_on_a_terminal_and_one_line_elsewhere():
 
 
 def test_train_and_export_print_one_line_per_long_step(run_cli, tlserve_bin, tmp_path):
-    from training.data import make_synthetic
+    from training.data.sources import make_synthetic
 
     x, y, names = make_synthetic(60, seed=5)
     for i, (image, label) in enumerate(zip(x, y)):

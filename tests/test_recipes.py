@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"), key=lambda p: ("from-run" in p.read_text(), p.name))
 # What makes any recipe tiny; every other key of the file is used as written.
@@ -52,8 +52,8 @@ def test_every_recipe_is_a_valid_configuration_as_written(recipe):
     from typer.main import get_command
 
     import cli
-    from training.recipes import merge, train_config
-    from training.validation import resolve
+    from training.fit.recipes import merge, train_config
+    from training.fit.validation import resolve
 
     command = get_command(cli.app).commands["train"]
     ctx = command.make_context("train", ["--config", str(recipe)])

@@ -1,4 +1,4 @@
-"""The run record's contract: training.records.RunRecord is record.json's schema. Today's records and
+"""The run record's contract: training.record.records.RunRecord is record.json's schema. Today's records and
 older ones round-trip unchanged, fields older files lack load as None, and every key a real training run
 writes is a declared field (so the schema and the record cannot drift apart)."""
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from training import records
-from training.records import RunRecord
+from training.record import records
+from training.record.records import RunRecord
 
 CLASSES = ["circle", "square"]
 
 # Every key today's code writes, with the optional ones too: a fine-tuned run (phase1_accuracy) on a
-# two-worker cluster (training.cluster), calibrated (the fitted shape), data-checked with --drop-leaks.
+# two-worker cluster (training.fit.cluster), calibrated (the fitted shape), data-checked with --drop-leaks.
 TODAY: dict = {
     "schema": 1, "name": "ft", "status": "finished", "created_at": "2026-12-02T22:43:35+00:00",
     "config": {"data": {"spec": "synthetic", "seed": 0}, "backbone": "mobilenetv2", "strategy": "finetune",
@@ -102,7 +102,7 @@ def test_todays_record_round_trips_and_reads_as_attributes():
 
 @pytest.mark.fast
 def test_optional_facts_are_left_out_when_a_run_has_none():
-    """phase1_accuracy exists only for two-phase runs and training.cluster only for multi-worker ones; a
+    """phase1_accuracy exists only for two-phase runs and training.fit.cluster only for multi-worker ones; a
     skipped calibration is {temperature: null, skipped: reason}."""
     d = copy.deepcopy(TODAY)
     del d["test"]["phase1_accuracy"], d["training"]["cluster"]

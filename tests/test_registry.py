@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from training import backbones
+from training.model import backbones
 
 
 def test_a_new_backbone_is_one_registry_entry(run_cli, tmp_path, monkeypatch):

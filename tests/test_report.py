@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import cli_call, train_run
 
@@ -98,7 +98,7 @@ def test_compare_without_runs_is_one_line(tmp_path, run_cli):
 def test_features_grid(cnn_run, finetune_run, runs_root, sample_images, tmp_path, run_cli):
     image = sorted(sample_images.glob("*.png"))[0]
     out = tmp_path / "maps.png"
-    from training.models import load_model
+    from training.model.build import load_model
 
     # Keras numbers layer names per session, so the name depends on what the session built first.
     conv = [layer.name for layer in load_model(cnn_run / "model.keras").layers if layer.name.startswith("conv2d")]

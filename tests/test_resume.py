@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 MOBILENET = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 
 
 def _weights(run: Path) -> list[np.ndarray]:
-    from training.models import load_model
+    from training.model.build import load_model
 
     return load_model(run / "model.keras").get_weights()
 
@@ -84,8 +84,8 @@ def test_two_phase_finetune_resumes_exactly(tlserve_bin, tmp_path):
 def test_early_stopping_state_survives_a_resume(tmp_path):
     """Patience counter, best loss and best-epoch weights come back from the saved state, so the
     resumed phase stops where the uninterrupted one did and ends with the best epoch's weights."""
-    from training.callbacks import early_stopping
-    from training.checkpoints import Checkpoints
+    from training.fit.callbacks import early_stopping
+    from training.fit.checkpoints import Checkpoints
     from training.env import keras
 
     K = keras()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from training.run_state import STATE, RunState
+from training.fit.run_state import STATE, RunState
 
 pytestmark = pytest.mark.fast  # the fast tier: pytest -m 'not slow'
 
@@ -43,7 +43,7 @@ def test_flags_stay_out_of_the_file_until_set(tmp_path):
 
 
 def test_an_epochs_batches_depend_on_seed_and_epoch_alone():
-    from training.data import epoch_batches
+    from training.data.sources import epoch_batches
 
     x, y = np.arange(10, dtype=np.uint8).reshape(10, 1), np.arange(10)
 
@@ -56,7 +56,7 @@ def test_an_epochs_batches_depend_on_seed_and_epoch_alone():
 
 
 def test_onecycle_warms_up_to_the_rate_then_decays_to_zero():
-    from training import optim
+    from training.fit import optim
     from training.config import TrainConfig
 
     rate = optim.schedule("onecycle", 0.1, 100)

@@ -197,7 +197,7 @@ def test_concurrent_requests_are_batched(server, sample_images):
 def test_a_lone_request_uses_the_spinning_session(server, sample_images):
     """One client at a time: every call goes to the session whose threads spin during the call
     (loaded when there is more than one core to spin on)."""
-    from serving.runtime import physical_cores
+    from serving.sessions import physical_cores
 
     payload = sorted(sample_images.iterdir())[0].read_bytes()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import ROOT
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 KILL_AT = ROOT / "tests" / "kill_at.py"
 TINY = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--patience", "0", "--seed", "1"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import cli_call
 
@@ -70,7 +70,7 @@ def test_record_has_every_field(cnn_run):
 
 
 def test_model_takes_raw_pixels_and_returns_probabilities(cnn_run):
-    from training.models import load_model
+    from training.model.build import load_model
 
     model = load_model(cnn_run / "model.keras")
     assert model.input_shape == (None, 32, 32, 3)
@@ -144,7 +144,7 @@ def test_finetune_two_phases_on_tiny_mobilenet(runs_root):
     assert [h["phase"] for h in r.history] == ["head", "finetune"]
     assert [h["epoch"] for h in r.history] == [1, 2]
     assert r.test.phase1_accuracy is not None
-    from training.models import load_model
+    from training.model.build import load_model
 
     model = load_model(runs_root / "mnv2-ft" / "model.keras")
     assert model.count_params() == r.model.total_params
@@ -155,7 +155,7 @@ def test_backbone_batchnorm_momentum_from_scratch_only(strategy, momentum):
     """Keras's MobileNetV2 BatchNorm momentum (0.999) left validation at chance in short scratch runs."""
     from training.config import TrainConfig
     from training.env import keras
-    from training.models import build, leaf_layers
+    from training.model.build import build, leaf_layers
 
     cfg = TrainConfig(backbone="mobilenetv2", strategy=strategy, weights="none", input_size=32, bn_momentum=0.9)
     model = build(cfg, (32, 32), 10).model

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import cli_call
-from training.accel import choose_distribution, choose_jit, choose_precision, precision_note
-from training.records import RunRecord
-from serving.errors import UserError
+from training.fit.accel import choose_distribution, choose_jit, choose_precision, precision_note
+from training.record.records import RunRecord
+from serving.base.errors import UserError
 
 
 def _record(path: Path) -> RunRecord:
@@ -34,7 +34,7 @@ def test_feature_cache_matches_uncached_training(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
     assert cached.test.accuracy == pytest.approx(plain.test.accuracy, abs=1e-6)
-    from training.models import load_model
+    from training.model.build import load_model
 
     wa = load_model(tmp_path / "cached" / "model.keras").get_layer("probabilities").get_weights()
     wb = load_model(tmp_path / "plain" / "model.keras").get_layer("probabilities").get_weights()
@@ -46,13 +46,13 @@ def test_augmentation_turns_the_cache_off(tmp_path):
     cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "vgg16", "-s", "frozen", "--weights", "none",
              "--input-size", "32", "--epochs", "1", "--augment", "--runs-dir", tmp_path, "--name", "aug")
     training = _record(tmp_path / "aug").training
-    assert training.feature_cache is False and "augment" in training.feature_cache_reason
+    assert training.fit.feature_cache is False and "augment" in training.feature_cache_reason
 
 
 def test_flip_tta_turns_the_cache_off():
     """With --tta flip the backbone sees each image twice (it and its mirror): no one feature row per image."""
     from training.config import TrainConfig
-    from training.feature_cache import decide
+    from training.fit.feature_cache import decide
 
     assert decide(TrainConfig(backbone="vgg16", strategy="frozen"), True)[0] is True
     use, reason = decide(TrainConfig(backbone="vgg16", strategy="frozen", tta="flip"), True)
@@ -77,7 +77,7 @@ def test_residual_onecycle_bfloat16_recipe_trains_and_exports(tmp_path):
     # 12 steps an epoch: warm-up (30% of 72 steps) from lr/25 to the peak, then a cosine down to zero.
     assert lrs[0] > 0.1 / 25 and max(lrs) <= 0.1 + 1e-6 and lrs[-1] < 0.01 and lrs.index(max(lrs)) in (0, 1)
     assert record.test.accuracy > 0.3  # chance is 0.1
-    from training import models
+    from training.model import build as models
     from training.env import keras
 
     cli_call("train", *recipe, "--limit", "100", "--epochs", "1", "--precision", "mixed_bfloat16", "--name", "bf16")
@@ -100,7 +100,7 @@ def test_residual_block_needs_matching_channels(run_cli, tmp_path):
 
 @pytest.mark.fast
 def test_label_smoothing_loss_matches_its_definition():
-    from training.optim import loss
+    from training.fit.optim import loss
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
@@ -114,8 +114,8 @@ def test_recorded_test_loss_is_the_training_loss():
     """With label smoothing the recorded test loss is the smoothed loss trained on, as val_loss is, so the two compare."""
     from types import SimpleNamespace
 
-    from training.optim import loss
-    from training.train import evaluate
+    from training.fit.optim import loss
+    from training.fit.train import evaluate
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
@@ -136,7 +136,7 @@ def test_logit_scale_global_max_pool_export_and_transfer(tmp_path, run_cli):
              "--label-smoothing", "0.1", "--name", "scaled")
     cfg = _record(runs / "scaled").config
     assert (cfg["logit_scale"], cfg["label_smoothing"]) == (0.125, 0.1)
-    from training import models
+    from training.model import build as models
     from training.env import keras
 
     K = keras()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import SHARED, cli_call
 
@@ -22,7 +22,7 @@ def _record(run: Path) -> RunRecord:
 
 
 def _weights(run: Path) -> list[np.ndarray]:
-    from training.models import load_model
+    from training.model.build import load_model
 
     return load_model(run / "model.keras").get_weights()
 
@@ -43,7 +43,7 @@ def test_imagenet_weights_beat_random_weights_on_real_leaves(tmp_path):
 def test_the_weights_file_loads_at_any_input_size(size):
     import h5py
 
-    from training import backbones
+    from training.model import backbones
 
     base = backbones.build_pretrained(backbones.get("mobilenetv2"), size, str(MOBILENET))
     with h5py.File(MOBILENET) as f:
@@ -91,9 +91,9 @@ def test_cached_fine_tune_equals_the_uncached_one(tmp_path, unfreeze):
 
 
 def test_phase2_cache_says_why_it_is_off():
-    from training import models, strategies
+    from training.model import build as models, strategies
     from training.config import TrainConfig
-    from training.feature_cache import decide_finetune
+    from training.fit.feature_cache import decide_finetune
 
     cfg = TrainConfig(backbone="mobilenetv2", strategy="finetune", weights="none", input_size=32, unfreeze=200)
     base = models.build(cfg, (32, 32), 10).backbone
@@ -112,7 +112,7 @@ def test_phase2_cache_says_why_it_is_off():
 
 
 def test_pooled_and_memory_mapped_caches(tmp_path, monkeypatch):
-    from training import feature_cache
+    from training.fit import feature_cache
 
     common = ["train", "--data", "synthetic", "--limit", "64", "-b", "mobilenetv2", "-s", "frozen", "--weights", "none",
               "--input-size", "32", "--epochs", "2", "--patience", "0", "--seed", "2", "--runs-dir", tmp_path]

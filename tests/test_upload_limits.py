@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from conftest import bentoml_server
-from serving import images
-from serving.errors import UserError
+from serving.base import images
+from serving.base.errors import UserError
 
 MAX_REQUEST_PIXELS = 30_000_000  # three 3000x3000 images pass, two 4000x4000 do not
 BODY_TIMEOUT_S = 1
@@ -64,7 +64,7 @@ def _small_png() -> bytes:
     return _encode(Image.new("RGB", (32, 32), (90, 140, 200)))
 
 
-# --- serving/images.py --------------------------------------------------------------------------------------
+# --- serving/base/images.py --------------------------------------------------------------------------------------
 
 
 def _full_resolution_resize(data: bytes, size: tuple[int, int], interpolation: str) -> np.ndarray:

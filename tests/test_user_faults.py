@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.records import RunRecord
+from training.record.records import RunRecord
 
 from conftest import cli_call
 
@@ -139,7 +139,7 @@ def test_data_folder_that_is_a_file_or_has_a_validation_split(tmp_path, run_cli)
     assert "is a file" in _one_error_line(result)
 
     from training.config import DataConfig
-    from training.data import load_dataset
+    from training.data.sources import load_dataset
 
     rng = np.random.default_rng(0)
     root = tmp_path / "leafset"
@@ -169,7 +169,7 @@ def test_frozen_backbone_with_random_weights_is_warned_about(tmp_path, run_cli):
 
 
 def test_a_parity_check_that_cannot_tell_anything_says_so():
-    from training.export import _Check
+    from training.exported.export import _Check
 
     x = np.zeros((4, 8, 8, 3), np.float32)
     constant = _Check(x, np.tile([[0.1] * 10], (4, 1)), x, np.zeros(4), x)

@@ -1,10 +1,10 @@
 """Every option is checked before any work starts: one error line naming the nearest valid value,
-exit 2, no data loaded, no run or staging folder made (training/validation.py)."""
+exit 2, no data loaded, no run or staging folder made (training/fit/validation.py)."""
 from __future__ import annotations
 
 import pytest
 
-from serving.errors import UserError
+from serving.base.errors import UserError
 
 # (options, what the one error line says): each check that used to fire only after the data loaded
 # (--head, --truncate-at, --input-size) or after the staging folder existed (--precision, --distribute).
@@ -29,7 +29,7 @@ EARLY = [
 @pytest.mark.fast
 @pytest.mark.parametrize(("options", "message"), EARLY, ids=[o[0] if o[0] != "-b" else o[-2] for o, _ in EARLY])
 def test_a_bad_choice_is_one_line_before_any_data_or_folder(options, message, run_cli, tmp_path, monkeypatch):
-    from training import data
+    from training.data import sources as data
 
     def no_data(*_args, **_kwargs):
         raise AssertionError("the data loaded before the options were checked")
@@ -46,7 +46,7 @@ def test_a_bad_choice_is_one_line_before_any_data_or_folder(options, message, ru
 
 @pytest.mark.fast
 def test_choose_names_every_choice_and_the_nearest():
-    from training.validation import choose
+    from training.fit.validation import choose
 
     assert choose("--head", "gap", ("gap", "gap-dense")) == "gap"
     with pytest.raises(UserError) as caught:
@@ -76,7 +76,7 @@ def test_a_training_option_is_a_config_field_and_a_cli_parameter_only():
 
     import cli
     from training.config import DataConfig, TrainConfig
-    from training.recipes import NOT_IN_RECIPES, train_config
+    from training.fit.recipes import NOT_IN_RECIPES, train_config
 
     command = next(c for c in cli.app.registered_commands if c.callback.__name__ == "train")
     import inspect

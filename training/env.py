@@ -1,4 +1,4 @@
-"""Process environment for TensorFlow, and the GPUs it sees; the TensorFlow-free machine facts are serving.machine."""
+"""Process environment for TensorFlow, and the GPUs it sees; the TensorFlow-free machine facts are serving.base.machine."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Any, Iterator
 
-from serving import machine
+from serving.base import machine
 
 
 def configure_environment() -> None:
@@ -109,7 +109,7 @@ def gpus() -> list[str]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """serving.machine's CPU, cores and memory, plus the GPUs TensorFlow sees when it is loaded already."""
+    """serving.base.machine's CPU, cores and memory, plus the GPUs TensorFlow sees when it is loaded already."""
     facts = machine.machine_facts()
     if _tf is not None:
         facts["gpus"] = gpus()

@@ -1,5 +1,5 @@
-"""Errors of training alone; UserError itself, the one type for a user's mistake, is serving.errors."""
-from serving.errors import UserError
+"""Errors of training alone; UserError itself, the one type for a user's mistake, is serving.base.errors."""
+from serving.base.errors import UserError
 
 
 class Interrupted(UserError):

@@ -1,0 +1,1 @@
+"""The CLI's printers: every table `tlserve` draws in a terminal."""

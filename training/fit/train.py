@@ -1,0 +1,317 @@
+"""The training loop: config in, finished run folder out.
+
+A run is built in `runs/.<name>.partial/` and renamed into place only once
+record.json is written, so a half-finished run is never mistaken for a
+finished one. The partial folder holds the resolved config, the run's state
+(`run_state.RunState`) and a checkpoint (model + optimizer) after every epoch:
+an interrupted run resumes from there (`tlserve train --resume NAME`).
+
+The run reads as config -> data -> model and phases (`phases.plan`) -> each
+phase through `phases.fit_phase` -> test -> record. On a TF_CONFIG cluster
+(MultiWorkerMirroredStrategy) only the chief builds that folder; the epoch
+checkpoint is Keras's BackupAndRestore, which a restarted cluster continues
+from (`_train_in_cluster`, docs/distributed.md).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from serving.base import storage
+from serving.base.errors import UserError
+from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, feature_cache, optim, phases
+from training.data import sources as datasets
+from training.audit import datacheck
+from training.record import metrics, records, tensorboard_logs
+from training import progress
+from training.fit.checkpoints import BACKUP_DIR, Checkpoints, lost_peer, random_generators
+from training.config import TrainConfig
+from training.env import keras
+from training.errors import ClusterLost, Interrupted
+from training.fit.run_state import STATE, RunState
+from training.fit.validation import resolve
+
+Log = Callable[[str], None]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+CONFIG = "config.json"
+
+
+def default_name(cfg: TrainConfig) -> str:
+    scheme, _, arg = cfg.data.spec.partition(":")
+    data = re.sub(r"[^A-Za-z0-9]+", "-", Path(arg).name if arg else scheme).strip("-") or scheme
+    return f"{cfg.backbone}-{cfg.strategy}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def partial_dir(name: str, runs_dir: Path | None = None) -> Path:
+    return storage.runs_dir(runs_dir) / f".{name}.partial"
+
+
+def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, progress: bool | None = None) -> records.Run:
+    cfg = resolve(cfg)
+    cluster = clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG"))
+    if cluster is not None and not cfg.name:
+        # A default name carries the start time, which two processes never share.
+        raise UserError("a multi-worker run (TF_CONFIG) needs --name, the same on every worker")
+    cfg.name = cfg.name or default_name(cfg)
+    if not _NAME.match(cfg.name):
+        raise UserError(f"--name '{cfg.name}': use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+    final = storage.runs_dir(runs_dir) / cfg.name
+    if final.exists() and not cfg.overwrite:
+        raise UserError(f"run '{cfg.name}' already exists in {final.parent}; pick another --name or pass --overwrite")
+    if cluster is not None:
+        return _train_in_cluster(cfg, runs_dir, cluster, log, progress)
+    staging = partial_dir(cfg.name, runs_dir)
+    if staging.exists() and not (staging / CONFIG).is_file():
+        shutil.rmtree(staging, ignore_errors=True)  # killed before it wrote its config: nothing to resume
+    if staging.exists():
+        if not cfg.overwrite:
+            raise UserError(f"an interrupted run '{cfg.name}' exists; continue it with `tlserve train --resume {cfg.name}` "
+                            "or start over with --overwrite")
+        shutil.rmtree(staging)
+    if cfg.from_run:
+        records.load_run(cfg.from_run, runs_dir)  # fail now, not after loading data
+    # The folder appears with its config already in it, so a partial folder is always resumable.
+    with storage.staged_dir(staging, overwrite=False) as fresh:
+        storage.write_json(fresh / CONFIG, cfg.to_dict())
+    return _run(cfg, runs_dir, staging, RunState(), log, progress)
+
+
+def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ignore = ("overwrite",)  # how the run was started, not what it trains
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters.Cluster, log: Log,
+                      progress: bool | None) -> records.Run:
+    """One worker's part of a multi-worker run. The chief builds `runs/.<name>.partial/` as a single
+    process does; the others write their copies (checkpoints, model, record) to a temporary folder
+    that is removed at the end. A worker started again with the same command and TF_CONFIG (a
+    restarted pod) continues the run from TensorFlow's backup, which every worker reads from the
+    chief's folder: that folder must be on storage all workers share (docs/distributed.md)."""
+    shared = partial_dir(cfg.name, runs_dir)
+    config_file = shared / CONFIG
+    restarted = config_file.is_file()
+    if restarted and not _same_config(storage.read_json(config_file), cfg.to_dict()):
+        if not (cluster.is_chief and cfg.overwrite):
+            raise UserError(f"an interrupted run '{cfg.name}' with another configuration exists in {shared.parent}; "
+                            "restart the workers with its command, or start over with another --name or --overwrite")
+        shutil.rmtree(shared)
+        restarted = False
+    state = RunState.load(shared) if restarted else RunState()
+    state.cluster = True  # --resume refuses it: its epochs are in TensorFlow's backup, not in tlserve's checkpoints
+    if cluster.is_chief:
+        if shared.exists() and not restarted:
+            shutil.rmtree(shared, ignore_errors=True)  # killed before it wrote its config: nothing to continue
+        if not restarted:
+            with storage.staged_dir(shared, overwrite=False) as fresh:
+                storage.write_json(fresh / CONFIG, cfg.to_dict())
+        staging = shared
+    else:
+        staging = clusters.worker_folder(cfg.name, cluster, storage.runs_dir(runs_dir))
+    if restarted and (shared / STATE).is_file():
+        # (A config alone is the chief's fresh start seen by a quicker worker, or a run killed before epoch 1.)
+        state.restarted = True
+        log(f"{cluster.task}: continuing '{cfg.name}' from the backup in {shared}")
+    try:
+        return _run(cfg, runs_dir, staging, state, log, progress, cluster=cluster, shared=shared)
+    finally:
+        if not cluster.is_chief:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted(runs_dir: Path | None = None) -> list[tuple[str, int]]:
+    """(name, epochs done) of every run that can be resumed."""
+    return [(path.name[1:-len(".partial")], len(RunState.load(path).history))
+            for path in sorted(storage.runs_dir(runs_dir).glob(".*.partial")) if (path / CONFIG).is_file()]
+
+
+def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progress: bool | None = None) -> records.Run:
+    staging = partial_dir(name, runs_dir)
+    if not (staging / CONFIG).is_file():
+        done = (storage.runs_dir(runs_dir) / name / records.RECORD).is_file()
+        raise UserError(f"run '{name}' already finished; nothing to resume" if done else
+                        f"no interrupted run named '{name}' in {storage.runs_dir(runs_dir)}")
+    cfg = TrainConfig.from_dict(storage.read_json(staging / CONFIG))
+    if clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG")) is not None:
+        raise UserError(f"a multi-worker run continues when its workers are started again with the run's own command "
+                        f"(--name {name}) and TF_CONFIG; --resume is for single-process runs")
+    state = RunState.load(staging)
+    if state.cluster:
+        raise UserError(f"run '{name}' trains on a TF_CONFIG cluster: start every worker again with its command "
+                        f"(--name {name}) and TF_CONFIG to continue it")
+    state.resumed = True
+    log(f"resuming '{name}' after epoch {len(state.history)}")
+    return _run(cfg, runs_dir, staging, state, log, progress)
+
+
+def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: RunState, log: Log,
+         progress: bool | None, *, cluster: clusters.Cluster | None = None, shared: Path | None = None) -> records.Run:
+    history = state.history
+    policy = keras().mixed_precision.global_policy()
+    generator_rng = keras().backend.experimental.is_tf_random_generator_enabled()
+    try:
+        return _train_in(cfg, runs_dir, staging, state, log, progress, cluster, shared or staging)
+    except KeyboardInterrupt:
+        if cluster is not None:
+            raise Interrupted("interrupted; the run continues when every worker is started again with the same "
+                              "command and TF_CONFIG") from None
+        if history:
+            raise Interrupted(f"interrupted after epoch {len(history)}; resume with: tlserve train --resume {cfg.name}"
+                              + (f" --runs-dir {runs_dir}" if runs_dir else "")) from None
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except BaseException as exc:
+        # A run with finished epochs stays resumable; one that never trained leaves nothing behind.
+        if not history:
+            shutil.rmtree(staging, ignore_errors=True)
+        peer = lost_peer(exc) if cluster is not None else None
+        if peer is not None:
+            raise ClusterLost(f"{cluster.task} lost {peer}; TensorFlow cannot continue a collective without it. "
+                              f"Start every worker again with the same command and TF_CONFIG: the run continues "
+                              f"after its last backed-up epoch") from None
+        raise
+    finally:
+        # The run's precision is a global Keras policy; later work in this process (export,
+        # another run) must not inherit it.
+        keras().mixed_precision.set_global_policy(policy)
+        if not generator_rng:
+            keras().backend.experimental.disable_tf_random_generator()
+
+
+def _load_data(cfg: TrainConfig, log: Log):
+    """(dataset after the data check, the data check's facts, class weights or None), logged."""
+    dataset = datasets.load_dataset(cfg.data)
+    for name in dataset.skipped:
+        log(f"skipped (not a readable image): {name}")
+    log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
+        f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
+    dataset, data_check = datacheck.guard(dataset, cfg, log)
+    if len(dataset.train) == 0 or len(dataset.test) == 0:
+        raise UserError("the data has an empty train or test split; raise --limit or add images")
+    imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
+    if imbalance:
+        log(imbalance)
+    weights = class_weights.resolve(cfg.class_weight, dataset.train.y, dataset.class_names)
+    if weights is not None:
+        log("class weights: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                          class_weights.by_name(weights, dataset.class_names).items()))
+    return dataset, data_check, weights
+
+
+def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress: bool | None,
+              cluster: clusters.Cluster | None, shared: Path) -> records.Run:
+    """Train in `staging`. `shared` is where a restart reads from: the staging folder itself, except on a
+    multi-worker run's non-chief, which writes to its own temporary folder and reads the chief's."""
+    K = keras()
+    acc = accelerators.setup(cfg.precision, cfg.jit, cfg.distribute)
+    if cluster is not None:
+        log(f"{cluster.task} of {cluster.workers} workers ({'chief: writes the run' if cluster.is_chief else 'not chief'}); "
+            f"{acc.replicas} replicas in sync")
+    if acc.note:
+        log(f"warning: {acc.note}")
+    if cfg.strategy in ("frozen", "finetune") and cfg.weights == "none":
+        log(f"warning: --weights none with -s {cfg.strategy}: the frozen backbone keeps its random weights, so the "
+            "head learns from random features (expect little above chance); give --weights imagenet or PATH.h5")
+    # Dropout and augmentation draw from tf.random.Generator objects, whose state the run's checkpoints
+    # keep: a run resumed mid-phase draws the masks the uninterrupted run would have drawn.
+    K.backend.experimental.enable_tf_random_generator()
+    K.utils.set_random_seed(cfg.seed)
+    dataset, data_check, weights = _load_data(cfg, log)
+    source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
+
+    with acc.strategy.scope():
+        built, plan = phases.plan(cfg, dataset, source)
+    model = built.model
+    use_cache, cache_reason = feature_cache.decide(cfg, built.backbone is not None)
+    if cluster is not None and use_cache:
+        use_cache, cache_reason = False, phases.MULTIWORKER_NO_CACHE
+    if cfg.strategy in ("frozen", "finetune") and not use_cache:
+        log(f"feature cache off: {cache_reason}")
+    batch = cfg.batch_size * acc.replicas
+    pipes = {"val": datasets.pipeline(dataset.val, batch) if len(dataset.val) else None,
+             "test": datasets.pipeline(dataset.test, batch)}
+    ckpts = Checkpoints(staging, random_generators(model), read_from=shared)
+    run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
+                     shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
+                     class_weights=weights, use_cache=use_cache, batch=batch, pipes=pipes)
+    if state.checkpoint:
+        # Every finished epoch or phase left the weights it ended with; a resumed run starts from
+        # exactly those, whatever is left to do (even nothing but the test and the save).
+        ckpts.read(state.checkpoint, model=model)
+    if state.resumed and tensorboard_logs.backfill(staging, state.history):
+        log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
+    for phase in plan:
+        phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
+    history, phase1_accuracy, extract_seconds = state.history, state.phase1_accuracy, run.extract_seconds
+
+    total_time = state.elapsed + extract_seconds
+    # After the last phase and before the save: a resumed run restores the last phase's checkpoint (the
+    # weights before calibration) and calibrates them the same way, so it ends as an uninterrupted run.
+    calibrated = calibration.calibrate(model, cfg.calibrate, pipes["val"], dataset.val.y, pipes["test"], log)
+    test = evaluate(model, pipes["test"], dataset, cfg.label_smoothing)
+    calibrated.finish(test.pop("probabilities"), dataset.test.y)
+    if phase1_accuracy is not None:
+        test["phase1_accuracy"] = phase1_accuracy
+    # Every worker saves (the non-chief to its temporary folder), as TensorFlow asks of multi-worker saves.
+    model.save(str(staging / records.MODEL))
+    storage.write_text(staging / records.HISTORY, records.history_csv(history))
+    if cluster is None or cluster.is_chief:
+        from training.record.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
+
+        curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
+    shutil.rmtree(staging / "cache", ignore_errors=True)
+    shutil.rmtree(staging / BACKUP_DIR, ignore_errors=True)
+    training_facts = {"class_weights": class_weights.by_name(weights, dataset.class_names),
+                      "feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": run.cache_facts,
+                      "peak_rss_bytes": feature_cache.peak_rss_bytes(),
+                      "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
+                      "per_replica_batch_size": cfg.batch_size, "resumed": state.resumed}
+    if cluster is not None:
+        training_facts["cluster"] = {
+            **cluster.facts(), "replicas": acc.replicas, "global_batch_size": batch,
+            "per_replica_batch_size": cfg.batch_size, "restarted": state.restarted,
+            "fault_tolerance": "tf.keras.callbacks.BackupAndRestore after every epoch, in the chief's staging folder",
+            "exact_resume": False,
+            "exact_resume_reason": "a restarted cluster continues from TensorFlow's last epoch backup; tlserve's "
+                                   "own mid-epoch state is single-process"}
+    record = records.build(cfg, dataset, model=model, input_size=built.input_size, history=history, total_time=total_time,
+                           test=test, folder=staging, accel=acc, training=training_facts,
+                           calibration=calibrated.facts, data_check=data_check)
+    storage.write_json(staging / records.RECORD, record.to_dict())
+    if cluster is not None and not cluster.is_chief:
+        log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
+        return records.Run(staging, record)  # the caller removes the temporary folder
+    final = storage.runs_dir(runs_dir) / cfg.name
+    # The rename is the moment the run is finished; until then config.json keeps it resumable.
+    storage.promote(staging, final, overwrite=cfg.overwrite)
+    for leftover in (CONFIG, STATE):
+        (final / leftover).unlink(missing_ok=True)
+    return records.Run(final, record)
+
+
+def evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
+    """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
+    regularization, so it compares with val_loss), accuracy, per-class accuracy, precision/recall/F1
+    and confusion matrix, from a single pass over the test split."""
+    y = dataset.test.y
+    with progress.step("test evaluation", len(y)) as advance:
+        probs = model.predict(test_ds, verbose=0, callbacks=[callbacks.counted(advance)])
+    per_image = keras().losses.get(optim.loss(label_smoothing))(y, probs)  # the very loss the run trained on
+    regularization = float(sum(float(v) for v in model.losses)) if model.losses else 0.0
+    loss = float(np.mean(per_image)) + regularization
+    pred = probs.argmax(axis=1)
+    accuracy = float(np.mean(pred == y))
+    matrix = metrics.confusion(y, pred, len(dataset.class_names))
+    per_class = {name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
+                 for i, name in enumerate(dataset.class_names)}
+    scores = metrics.summary(matrix, dataset.class_names)
+    return {"loss": float(loss), "accuracy": float(accuracy), "per_class_accuracy": per_class,
+            "confusion_matrix": matrix.tolist(), "per_class": scores["per_class"],
+            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"], "probabilities": probs}

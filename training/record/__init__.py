@@ -1,0 +1,1 @@
+"""What a run leaves: the run record and its metrics, plots and TensorBoard logs."""
