@@ -46,7 +46,7 @@ def test_augmentation_turns_the_cache_off(tmp_path):
     cli_call("train", "--data", "synthetic", "--limit", "64", "-b", "vgg16", "-s", "frozen", "--weights", "none",
              "--input-size", "32", "--epochs", "1", "--augment", "--runs-dir", tmp_path, "--name", "aug")
     training = _record(tmp_path / "aug").training
-    assert training.fit.feature_cache is False and "augment" in training.feature_cache_reason
+    assert training.feature_cache is False and "augment" in training.feature_cache_reason
 
 
 def test_flip_tta_turns_the_cache_off():

@@ -147,10 +147,12 @@ def _limit(split: Split, limit: int | None, seed: int) -> Split:
     """At most `limit` images, balanced across classes, chosen by seed."""
     if limit is None or len(split) <= limit:
         return split
-    return split.take(_balanced_index(split.y, limit, seed))
+    return split.take(balanced_sample(split.y, limit, seed))
 
 
-def _balanced_index(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `limit` images, every class as evenly as it can be (a class with too
+    few gives all it has), chosen by seed: the one stratified sample (--limit, calibration, checks)."""
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     # Round-robin over classes so every class gets its share before any gets more.
@@ -370,7 +372,7 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
     picked = {}
     for name, (files, labels) in listing.splits.items():
         if cfg.limit and len(files) > cfg.limit:  # decode only what will be used
-            idx = _balanced_index(labels, cfg.limit, cfg.seed)
+            idx = balanced_sample(labels, cfg.limit, cfg.seed)
             files, labels = [files[i] for i in idx], labels[idx]
         picked[name] = (files, labels)
 
