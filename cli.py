@@ -14,7 +14,7 @@ import training  # noqa: F401  (sets TensorFlow's environment before anything im
 import typer
 from rich.console import Console
 
-from serving.base.errors import UserError
+from serving.base.errors import UserError, choose
 from serving.base.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
 from training.console import tables
 
@@ -468,6 +468,27 @@ def data_check(
         _print_json(report.data)
         return
     tables.print_data_check(console, report.data, folder)
+
+
+@data_app.command("sample")
+def data_sample(
+    data: Data = "synthetic",
+    out: Annotated[Path, typer.Option(help="Folder to write: one sub-folder per class.")] = Path("examples"),
+    split: Annotated[str, typer.Option(help="train | val | test, split as `tlserve train` splits it.")] = "test",
+    per_class: Annotated[int, typer.Option(help="Images of each class.")] = 1,
+    classes: Classes = None,
+    val_split: Annotated[float, typer.Option(help="As in `tlserve train`.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed, and which images.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """A few images of every class, as files: to send to a service, evaluate, or look at."""
+    from training.config import DataConfig  # noqa: PLC0415
+    from training.data.sample import SPLITS, sample  # noqa: PLC0415
+
+    choose("--split", split, SPLITS)
+    paths = sample(DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed), out, split=split,
+                   per_class=per_class, overwrite=overwrite)
+    console.print(f"wrote {len(paths)} images to {out}/ (one folder per class)", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -170,3 +170,19 @@ def test_real_cifar10_jpg_loads():
     assert np.bincount(ds.test.y).tolist() == [4] * 10
     cats = load_dataset(DataConfig(spec=f"folder:{CIFAR_JPG}", classes="cat,dog", limit=10))
     assert cats.class_names == ["cat", "dog"] and len(cats.test) == 10
+
+
+def test_data_sample_writes_every_class_and_refuses_to_overwrite(tmp_path, run_cli):
+    out = tmp_path / "examples"
+    result = run_cli("data", "sample", "--data", "synthetic", "--per-class", "2", "--out", out)
+    assert result.code == 0, result.err
+    from training.data.sources import SYNTHETIC_CLASSES
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(SYNTHETIC_CLASSES)
+    assert all(len(list((out / c).glob("*.png"))) == 2 for c in SYNTHETIC_CLASSES)
+    before = sorted(out.rglob("*.png"))
+    again = run_cli("data", "sample", "--data", "synthetic", "--out", out)
+    assert again.code == 2 and "exists" in again.err and "Traceback" not in again.err
+    assert sorted(out.rglob("*.png")) == before
+    bad = run_cli("data", "sample", "--data", "synthetic", "--split", "tst", "--out", tmp_path / "x")
+    assert bad.code == 2 and "nearest: test" in bad.err and not (tmp_path / "x").exists()

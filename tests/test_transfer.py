@@ -72,7 +72,7 @@ def test_cached_fine_tune_equals_the_uncached_one(tmp_path, unfreeze):
               "--weights", MOBILENET, "--input-size", "32", "--epochs", "1", "--finetune-epochs", "2", *unfreeze,
               # SGD, not Adam: Adam divides each step by the gradient's own scale, so a float-noise
               # difference in a near-zero gradient becomes a full step of difference in that weight.
-              "--optimizer", "sgd", "--lr", "0.05", "--finetune-lr", "0.05",
+              "--optimizer", "sgd", "--lr", "0.01", "--finetune-lr", "0.01",
               "--patience", "0", "--seed", "1", "--runs-dir", tmp_path]
     cli_call(*common, "--name", "cached")
     cli_call(*common, "--name", "plain", "--no-feature-cache")
