@@ -147,6 +147,14 @@ class TestFacts(_Section):
     macro_f1: float | None = None
     weighted_f1: float | None = None
     phase1_accuracy: float | None = _optional()   # a two-phase run's test accuracy after its head phase
+    # On the test images the data check found no copy of in train or val (None: --data-check off, older
+    # records; accuracy None when every test image is a copy). Equal to accuracy when nothing leaked.
+    leak_free_accuracy: float | None = None
+    leak_free_images: int | None = None
+
+    def leaked_images(self, total: int) -> int | None:
+        """Test images left out of leak_free_accuracy, of `total`; None when not known."""
+        return None if self.leak_free_images is None else total - self.leak_free_images
 
 
 @dataclass(kw_only=True)
@@ -177,12 +185,18 @@ class EnvironmentFacts(_Section):
 
 @dataclass(kw_only=True)
 class CalibrationFacts(_Section):
-    """Temperature scaling (training.fit.calibration): fitted on val and baked into the model, or skipped."""
+    """Temperature scaling (training.fit.calibration): fitted on val and baked into the model, or refused
+    (`skipped` says why in one line; the val_* and cv_* facts it was judged on are kept either way)."""
     temperature: float | None                    # None: skipped
     skipped: str | None = _optional()            # why not
     layer: str | None = _optional()              # the Dense layer it was baked into
     fitted_on: str | None = _optional()          # "val"
-    val_images: int | None = _optional()
+    val_images: int | None = _optional()         # validation images it was judged on (copies of train left out)
+    val_copies: int | None = _optional()         # validation images left out as copies of train (None: not checked)
+    val_errors: int | None = _optional()         # of val_images, those the model gets wrong
+    cv_nll_change: float | None = _optional()    # cross-validated change of the held-out log-loss
+    cv_t: float | None = _optional()             # its t statistic (kept only at <= -2)
+    fitted_temperature: float | None = _optional()  # a temperature refused as out of range
     val_nll_before: float | None = _optional()
     val_nll_after: float | None = _optional()
     val_ece_before: float | None = _optional()
@@ -192,6 +206,7 @@ class CalibrationFacts(_Section):
     test_nll_before: float | None = _optional()
     test_nll_after: float | None = _optional()
     test_top1_agreement: float | None = _optional()  # share of test images whose top class baking kept
+    test_nll_rose: bool | None = _optional()     # the kept temperature raised the test log-loss (warned)
 
 
 @dataclass(kw_only=True)
