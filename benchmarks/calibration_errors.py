@@ -36,16 +36,23 @@ from training.record.records import RECORD, RunRecord  # noqa: E402
 GROUPS = [(0, 0), (1, 2), (3, 5), (6, 9), (10, 14), (15, 19), (20, 29), (30, 49), (50, 10**9)]
 
 
-def raw_outputs(run: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None]:
-    """(name, val y, raw val probabilities, test y, raw test probabilities, baked T or None)."""
+def raw_outputs(run: Path, cache: Path | None = None) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(name, val y, raw val probabilities, test y, raw test probabilities), kept in `cache` (a folder) if given."""
     record = RunRecord.load(run / RECORD)
+    stored = cache / f"{record.name}-{record.created_at}.npz" if cache else None
+    if stored is not None and stored.is_file():
+        with np.load(stored) as z:
+            return record.name, z["vy"], z["vp"], z["ty"], z["tp"]
     data = load_dataset(DataConfig(**record.config["data"]))
     model = load_model(run / "model.keras")
     baked = record.calibration.temperature if record.calibration is not None else None
     undo = (lambda p: metrics.apply_temperature(p, 1 / baked)) if baked else (lambda p: p)
     val = undo(model.predict(data.val.x.astype(np.float32), verbose=0, batch_size=128))
     test = undo(model.predict(data.test.x.astype(np.float32), verbose=0, batch_size=128))
-    return record.name, data.val.y, val, data.test.y, test, baked
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(stored, vy=data.val.y, vp=val, ty=data.test.y, tp=test)
+    return record.name, data.val.y, val, data.test.y, test
 
 
 def draw(y: np.ndarray, p: np.ndarray, n: int, rng: np.random.Generator) -> dict[str, float]:
@@ -63,14 +70,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--trials", type=int, default=200, help="draws per run and validation size")
-    parser.add_argument("--sizes", default="100,200,400,800", help="validation split sizes to draw")
+    parser.add_argument("--sizes", default="30,60,100,200,400,800", help="validation split sizes to draw")
+    parser.add_argument("--cache", type=Path, default=None, help="keep each run's raw outputs here (npz)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
     print("| run | val / test images | val errors | test accuracy | T on its val split | test NLL before -> after |")
     print("|---|---:|---:|---:|---:|---|")
     for run in map(Path, args.runs):
-        name, vy, vp, ty, tp, baked = raw_outputs(run)
+        name, vy, vp, ty, tp = raw_outputs(run, args.cache)
         t_own = metrics.fit_temperature(vy, vp)
         print(f"| {name} | {len(vy)} / {len(ty)} | {int(np.sum(vp.argmax(1) != vy))} | {np.mean(tp.argmax(1) == ty):.4f} | "
               f"{t_own:.3f} | {metrics.nll(ty, tp):.4f} -> {metrics.nll(ty, metrics.apply_temperature(tp, t_own)):.4f} |",

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from serving.base.manifest import Manifest
-from training.record.records import TABLE_FIELDS, RunRecord, format_cell, table_row
+from training.record.records import TABLE_FIELDS, RunRecord, format_cell, leak_of, table_row
 
 
 def fmt(value: Any) -> str:
@@ -51,8 +51,12 @@ RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/ep
 
 def print_runs(out: Console, title: str, records: list[RunRecord]) -> None:
     """Seed 001's columns plus epochs_to_target, one row per run (`runs` and `compare`)."""
-    rows = [[fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
+    rows = [[fmt(table_row(r)[c]) + ("*" if c == "test_accuracy" and leak_of(r) else "") for c in TABLE_FIELDS]
+            for r in records]
     out.print(table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",)))
+    for r in records:  # beside the figure: a starred accuracy counts test images the run learned from
+        if leak := leak_of(r):
+            _say(out, f"* {r.name} is LEAKY: {leak.note()}")
 
 
 def print_record(out: Console, run) -> None:
@@ -74,9 +78,9 @@ def print_record(out: Console, run) -> None:
                 + (f"  macro F1 {t.macro_f1:.4f}" if t.macro_f1 is not None else ""),
         "record": str(run.path / "record.json"),
     }
-    leak = leak_note(r)
+    leak = leak_of(r)
     if leak:
-        facts["test"] += f"; {leak}"
+        facts["test"] += f"; LEAKY: {leak.note()}"
     cal = r.calibration
     if cal is not None:
         facts["calibration"] = calibration_line(cal)
@@ -106,21 +110,6 @@ def calibration_line(cal) -> str:
     if cal.temperature is None:
         return f"none: {cal.skipped}" + change("test")
     return f"temperature {cal.temperature:.3f}{judged}" + change("val") + change("test")
-
-
-def leak_note(r: RunRecord) -> str:
-    """'' or, for a run whose test images copy images it learned from, how many and the accuracy without them."""
-    leaked = r.test.leaked_images(r.data.splits["test"])
-    if leaked is None:
-        check = r.data_check
-        if check is not None and check.dropped is None and (check.leaks or {}).get("test-in-train"):
-            return f"{check.leaks['test-in-train']['images']:,} test images copy training images (leak-free accuracy not recorded)"
-        return ""
-    if not leaked:
-        return ""
-    free = "—" if r.test.leak_free_accuracy is None else f"{r.test.leak_free_accuracy:.4f}"
-    return (f"LEAKY: {leaked:,} of {r.data.splits['test']:,} test images copy train/val images; "
-            f"leak-free accuracy {free} on the other {r.test.leak_free_images:,}")
 
 
 def print_interrupted(out: Console, paused: list[tuple[str, int]]) -> None:

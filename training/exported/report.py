@@ -23,24 +23,6 @@ LEAK_NOTE = ("A test image that copies an image the model learned from (train, o
              "it; a leaky run that recorded none is not ranked.")
 
 
-@dataclass(frozen=True)
-class Leak:
-    """A run's test images that copy images it learned from (its record's data check)."""
-    copies: int
-    of: int
-    free_accuracy: float | None  # on the other test images; None: the record is older than the figure
-
-
-def leak_of(record: records.RunRecord) -> Leak | None:
-    t, total = record.test, record.data.splits["test"]
-    copies = t.leaked_images(total)
-    if copies is None:  # a record older than leak_free_accuracy: its data check's count, if it found any
-        check = record.data_check
-        found = (check.leaks or {}).get("test-in-train") if check is not None and check.dropped is None else None
-        copies = found["images"] if found else 0
-    return Leak(copies, total, t.leak_free_accuracy) if copies else None
-
-
 @dataclass
 class Entry:
     record: records.RunRecord
@@ -53,8 +35,8 @@ class Entry:
         return self.record.name
 
     @property
-    def leak(self) -> Leak | None:
-        return leak_of(self.record)
+    def leak(self) -> records.Leak | None:
+        return records.leak_of(self.record)
 
     def latency(self, runtime: str = SERVE_RUNTIME, batch: int = 1) -> float | None:
         for row in (self.bench or {}).get("results", []):
@@ -180,8 +162,7 @@ def _accuracy(e: Entry, value: float | None) -> Any:
     leak = e.leak
     if leak is None or value is None:
         return value
-    return f"{records.format_cell(value)} (LEAKY: {leak.copies:,} of {leak.of:,} test images are copies; " \
-           f"leak-free {records.format_cell(leak.free_accuracy)})"
+    return f"{records.format_cell(value)} (LEAKY: {leak.note()})"
 
 
 def _leaks(doc: Doc, entries: list[Entry]) -> None:
@@ -191,10 +172,11 @@ def _leaks(doc: Doc, entries: list[Entry]) -> None:
     for e in entries:
         t, check = e.record.test, e.record.data_check
         copies = e.leak.copies if e.leak else (None if check is None else 0)
-        rows.append([e.name, t.accuracy, e.record.data.splits["test"], copies,
+        verdict = "not checked" if check is None else ("LEAKY" if e.leak else "no copies found")
+        rows.append([e.name, verdict, t.accuracy, e.record.data.splits["test"], copies,
                      t.leak_free_accuracy, t.leak_free_images,
                      "off" if check is None else check.mode + (" (--drop-leaks)" if check.dropped else "")])
-    doc.table(["run", "test accuracy", "test images", "copies of train/val images", "leak-free accuracy",
+    doc.table(["run", "test split", "test accuracy", "test images", "copies of train/val images", "leak-free accuracy",
                "leak-free images", "data check"], rows)
     doc.para(LEAK_NOTE)
 
@@ -310,10 +292,8 @@ def most_accurate(entries: list[Entry]) -> str:
         return f"Most accurate: none can be told: every run leaked and none recorded a leak-free accuracy.{skip}"
     best = max(ranked, key=score)
     tied = [e.name for e in ranked if e is not best and score(e) == score(best)]
-    mark = "" if best.leak is None else (f" (LEAKY: {best.leak.copies:,} of {best.leak.of:,} test images copy "
-                                         f"train/val images; {best.record.test.accuracy:.4f} on all of them)")
-    others = "".join(f" {e.name} is LEAKY: {e.leak.copies:,} of {e.leak.of:,} test images copy train/val images, "
-                     f"{e.record.test.accuracy:.4f} on all, {records.format_cell(e.leak.free_accuracy)} leak-free."
+    mark = "" if best.leak is None else f" (LEAKY, {best.record.test.accuracy:.4f} on all test images: {best.leak.note()})"
+    others = "".join(f" {e.name} is LEAKY ({e.record.test.accuracy:.4f} on all test images): {e.leak.note()}."
                      for e in leaky if e is not best)
     return (f"Most accurate: {best.name} at {score(best):.4f} {what}{mark}"
             + (f" (tied with {', '.join(tied)})" if tied else "") + f" — {_facts(best)}.{others}{skip}")

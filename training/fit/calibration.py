@@ -7,6 +7,15 @@ ONNX variant serve calibrated probabilities with no extra layer, and the argmax 
 (a positive scale keeps the order of the logits). Every head tlserve builds ends in that Dense layer
 followed only by linear steps and the softmax: TTA averages the views *before* it, --logit-scale
 multiplies after it, --from-run heads are a Dense 'probabilities' like the others.
+
+A temperature is kept only when the validation split can measure it, and each refusal is one line in
+the log and in the record's calibration.skipped: (1) validation images the data check found copied
+from train are left out (the model answers them from memory); (2) the rest must hold at least
+MIN_ERRORS wrong answers, since only wrong answers stop a smaller T from lowering the NLL (on a split
+the model gets all right, T runs to the search's floor and makes the model certain of its mistakes);
+(3) a 5-fold cross-validation must show a clear held-out NLL gain (cross_check); (4) the fitted T must
+lie in T_RANGE. The test split never chooses T; when the kept T raised its NLL anyway the record says
+so (test_nll_rose) and so does the run, loudly.
 """
 from __future__ import annotations
 

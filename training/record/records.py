@@ -332,6 +332,33 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
     return sorted(runs, key=lambda r: r.record.created_at or "")
 
 
+@dataclass(frozen=True)
+class Leak:
+    """A run's test images that copy images it learned from, found by its data check."""
+    copies: int
+    of: int
+    free_accuracy: float | None  # on the other test images; None: the record is older than the figure
+
+    def note(self) -> str:
+        if self.free_accuracy is not None:
+            free = f"leak-free accuracy {self.free_accuracy:.4f} on the other {self.of - self.copies:,}"
+        else:
+            free = "no test image is free of copies" if self.copies >= self.of else "leak-free accuracy not recorded (older run)"
+        return f"{self.copies:,} of {self.of:,} test images copy train/val images; {free}"
+
+
+def leak_of(record: RunRecord) -> Leak | None:
+    """The run's leak, or None when its data check found none (or did not run). A record older than
+    leak_free_accuracy counts its data check's test-in-train copies, unless --drop-leaks removed them."""
+    t, total = record.test, record.data.splits["test"]
+    copies = t.leaked_images(total)
+    if copies is None:
+        check = record.data_check
+        found = (check.leaks or {}).get("test-in-train") if check is not None and check.dropped is None else None
+        copies = found["images"] if found else 0
+    return Leak(copies, total, t.leak_free_accuracy) if copies else None
+
+
 def table_row(record: RunRecord) -> dict[str, Any]:
     """Seed 001's columns (plus epochs_to_target and macro F1), derived from a record; macro F1 is
     None for records older than it."""
