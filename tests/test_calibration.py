@@ -129,3 +129,68 @@ def test_a_temperature_is_baked_only_when_it_clearly_helps_held_out_images():
     reason = calibration.cross_check(*model_output(2000, 1.0))  # already calibrated: T ~ 1 is no clear gain
     assert reason is not None and "2000 validation images" in reason and "t = " in reason
     assert "too few" in calibration.cross_check(*model_output(6, 3.0))
+
+
+@pytest.mark.fast
+def test_a_split_that_cannot_measure_a_temperature_is_refused_in_one_line():
+    from training.fit import calibration
+
+    reason = calibration.identifiable({"val_copies": 40, "val_images": 0, "val_errors": 0})
+    assert "all 40 validation images copy training images" in reason
+    reason = calibration.identifiable({"val_copies": None, "val_images": 500, "val_errors": 3})
+    assert "497 of 500" in reason and f"at least {calibration.MIN_ERRORS} wrong" in reason
+    assert calibration.identifiable({"val_copies": 0, "val_images": 500, "val_errors": calibration.MIN_ERRORS}) is None
+    low, high = calibration.T_RANGE
+    assert calibration.out_of_range(low) is None and calibration.out_of_range(high) is None
+    assert "sharpen" in calibration.out_of_range(low * 0.9) and "flatten" in calibration.out_of_range(high * 1.1)
+
+
+@pytest.mark.fast
+def test_a_validation_split_the_model_gets_all_right_keeps_no_temperature():
+    """Issue 29: every fold of an all-right split "improves" as T falls, so T ran to its floor and was baked in."""
+    from types import SimpleNamespace
+
+    from training.fit import calibration
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    confidence = rng.uniform(0.7, 0.99, 600)  # right, but not certain: T -> 0 makes every image "better"
+    probs = np.stack([np.where(y == 0, confidence, 1 - confidence), np.where(y == 1, confidence, 1 - confidence)], 1)
+    model = SimpleNamespace(predict=lambda data, verbose=0: probs)
+    lines: list[str] = []
+    result = calibration.calibrate(model, True, "val", y, "test", lines.append)
+    assert result.facts["temperature"] is None and result.facts["val_errors"] == 0
+    assert "600 of 600 validation images right" in result.facts["skipped"]
+    assert lines == [f"calibration skipped: {result.facts['skipped']}"]
+
+
+@pytest.mark.fast
+def test_a_temperature_that_raises_the_test_nll_is_flagged_and_shown_loudly(tmp_path):
+    import copy
+    import io
+
+    from rich.console import Console
+
+    from training.console import tables
+    from training.fit import calibration
+    from training.record import metrics
+    from training.record.records import Run
+
+    from test_records import TODAY
+
+    y = np.array([0, 1, 1, 0])
+    before = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
+    after = metrics.apply_temperature(before, 0.2)  # sharper: the one mistake becomes near certain
+    cal = calibration.Calibrated({"temperature": 0.2, "val_images": 400, "val_errors": 30}, before)
+    lines: list[str] = []
+    cal.finish(after, y, lines.append)
+    assert cal.facts["test_nll_rose"] is True and cal.facts["test_nll_after"] > cal.facts["test_nll_before"]
+    assert len(lines) == 1 and lines[0].startswith("warning: the baked temperature 0.200 RAISED the test log-loss")
+
+    d = copy.deepcopy(TODAY)
+    d["calibration"].update(temperature=0.2, test_nll_rose=True, val_errors=30, test_nll_before=0.1, test_nll_after=0.9)
+    out = Console(file=io.StringIO(), width=100)
+    tables.print_record(out, Run(tmp_path, RunRecord.from_dict(d)))
+    said = " ".join(out.file.getvalue().replace("│", " ").split())
+    assert "WARNING" in said and "RAISED the test log-loss 0.1000 -> 0.9000" in said
+    assert "val NLL 0.7000 -> 0.6500, ECE 0.1000 -> 0.0500" in said and "test NLL 0.1000 -> 0.9000, ECE 0.1200 -> 0.0600" in said

@@ -218,7 +218,7 @@ def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set)
     lines: list[str] = []
     dataset = load_dataset(cfg.data)
     before = len(dataset.train)
-    dataset, part = datacheck.guard(dataset, cfg, lines.append)
+    dataset, part, _ = datacheck.guard(dataset, cfg, lines.append)
     assert part["mode"] == "full" and part["embeddings"].startswith(f"MobileNetV2 ({MOBILENET})")
     assert part["leaks"]["test-in-train"]["images"] >= 5 and part["label_conflicts"] == 1
     assert {planted[n][0] for n in planted if n != "crop"} <= set(part["dropped"]["files"])

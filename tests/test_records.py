@@ -38,7 +38,8 @@ TODAY: dict = {
              "confusion_matrix": [[8, 2], [0, 0]],
              "per_class": {"circle": {"precision": 1.0, "recall": 0.8, "f1": 0.8889, "support": 10},
                            "square": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}},
-             "macro_f1": 0.4444, "weighted_f1": 0.8889, "phase1_accuracy": 0.7},
+             "macro_f1": 0.4444, "weighted_f1": 0.8889, "phase1_accuracy": 0.7, "leak_free_accuracy": 0.8,
+             "leak_free_images": 10},
     "training": {"class_weights": {"circle": 0.9, "square": 1.125}, "feature_cache": False,
                  "feature_cache_reason": "multi-worker runs do not cache", "caches": {"head": {"used": False}},
                  "peak_rss_bytes": 907882496, "extract_seconds": 0.0, "global_batch_size": 16,
@@ -59,10 +60,10 @@ TODAY: dict = {
 
 
 def _old() -> dict:
-    """A record as written before macro/weighted F1, per-class scores, calibration, the data check, class
-    weights and the per-replica batch existed."""
+    """A record as written before macro/weighted F1, per-class scores, leak-free accuracy, calibration, the
+    data check, class weights and the per-replica batch existed."""
     old = copy.deepcopy(TODAY)
-    for key in ("per_class", "macro_f1", "weighted_f1", "phase1_accuracy"):
+    for key in ("per_class", "macro_f1", "weighted_f1", "phase1_accuracy", "leak_free_accuracy", "leak_free_images"):
         del old["test"][key]
     for key in ("calibration", "data_check"):
         del old[key]
@@ -121,6 +122,7 @@ def test_an_older_record_loads_with_none_and_writes_back_unchanged(tmp_path: Pat
     old = _old()
     record = RunRecord.from_dict(old)
     assert record.test.macro_f1 is None and record.test.weighted_f1 is None and record.test.per_class is None
+    assert record.test.leak_free_accuracy is None and record.test.leaked_images(10) is None
     assert record.calibration is None and record.data_check is None
     assert record.training.class_weights is None and record.data.train_class_counts is None
     assert record.environment.jit is None and record.model.weighted_layers is None

@@ -125,3 +125,32 @@ def test_compare_to_an_unwritable_place_is_one_line(cnn_run, runs_root, models_r
 def test_mistyped_option_is_a_usage_error_not_a_traceback(run_cli):
     result = run_cli("compare", "--no-such-option")
     assert result.code == 2 and "No such option" in result.err and "Traceback" not in result.err
+
+
+@pytest.mark.fast
+def test_most_accurate_ranks_by_leak_free_accuracy_when_a_run_leaked():
+    """Issue 29: compare crowned a run whose test images were 73.6% copies of its training images."""
+    import copy
+
+    from training.exported.report import Entry, answers
+
+    from test_records import TODAY
+
+    def run(name: str, accuracy: float, free: float | None, free_images: int | None, leaked: int = 0) -> Entry:
+        d = copy.deepcopy(TODAY)
+        d["name"] = name
+        d["test"].update(accuracy=accuracy, leak_free_accuracy=free, leak_free_images=free_images)
+        if free_images is None:  # an older record: only its data check's count
+            del d["test"]["leak_free_accuracy"], d["test"]["leak_free_images"]
+            d["data_check"].update(dropped=None, leaks={"test-in-train": {"images": leaked, "of": 10, "percent": 10.0 * leaked}})
+        return Entry(RunRecord.from_dict(d), None, None)
+
+    clean, leaky, old = run("clean", 0.95, 0.95, 10), run("leaky", 0.99, 0.9, 6), run("old", 0.999, None, None, 7)
+    said = answers([clean, leaky, old])[0]
+    assert said.startswith("Most accurate: clean at 0.9500 leak-free test accuracy")
+    assert ("leaky is LEAKY (0.9900 on all test images): 4 of 10 test images copy train/val images; "
+            "leak-free accuracy 0.9000 on the other 6") in said
+    assert "Not ranked: old (leaky; no leak-free accuracy recorded)" in said
+    assert answers([clean])[0].startswith("Most accurate: clean at 0.9500 test accuracy")
+    best = answers([run("a", 0.99, 0.97, 6), run("b", 0.9, 0.9, 10)])[0]
+    assert best.startswith("Most accurate: a at 0.9700 leak-free test accuracy (LEAKY, 0.9900 on all test images: 4 of 10")

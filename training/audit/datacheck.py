@@ -129,6 +129,7 @@ class Report:
     thumbnail: Callable[[int], Image.Image] | None = None  # row -> RGB image, for the page
     drop_train: list[int] = field(default_factory=list)    # rows of train images that duplicate val/test
     rows_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # id(pair item in data) -> its two rows
+    copied: dict[str, list[int]] = field(default_factory=dict)  # "test-in-train" -> rows of test images with a copy in train
 
     def rows(self, item: dict[str, Any]) -> tuple[int, int]:
         return self.rows_of[id(item)]
@@ -591,7 +592,7 @@ def _analyse(imgs: Images, meta: dict[str, Any], mode: str, thresholds: Threshol
         "not_images": meta["not_images"],
         "seconds": seconds,
     }
-    return Report(data, pairs, imgs, None, sorted(drop), rows_of)
+    return Report(data, pairs, imgs, None, sorted(drop), rows_of, {k: sorted(v) for k, v in dup_of.items()})
 
 
 def _warn(log):
@@ -661,15 +662,35 @@ def _class_outliers(imgs: Images, names: list[str], *, min_images: int = 5) -> l
 
 # ---- the training run's own check ------------------------------------------------------------
 
-def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None]:
+@dataclass(frozen=True)
+class HeldCopies:
+    """Which held-out images the model may have seen, after any --drop-leaks (indices into the split):
+    calibration fits on the other validation images, the record scores the other test images too."""
+    val: np.ndarray   # validation images with a copy in train
+    test: np.ndarray  # test images with a copy in train or in validation (early stopping and calibration see val)
+
+
+def held_copies(report: Report, n_train: int, n_val: int, dropped: bool) -> HeldCopies:
+    """The report's copied rows as split indices; --drop-leaks removed every training copy, so then only
+    test images that copy a validation image are left."""
+    def rows(key: str, offset: int) -> set[int]:
+        return {r - offset for r in report.copied.get(key, [])}
+
+    val = set() if dropped else rows("val-in-train", n_train)
+    test = rows("test-in-val", n_train + n_val) | (set() if dropped else rows("test-in-train", n_train + n_val))
+    return HeldCopies(np.asarray(sorted(val), np.int64), np.asarray(sorted(test), np.int64))
+
+
+def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None, HeldCopies | None]:
     """Check a run's splits for cross-split copies before it trains: warn, record the counts, and with
-    --drop-leaks remove the training images that duplicate a val or test image. (dataset, record part)."""
+    --drop-leaks remove the training images that duplicate a val or test image. (dataset, record part,
+    the held-out images that copy what the model learns from; None without a check)."""
     if cfg.data_check not in MODES:
         raise UserError(f"--data-check must be one of {', '.join(MODES)}, not '{cfg.data_check}'")
     if cfg.data_check == "off":
         if cfg.drop_leaks:
             raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
-        return dataset, None
+        return dataset, None, None
     start = time.perf_counter()
     # full: the run's own MobileNetV2 weights when it has a file of them, else Keras's ImageNet download.
     weights = cfg.weights if cfg.backbone == "mobilenetv2" and cfg.weights and Path(cfg.weights).is_file() else "imagenet"
@@ -691,6 +712,7 @@ def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None]:
             f"in {source}; {held} accuracy will read high" + ("" if cfg.drop_leaks else " (--drop-leaks removes the training copies)"))
     if d["label_conflicts"]:
         log(f"warning: data check: {len(d['label_conflicts'])} pair(s) of copies carry different labels")
+    copies = held_copies(report, len(dataset.train), len(dataset.val), cfg.drop_leaks)
     if cfg.drop_leaks:
         ids = dataset.train.ids()
         drop = np.asarray(report.drop_train, np.int64)  # train rows come first, so rows are train indices
@@ -701,4 +723,4 @@ def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None]:
             dataset.train = dataset.train.take(keep)
             log(f"data check: dropped {len(drop)} training image(s) that duplicate a val or test image")
     part["seconds"] = round(time.perf_counter() - start, 2)
-    return dataset, part
+    return dataset, part, copies

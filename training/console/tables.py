@@ -11,9 +11,10 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from serving.base.manifest import Manifest
-from training.record.records import TABLE_FIELDS, RunRecord, format_cell, table_row
+from training.record.records import TABLE_FIELDS, RunRecord, format_cell, leak_of, table_row
 
 
 def fmt(value: Any) -> str:
@@ -50,8 +51,12 @@ RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/ep
 
 def print_runs(out: Console, title: str, records: list[RunRecord]) -> None:
     """Seed 001's columns plus epochs_to_target, one row per run (`runs` and `compare`)."""
-    rows = [[fmt(table_row(r)[c]) for c in TABLE_FIELDS] for r in records]
+    rows = [[fmt(table_row(r)[c]) + ("*" if c == "test_accuracy" and leak_of(r) else "") for c in TABLE_FIELDS]
+            for r in records]
     out.print(table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",)))
+    for r in records:  # beside the figure: a starred accuracy counts test images the run learned from
+        if leak := leak_of(r):
+            _say(out, f"* {r.name} is LEAKY: {leak.note()}")
 
 
 def print_record(out: Console, run) -> None:
@@ -73,15 +78,38 @@ def print_record(out: Console, run) -> None:
                 + (f"  macro F1 {t.macro_f1:.4f}" if t.macro_f1 is not None else ""),
         "record": str(run.path / "record.json"),
     }
+    leak = leak_of(r)
+    if leak:
+        facts["test"] += f"; LEAKY: {leak.note()}"
     cal = r.calibration
-    if cal is not None and cal.temperature is not None:
-        facts["calibration"] = (f"temperature {cal.temperature:.3f}; test ECE {cal.test_ece_before:.4f} -> "
-                                f"{cal.test_ece_after:.4f} (val {cal.val_ece_before:.4f} -> {cal.val_ece_after:.4f})")
-    elif cal is not None and cal.skipped:
-        facts["calibration"] = f"skipped: {cal.skipped}"
+    if cal is not None:
+        facts["calibration"] = calibration_line(cal)
     for key, value in facts.items():
-        facts_table.add_row(key, value)
+        facts_table.add_row(key, Text(value))
+    if cal is not None and cal.test_nll_rose:
+        from training.fit.calibration import nll_rose_warning  # noqa: PLC0415
+
+        facts_table.add_row(Text("WARNING", style="bold red"), Text(nll_rose_warning(cal.to_dict()), style="bold red"))
     out.print(facts_table)
+
+
+def calibration_line(cal) -> str:
+    """What calibration did, with the log-loss (NLL) beside the ECE: a temperature can lower the ECE
+    while the NLL rises, i.e. make the model certain of its mistakes."""
+    def change(split: str) -> str:
+        nll, ece = (getattr(cal, f"{split}_{m}_before") for m in ("nll", "ece"))
+        nll_after, ece_after = (getattr(cal, f"{split}_{m}_after") for m in ("nll", "ece"))
+        if nll is None:
+            return ""
+        if nll_after is None:
+            return f"; {split} NLL {nll:.4f}, ECE {ece:.4f}"
+        return f"; {split} NLL {nll:.4f} -> {nll_after:.4f}, ECE {ece:.4f} -> {ece_after:.4f}"
+
+    judged = (f" (judged on {cal.val_images:,} val images, {cal.val_errors:,} wrong)"
+              if cal.val_errors is not None else "")
+    if cal.temperature is None:
+        return f"none: {cal.skipped}" + change("test")
+    return f"temperature {cal.temperature:.3f}{judged}" + change("val") + change("test")
 
 
 def print_interrupted(out: Console, paused: list[tuple[str, int]]) -> None:

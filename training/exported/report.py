@@ -17,6 +17,12 @@ from training.record import plots, records
 SERVE_RUNTIME = "onnx"
 
 
+LEAK_NOTE = ("A test image that copies an image the model learned from (train, or val, which chose the epochs "
+             "and the temperature) is answered from memory: such a run's test accuracy reads high. Leak-free "
+             "accuracy counts only the other test images. When any run leaked, 'Most accurate' ranks every run by "
+             "it; a leaky run that recorded none is not ranked.")
+
+
 @dataclass
 class Entry:
     record: records.RunRecord
@@ -27,6 +33,10 @@ class Entry:
     @property
     def name(self) -> str:
         return self.record.name
+
+    @property
+    def leak(self) -> records.Leak | None:
+        return records.leak_of(self.record)
 
     def latency(self, runtime: str = SERVE_RUNTIME, batch: int = 1) -> float | None:
         for row in (self.bench or {}).get("results", []):
@@ -133,15 +143,56 @@ def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,
 
 
 def _write(entries: list[Entry], folder: Path) -> None:
-    recs = [e.record for e in entries]
     doc = Doc("tlserve comparison")
-    machines = sorted({(r.environment.machine if r.environment else {}).get("cpu", "?") for r in recs})
+    machines = sorted({(e.record.environment.machine if e.record.environment else {}).get("cpu", "?") for e in entries})
     doc.para(f"{len(entries)} run(s); training machine(s): {', '.join(machines)}. Every figure below is read from "
              "the runs' records, their export manifests and stored benchmarks.")
+    for section in (_leaks, _training, _frozen_vs_tuned, _deployment, _evals):
+        section(doc, entries)
+    _figures(doc, entries, folder)
+    _per_class(doc, entries, folder)
+    doc.heading("Answers")
+    doc.bullets(answers(entries))
+    (folder / "report.md").write_text("\n".join(doc.md) + "\n", encoding="utf-8")
+    (folder / "report.html").write_text(doc.render_html(), encoding="utf-8")
 
+
+def _accuracy(e: Entry, value: float | None) -> Any:
+    """A test-split figure of a run, marked where the run's test images copy images it learned from."""
+    leak = e.leak
+    if leak is None or value is None:
+        return value
+    return f"{records.format_cell(value)} (LEAKY: {leak.note()})"
+
+
+def _leaks(doc: Doc, entries: list[Entry]) -> None:
+    """Test accuracy beside the accuracy on the test images the run's data check found no copy of."""
+    doc.heading("Test images that copy training images (the runs' data checks)")
+    rows = []
+    for e in entries:
+        t, check = e.record.test, e.record.data_check
+        copies = e.leak.copies if e.leak else (None if check is None else 0)
+        verdict = "not checked" if check is None else ("LEAKY" if e.leak else "no copies found")
+        rows.append([e.name, verdict, t.accuracy, e.record.data.splits["test"], copies,
+                     t.leak_free_accuracy, t.leak_free_images,
+                     "off" if check is None else check.mode + (" (--drop-leaks)" if check.dropped else "")])
+    doc.table(["run", "test split", "test accuracy", "test images", "copies of train/val images", "leak-free accuracy",
+               "leak-free images", "data check"], rows)
+    doc.para(LEAK_NOTE)
+
+
+def _training(doc: Doc, entries: list[Entry]) -> None:
     doc.heading("Training (seed 001's table)")
-    doc.table(list(records.TABLE_FIELDS), [[records.table_row(r)[f] for f in records.TABLE_FIELDS] for r in recs])
+    column = records.TABLE_FIELDS.index("test_accuracy")
+    rows = []
+    for e in entries:
+        row = [records.table_row(e.record)[f] for f in records.TABLE_FIELDS]
+        row[column] = _accuracy(e, row[column])
+        rows.append(row)
+    doc.table(list(records.TABLE_FIELDS), rows)
 
+
+def _frozen_vs_tuned(doc: Doc, entries: list[Entry]) -> None:
     doc.heading("Frozen vs fine-tuned (seed 000's table)")
     rows = []
     for e in entries:
@@ -150,17 +201,19 @@ def _write(entries: list[Entry], folder: Path) -> None:
         frozen = r.test.phase1_accuracy if strategy == "finetune" else \
             (r.test.accuracy if strategy == "frozen" else None)
         tuned = r.test.accuracy if strategy != "frozen" else None
-        rows.append([e.name, r.model.backbone, strategy, frozen, tuned, r.model.total_params,
-                     r.model.trainable_params, r.model.non_trainable_params])
+        rows.append([e.name, r.model.backbone, strategy, _accuracy(e, frozen), _accuracy(e, tuned),
+                     r.model.total_params, r.model.trainable_params, r.model.non_trainable_params])
     doc.table(["run", "backbone", "strategy", "frozen accuracy", "fine-tuned / trained accuracy", "total params",
                "trainable params", "frozen params"], rows)
 
+
+def _deployment(doc: Doc, entries: list[Entry]) -> None:
     doc.heading("Deployment: size and latency beside accuracy")
     rows = []
     for e in entries:
         a = e.manifest.artifacts if e.manifest else {}
         fp32, int8 = a.get(formats.BY_VARIANT["fp32"].file), a.get(formats.BY_VARIANT["int8"].file)
-        rows.append([e.name, e.record.test.accuracy, fp32.bytes / 1e6 if fp32 else None,
+        rows.append([e.name, _accuracy(e, e.record.test.accuracy), fp32.bytes / 1e6 if fp32 else None,
                      int8.bytes / 1e6 if int8 else None, int8.accuracy_delta if int8 else None,
                      e.latency("keras"), e.latency("onnx"), e.latency("onnx-int8"), e.latency("onnx", 32)])
     doc.table(["run", "test accuracy", "onnx MB", "int8 MB", "int8 accuracy delta", "keras p50 ms (b1)",
@@ -172,6 +225,8 @@ def _write(entries: list[Entry], folder: Path) -> None:
     if unbenched:
         doc.para(f"Exported but not benchmarked: {', '.join(unbenched)} (`tlserve bench MODEL`).")
 
+
+def _evals(doc: Doc, entries: list[Entry]) -> None:
     doc.heading("Exported variants on labelled data (tlserve eval) beside their latency")
     rows = []
     for e in entries:
@@ -187,35 +242,61 @@ def _write(entries: list[Entry], folder: Path) -> None:
     else:
         doc.para("No stored evals yet (tlserve eval MODEL --data SPEC).")
 
+
+def _figures(doc: Doc, entries: list[Entry], folder: Path) -> None:
     doc.heading("Curves")
-    as_json = [r.to_dict() for r in recs]  # the plots read the record.json shape
+    as_json = [e.record.to_dict() for e in entries]  # the plots read the record.json shape
     doc.image(plots.curves(as_json, folder / "curves.png"), "training and validation accuracy and loss per epoch")
-    doc.image(plots.accuracy_bars(as_json, folder / "test_accuracy.png"), "test accuracy per run")
-    points = [(e.name, e.latency(), e.record.test.accuracy) for e in entries if e.latency() is not None]
+    leaky = {e.name: e.leak.free_accuracy for e in entries if e.leak is not None}
+    doc.image(plots.accuracy_bars(as_json, folder / "test_accuracy.png", leaky=leaky), "test accuracy per run")
+    points = [(e.name + (" (LEAKY)" if e.leak else ""), e.latency(), e.record.test.accuracy)
+              for e in entries if e.latency() is not None]
     if points:
         doc.image(plots.tradeoff(points, folder / "accuracy_vs_latency.png"), "accuracy against serving latency")
     else:
         doc.para("No benchmarked exports yet, so no accuracy-vs-latency plot.")
 
+
+def _per_class(doc: Doc, entries: list[Entry], folder: Path) -> None:
     doc.heading("Per-class accuracy, precision, recall, F1 and confusion matrices")
     for e in entries:
         t = e.record.test
+        name = e.name + (f" (LEAKY: {e.leak.copies:,} of {e.leak.of:,} test images are copies)" if e.leak else "")
         scores = t.per_class  # records before precision/recall/F1 were recorded lack it
         if scores:
-            doc.table(["class", f"{e.name} accuracy", "precision", "recall", "F1", "support"],
+            doc.table(["class", f"{name} accuracy", "precision", "recall", "F1", "support"],
                       [[c, a, scores[c]["precision"], scores[c]["recall"], scores[c]["f1"], scores[c]["support"]]
                        for c, a in t.per_class_accuracy.items()])
-            doc.para(f"{e.name}: macro F1 {records.format_cell(t.macro_f1)}, "
+            doc.para(f"{name}: macro F1 {records.format_cell(t.macro_f1)}, "
                      f"weighted F1 {records.format_cell(t.weighted_f1)}.")
         else:
-            doc.table(["class", f"{e.name} accuracy"], [[c, a] for c, a in t.per_class_accuracy.items()])
-        doc.image(plots.confusion(t.confusion_matrix, e.record.data.class_names, e.name,
-                                  folder / f"confusion-{e.name}.png"), f"confusion matrix of {e.name}")
+            doc.table(["class", f"{name} accuracy"], [[c, a] for c, a in t.per_class_accuracy.items()])
+        doc.image(plots.confusion(t.confusion_matrix, e.record.data.class_names, name,
+                                  folder / f"confusion-{e.name}.png"), f"confusion matrix of {name}")
 
-    doc.heading("Answers")
-    doc.bullets(answers(entries))
-    (folder / "report.md").write_text("\n".join(doc.md) + "\n", encoding="utf-8")
-    (folder / "report.html").write_text(doc.render_html(), encoding="utf-8")
+
+def most_accurate(entries: list[Entry]) -> str:
+    """The most accurate run. When any run's test images copy its training images, every run is ranked by
+    its leak-free accuracy (a clean run's equals its accuracy) and a leaky run without one is not ranked."""
+    leaky = [e for e in entries if e.leak is not None]
+    if not leaky:
+        score, what = (lambda e: e.record.test.accuracy), "test accuracy"
+        ranked = entries
+    else:
+        score, what = (lambda e: e.record.test.accuracy if e.leak is None else e.leak.free_accuracy), \
+            "leak-free test accuracy"
+        ranked = [e for e in entries if score(e) is not None]
+    unranked = [e.name for e in entries if e not in ranked]
+    skip = f" Not ranked: {', '.join(unranked)} (leaky; no leak-free accuracy recorded)." if unranked else ""
+    if not ranked:
+        return f"Most accurate: none can be told: every run leaked and none recorded a leak-free accuracy.{skip}"
+    best = max(ranked, key=score)
+    tied = [e.name for e in ranked if e is not best and score(e) == score(best)]
+    mark = "" if best.leak is None else f" (LEAKY, {best.record.test.accuracy:.4f} on all test images: {best.leak.note()})"
+    others = "".join(f" {e.name} is LEAKY ({e.record.test.accuracy:.4f} on all test images): {e.leak.note()}."
+                     for e in leaky if e is not best)
+    return (f"Most accurate: {best.name} at {score(best):.4f} {what}{mark}"
+            + (f" (tied with {', '.join(tied)})" if tied else "") + f" — {_facts(best)}.{others}{skip}")
 
 
 def _facts(e: Entry) -> str:
@@ -227,11 +308,7 @@ def _facts(e: Entry) -> str:
 
 def answers(entries: list[Entry]) -> list[str]:
     """The seeds' questions, answered by comparing the recorded numbers."""
-    out = []
-    best = max(entries, key=lambda e: e.record.test.accuracy)
-    tied = [e.name for e in entries if e is not best and e.record.test.accuracy == best.record.test.accuracy]
-    out.append(f"Most accurate: {best.name} at {best.record.test.accuracy:.4f} test accuracy"
-               + (f" (tied with {', '.join(tied)})" if tied else "") + f" — {_facts(best)}.")
+    out = [most_accurate(entries)]
     fastest = min(entries, key=lambda e: e.record.total_time_sec)
     per_epoch = min(entries, key=lambda e: e.record.avg_epoch_time_sec or float("inf"))
     out.append(f"Fastest to train: {fastest.name} in {fastest.record.total_time_sec:.1f} s in total — {_facts(fastest)}.")

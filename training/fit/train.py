@@ -186,13 +186,13 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: RunState
 
 
 def _load_data(cfg: TrainConfig, log: Log):
-    """(dataset after the data check, the data check's facts, class weights or None), logged."""
+    """(dataset after the data check, the data check's facts, its HeldCopies, class weights or None), logged."""
     dataset = datasets.load_dataset(cfg.data)
     for name in dataset.skipped:
         log(f"skipped (not a readable image): {name}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
-    dataset, data_check = datacheck.guard(dataset, cfg, log)
+    dataset, data_check, copies = datacheck.guard(dataset, cfg, log)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
     imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
@@ -202,7 +202,7 @@ def _load_data(cfg: TrainConfig, log: Log):
     if weights is not None:
         log("class weights: " + ", ".join(f"{k} {v:.3g}" for k, v in
                                           class_weights.by_name(weights, dataset.class_names).items()))
-    return dataset, data_check, weights
+    return dataset, data_check, copies, weights
 
 
 def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress: bool | None,
@@ -223,7 +223,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     # keep: a run resumed mid-phase draws the masks the uninterrupted run would have drawn.
     K.backend.experimental.enable_tf_random_generator()
     K.utils.set_random_seed(cfg.seed)
-    dataset, data_check, weights = _load_data(cfg, log)
+    dataset, data_check, copies, weights = _load_data(cfg, log)
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
 
     with acc.strategy.scope():
@@ -254,9 +254,10 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     total_time = state.elapsed + extract_seconds
     # After the last phase and before the save: a resumed run restores the last phase's checkpoint (the
     # weights before calibration) and calibrates them the same way, so it ends as an uninterrupted run.
-    calibrated = calibration.calibrate(model, cfg.calibrate, pipes["val"], dataset.val.y, pipes["test"], log)
-    test = evaluate(model, pipes["test"], dataset, cfg.label_smoothing)
-    calibrated.finish(test.pop("probabilities"), dataset.test.y)
+    calibrated = calibration.calibrate(model, cfg.calibrate, pipes["val"], dataset.val.y, pipes["test"], log,
+                                       val_copies=None if copies is None else copies.val)
+    test = evaluate(model, pipes["test"], dataset, cfg.label_smoothing, None if copies is None else copies.test)
+    calibrated.finish(test.pop("probabilities"), dataset.test.y, log)
     if phase1_accuracy is not None:
         test["phase1_accuracy"] = phase1_accuracy
     # Every worker saves (the non-chief to its temporary folder), as TensorFlow asks of multi-worker saves.
@@ -296,10 +297,11 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     return records.Run(final, record)
 
 
-def evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
+def evaluate(model, test_ds, dataset, label_smoothing: float, copies: np.ndarray | None = None) -> dict[str, Any]:
     """Test loss (as Keras's evaluate reports it: the training loss, label smoothing included, plus
     regularization, so it compares with val_loss), accuracy, per-class accuracy, precision/recall/F1
-    and confusion matrix, from a single pass over the test split."""
+    and confusion matrix, from a single pass over the test split; and the accuracy on the test images
+    that are not `copies` (the data check's; None when it did not run)."""
     y = dataset.test.y
     with progress.step("test evaluation", len(y)) as advance:
         probs = model.predict(test_ds, verbose=0, callbacks=[callbacks.counted(advance)])
@@ -312,6 +314,11 @@ def evaluate(model, test_ds, dataset, label_smoothing: float) -> dict[str, Any]:
     per_class = {name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
                  for i, name in enumerate(dataset.class_names)}
     scores = metrics.summary(matrix, dataset.class_names)
+    clean = np.ones(len(y), bool)
+    if copies is not None:
+        clean[copies] = False
     return {"loss": float(loss), "accuracy": float(accuracy), "per_class_accuracy": per_class,
             "confusion_matrix": matrix.tolist(), "per_class": scores["per_class"],
-            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"], "probabilities": probs}
+            "macro_f1": scores["macro_f1"], "weighted_f1": scores["weighted_f1"],
+            "leak_free_accuracy": float(np.mean(pred[clean] == y[clean])) if copies is not None and clean.any() else None,
+            "leak_free_images": None if copies is None else int(clean.sum()), "probabilities": probs}

@@ -147,6 +147,14 @@ class TestFacts(_Section):
     macro_f1: float | None = None
     weighted_f1: float | None = None
     phase1_accuracy: float | None = _optional()   # a two-phase run's test accuracy after its head phase
+    # On the test images the data check found no copy of in train or val (None: --data-check off, older
+    # records; accuracy None when every test image is a copy). Equal to accuracy when nothing leaked.
+    leak_free_accuracy: float | None = None
+    leak_free_images: int | None = None
+
+    def leaked_images(self, total: int) -> int | None:
+        """Test images left out of leak_free_accuracy, of `total`; None when not known."""
+        return None if self.leak_free_images is None else total - self.leak_free_images
 
 
 @dataclass(kw_only=True)
@@ -177,12 +185,18 @@ class EnvironmentFacts(_Section):
 
 @dataclass(kw_only=True)
 class CalibrationFacts(_Section):
-    """Temperature scaling (training.fit.calibration): fitted on val and baked into the model, or skipped."""
+    """Temperature scaling (training.fit.calibration): fitted on val and baked into the model, or refused
+    (`skipped` says why in one line; the val_* and cv_* facts it was judged on are kept either way)."""
     temperature: float | None                    # None: skipped
     skipped: str | None = _optional()            # why not
     layer: str | None = _optional()              # the Dense layer it was baked into
     fitted_on: str | None = _optional()          # "val"
-    val_images: int | None = _optional()
+    val_images: int | None = _optional()         # validation images it was judged on (copies of train left out)
+    val_copies: int | None = _optional()         # validation images left out as copies of train (None: not checked)
+    val_errors: int | None = _optional()         # of val_images, those the model gets wrong
+    cv_nll_change: float | None = _optional()    # cross-validated change of the held-out log-loss
+    cv_t: float | None = _optional()             # its t statistic (kept only at <= -2)
+    fitted_temperature: float | None = _optional()  # a temperature refused as out of range
     val_nll_before: float | None = _optional()
     val_nll_after: float | None = _optional()
     val_ece_before: float | None = _optional()
@@ -192,6 +206,7 @@ class CalibrationFacts(_Section):
     test_nll_before: float | None = _optional()
     test_nll_after: float | None = _optional()
     test_top1_agreement: float | None = _optional()  # share of test images whose top class baking kept
+    test_nll_rose: bool | None = _optional()     # the kept temperature raised the test log-loss (warned)
 
 
 @dataclass(kw_only=True)
@@ -315,6 +330,33 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
         except (OSError, ValueError):
             continue
     return sorted(runs, key=lambda r: r.record.created_at or "")
+
+
+@dataclass(frozen=True)
+class Leak:
+    """A run's test images that copy images it learned from, found by its data check."""
+    copies: int
+    of: int
+    free_accuracy: float | None  # on the other test images; None: the record is older than the figure
+
+    def note(self) -> str:
+        if self.free_accuracy is not None:
+            free = f"leak-free accuracy {self.free_accuracy:.4f} on the other {self.of - self.copies:,}"
+        else:
+            free = "no test image is free of copies" if self.copies >= self.of else "leak-free accuracy not recorded (older run)"
+        return f"{self.copies:,} of {self.of:,} test images copy train/val images; {free}"
+
+
+def leak_of(record: RunRecord) -> Leak | None:
+    """The run's leak, or None when its data check found none (or did not run). A record older than
+    leak_free_accuracy counts its data check's test-in-train copies, unless --drop-leaks removed them."""
+    t, total = record.test, record.data.splits["test"]
+    copies = t.leaked_images(total)
+    if copies is None:
+        check = record.data_check
+        found = (check.leaks or {}).get("test-in-train") if check is not None and check.dropped is None else None
+        copies = found["images"] if found else 0
+    return Leak(copies, total, t.leak_free_accuracy) if copies else None
 
 
 def table_row(record: RunRecord) -> dict[str, Any]:
