@@ -139,10 +139,10 @@ def _write(entries: list[Entry], folder: Path) -> None:
     doc.para(f"{len(entries)} run(s); training machine(s): {', '.join(machines)}. Every figure below is read from "
              "the runs' records, their export manifests and stored benchmarks.")
 
-    doc.heading("Training (seed 001's table)")
+    doc.heading("Training")
     doc.table(list(records.TABLE_FIELDS), [[records.table_row(r)[f] for f in records.TABLE_FIELDS] for r in recs])
 
-    doc.heading("Frozen vs fine-tuned (seed 000's table)")
+    doc.heading("Frozen vs fine-tuned")
     rows = []
     for e in entries:
         r = e.record
