@@ -45,6 +45,8 @@ OPTIONAL_FIELDS = {"top_k", "min_confidence"}
 # for the whole request; "per-file" answers every file, a bad one with its own error.
 BATCH_ERRORS_FIELD = "errors"
 BATCH_ERRORS = ("request", "per-file")
+ROUTES_HINT = ("the service answers POST /predict, POST /predict_batch, POST /infer, GET /metadata, "
+               "GET /healthz, /livez, /readyz, /metrics and the API page at /")
 MAX_BATCH_FILES = 64
 # Images up to this many pixels (by header) decode on the event loop, larger ones on a thread: a hop
 # to the thread costs more than decoding a small image (docs/decisions.md, "Small images decode inline").
@@ -101,7 +103,7 @@ class RequestGuard:
                 return await _json(send, 503, {"error": "model is still loading"})
             return await _json(send, 200, self.state.metadata)
         if path not in IMAGE_ROUTES and path != "/infer":
-            return await self.app(scope, receive, _json_errors(send))
+            return await self.app(scope, receive, _json_errors(scope, send))
         if method != "POST":
             return await _json(send, 405, {"error": f"use POST {path}"})
         return await self._handle(scope, receive, send, path)
@@ -296,7 +298,7 @@ def _check_complete(body: bytes, content_type: str) -> None:
                                 f"boundary '--{boundary.decode('latin-1')}--'; send the whole form")
 
 
-def _json_errors(send: Send) -> Send:
+def _json_errors(scope: Scope, send: Send) -> Send:
     """`send` for the routes BentoML answers: an error it answers as plain text (404 for an unknown
     route, 405 for a method a route does not take) goes out as JSON {"error": ...}, as the guard's own do."""
     held: dict[str, Any] = {}
@@ -310,9 +312,10 @@ def _json_errors(send: Send) -> Send:
             return await send(message)
         held["body"] += message.get("body", b"")
         if not message.get("more_body", False):
-            start = held.pop("start")
-            text = held.pop("body").decode("utf-8", "replace").strip() or HTTPStatus(start["status"]).phrase
-            await _json(send, start["status"], {"error": text})
+            status = held.pop("start")["status"]
+            text = held.pop("body").decode("utf-8", "replace").strip() or HTTPStatus(status).phrase
+            where = f"{scope['method']} {scope['path']}"
+            await _json(send, status, {"error": f"{text}: {where}" + (f"; {ROUTES_HINT}" if status == 404 else "")})
 
     return wrapped
 
