@@ -337,7 +337,7 @@ def _image_error(exc: images.ImageError) -> RequestError:
 
 def _check_infer(body: bytes, hw: tuple[int, int] | None) -> None:
     """The batchable /infer API concatenates callers' arrays: one wrong shape would fail everyone's batch."""
-    wanted = f"expected JSON {{\"images\": [N, H, W, 3] pixel array}}"
+    wanted = 'expected JSON {"images": [N, H, W, 3] pixel array}'
     try:
         payload = json.loads(body or b"{}")
     except ValueError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,8 @@ def test_nearest_names_each_candidate_once():
 def test_explain_suggests_a_run_and_its_export_once(cnn_run, tmp_path, run_cli):
     runs, models = tmp_path / "runs", tmp_path / "models"
     shutil.copytree(cnn_run, runs / "cnn-cherry")
+    record = json.loads((runs / "cnn-cherry" / "record.json").read_text())
+    (runs / "cnn-cherry" / "record.json").write_text(json.dumps({**record, "name": "cnn-cherry"}))
     (models / "cnn-cherry").mkdir(parents=True)
     (models / "cnn-cherry" / "manifest.json").write_text("{}")  # an export of the same name
     error = _one_line_error(run_cli("explain", "cnn-chery", tmp_path, "--runs-dir", runs, "--models-dir", models))

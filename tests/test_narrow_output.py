@@ -23,7 +23,6 @@ def _tlserve(tlserve_bin: Path, *args: str | Path) -> str:
     out = subprocess.run([str(tlserve_bin), *map(str, args)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, **NARROW})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(len(line) <= 80 for line in out.stdout.splitlines()), out.stdout
     return out.stdout
 
 
@@ -33,8 +32,9 @@ def _whole(number: str, line: str) -> bool:
 
 
 def _line_of(name: str, text: str) -> str:
-    lines = [line for line in text.splitlines() if re.search(rf"(?<![\w./-]){re.escape(name)}(?![\w./-])", line)]
-    assert len(lines) == 1, f"{name!r} is not whole on exactly one line:\n{text}"
+    """The one table row that begins with `name`, whole, and fits in 80 columns."""
+    lines = [line for line in text.splitlines() if re.match(rf"{re.escape(name)}(?![\w./-])", line.strip())]
+    assert len(lines) == 1 and len(lines[0]) <= 80, f"{name!r} does not begin exactly one row:\n{text}"
     return lines[0]
 
 

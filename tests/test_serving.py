@@ -273,7 +273,8 @@ async def main():
         refused = ""
     except Exception as exc:
         refused = type(exc).__name__
-    print(json.dumps({{"one": one, "many": many, "refused": refused}}))
+    mixed = await svc.predict_batch([Path({str(path)!r}), Path({str(cnn_model / 'manifest.json')!r})], errors="per-file")
+    print(json.dumps({{"one": one, "many": many, "refused": refused, "mixed": mixed}}))
 
 asyncio.run(main())
 """
@@ -287,6 +288,9 @@ asyncio.run(main())
                                [t["probability"] for t in over_http["top"]], atol=1e-5)
     assert len(answers["many"]["predictions"]) == 3 and all(len(p["top"]) == 1 for p in answers["many"]["predictions"])
     assert answers["refused"] == "InvalidArgument"
+    mixed = answers["mixed"]
+    assert mixed["failed"] == 1 and [("top" in p, p["file"]) for p in mixed["predictions"]] == \
+        [(True, path.name), (False, "manifest.json")]
 
 
 @pytest.mark.fast

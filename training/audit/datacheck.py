@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from serving.base import images
 from serving.base.errors import UserError

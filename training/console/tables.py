@@ -54,7 +54,7 @@ def table(out: Console, title: str, columns: list[str], rows: list[list[str]], *
     out.print(grid)
     left_out = [c for c in columns if c not in shown]
     if left_out:
-        _say(out, f"(left out at {out.width} columns: {', '.join(left_out)}; a wider terminal shows them)")
+        _say(out, f"(not shown at {out.width} columns: {', '.join(left_out)})")
 
 
 def _natural(i: int, header: str, rows: list[list[str]]) -> int:
