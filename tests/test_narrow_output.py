@@ -66,7 +66,7 @@ def test_runs_table_at_80_columns(narrow_runs, tlserve_bin):
 def test_compare_table_at_80_columns(narrow_runs, tlserve_bin, tmp_path):
     text = _tlserve(tlserve_bin, "compare", "--runs-dir", narrow_runs, "--models-dir", tmp_path / "no-models",
                     "--out", tmp_path / "report")
-    _check_run_rows(text, narrow_runs)
+    _check_run_rows(text.split("\n- ")[0], narrow_runs)  # the table, before the answers
 
 
 def test_export_table_at_80_columns(cnn_model):

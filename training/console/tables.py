@@ -98,7 +98,8 @@ RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s pe
 # Seconds to one decimal; accuracies and F1 to four.
 RUN_DIGITS = {"avg_epoch_time_sec": 1, "total_time_sec": 1}
 # Left out, in this order, when 80 columns cannot hold every column.
-RUN_OPTIONAL = ("non_trainable_params", "trainable_params", "total_time_sec", "epochs_to_target")
+RUN_OPTIONAL = ("non_trainable_params", "trainable_params", "total_time_sec", "epochs_to_target", "avg_epoch_time_sec",
+                "epochs")
 
 
 def print_runs(out: Console, title: str, records: list[RunRecord]) -> None:
