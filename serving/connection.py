@@ -68,7 +68,8 @@ class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self.cycle is not self._waiting_since_cycle or self.transport.is_closing():
+        if self.cycle is not self._waiting_since_cycle or self.transport.is_closing() \
+                or self.transport.get_protocol() is not self:  # headers done, closed, or upgraded (a WebSocket)
             return
         # Written as raw bytes: no request was parsed, so the protocol's own writer has nothing to answer.
         self.transport.write(_timeout_response(_HEADER_TIMEOUT_S[0]))
