@@ -23,6 +23,7 @@ def fmt(value: Any) -> str:
 
 
 GAP = 2  # columns between two table columns (rich's SIMPLE_HEAD box without edges, collapsed padding)
+SHORT_HEADER = 10  # headers up to this long are never wrapped
 PROSE_MIN = 20  # a prose column (descriptions, lists) is given at least this many columns, or its longest word
 
 
@@ -39,6 +40,8 @@ def table(out: Console, title: str, columns: list[str], rows: list[list[str]], *
     keep = [columns.index(c) for c in shown]
     if _width(shown, columns, rows, prose) > out.width:
         return _blocks(out, title, columns, rows)
+    widths = _header_room({i: _natural(i, columns[i], rows) for i in keep if columns[i] not in prose}, columns,
+                          out.width - _width(shown, columns, rows, prose))
     grid = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
                  title_justify="left")
     for i in keep:
@@ -47,19 +50,30 @@ def table(out: Console, title: str, columns: list[str], rows: list[list[str]], *
         if col in prose:
             grid.add_column(header, overflow="fold", min_width=_prose_min(i, col, rows))
         else:
-            grid.add_column(header, justify="left" if col in text else "right", no_wrap=True,
-                            width=_natural(i, col, rows))
+            grid.add_column(header, justify="left" if col in text else "right", no_wrap=True, width=widths[i])
     for row in rows:
         grid.add_row(*(row[i] for i in keep))
     out.print(grid)
     left_out = [c for c in columns if c not in shown]
     if left_out:
-        _say(out, f"(not shown at {out.width} columns: {', '.join(left_out)})")
+        out.print(f"(not shown at {out.width} columns: {', '.join(left_out)})", highlight=False)
+
+
+def _header_room(widths: dict[int, int], columns: list[str], spare: int) -> dict[int, int]:
+    """Widen name and number columns so that their headers fit on one line, the ones that need the
+    fewest extra columns first, as far as the spare width goes; the rest wrap at their spaces."""
+    for i in sorted(widths, key=lambda i: len(columns[i]) - widths[i]):
+        extra = max(0, len(columns[i]) - widths[i])
+        if extra <= spare:
+            widths[i], spare = widths[i] + extra, spare - extra
+    return widths
 
 
 def _natural(i: int, header: str, rows: list[list[str]]) -> int:
-    """A name's or number's column: its longest value, or the header's longest word (headers wrap)."""
-    return max([len(w) for w in header.split()] + [len(row[i]) for row in rows])
+    """A name's or number's column: its longest value, or its header, which wraps at its spaces only
+    when longer than SHORT_HEADER (so "macro F1" stays one phrase)."""
+    head = len(header) if len(header) <= SHORT_HEADER else max(len(w) for w in header.split())
+    return max([head] + [len(row[i]) for row in rows])
 
 
 def _prose_min(i: int, header: str, rows: list[list[str]]) -> int:
