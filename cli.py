@@ -24,6 +24,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's own help layout, not rich's panels: at 80 columns rich's option table (long flags, their
+    # --no- forms and types in columns of their own) left descriptions 23 columns; click's leaves 46.
+    # Help text is also printed as written, so "[ann]" is not taken for markup.
+    rich_markup_mode=None,
 )
 console = Console()
 err = Console(stderr=True)
@@ -82,7 +86,7 @@ def train(
     head_units: HeadUnits = 256,
     dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random augmentation layers, active in training only.")] = False,
-    augment_policy: Annotated[str, typer.Option(help="With --augment: seed (flip/rotation/zoom, as the seeds) | flip-crop (flip + 4-pixel shifts, the fast CIFAR-10 recipe).")] = "seed",
+    augment_policy: Annotated[str, typer.Option(help="With --augment: seed (random flip, rotation and zoom) | flip-crop (flip and 4-pixel shifts, a fast CIFAR-10 recipe).")] = "seed",
     cnn_layers: CnnLayers = "seed003",
     cnn_padding: CnnPadding = None,
     bn_momentum: BnMomentum = 0.99,
@@ -90,7 +94,7 @@ def train(
     truncate_at: TruncateAt = None,
     unfreeze: Unfreeze = None,
     unfreeze_from: UnfreezeFrom = None,
-    from_run: Annotated[Optional[str], typer.Option(help="Start from one of our runs: its layers, a new output layer (seed 004).")] = None,
+    from_run: Annotated[Optional[str], typer.Option(help="Start from one of your finished runs: its layers, with a new output layer.")] = None,
     train_last: Annotated[int, typer.Option(help="With --from-run: train only the last K layers that have weights.")] = 1,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs (finetune: phase 1).")] = 5,
     finetune_epochs: Annotated[int, typer.Option(help="finetune: phase 2 epochs.")] = 3,
@@ -159,7 +163,7 @@ def summary(
     layers: Annotated[bool, typer.Option("--layers", help="Also list every layer with its trainable flag.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Inspect a backbone + strategy without training: depth, parameters, trainable vs frozen layers."""
+    """Inspect a model without training it. Depth, parameters, trainable and frozen layers of a backbone and strategy."""
     from training.fit.recipes import train_config  # noqa: PLC0415
     from training.fit.summary import describe  # noqa: PLC0415
 
@@ -179,10 +183,10 @@ def list_backbones() -> None:
 @app.command("runs")
 def list_runs_cmd(
     runs_dir: RunsDir = None,
-    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write seed 001's CSV to this file.")] = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table, every column, as CSV to this file.")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Print the command that shows every run's TensorBoard logs side by side.")] = False,
 ) -> None:
-    """List finished runs with seed 001's columns plus epochs_to_target."""
+    """List finished runs. Epochs, time, test accuracy, parameters, epochs to target and macro F1 of each."""
     from serving.base import storage  # noqa: PLC0415
     from training.record.records import list_runs, table_csv  # noqa: PLC0415
     from training.fit.train import interrupted  # noqa: PLC0415
@@ -227,7 +231,7 @@ def export(
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
+    """Export a run to SavedModel and ONNX. Checked against Keras and written to models/<name>/ with a manifest."""
     from training.exported.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
@@ -279,7 +283,7 @@ def eval_cmd(
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Accuracy, per-class precision/recall/F1, calibration and abstention of an exported model on labelled images."""
+    """Evaluate an exported model on labelled images. Accuracy, per-class precision/recall/F1, calibration and abstention."""
     from serving.base.manifest import resolve_model  # noqa: PLC0415
     from training.exported.evaluation import EvalOptions, evaluate  # noqa: PLC0415
 
@@ -323,7 +327,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="BentoML worker processes.")] = 1,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Serve a model over HTTP with BentoML (POST /predict, /predict_batch; GET /metadata)."""
+    """Serve a model over HTTP with BentoML. POST /predict and /predict_batch; GET /metadata."""
     from serving.bento import exec_serve  # noqa: PLC0415
 
     def ready(model_dir: Path, url: str) -> None:
@@ -338,7 +342,7 @@ def build(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
     models_dir: ModelsDir = None,
 ) -> None:
-    """Build a bento (service + model + pinned requirements + Dockerfile) with `bentoml build`."""
+    """Build a bento with `bentoml build`. Service, model, pinned requirements and a Dockerfile."""
     from serving.bento import build as build_bento  # noqa: PLC0415
 
     tag, _ = build_bento(model, models_dir)
@@ -368,7 +372,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the stored result as JSON.")] = False,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Latency (p50/p90/p99/max) and throughput, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
+    """Measure latency and throughput. p50/p90/p99/max, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
     from training.exported.bench import BenchOptions, bench as run_bench  # noqa: PLC0415
 
     opts = BenchOptions(runtimes=runtimes, batch_sizes=batch_sizes, duration=duration, iterations=iterations,
@@ -388,7 +392,7 @@ def compare(
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """One report: training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
+    """Compare runs in one report. Training table, frozen vs fine-tuned, size and latency beside accuracy, plots, answers."""
     from training.exported.report import answers, build as build_report  # noqa: PLC0415
 
     folder, entries = build_report(runs or [], out, runs_dir=runs_dir, models_dir=models_dir)
@@ -407,7 +411,7 @@ def features(
     max_maps: Annotated[int, typer.Option(help="At most this many channels.")] = 32,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Save a grid of one layer's feature maps for an image (seed 003, step 4)."""
+    """Save a grid of one layer's feature maps for an image."""
     from training.exported.features import feature_maps  # noqa: PLC0415
 
     path = feature_maps(run, image, layer, out, max_maps=max_maps, runs_dir=runs_dir)
@@ -424,7 +428,7 @@ def explain(
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Grad-CAM: write each image with a heat map of the pixels behind the prediction (or --class)."""
+    """Show what a prediction looked at (Grad-CAM). Each image is written with a heat map of the pixels behind its prediction (or --class)."""
     from training.exported.explain import explain_files  # noqa: PLC0415
 
     _, failures = explain_files(run_or_model, paths, out=out, layer=layer, class_name=class_name, runs_dir=runs_dir,
@@ -453,7 +457,7 @@ def data_check(
     val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = 0.1,
     seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
-    search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra).")] = "auto",
+    search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra: pip install 'tlserve[ann]').")] = "auto",
 ) -> None:
     """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
     from training.config import DataConfig  # noqa: PLC0415

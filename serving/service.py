@@ -23,7 +23,9 @@ import numpy as np
 
 from serving.base import images
 from serving.batching import BatchWorker, Overloaded
-from serving.guard import MAX_BATCH_FILES, OPTIONAL_FIELDS, GuardState, RequestGuard
+from serving import connection
+from serving.guard import (BATCH_ERRORS, BATCH_ERRORS_FIELD, MAX_BATCH_FILES, OPTIONAL_FIELDS, GuardState,
+                           RequestGuard, per_file_answer)
 from serving.lifecycle import supervise_parent
 from serving.base.manifest import resolve_model
 from serving.predict import top_k as top_classes
@@ -46,6 +48,7 @@ def _model_ref() -> str:
 
 MODEL_REF = _model_ref()
 SETTINGS = ServiceSettings.from_env()
+connection.install(SETTINGS.header_timeout_s)  # before BentoML's worker starts uvicorn (serving/connection.py)
 DEFAULT_TOP_K = 3
 # Shared by this worker's service instance (which fills it once the model is loaded) and its
 # request guard (which BentoML creates before that, from the arguments given at the bottom).
@@ -111,9 +114,11 @@ class ImageClassifier:
             "min_confidence": SETTINGS.min_confidence,
             "temperature": manifest.temperature,
             # What a client can meet before the model: each is a 4xx with a JSON reason.
-            "limits": {"files_per_request": MAX_BATCH_FILES, "fields": ["image", "images", *sorted(OPTIONAL_FIELDS)],
+            "limits": {"files_per_request": MAX_BATCH_FILES,
+                       "fields": ["image", "images", *sorted(OPTIONAL_FIELDS), BATCH_ERRORS_FIELD],
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels_per_image": SETTINGS.max_pixels,
-                       "max_pixels_per_request": SETTINGS.max_request_pixels, "body_timeout_s": SETTINGS.body_timeout_s},
+                       "max_pixels_per_request": SETTINGS.max_request_pixels, "body_timeout_s": SETTINGS.body_timeout_s,
+                       "header_timeout_s": SETTINGS.header_timeout_s},
         }
         # One onnxruntime call for the requests waiting together; requests per call go to /metrics.
         # Not through the batchable `infer` API: from another endpoint it goes through BentoML's
@@ -142,10 +147,23 @@ class ImageClassifier:
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(self, images: list[Path], top_k: int = DEFAULT_TOP_K,
-                            min_confidence: Optional[float] = None) -> dict[str, Any]:
-        """Classify several uploaded images (repeated multipart field `images`)."""
-        return await self.classify([self._open(path) for path in images], top_k, batch=True,
-                                   min_confidence=min_confidence)
+                            min_confidence: Optional[float] = None, errors: str = BATCH_ERRORS[0]) -> dict[str, Any]:
+        """Classify several uploaded images (repeated multipart field `images`); errors=per-file answers
+        each file, a bad one with its own error, instead of refusing the whole request."""
+        if errors not in BATCH_ERRORS:
+            raise bentoml.exceptions.InvalidArgument(f"errors must be {' or '.join(BATCH_ERRORS)}")
+        if errors == BATCH_ERRORS[0]:
+            return await self.classify([self._open(path) for path in images], top_k, batch=True,
+                                       min_confidence=min_confidence)
+        opened, failed = {}, {}
+        for i, path in enumerate(images):
+            try:
+                opened[i] = self._open(path)
+            except bentoml.exceptions.InvalidArgument as exc:
+                failed[i] = exc
+        answer = (await self.classify(list(opened.values()), top_k, batch=True, min_confidence=min_confidence)
+                  if opened else None)
+        return per_file_answer([path.name for path in images], answer, failed, self._model_info())
 
     async def classify(self, decoded: list, top_k: int | None, *, batch: bool,
                        min_confidence: float | None = None) -> dict[str, Any]:

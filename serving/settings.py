@@ -28,6 +28,10 @@ class ServiceSettings:
     # TLSERVE_BODY_TIMEOUT_S: seconds to wait for the next piece of a request body before a 408, so a
     # stalled upload is answered rather than held until BentoML's 60 s timeout.
     body_timeout_s: float = 5.0
+    # TLSERVE_HEADER_TIMEOUT_S: seconds a connection may take to send a request's whole header
+    # (from connecting, or from the previous answer on a kept-alive connection) before a 408 and
+    # close: uvicorn has no such bound, so trickled headers would hold a connection for ever.
+    header_timeout_s: float = 10.0
     max_batch: int = 32  # TLSERVE_MAX_BATCH: images per onnxruntime call
     # TLSERVE_MAX_LATENCY_MS: an upper bound, not a wait: a request queued this long for the model gets a 503.
     max_latency_ms: int = 1000
@@ -46,7 +50,8 @@ class ServiceSettings:
         ints = {field: _positive_int(env, f"TLSERVE_{field.upper()}", getattr(cls, field))
                 for field in ("max_request_bytes", "max_pixels", "max_request_pixels", "max_batch", "max_latency_ms",
                               "workers")}
-        body_timeout_s = _positive_float(env, "TLSERVE_BODY_TIMEOUT_S", cls.body_timeout_s)
+        seconds = {field: _positive_float(env, f"TLSERVE_{field.upper()}", getattr(cls, field))
+                   for field in ("body_timeout_s", "header_timeout_s")}
         ort_spin = env.get("TLSERVE_ORT_SPIN", cls.ort_spin)
         if ort_spin not in ORT_SPIN_MODES:
             raise UserError(f"TLSERVE_ORT_SPIN must be one of {', '.join(ORT_SPIN_MODES)}, not {ort_spin!r}")
@@ -59,7 +64,7 @@ class ServiceSettings:
             min_confidence = confidence_threshold(raw)
             if min_confidence is None:
                 raise UserError(f"TLSERVE_MIN_CONFIDENCE must be a probability between 0 and 1 (both excluded), not {raw!r}")
-        return cls(**ints, body_timeout_s=body_timeout_s, ort_spin=ort_spin, device=device, min_confidence=min_confidence)
+        return cls(**ints, **seconds, ort_spin=ort_spin, device=device, min_confidence=min_confidence)
 
 
 def confidence_threshold(raw: str | float) -> float | None:

@@ -97,7 +97,7 @@ def test_folder_skips_non_images_and_corrupt_files(tmp_path):
     ds = load_dataset(DataConfig(spec=f"folder:{root}", val_split=0.2))
     assert ds.class_names == ["healthy", "sick"]
     assert ds.image_size == (224, 224)  # sizes disagree
-    assert ds.skipped == ["sick/broken.jpg"]
+    assert list(ds.skipped) == ["sick/broken.jpg"]
     assert len(ds.train) + len(ds.val) + len(ds.test) == 20
     assert ds.train.x.shape[1:] == (224, 224, 3)
     sized = load_dataset(DataConfig(spec=f"folder:{root}", image_size=48))
@@ -111,7 +111,7 @@ def test_corrupt_file_is_reported_by_name(tmp_path):
             _png(root / cls / f"{i}.png", (16, 16), 50 if cls == "a" else 150)
     (root / "b" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     ds = load_dataset(DataConfig(spec=f"folder:{root}", val_split=0.0))
-    assert ds.skipped == ["b/zz-broken.png"]
+    assert list(ds.skipped) == ["b/zz-broken.png"]
     assert ds.image_size == (16, 16)
     assert len(ds.train) + len(ds.test) == 8
 
@@ -158,7 +158,7 @@ def test_real_banana_leaf_loads():
     ds = load_dataset(DataConfig(spec=f"folder:{BANANA}", limit=25))
     assert ds.class_names == ["cordana-leaf-spot", "dead", "healthy", "panama-disease", "sigatoka"]
     assert ds.image_size == (224, 224)  # mixed sizes → 224
-    assert (len(ds.train), len(ds.val), len(ds.test)) == (25, 25, 25) and ds.skipped == []
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (25, 25, 25) and not ds.skipped
     assert set(np.unique(ds.train.y)) == set(range(5))
 
 

@@ -273,7 +273,8 @@ async def main():
         refused = ""
     except Exception as exc:
         refused = type(exc).__name__
-    print(json.dumps({{"one": one, "many": many, "refused": refused}}))
+    mixed = await svc.predict_batch([Path({str(path)!r}), Path({str(cnn_model / 'manifest.json')!r})], errors="per-file")
+    print(json.dumps({{"one": one, "many": many, "refused": refused, "mixed": mixed}}))
 
 asyncio.run(main())
 """
@@ -287,6 +288,9 @@ asyncio.run(main())
                                [t["probability"] for t in over_http["top"]], atol=1e-5)
     assert len(answers["many"]["predictions"]) == 3 and all(len(p["top"]) == 1 for p in answers["many"]["predictions"])
     assert answers["refused"] == "InvalidArgument"
+    mixed = answers["mixed"]
+    assert mixed["failed"] == 1 and [("top" in p, p["file"]) for p in mixed["predictions"]] == \
+        [(True, path.name), (False, "manifest.json")]
 
 
 @pytest.mark.fast
@@ -321,3 +325,41 @@ def test_serve_refuses_a_port_in_use_in_one_line(cnn_model, run_cli):
     assert len(result.err.strip().splitlines()) == 1
     unknown = run_cli("serve", cnn_model, "--host", "no-such-host.invalid", "--port", "3000")
     assert unknown.code == 2 and "cannot listen on no-such-host.invalid" in unknown.err
+
+
+def test_the_edges_answer_json_with_one_rule(server, server_log):
+    """An unknown route, a repeated field of any kind, a truncated form and a wrong /infer key: each
+    a 4xx JSON answer that says what was wrong (issue 29)."""
+    png = _png_bytes()
+    unknown = httpx.get(f"{server}/no-such-route", timeout=30)
+    assert unknown.status_code == 404 and unknown.headers["content-type"].startswith("application/json")
+    assert "GET /no-such-route" in unknown.json()["error"] and "POST /predict" in unknown.json()["error"]
+    for route, files, data, name in [
+        ("/predict", {"image": ("a.png", png)}, {"top_k": ["1", "2"]}, "top_k"),
+        ("/predict", [("image", ("a.png", png)), ("image", ("b.png", png))], None, "image"),
+        ("/predict_batch", {"images": ("a.png", png)}, {"min_confidence": ["0.5", "0.6"]}, "min_confidence"),
+    ]:
+        r = _post(f"{server}{route}", files, data)
+        assert r.status_code == 400 and f"field '{name}' given 2 times" in r.json()["error"], (route, r.text)
+    whole = httpx.Request("POST", f"{server}/predict", files={"image": ("a.png", png)})
+    body = whole.read()
+    cut = httpx.post(f"{server}/predict", content=body[: len(body) - 30], timeout=30,
+                     headers={"content-type": whole.headers["content-type"]})
+    assert cut.status_code == 400 and "truncated" in cut.json()["error"], cut.text
+    infer = httpx.post(f"{server}/infer", json={"imgs": [[1]]}, timeout=30)
+    assert infer.status_code == 400 and "'imgs'" in infer.json()["error"] and "'images'" in infer.json()["error"]
+    assert "Traceback" not in server_log.read_text()
+
+
+def test_predict_batch_can_answer_each_file(server, sample_images):
+    good = sorted(sample_images.iterdir())[0].read_bytes()
+    files = [("images", ("a.png", good)), ("images", ("notes.txt", b"not an image")), ("images", ("c.png", good))]
+    assert _post(f"{server}/predict_batch", files).status_code == 400  # the default stays all-or-nothing
+    r = _post(f"{server}/predict_batch", files, data={"errors": "per-file", "top_k": "2"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["failed"] == 1 and body["model"] == "cnn"
+    assert [p["file"] for p in body["predictions"]] == ["a.png", "notes.txt", "c.png"]
+    bad = body["predictions"][1]
+    assert bad["status"] == 400 and "notes.txt" in bad["error"] and "top" not in bad
+    assert body["predictions"][0]["top"] == body["predictions"][2]["top"] and len(body["predictions"][0]["top"]) == 2

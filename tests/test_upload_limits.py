@@ -1,6 +1,7 @@
 """Upload limits: pixels per request, a stalled body, and decoding large images straight to the model's size."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -20,6 +21,8 @@ from serving.base.errors import UserError
 
 MAX_REQUEST_PIXELS = 30_000_000  # three 3000x3000 images pass, two 4000x4000 do not
 BODY_TIMEOUT_S = 1
+HEADER_TIMEOUT_S = 1
+SLOW_CLIENTS = 40  # connections that trickle a header and never finish it
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def server_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(cnn_model, server_log):
     env = {"TLSERVE_MODEL": str(cnn_model), "TLSERVE_MAX_REQUEST_PIXELS": str(MAX_REQUEST_PIXELS),
-           "TLSERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "TLSERVE_MAX_REQUEST_BYTES": str(64 * 2**20)}
+           "TLSERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "TLSERVE_MAX_REQUEST_BYTES": str(64 * 2**20),
+           "TLSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
     with bentoml_server(["serving.service:ImageClassifier"], env, server_log) as url:
         yield url
 
@@ -175,6 +179,46 @@ def test_stalled_body_is_408_within_seconds(server, server_log):
     assert "no request body data" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     ok = httpx.post(f"{server}/predict", files={"image": ("ok.png", _small_png())}, timeout=30)
     assert ok.status_code == 200, ok.text
+    assert "Traceback" not in server_log.read_text()
+
+
+def test_partial_headers_are_closed_within_the_bound(server, server_log):
+    """Slow-header clients (each trickling a header line every 0.3 s, which resets uvicorn's keep-alive
+    timer) get a 408 and a closed connection once TLSERVE_HEADER_TIMEOUT_S has passed (issue 29)."""
+    host, port = server.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=1) for _ in range(SLOW_CLIENTS)]
+    started = time.monotonic()
+    answers: dict[int, bytes] = {}
+    try:
+        for sock in sockets:
+            sock.sendall(f"GET /metadata HTTP/1.1\r\nHost: {host}\r\n".encode())
+            sock.setblocking(False)
+        while len(answers) < len(sockets) and time.monotonic() - started < HEADER_TIMEOUT_S + 5:
+            time.sleep(0.3)
+            for n, sock in enumerate(sockets):
+                if n in answers:
+                    continue
+                try:
+                    chunk = sock.recv(4096)
+                except BlockingIOError:  # nothing from the server yet: one more header line
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"X-Slow: 1\r\n")
+                    continue
+                except OSError:  # reset after the server closed it
+                    chunk = b"(reset)"
+                answers[n] = chunk or b"(closed)"
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert len(answers) == SLOW_CLIENTS, f"{SLOW_CLIENTS - len(answers)} slow connections still open after {elapsed:.1f} s"
+    assert elapsed < HEADER_TIMEOUT_S + 3, elapsed
+    timed_out = [a for a in answers.values() if a.startswith(b"HTTP/1.1 408")]
+    assert timed_out and b"request headers not complete" in timed_out[0], answers
+    with httpx.Client(timeout=30) as client:  # a client that sends its header at once is served, kept alive or not
+        assert client.get(f"{server}/metadata").status_code == 200
+        time.sleep(HEADER_TIMEOUT_S + 0.5)
+        assert client.get(f"{server}/metadata").status_code == 200
     assert "Traceback" not in server_log.read_text()
 
 

@@ -14,3 +14,9 @@ class ClusterLost(UserError):
 
     # Over 128: Kubeflow's restartPolicy ExitCode restarts such exits (1-127 are permanent failures).
     exit_code = 138
+
+
+def reason(exc: BaseException) -> str:
+    """A library's exception as the end of an error line: its whole message on one line, never cut
+    short (a download failure's reason comes last, after the URL), else the exception's type."""
+    return " ".join(str(exc).split()) or exc.__class__.__name__

@@ -2,8 +2,9 @@
 and int8 calibration, eval, data check).
 
 On a terminal: a rich progress bar (rich comes with typer) that stays on screen when done. Anywhere
-else (CI logs, pipes, `--json` runs): one line per finished step with its count and seconds. Never
-both, so a log file holds no bar fragments and a terminal holds no duplicate lines.
+else (CI logs, pipes, `--json` runs): a line every EVERY_S seconds while a step runs (so a long one,
+such as a minute of feature extraction, is seen to move) and one when it finishes, with its count
+and seconds. Never both, so a log file holds no bar fragments and a terminal holds no duplicate lines.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 Log = Callable[[str], None]
+EVERY_S = 5.0  # seconds between progress lines where there is no bar
 
 
 def interactive() -> bool:
@@ -42,9 +44,16 @@ def step(description: str, total: int | None, *, unit: str = "images", log: Log 
             yield advance
         return
 
+    said = start
+
     def count(n: int = 1) -> None:
-        nonlocal done
+        nonlocal done, said
         done += n
+        now = time.perf_counter()
+        if now - said >= EVERY_S and (total is None or done < total):
+            said = now
+            of = f"/{total:,}" if total is not None else ""
+            (log or _stderr)(f"{description}: {done:,}{of} {unit} so far ({now - start:.0f} s)")
 
     yield count
     seconds = time.perf_counter() - start

@@ -14,10 +14,11 @@ class UserError(Exception):
 
 
 def nearest(name: str, candidates: list[str], n: int = 5) -> str:
-    """'; nearest: a, b, c' for an error line, or '' when nothing is close."""
+    """'; nearest: a, b, c' for an error line, or '' when nothing is close. Each candidate is named
+    once, however often it comes (a run and its export share a name)."""
     import difflib  # noqa: PLC0415
 
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=n, cutoff=0.4)
     return f"; nearest: {', '.join(close)}" if close else ""
 
 

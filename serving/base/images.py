@@ -36,7 +36,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class ImageError(UserError, ValueError):
-    """The bytes are not an image we can use (not an image, truncated, too large)."""
+    """The bytes are not an image we can use (not an image, truncated, too large, unreadable).
+    `why` is the one wording of each reason, which training, the data check, `predict` and the
+    HTTP service all show; str() is "name: why"."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(name, why)  # both in args, so the error pickles across process pools
+        self.name, self.why = name, why
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.why}"
 
 
 class ImageTooLarge(ImageError):
@@ -72,38 +81,53 @@ def _open(data: bytes | Path | str, *, max_pixels: int, name: str) -> Image.Imag
     """Image.open reads the header (size, format, EXIF), not the pixels: a bomb is refused here."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) == 0:
-            raise ImageError(f"{name}: empty file")
+            raise ImageError(name, "empty file")
         source: io.BytesIO | Path = io.BytesIO(bytes(data))
     else:
         source = Path(data)
         if not source.is_file():
-            raise ImageError(f"{name}: no such file")
+            raise ImageError(name, "no such file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"{name}: larger than the decoder's decompression-bomb limit") from None
+        raise ImageTooLarge(name, "larger than the decoder's decompression-bomb limit") from None
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not a readable image ({exc.__class__.__name__})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})") from None
+        raise ImageError(name, f"not a readable image ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        if exc.filename is not None:  # the file itself could not be opened: permissions, a folder, ...
+            raise ImageError(name, f"cannot read the file ({exc.strerror})") from None
+        raise ImageError(name, f"cannot decode image ({exc})") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(name, f"cannot decode image ({exc})") from None
     width, height = img.size
     if width * height > max_pixels or width < 1 or height < 1:
         img.close()  # a file Pillow opened for a path would stay open until garbage collection
     if width * height > max_pixels:
-        raise ImageTooLarge(f"{name}: {width}x{height} is larger than the {max_pixels:,}-pixel limit")
+        raise ImageTooLarge(name, f"{width}x{height} is larger than the {max_pixels:,}-pixel limit")
     if width < 1 or height < 1:
-        raise ImageError(f"{name}: image has no pixels")
+        raise ImageError(name, "image has no pixels")
+    return img
+
+
+def open_stored(data: bytes | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """Open and decode an image as stored (its mode, EXIF and format untouched), with the refusals
+    and wording of every other decode here: for looking at a file's facts (the data check)."""
+    return _load(_open(data, max_pixels=max_pixels, name=name), name)
+
+
+def _load(img: Image.Image, name: str) -> Image.Image:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        img.close()
+        raise ImageError(name, f"cannot decode image ({exc})") from None
     return img
 
 
 def _decode(img: Image.Image, name: str) -> Image.Image:
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})") from None
-    return to_rgb(img)
+    return to_rgb(_load(img, name))
 
 
 def _draft(img: Image.Image, size: tuple[int, int]) -> None:

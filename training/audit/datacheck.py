@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from serving.base import images
 from serving.base.errors import UserError
@@ -148,6 +148,10 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
     from training.data.sources import check_config  # noqa: PLC0415
 
     check_config(cfg)
+    if mode == "full":
+        from training.model import backbones  # noqa: PLC0415
+
+        backbones.check_weights_file(weights, "--weights")
     start = time.perf_counter()
     scheme, _, arg = cfg.spec.partition(":")
     if scheme == "folder" and arg:
@@ -168,7 +172,7 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
         imgs = fingerprint_arrays({"train": ds.train, "val": ds.val, "test": ds.test}, mode, log, bar)
         arrays = np.concatenate([ds.train.x, ds.val.x, ds.test.x])
         meta = {"source": ds.source, "class_names": ds.class_names, "not_images": [],
-                "unreadable": [{"file": f, "why": "not a readable image"} for f in ds.skipped]}
+                "unreadable": [{"file": f, "why": why} for f, why in ds.skipped.items()]}
 
         def thumbnail(row: int) -> Image.Image:
             return Image.fromarray(arrays[row])
@@ -186,7 +190,7 @@ def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), 
     splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     imgs = fingerprint_arrays(splits, mode, log, bar=False)
     meta = {"source": dataset.source, "class_names": dataset.class_names, "not_images": [],
-            "unreadable": [{"file": f, "why": "not a readable image"} for f in dataset.skipped]}
+            "unreadable": [{"file": f, "why": why} for f, why in dataset.skipped.items()]}
     return _analyse(imgs, meta, mode, thresholds, weights, log, False, cross_only=True, search_kind=search)
 
 
@@ -222,8 +226,7 @@ def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple |
     """(facts, fingerprints, why unreadable) of one file; never raises for a bad file."""
     name = path.relative_to(root).as_posix()
     try:
-        with Image.open(path) as img:
-            img.load()
+        with images.open_stored(path, name=name) as img:
             exif = img.getexif()
             orientation = exif.get(ExifTags.Base.Orientation, 1)
             camera = " ".join(str(exif.get(tag, "")).strip() for tag in (ExifTags.Base.Make, ExifTags.Base.Model)).strip()
@@ -232,10 +235,8 @@ def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple |
                      "alpha": img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)}
             rgb = images.to_rgb(img)
             return facts, _fingerprint(rgb, mode), None
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        return {"file": name}, None, f"not a readable image ({exc.__class__.__name__})"
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return {"file": name}, None, f"cannot decode ({str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__})"
+    except images.ImageError as exc:  # the wording training's decode uses too (serving.base.images)
+        return {"file": name}, None, exc.why
 
 
 def _inspect_job(job: tuple[str, str, str]) -> tuple[dict[str, Any], tuple | None, str | None]:
@@ -681,6 +682,17 @@ def held_copies(report: Report, n_train: int, n_val: int, dropped: bool) -> Held
     return HeldCopies(np.asarray(sorted(val), np.int64), np.asarray(sorted(test), np.int64))
 
 
+def _leak_line(key: str, leak: dict[str, Any], dropped: bool) -> str:
+    """One leak ("test-in-train": test images with a copy in train) as the run reports it: a warning,
+    unless --drop-leaks has removed the training copies behind it."""
+    held, _, source = key.partition("-in-")
+    found = f"{leak['images']:,} {held} image(s) ({leak['percent']:.2f}%) have an exact or near copy in {source}"
+    if dropped and source == "train":
+        return f"data check: {found}; their training copies were dropped, so {held} accuracy does not count them"
+    hint = " (--drop-leaks removes the training copies)" if source == "train" else ""
+    return f"warning: data check: {found}; {held} accuracy will read high{hint}"
+
+
 def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None, HeldCopies | None]:
     """Check a run's splits for cross-split copies before it trains: warn, record the counts, and with
     --drop-leaks remove the training images that duplicate a val or test image. (dataset, record part,
@@ -706,14 +718,8 @@ def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None, 
         "label_conflicts": len(d["label_conflicts"]),
         "dropped": None,
     }
-    for key, leak in d["leaks"].items():
-        held, _, source = key.partition("-in-")
-        log(f"warning: data check: {leak['images']} {held} image(s) ({leak['percent']:.2f}%) have an exact or near copy "
-            f"in {source}; {held} accuracy will read high" + ("" if cfg.drop_leaks else " (--drop-leaks removes the training copies)"))
-    if d["label_conflicts"]:
-        log(f"warning: data check: {len(d['label_conflicts'])} pair(s) of copies carry different labels")
     copies = held_copies(report, len(dataset.train), len(dataset.val), cfg.drop_leaks)
-    if cfg.drop_leaks:
+    if cfg.drop_leaks:  # first, so each warning below can say what the drop has already taken care of
         ids = dataset.train.ids()
         drop = np.asarray(report.drop_train, np.int64)  # train rows come first, so rows are train indices
         keep = np.ones(len(dataset.train), bool)
@@ -721,6 +727,11 @@ def guard(dataset, cfg, log: progress.Log) -> tuple[Any, dict[str, Any] | None, 
         part["dropped"] = {"count": int(len(drop)), "train_before": len(dataset.train), "files": [ids[i] for i in drop]}
         if len(drop):
             dataset.train = dataset.train.take(keep)
-            log(f"data check: dropped {len(drop)} training image(s) that duplicate a val or test image")
+            log(f"data check: dropped {len(drop):,} of {part['dropped']['train_before']:,} training image(s) "
+                "that duplicate a val or test image (--drop-leaks)")
+    for key, leak in d["leaks"].items():
+        log(_leak_line(key, leak, cfg.drop_leaks))
+    if d["label_conflicts"]:
+        log(f"warning: data check: {len(d['label_conflicts'])} pair(s) of copies carry different labels")
     part["seconds"] = round(time.perf_counter() - start, 2)
     return dataset, part, copies

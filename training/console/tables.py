@@ -5,6 +5,7 @@ function takes the Console to print on (stdout, or stderr when stdout carries JS
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,81 @@ def fmt(value: Any) -> str:
     return format_cell(value)
 
 
-def table(title: str, columns: list[str], rows: list[list[str]], *, text: tuple[str, ...] = ()) -> Table:
-    """A table that shows every name and number whole on an 80-column terminal: no vertical rules,
-    a number column never narrower than its longest value (headers wrap instead), and the `text`
-    columns (names) wrap inside their cell rather than being cut."""
-    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
-    for i, col in enumerate(columns):
-        if col in text:
-            out.add_column(col, overflow="fold", ratio=1, min_width=8)
+GAP = 2  # columns between two table columns (rich's SIMPLE_HEAD box without edges, collapsed padding)
+SHORT_HEADER = 10  # headers up to this long are never wrapped
+PROSE_MIN = 20  # a prose column (descriptions, lists) is given at least this many columns, or its longest word
+
+
+def table(out: Console, title: str, columns: list[str], rows: list[list[str]], *, text: tuple[str, ...] = (),
+          prose: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
+    """Print a table that shows every name and number whole at the console's width (80 columns when
+    output is piped). Names (`text`) and numbers never wrap and are never cut; a header wraps at its
+    spaces; `prose` columns wrap their words. When the columns cannot all fit, the `optional` ones
+    are left out in the order given, and a line says which; if the names alone are too wide, each
+    row is printed as a block of `header: value` lines instead."""
+    shown = list(columns)
+    while _width(shown, columns, rows, prose) > out.width and any(c in shown for c in optional):
+        shown.remove(next(c for c in optional if c in shown))
+    keep = [columns.index(c) for c in shown]
+    if _width(shown, columns, rows, prose) > out.width:
+        return _blocks(out, title, columns, rows)
+    widths = _header_room({i: _natural(i, columns[i], rows) for i in keep if columns[i] not in prose}, columns,
+                          out.width - _width(shown, columns, rows, prose))
+    grid = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                 title_justify="left")
+    for i in keep:
+        col = columns[i]
+        header = Text(col, no_wrap=False, overflow="fold")
+        if col in prose:
+            grid.add_column(header, overflow="fold", min_width=_prose_min(i, col, rows))
         else:
-            widest = max((len(row[i]) for row in rows), default=1)
-            out.add_column(col, justify="right", overflow="fold", min_width=widest)
+            grid.add_column(header, justify="left" if col in text else "right", no_wrap=True, width=widths[i])
     for row in rows:
-        out.add_row(*row)
-    return out
+        grid.add_row(*(row[i] for i in keep))
+    out.print(grid)
+    left_out = [c for c in columns if c not in shown]
+    if left_out:
+        out.print(f"(not shown at {out.width} columns: {', '.join(left_out)})", highlight=False)
+
+
+def _header_room(widths: dict[int, int], columns: list[str], spare: int) -> dict[int, int]:
+    """Widen name and number columns so that their headers fit on one line, the ones that need the
+    fewest extra columns first, as far as the spare width goes; the rest wrap at their spaces."""
+    for i in sorted(widths, key=lambda i: len(columns[i]) - widths[i]):
+        extra = max(0, len(columns[i]) - widths[i])
+        if extra <= spare:
+            widths[i], spare = widths[i] + extra, spare - extra
+    return widths
+
+
+def _natural(i: int, header: str, rows: list[list[str]]) -> int:
+    """A name's or number's column: its longest value, or its header, which wraps at its spaces only
+    when longer than SHORT_HEADER (so "macro F1" stays one phrase)."""
+    head = len(header) if len(header) <= SHORT_HEADER else max(len(w) for w in header.split())
+    return max([head] + [len(row[i]) for row in rows])
+
+
+def _prose_min(i: int, header: str, rows: list[list[str]]) -> int:
+    longest_word = max([len(w) for w in header.split()] + [len(w) for row in rows for w in row[i].split()])
+    return min(max(longest_word, PROSE_MIN), _natural_line(i, header, rows))
+
+
+def _natural_line(i: int, header: str, rows: list[list[str]]) -> int:
+    return max([len(header)] + [len(row[i]) for row in rows])
+
+
+def _width(shown: list[str], columns: list[str], rows: list[list[str]], prose: tuple[str, ...]) -> int:
+    widths = [(_prose_min if c in prose else _natural)(columns.index(c), c, rows) for c in shown]
+    return sum(widths) + GAP * (len(widths) - 1)
+
+
+def _blocks(out: Console, title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """The narrowest form: the first column's value on a line of its own, then each other column's."""
+    _say(out, title)
+    for row in rows:
+        _say(out, row[0])
+        for col, value in zip(columns[1:], row[1:]):
+            _say(out, f"  {col}: {value}")
 
 
 def _say(out: Console, line: str) -> None:
@@ -43,18 +105,25 @@ def _say(out: Console, line: str) -> None:
 
 # ---- runs ------------------------------------------------------------------------------------
 
-# Short headers for the run table (its CSV keeps the full field names).
-RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s/epoch", "total_time_sec": "total s",
-               "test_accuracy": "test acc", "trainable_params": "trainable", "non_trainable_params": "frozen",
-               "epochs_to_target": "to target", "macro_f1": "macro F1"}
+# Headers for the run table (its CSV keeps the full field names); a header wraps at its spaces.
+RUN_HEADERS = {"model": "model", "epochs": "epochs", "avg_epoch_time_sec": "s per epoch", "total_time_sec": "total s",
+               "test_accuracy": "test acc", "trainable_params": "trainable params",
+               "non_trainable_params": "frozen params", "epochs_to_target": "epochs to target", "macro_f1": "macro F1"}
+# Seconds to one decimal; accuracies and F1 to four.
+RUN_DIGITS = {"avg_epoch_time_sec": 1, "total_time_sec": 1}
+# Left out, in this order, when 80 columns cannot hold every column.
+RUN_OPTIONAL = ("non_trainable_params", "trainable_params", "total_time_sec", "epochs_to_target", "avg_epoch_time_sec",
+                "epochs")
 
 
 def print_runs(out: Console, title: str, records: list[RunRecord]) -> None:
-    """Seed 001's columns plus epochs_to_target, one row per run (`runs` and `compare`)."""
-    rows = [[fmt(table_row(r)[c]) + ("*" if c == "test_accuracy" and leak_of(r) else "") for c in TABLE_FIELDS]
-            for r in records]
-    out.print(table(title, [RUN_HEADERS.get(c, c) for c in TABLE_FIELDS], rows, text=("model",)))
-    for r in records:  # beside the figure: a starred accuracy counts test images the run learned from
+    """The training table, one row per run (`runs` and `compare`): its columns plus epochs to target
+    and macro F1; a starred accuracy counts test images the run learned from."""
+    rows = [[format_cell(table_row(r)[c], RUN_DIGITS.get(c, 4)) + ("*" if c == "test_accuracy" and leak_of(r) else "")
+             for c in TABLE_FIELDS] for r in records]
+    table(out, title, [RUN_HEADERS[c] for c in TABLE_FIELDS], rows, text=(RUN_HEADERS["model"],),
+          optional=tuple(RUN_HEADERS[c] for c in RUN_OPTIONAL))
+    for r in records:
         if leak := leak_of(r):
             _say(out, f"* {r.name} is LEAKY: {leak.note()}")
 
@@ -68,12 +137,15 @@ def print_record(out: Console, run) -> None:
     facts_table.add_column(overflow="fold")
     m, t = r.model, r.test
     facts = {
-        "data": f"{r.data.source}, {r.data.num_classes} classes, splits {r.data.splits}",
+        "data": f"{r.data.source}, {r.data.num_classes} classes; images: "
+                + ", ".join(f"{split} {n:,}" for split, n in r.data.splits.items()),
         "model": f"{m.backbone} / {m.strategy}, input {m.input_shape[0]}x{m.input_shape[1]} -> {m.input_size}, "
                  f"{m.layers} layers (depth {m.depth})",
         "params": f"total {m.total_params:,}  trainable {m.trainable_params:,}  non-trainable {m.non_trainable_params:,}",
-        "epochs": f"{row['epochs']}  (avg {row['avg_epoch_time_sec']:.2f}s, total {row['total_time_sec']:.1f}s)",
-        "epochs_to_target": f"{row['epochs_to_target']} (target {r.target})",
+        "epochs": f"{row['epochs']}  ({row['avg_epoch_time_sec']:.1f} s each on average, {row['total_time_sec']:.1f} s "
+                  "in all)",
+        "to target": (f"val accuracy reached {r.target:g} at epoch {row['epochs_to_target']}"
+                      if row["epochs_to_target"] is not None else f"val accuracy never reached {r.target:g}"),
         "test": f"accuracy {t.accuracy:.4f}  loss {t.loss:.4f}"
                 + (f"  macro F1 {t.macro_f1:.4f}" if t.macro_f1 is not None else ""),
         "record": str(run.path / "record.json"),
@@ -175,9 +247,8 @@ def print_export(out: Console, path: Path, manifest: Manifest) -> None:
              fmt(facts.test_accuracy), fmt(facts.accuracy_delta), fmt(facts.test_ece),
              "—" if facts.gate is None else ("NOT KEPT" if file in rejected else "kept")]
             for file, facts in {**manifest.artifacts, **rejected}.items()]
-    out.print(table(f"exported {manifest.name}:{manifest.version}",
-                    ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows,
-                    text=("file", "gate")))
+    table(out, f"exported {manifest.name}:{manifest.version}",
+          ["file", "MB", "max diff", "top-1 agree", "test acc", "delta", "ECE", "gate"], rows, text=("file", "gate"))
     for file, facts in manifest.artifacts.items():  # too long for a cell; export logged the rejected ones
         if facts.gate is not None:
             _say(out, f"gate: {file} {gate_verdict(facts.gate)}")
@@ -191,21 +262,23 @@ def print_models(out: Console, rows: list[dict]) -> None:
     """`tlserve models`: one row per export, then where each one lives."""
     from serving.catalog import shown_tag  # noqa: PLC0415
 
-    out.print(table("exported models", ["name", "backbone", "strategy", "test acc", "MB", "variants"],
-                    [[r["name"], r["backbone"], r["strategy"], fmt(r["test_accuracy"]), fmt(r["onnx_mb"]),
-                      r["variants"].replace(",", " ")] for r in rows], text=("name", "variants")))
+    table(out, "exported models", ["name", "backbone", "strategy", "test acc", "MB", "variants"],
+          [[r["name"], r["backbone"], r["strategy"], fmt(r["test_accuracy"]), fmt(r["onnx_mb"]),
+            r["variants"].replace(",", " ")] for r in rows], text=("name", "backbone", "strategy"), prose=("variants",))
     for r in rows:
         tag = shown_tag(r)
         _say(out, f"{r['name']}: {r['where']}" + (f"  (BentoML {tag})" if tag else ""))
 
 
 def print_predictions(out: Console, title: str, results: list) -> None:
-    listing = Table(title=title)
-    listing.add_column("image")
-    listing.add_column("prediction")
-    for r in results:
-        listing.add_row(r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top))
-    out.print(listing)
+    """`tlserve predict`: one row per image, named by the part of its path that differs from the
+    others' (relative to the folder they share), so that every row can be told apart."""
+    paths = [Path(os.path.abspath(r.path)) for r in results]
+    base = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path.cwd()
+    table(out, title, ["image", "prediction"],
+          [[p.relative_to(base).as_posix(), ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top)]
+           for p, r in zip(paths, results)], text=("image",), prose=("prediction",))
+    _say(out, f"image paths are relative to {base}")
 
 
 def print_errors(out: Console, failures: list[str]) -> None:
@@ -222,20 +295,20 @@ def print_eval(out: Console, result: dict) -> None:
 
     d = result["data"]
     _say(out, f"{d['source']}: {d['scored']:,} of {d['images']:,} images scored")
-    out.print(table(f"eval {result['model']}:{result['version']}", SUMMARY_HEADERS,
-                    [[fmt(c) for c in row] for row in summary_rows(result)], text=("variant", "provider")))
+    table(out, f"eval {result['model']}:{result['version']}", SUMMARY_HEADERS,
+          [[fmt(c) for c in row] for row in summary_rows(result)], text=("variant", "provider"))
     names = list(result["variants"])
     first = result["variants"][names[0]]["per_class"]
-    out.print(table(f"per class ({names[0]}; F1 of the others)",
-                    ["class", "support", "precision", "recall", "F1", *[f"{v} F1" for v in names[1:]]],
-                    [[c, *[fmt(first.get(c, {}).get(m)) for m in ("support", "precision", "recall", "f1")],
-                      *[fmt(result["variants"][v]["per_class"].get(c, {}).get("f1")) for v in names[1:]]]
-                     for c in scored_classes(result)], text=("class",)))
+    table(out, f"per class ({names[0]}; F1 of the others)",
+          ["class", "support", "precision", "recall", "F1", *[f"{v} F1" for v in names[1:]]],
+          [[c, *[fmt(first.get(c, {}).get(m)) for m in ("support", "precision", "recall", "f1")],
+            *[fmt(result["variants"][v]["per_class"].get(c, {}).get("f1")) for v in names[1:]]]
+           for c in scored_classes(result)], text=("class",))
     thresholds = [r["threshold"] for r in result["variants"][names[0]]["coverage"]]
-    out.print(table("abstaining below a confidence threshold: share kept, accuracy of those kept",
-                    ["threshold", *[f"{v} {m}" for v in names for m in ("kept", "acc")]],
-                    [[f"{t:g}", *[fmt(result["variants"][v]["coverage"][i][m]) for v in names
-                                  for m in ("coverage", "accuracy")]] for i, t in enumerate(thresholds)]))
+    table(out, "abstaining below a confidence threshold: share kept, accuracy of those kept",
+          ["threshold", *[f"{v} {m}" for v in names for m in ("kept", "acc")]],
+          [[f"{t:g}", *[fmt(result["variants"][v]["coverage"][i][m]) for v in names
+                        for m in ("coverage", "accuracy")]] for i, t in enumerate(thresholds)])
     for label, items in (("unreadable", d["skipped_unreadable"]), ("unknown class", d["skipped_unknown_class"])):
         if items:
             _say(out, f"skipped ({label}): " + ", ".join(f"{k} ({v})" for k, v in items.items()))
@@ -249,15 +322,15 @@ def print_data_check(out: Console, d: dict, folder: Path) -> None:
 
     say(f"{d['source']}: " + ", ".join(f"{s} {n:,}" for s, n in d["splits"].items()))
     rows = [[k, f"{v['images']:,}", f"{v['of']:,}", f"{v['percent']:.2f}%"] for k, v in d["leaks"].items()]
-    out.print(table("leaks across splits", ["which", "images", "of", "share"], rows or [["none", "0", "", ""]],
-                    text=("which",)))
+    table(out, "leaks across splits", ["which", "images", "of", "share"], rows or [["none", "0", "", ""]],
+          text=("which",))
     rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d["duplicates"].items()]
-    out.print(table("duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",)))
+    table(out, "duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",))
     names = d["class_names"]
     splits = list(d["balance"])
     rows = [[c, *[f"{d['balance'][s]['counts'][c]:,}" for s in splits]] for c in names]
     rows.append(["largest/smallest", *[str(d["balance"][s]["largest_smallest_ratio"]) for s in splits]])
-    out.print(table("class balance", ["class", *splits], rows, text=("class",)))
+    table(out, "class balance", ["class", *splits], rows, text=("class",))
     facts = d["images"]
     say("sizes: " + ", ".join(f"{k} {sum(v.values()):,}" for k, v in list(facts["sizes"].items())[:6])
         + (" ..." if len(facts["sizes"]) > 6 else ""))

@@ -22,6 +22,7 @@ from serving.base.errors import UserError, nearest
 from training import progress
 from training.config import DataConfig
 from training.env import tf
+from training.errors import reason
 
 SCHEMES = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -59,7 +60,7 @@ class Dataset:
     source: str
     image_size: tuple[int, int]
     interpolation: str = images.DEFAULT_INTERPOLATION
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # file that would not decode -> why (serving.base.images)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -234,7 +235,7 @@ def _cifar10(cfg: DataConfig, path: str | None) -> Dataset:
         try:
             (xtr, ytr), (xte, yte) = keras().datasets.cifar10.load_data()
         except Exception as exc:  # Keras raises a bare Exception when the download fails
-            raise UserError(f"could not download CIFAR-10 ({str(exc).splitlines()[0][:120]}); offline, pass "
+            raise UserError(f"could not download CIFAR-10 ({reason(exc)}); offline, pass "
                             "--data cifar10:PATH (cifar-10-batches-py/ or the .tar.gz) or --data folder:PATH") from None
         source = "CIFAR-10 (Keras download)"
         names = list(CIFAR10_CLASSES)
@@ -377,7 +378,7 @@ def _folder(cfg: DataConfig, root: Path) -> Dataset:
         picked[name] = (files, labels)
 
     size = _folder_image_size(cfg, [f for files, _ in picked.values() for f in files])
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     with progress.step(f"decoding images from {root.name}", sum(len(files) for files, _ in picked.values())) as advance:
         splits = {name: _decode(files, labels, size, skipped, root, advance) for name, (files, labels) in picked.items()}
     return Dataset(splits["train"], splits["val"], splits["test"], listing.class_names,
@@ -408,22 +409,22 @@ def _folder_image_size(cfg: DataConfig, files: list[Path]) -> tuple[int, int]:
     return (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
 
 
-def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skipped: list[str], root: Path,
+def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skipped: dict[str, str], root: Path,
             advance=lambda n: None) -> Split:
     """Decode in threads (Pillow releases the GIL while decoding); unreadable files are named and skipped."""
-    def one(path: Path) -> np.ndarray | None:
+    def one(path: Path) -> np.ndarray | str:
         try:
             return images.load_array(path, size, name=str(path.relative_to(root)))
-        except images.ImageError:
-            return None
+        except images.ImageError as exc:
+            return exc.why
 
-    arrays: list[np.ndarray | None] = []
+    arrays: list[np.ndarray | str] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for array in pool.map(one, files):  # in order, counted on this thread
             arrays.append(array)
             advance(1)
-    keep = [i for i, a in enumerate(arrays) if a is not None]
-    skipped.extend(str(files[i].relative_to(root)) for i, a in enumerate(arrays) if a is None)
+    keep = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    skipped.update((str(files[i].relative_to(root)), a) for i, a in enumerate(arrays) if isinstance(a, str))
     x = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, *size, 3), np.uint8)
     names = np.array([files[i].relative_to(root).as_posix() for i in keep], dtype=object)
     return Split(x, labels[keep] if keep else labels[:0], names)

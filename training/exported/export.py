@@ -104,7 +104,7 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
         # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
         raise UserError(f"--name '{opts.name}': a model name is lowercase letters, digits, '.', '_' and '-' "
                         f"(starting and ending with a letter or digit), at most 60 characters; e.g. '{name}'")
-    if name != run.name:
+    if not opts.name and name != run.name:  # a --name is used as typed (or refused above): nothing was changed
         log(f"model name: '{name}' (from run '{run.name}': BentoML names are lowercase letters, digits, '.', '_', '-')")
     final = storage.models_dir(models_dir) / name
     if final.exists() and not opts.overwrite:

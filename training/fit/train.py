@@ -188,8 +188,8 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: RunState
 def _load_data(cfg: TrainConfig, log: Log):
     """(dataset after the data check, the data check's facts, its HeldCopies, class weights or None), logged."""
     dataset = datasets.load_dataset(cfg.data)
-    for name in dataset.skipped:
-        log(f"skipped (not a readable image): {name}")
+    for name, why in dataset.skipped.items():
+        log(f"skipped {name}: {why}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
     dataset, data_check, copies = datacheck.guard(dataset, cfg, log)

@@ -71,6 +71,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--target is an accuracy between 0 and 1")
     if spec.pretrained:
         choose("--head", cfg.head, HEADS)
+        backbones.check_weights_file(cfg.weights)
         if cfg.input_size is not None and cfg.input_size < spec.min_input:
             raise UserError(f"--input-size {cfg.input_size} is below {spec.name}'s minimum of {spec.min_input}")
     else:

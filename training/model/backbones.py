@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from serving.base.errors import UserError, choose, nearest
 from training.env import keras
+from training.errors import reason
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ class BackboneSpec:
 REGISTRY: dict[str, BackboneSpec] = {
     s.name: s
     for s in (
-        BackboneSpec("cnn", "the seeds' baseline CNN; layer sizes from --cnn-layers (presets seed001-seed004)"),
-        BackboneSpec("cnn-bn", "seed 002's CNN with BatchNorm before each activation (--bn-momentum, --l2); "
+        BackboneSpec("cnn", "a small CNN trained from scratch; its layers from --cnn-layers (presets seed001-seed004)"),
+        BackboneSpec("cnn-bn", "a CNN with BatchNorm before each activation (--bn-momentum, --l2); "
                      "residual presets resnet9-*", batchnorm=True),
         BackboneSpec("mobilenetv2", "MobileNetV2 (depthwise-separable, 2.3M params), ImageNet weights",
                      app="MobileNetV2", preprocess="mobilenet_v2", default_input=96),
@@ -132,6 +133,29 @@ def cnn_body(x, spec: str, padding: str, *, batchnorm: bool, bn_momentum: float,
     return x
 
 
+def check_weights_file(weights: str, flag: str = "--weights") -> None:
+    """imagenet and none pass; anything else must be a Keras weights file, HDF5 (.h5, .weights.h5) or a
+    .keras zip, checked by its signature before any data loads, so that `--weights leaf.jpg` is one line
+    at once rather than h5py's "file signature not found" after decoding the whole data set."""
+    if weights in ("imagenet", "none"):
+        return
+    import zipfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import h5py  # noqa: PLC0415 (comes with TensorFlow and Keras)
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag}: no such file '{weights}' (use imagenet, none, or a Keras .h5 weights file)")
+    try:
+        keras_file = h5py.is_hdf5(str(path)) or zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise UserError(f"{flag} {weights}: cannot read it ({exc.strerror or reason(exc)})") from None
+    if not keras_file:
+        raise UserError(f"{flag} {weights}: not a Keras weights file (neither HDF5, as .h5 weights are, nor a .keras "
+                        "zip); give imagenet, none, or a weights file such as mobilenetv2_1.0_imagenet_no_top.h5")
+
+
 def build_pretrained(spec: BackboneSpec, input_size: int, weights: str):
     """The keras.applications model without its top, with weights: imagenet | none | PATH."""
     K = keras()
@@ -144,17 +168,14 @@ def build_pretrained(spec: BackboneSpec, input_size: int, weights: str):
             return constructor(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as exc:  # Keras raises bare Exception on a failed download
             raise UserError(
-                f"could not download ImageNet weights for {spec.name} ({_first_line(exc)}); "
+                f"could not download ImageNet weights for {spec.name} ({reason(exc)}); "
                 "pass --weights PATH.h5 (a Keras weights file) or --weights none") from None
-    from pathlib import Path  # noqa: PLC0415
-
-    if not Path(weights).is_file():
-        raise UserError(f"--weights: no such file '{weights}' (use imagenet, none, or a Keras .h5 weights file)")
+    check_weights_file(weights)
     model = constructor(include_top=False, weights=None, input_shape=shape)
     try:
         model.load_weights(weights)
     except Exception as exc:  # h5py/Keras raise ValueError, OSError or KeyError for a mismatch
-        raise UserError(f"--weights {weights} does not match {spec.name} at input {input_size}: {_first_line(exc)}") from None
+        raise UserError(f"--weights {weights} does not match {spec.name} at input {input_size}: {reason(exc)}") from None
     return model
 
 
@@ -165,8 +186,3 @@ def truncate(base, layer_name: str):
     if layer_name not in names:
         raise UserError(f"--truncate-at: no layer '{layer_name}' in {base.name}{nearest(layer_name, names)}")
     return K.Model(base.input, base.get_layer(layer_name).output, name=f"{base.name}_to_{layer_name}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else exc.__class__.__name__
