@@ -137,3 +137,31 @@ def test_parity_holds_for_any_baked_temperature_and_refuses_a_wrong_weight():
     with pytest.raises(UserError, match="log-probabilities differ by up to .* of the row's largest .Keras logit") as no:
         _require_parity("ONNX", _compare(probs(wrong_kernel), check), check.parity_tolerance)
     assert "export refused" in str(no.value)
+
+
+@pytest.mark.fast
+def test_the_advice_for_a_refused_variant_names_its_figures_and_a_limit_that_would_keep_it():
+    from serving.base import formats
+    from serving.base.manifest import Manifest
+
+    recall = {"a": 0.9, "b": 0.8}
+    crossed = [{"limit": "max_accuracy_drop", "limit_points": 1.0, "drop_points": 3.14, "over_by_points": 2.14},
+               {"limit": "max_class_drop", "limit_points": 5.0, "drop_points": 12.5, "class": "b", "over_by_points": 7.5}]
+    gate = {"passed": False, "accuracy_drop_points": 3.14, "worst_class": "b", "worst_class_drop_points": 12.5,
+            "crossed": crossed, "reason": "accuracy dropped 3.14 points, over --max-accuracy-drop 1 by 2.14"}
+    int8 = {"sha256": None, "bytes": 10, "test_accuracy": 0.6, "test_per_class_recall": recall, "gate": gate,
+            "kept": False, "kept_float": {"convolutions": 4, "of_convolutions": 52, "nodes": []},
+            "int8_tries": [{"float_convolutions": k, "passed": False} for k in (0, 1, 2, 4)]}
+    m = Manifest.from_dict({
+        "name": "m", "version": "1", "run": "r", "class_names": ["a", "b"], "backbone": "cnn", "strategy": "scratch",
+        "input": {"name": "image", "shape": [None, 8, 8, 3]}, "test_accuracy": 0.63,
+        "artifacts": {"model.onnx": {"sha256": "b" * 64, "bytes": 10}},
+        "export": {"formats": ["onnx"], "gate": {"max_accuracy_drop": 1.0, "max_class_drop": 5.0, "test_images": 40,
+                                                 "rejected": {"model.int8.onnx": int8}}}})
+    with pytest.raises(formats.MissingFormat) as missing:
+        formats.require(m, formats.BY_RUNTIME["onnx-int8"])
+    said = str(missing.value)
+    assert "accuracy gate did not keep it: accuracy dropped 3.14 points" in said
+    assert "(4 tries, up to the first 4 convolutions kept float32)" in said
+    assert ("tlserve export r --name m --formats onnx --int8 --max-accuracy-drop 3.2 --max-class-drop 12.6 "
+            "--overwrite") in said and "--int8-tries" in said

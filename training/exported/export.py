@@ -390,7 +390,7 @@ def _measure(path: Path, check: _Check, log: Log, *, opts: ExportOptions | None 
     parity = _compare(session.run(None, {"image": check.images})[0], check)
     if require_parity:
         _require_parity("ONNX", parity, check.parity_tolerance)
-    scores = _test_scores(session, check, path.name)
+    scores = _test_scores(session, check, label or path.name)
     entry = Artifact(digest, path.stat().st_size, **_stored(parity), test_accuracy=scores["accuracy"],
                      test_ece=scores["ece"], test_per_class_recall=scores["recall"])
     if opts is not None:
