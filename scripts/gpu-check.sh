@@ -87,7 +87,8 @@ for row in r["history"]:
 for phase, secs in by_phase.items():
     later = secs[1:] or secs  # the first epoch carries tracing / XLA compilation
     print(f"train {phase}: {len(secs)} epochs, first {secs[0]:.1f} s, then {sum(later) / len(later):.1f} s/epoch")
-print(f"test accuracy {r['test']['accuracy']:.4f}; accel {json.dumps(r.get('accel') or r.get('machine', {}).get('accel'))}")
+e = r["environment"]
+print(f"test accuracy {r['test']['accuracy']:.4f}; devices {e['devices']}, precision {e['precision']}, XLA {e['jit']}")
 EOF
 
 step "export (SavedModel, ONNX fp32 + fp16)"

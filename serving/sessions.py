@@ -52,6 +52,8 @@ INT8_KERNELS = ("auto", "exact", "fast")
 def session_options(threads: int | None = None, *, spin: str = "always", int8_kernels: str = "auto"):
     if spin not in SPIN:
         raise UserError(f"spin must be one of {', '.join(SPIN)}")
+    if int8_kernels not in INT8_KERNELS:
+        raise UserError(f"int8 kernels must be one of {', '.join(INT8_KERNELS)}")
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -165,3 +165,22 @@ def test_the_advice_for_a_refused_variant_names_its_figures_and_a_limit_that_wou
     assert "(4 tries, up to the first 4 convolutions kept float32)" in said
     assert ("tlserve export r --name m --formats onnx --int8 --max-accuracy-drop 3.2 --max-class-drop 12.6 "
             "--overwrite") in said and "--int8-tries" in said
+
+
+@pytest.mark.fast
+def test_sessions_use_exact_int8_kernels_only_where_the_cpu_has_no_vnni(monkeypatch):
+    from serving import sessions
+    from serving.base import machine
+
+    assert machine.has_vnni({"avx2", "avx512_vnni"}) and machine.has_vnni({"avx_vnni"}) and not machine.has_vnni({"avx2"})
+    def exact(opts) -> bool:
+        try:
+            return opts.get_session_config_entry("session.x64quantprecision") == "1"
+        except RuntimeError:  # onnxruntime: no such entry
+            return False
+
+    for vnni, expected in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(machine, "has_vnni", lambda flags=None, v=vnni: v)
+        assert exact(sessions.session_options(1)) is expected
+    assert exact(sessions.session_options(1, int8_kernels="exact"))
+    assert not exact(sessions.session_options(1, int8_kernels="fast"))
