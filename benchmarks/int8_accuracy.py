@@ -3,7 +3,7 @@
     nice -n 5 .venv/bin/python benchmarks/int8_accuracy.py [--models mnv2-cifar,mnv2-banana,resnet9,resnet50v2,vgg16]
                                                             [--seeds 3] [--retrain] [--rounds 20]
 
-Trains each model once (a finished run of the same name is reused; --retrain redoes it), exports it with
+Trains each model once (a finished run and its export are reused; --retrain redoes both), exports it with
 `--int8` and the default gate (1.0 point overall, 5 points on any class), and prints per model: fp32 and
 int8 test accuracy, the worst class's recall drop, whether the gate kept the file and how many of its
 first convolutions the fallback kept float, and the int8 file's p50 latency against fp32 at batch 1
@@ -89,8 +89,10 @@ def prepare(model: Model, retrain: bool) -> tuple[Path, float]:
     if retrain or not (home / "runs" / model.name / "record.json").is_file():
         tlserve("train", *model.args, "--name", model.name, "--overwrite")
         trained = time.monotonic() - started
-    tlserve("export", model.name, "--int8", "--no-register", "--overwrite")
-    return home / "models" / model.name, trained
+    folder = home / "models" / model.name
+    if trained or not (folder / "manifest.json").is_file():
+        tlserve("export", model.name, "--int8", "--no-register", "--overwrite")
+    return folder, trained
 
 
 def measure(model: Model, folder: Path, rounds: int, trained: float) -> dict:
@@ -153,7 +155,7 @@ def main() -> None:
             folder, trained = prepare(model, args.retrain)
             rows.append(measure(model, folder, args.rounds, trained))
             print(f"done: {model.name}", flush=True)
-    print_table(rows)
+            print_table(rows)  # after each model: a long run shows what it has so far
 
 
 if __name__ == "__main__":
