@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TLSERVE_HOME", str(ROOT / "benchmarks" / ".work"))
 
-from benchmarks.int8_ablation import interleaved_p50  # noqa: E402
+from benchmarks.int8_ablation import interleaved_cpu_ms, interleaved_p50  # noqa: E402
 from serving.base.machine import cpu_model, has_vnni  # noqa: E402
 from serving.base.manifest import Manifest  # noqa: E402
 from serving.sessions import make_session  # noqa: E402
@@ -111,11 +111,15 @@ def measure(model: Model, folder: Path, rounds: int, trained: float) -> dict:
                     "int8": make_session(path, device="cpu")[0]}
         b1 = interleaved_p50(sessions, x[:1], rounds, 10)
         b32 = interleaved_p50(sessions, x, max(3, rounds // 4), 2)
+        single = {k: make_session(p, device="cpu", threads=1)[0]
+                  for k, p in (("fp32", folder / "model.onnx"), ("int8", path))}
+        cpu1 = interleaved_cpu_ms(single, x[:1], rounds, 10)
+        cpu32 = interleaved_cpu_ms(single, x, max(3, rounds // 4), 1)
     return {"model": model.name, "accuracy": model.accuracy, "trained_s": trained,
             "fp32": fp32.test_accuracy, "int8": int8.test_accuracy, "kept": int8.sha256 is not None,
             "worst": int8.gate["worst_class_drop_points"], "worst_class": int8.gate["worst_class"],
             "float_convs": (int8.kept_float or {}).get("convolutions"), "convs": (int8.kept_float or {}).get("of_convolutions"),
-            "tries": len(int8.int8_tries or []), "b1": b1, "b32": b32, "test_images": manifest.export.gate.test_images}
+            "tries": len(int8.int8_tries or []), "b1": b1, "b32": b32, "cpu1": cpu1, "cpu32": cpu32, "test_images": manifest.export.gate.test_images}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -123,13 +127,14 @@ def print_table(rows: list[dict]) -> None:
     cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     print(f"\nmachine: {cpu_model()} (VNNI: {has_vnni()}), {os.cpu_count()} CPUs; load average {load[0]:.1f} "
           f"{load[1]:.1f} {load[2]:.1f}; user CPU time {cpu:.0f} s")
+    print("wall: p50 ms, default threads, interleaved; cpu: median CPU ms per call of a one-thread session")
     print("| model | test images | fp32 acc | int8 acc | drop (pt) | worst class drop (pt) | gate | float convs | "
-          "tries | b1 fp32 / int8 ms | b1 speedup | b32 fp32 / int8 ms | b32 speedup |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "tries | b1 wall fp32 / int8 | b1 wall speedup | b32 wall fp32 / int8 | b32 wall speedup | "
+          "b1 cpu fp32 / int8 | b1 cpu speedup | b32 cpu fp32 / int8 | b32 cpu speedup |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        b1, b32 = r["b1"], r["b32"]
-        speed = (f"{b1['fp32']:.2f} / {b1['int8']:.2f} | {b1['fp32'] / b1['int8']:.2f}x | "
-                 f"{b32['fp32']:.1f} / {b32['int8']:.1f} | {b32['fp32'] / b32['int8']:.2f}x")
+        speed = " | ".join(f"{r[k]['fp32']:.2f} / {r[k]['int8']:.2f} | {r[k]['fp32'] / r[k]['int8']:.2f}x"
+                           for k in ("b1", "b32", "cpu1", "cpu32"))
         if not r["accuracy"]:
             print(f"| {r['model']} (random weights) | — | — | — | — | — | speed only | 0 | — | {speed} |")
             continue
