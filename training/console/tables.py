@@ -147,7 +147,9 @@ def int8_summary(facts) -> str:
     tries = len(facts.int8_tries or [1])
     speed = ", ".join(f"{b.replace('_', ' ')} {v['speedup']:.2f}x fp32 ({v['int8']:.2f} vs {v['fp32']:.2f} ms)"
                       for b, v in (facts.speed or {}).items())
-    return f"{what} ({tries} {'try' if tries == 1 else 'tries'}); {speed}"
+    slower = facts.speed and all(v["speedup"] < 1 for v in facts.speed.values())
+    note = "; slower than fp32 on this machine: serve fp32 here" if slower else ""
+    return f"{what} ({tries} {'try' if tries == 1 else 'tries'}); {speed}{note}"
 
 
 def print_export(out: Console, path: Path, manifest: Manifest) -> None:
