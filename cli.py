@@ -17,6 +17,7 @@ from rich.console import Console
 from serving.base.errors import UserError, choose
 from serving.base.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
 from training.console import tables
+from training.exported.int8 import Budget
 
 app = typer.Typer(
     name="tlserve",
@@ -228,6 +229,8 @@ def export(
     register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
     max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = 1.0,
     max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
+    int8_tries: Annotated[int, typer.Option(help="--int8: when the gate refuses the file, quantize again keeping more of the first convolutions float, at most this many tries in all (1: no fallback).")] = Budget.tries,
+    int8_seconds: Annotated[float, typer.Option(help="--int8: stop the fallback's tries after this many seconds.")] = Budget.seconds,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -236,7 +239,7 @@ def export(
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
-                         max_class_drop=max_class_drop)
+                         max_class_drop=max_class_drop, int8_budget=Budget(int8_tries, int8_seconds))
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
     tables.print_export(console, path, manifest)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from serving.base import formats
+from serving.base import formats, machine
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, verify_artifacts
 
@@ -42,15 +42,26 @@ def physical_cores() -> int:
 SPIN = ("always", "in-run", "never")
 
 
-def session_options(threads: int | None = None, *, spin: str = "always"):
+# int8 matrix products on x86. CPUs with VNNI/AMX multiply uint8 by int8 exactly; without them onnxruntime's
+# default U8S8 kernels sum pairs of products in int16 with saturation, which 8-bit weights overflow
+# (tlserve's int8 files have 8-bit weights: training.exported.int8). "exact" turns on onnxruntime's U8U8
+# kernels there (session.x64quantprecision): the answers of a VNNI CPU, measured in docs/decisions.md.
+INT8_KERNELS = ("auto", "exact", "fast")
+
+
+def session_options(threads: int | None = None, *, spin: str = "always", int8_kernels: str = "auto"):
     if spin not in SPIN:
         raise UserError(f"spin must be one of {', '.join(SPIN)}")
+    if int8_kernels not in INT8_KERNELS:
+        raise UserError(f"int8 kernels must be one of {', '.join(INT8_KERNELS)}")
     ort = _ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if int8_kernels == "exact" or int8_kernels == "auto" and machine.has_vnni() is False:
+        opts.add_session_config_entry("session.x64quantprecision", "1")  # no effect on float graphs
     if spin == "in-run":
         opts.add_session_config_entry("session.force_spinning_stop", "1")
     elif spin == "never":
@@ -59,13 +70,13 @@ def session_options(threads: int | None = None, *, spin: str = "always"):
 
 
 def make_session(path: Path, *, device: str = "auto", threads: int | None = None,
-                 spin: str = "always") -> tuple[Any, str]:
+                 spin: str = "always", int8_kernels: str = "auto") -> tuple[Any, str]:
     """(session, provider in use). CUDA is tried only if this build has it, with ORT's logger
     silenced for the attempt: a missing libcublas is a normal fallback here, not an error to print."""
     ort = _ort()
     if device not in DEVICES:
         raise UserError(f"device must be one of {', '.join(DEVICES)}")
-    opts = session_options(threads, spin=spin)
+    opts = session_options(threads, spin=spin, int8_kernels=int8_kernels)
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if want_cuda:
         ort.set_default_logger_severity(4)

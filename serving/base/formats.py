@@ -71,13 +71,43 @@ class MissingFormat(UserError):
 
 
 def require(manifest: Manifest, fmt: Format) -> None:
-    if not fmt.present(manifest):
-        what = f"{fmt.variant} model" if fmt.variant else fmt.runtime
-        raise MissingFormat(f"model '{manifest.name}' has no {what} ({fmt.file}); make it with: "
-                            f"{export_command(manifest, fmt)}")
+    if fmt.present(manifest):
+        return
+    what = f"{fmt.variant} model" if fmt.variant else fmt.runtime
+    rejected = manifest.rejected.get(fmt.file)
+    if rejected is not None and rejected.gate:
+        raise MissingFormat(f"model '{manifest.name}' has no {what} ({fmt.file}): export made it but the accuracy "
+                            f"gate did not keep it: {not_kept_because(manifest, fmt, rejected)}")
+    raise MissingFormat(f"model '{manifest.name}' has no {what} ({fmt.file}); make it with: "
+                        f"{export_command(manifest, fmt)}")
 
 
-def export_command(manifest: Manifest, wanted: Format) -> str:
+def not_kept_because(manifest: Manifest, fmt: Format, rejected) -> str:
+    """Why the gate dropped a variant (its figures from the manifest) and what would keep it: exporting
+    the same way again would be refused again, so the advice is a looser limit or, for int8, more tries."""
+    gate = rejected.gate
+    loosen = tuple(part for c in gate.get("crossed", []) for part in (f"--{c['limit'].replace('_', '-')}",
+                                                                      _above(c["drop_points"])))
+    tries = rejected.int8_tries or []
+    tried = ""
+    if tries:
+        most = max(t["float_convolutions"] for t in tries)
+        tried = f" ({len(tries)} {'try' if len(tries) == 1 else 'tries'}, " + (
+            f"up to the first {most} convolutions kept float32)" if most else "every convolution int8)")
+    more = ("; or let the fallback keep more of the network float32 with a larger --int8-tries / --int8-seconds"
+            if tries else "")
+    return (f"{gate.get('reason') or 'it crossed a limit'}{tried}. Exporting the same way is refused again; to "
+            f"accept that loss: {export_command(manifest, fmt, loosen)}{more}; or serve the fp32 model")
+
+
+def _above(points: float) -> str:
+    """A limit just above a measured drop, rounded up to a tenth of a point."""
+    import math  # noqa: PLC0415
+
+    return f"{math.floor(points * 10 + 1e-9) / 10 + 0.1:g}"
+
+
+def export_command(manifest: Manifest, wanted: Format, extra: tuple[str, ...] = ()) -> str:
     """The `tlserve export` line that writes this model again with `wanted` added to what it has."""
     rows = [f for f in FORMATS if f.export_format and (f == wanted or f.present(manifest))]
     if wanted.variant not in (None, "fp32") and not any(f.runtime == "onnx" for f in rows):
@@ -85,7 +115,7 @@ def export_command(manifest: Manifest, wanted: Format) -> str:
     order = [name for name in EXPORT_FORMATS if any(f.export_format == name for f in rows)]
     flags = [f.export_flag for f in rows if f.export_flag]
     return " ".join(["tlserve export", manifest.run, "--name", manifest.name, "--formats", ",".join(order),
-                     *flags, "--overwrite"])
+                     *flags, *extra, "--overwrite"])
 
 
 def check_runtime(name: str, choices: tuple[str, ...] = RUNTIMES) -> str:

@@ -46,6 +46,23 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+# x86 instructions that multiply uint8 by int8 into int32 without onnxruntime's int16 saturation.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_vnni(flags: set[str] | None = None) -> bool | None:
+    """Whether this CPU has VNNI/AMX int8 dot products; None where its flags cannot be read."""
+    flags = cpu_flags() if flags is None else flags
+    return None if flags is None else bool(flags & set(VNNI_FLAGS))
+
+
+def int8_isa() -> dict[str, Any]:
+    """The CPU facts an int8 file's figures depend on (which int8 kernels onnxruntime used)."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "machine": platform.machine(), "vnni": has_vnni(flags),
+            "flags": sorted(f for f in (flags or ()) if f in (*VNNI_FLAGS, "avx2", "avx512f", "avx512bw"))}
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU, cores and memory; cheap, and safe without TensorFlow loaded."""
     facts: dict[str, Any] = {

@@ -61,13 +61,24 @@ class Artifact:
     bytes: int
     max_abs_diff: Optional[float] = None
     top1_agreement: Optional[float] = None
+    # largest |log-probability difference| from Keras over the row's logit range (older exports: absent)
+    max_logit_rel_diff: Optional[float] = None
     test_accuracy: Optional[float] = None
     test_ece: Optional[float] = None
     test_per_class_recall: Optional[dict] = None
     accuracy_delta: Optional[float] = None
     gate: Optional[dict] = None
     calibration_images: Optional[int] = None
+    # int8: the calibration images' sampling, method and count per class
+    calibration_set: Optional[dict] = None
     quantization: Optional[str] = None
+    weight_bits: Optional[int] = None
+    # int8: what stayed float32 ({"convolutions": k, "of_convolutions": n, "nodes": [...]})
+    kept_float: Optional[dict] = None
+    # int8: each quantization the accuracy fallback tried, in order, with the gate's figures
+    int8_tries: Optional[list] = None
+    # p50 ms against fp32 on the export machine: {"batch_1": {"fp32": ms, "int8": ms, "speedup": x}, ...}
+    speed: Optional[dict] = None
     kept: Optional[bool] = None
     extra: dict = field(default_factory=dict)
 
@@ -87,7 +98,11 @@ class ExportFacts:
     opset: Optional[int] = field(default=None, metadata={"keep_none": True})  # None without onnx
     formats: list = field(default_factory=list)
     check_batch: Optional[int] = None
+    check_classes: Optional[dict] = None   # test images per class in the check batch (older exports: absent)
     parity_tolerance: Optional[float] = None
+    parity_compared: Optional[str] = None  # what parity_tolerance bounds (absent: max |probability diff|)
+    # the export machine's CPU and whether it has int8 dot-product instructions (VNNI / AMX)
+    isa: Optional[dict] = None
     check_informative: bool = True  # False: every check image gave the same output, so parity says little
     check_output_spread: Optional[float] = None
     versions: Optional[dict] = None

@@ -240,6 +240,18 @@ def gate_verdict(gate: dict) -> str:
             f"{gate['worst_class']!r} {gate['worst_class_drop_points']:.2f} pt")
 
 
+def int8_summary(facts) -> str:
+    """What stayed float in an int8 file, how many tries the fallback took, and its speed against fp32."""
+    k, n = facts.kept_float["convolutions"], facts.kept_float["of_convolutions"]
+    what = f"first {k} of {n} convolutions kept float32" if k else f"all {n} convolutions int8"
+    tries = len(facts.int8_tries or [1])
+    speed = ", ".join(f"{b.replace('_', ' ')} {v['speedup']:.2f}x fp32 ({v['int8']:.2f} vs {v['fp32']:.2f} ms)"
+                      for b, v in (facts.speed or {}).items())
+    slower = facts.speed and all(v["speedup"] < 1 for v in facts.speed.values())
+    note = "; slower than fp32 on this machine: serve fp32 here" if slower else ""
+    return f"{what} ({tries} {'try' if tries == 1 else 'tries'}); {speed}{note}"
+
+
 def print_export(out: Console, path: Path, manifest: Manifest) -> None:
     """Each file with its size, parity with Keras, test figures and the accuracy gate's decision."""
     rejected = manifest.rejected
@@ -252,6 +264,9 @@ def print_export(out: Console, path: Path, manifest: Manifest) -> None:
     for file, facts in manifest.artifacts.items():  # too long for a cell; export logged the rejected ones
         if facts.gate is not None:
             _say(out, f"gate: {file} {gate_verdict(facts.gate)}")
+    for file, facts in {**manifest.artifacts, **rejected}.items():
+        if facts.kept_float is not None:
+            _say(out, f"{file}: {int8_summary(facts)}")
     _say(out, f"max diff: largest |output - Keras output| on the check batch; folder: {path}")
     if not manifest.export.check_informative:
         out.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "

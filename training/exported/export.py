@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +23,21 @@ from serving.base.manifest import Artifact, ExportFacts, Gate, InputSpec, Manife
 from training import env, progress
 from training.record import records
 from training.config import DataConfig
+from training.exported import int8 as quant
 
 FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
-PARITY_TOLERANCE = 1e-4
+# Parity compares log-probabilities, i.e. the logits up to each row's own constant, relative to the size of
+# that row's Keras logits: a temperature baked into the model scales the logits and their rounding errors
+# alike, so the bound holds for any temperature (a fixed bound on probabilities refused a right ResNet50V2
+# with T = 0.232, issue 29). float32 rounds each layer's sums to a few EPS of their size;
+# PARITY_ULPS_PER_LAYER per weighted layer leaves room for runtimes summing in other orders.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+PARITY_ULPS_PER_LAYER = 64
+# Probabilities below exp(-80) sit near float32's underflow (denormals, then 0), where their logarithm
+# says little: an entry is compared where either runtime gives it more.
+LOG_VISIBLE = -80.0
+PARITY_COMPARED = ("log-probabilities (logits up to a per-row constant) of the check batch where either side "
+                   "exceeds exp(-80), relative to the row's largest |Keras logit|; and top-1 answers")
 DEFAULT_OPSET = 17
 Log = Callable[[str], None]
 
@@ -37,13 +50,19 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     overwrite: bool = False
+    # The parity check batch: this many test images, at least one of every class, stratified.
     check_images: int = 32
+    # int8 calibration: calibration_per_class training images of every class (a class with fewer gives
+    # all it has), at least calibration_images in all, stratified and seeded by the run's seed.
     calibration_images: int = 256
+    calibration_per_class: int = 32
     register: bool = True
     # The gate for fp16/int8: a variant losing more test accuracy than this (points), or more recall on
     # any one class, is not kept.
     max_accuracy_drop: float = 1.0
     max_class_drop: float = 5.0
+    # How long --int8 may search for a file the gate keeps by keeping more of the first layers float.
+    int8_budget: quant.Budget = field(default_factory=quant.Budget)
 
 
 @dataclass
@@ -54,8 +73,18 @@ class _Check:
     test_y: np.ndarray
     calib_x: np.ndarray
     class_names: list[str] = field(default_factory=list)
+    check_y: np.ndarray | None = None
+    calib_y: np.ndarray | None = None
+    seed: int = 0
+    parity_tolerance: float = 0.0
+    logit_scale: np.ndarray | None = None  # per check image: its largest |Keras logit| (see logit_scale)
+    fp32_scores: dict[str, Any] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, Artifact] = field(default_factory=dict)  # variants the accuracy gate did not keep
+
+    def __post_init__(self) -> None:
+        if self.logit_scale is None:
+            self.logit_scale = _spread(np.asarray(self.keras_probs))
 
     @property
     def spread(self) -> float:
@@ -99,6 +128,8 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     for flag, value in (("--max-accuracy-drop", opts.max_accuracy_drop), ("--max-class-drop", opts.max_class_drop)):
         if not np.isfinite(value):
             raise UserError(f"{flag} must be a number of accuracy points")
+    if opts.int8_budget.tries < 1 or not opts.int8_budget.seconds > 0:
+        raise UserError("--int8-tries must be at least 1 and --int8-seconds above 0")
     name = bento_name(opts.name or run.name)
     if opts.name and name != opts.name:
         # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
@@ -136,19 +167,87 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
 
 
 def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
-    from training.data.sources import load_dataset  # noqa: PLC0415
+    """The check batch (test split) and the int8 calibration set (training split), each a stratified,
+    seeded sample (training.data.sources.balanced_sample): folder data comes class-sorted, so the first
+    N images would all be one class."""
+    from training.data.sources import balanced_sample, load_dataset  # noqa: PLC0415
 
     data = load_dataset(DataConfig(**run.record.config["data"]))
-    images = data.test.x[: opts.check_images].astype(np.float32)
+    class_names = list(run.record.data.class_names)
+    seed = int(run.record.config.get("seed", 0) or 0)
+    check_at = balanced_sample(data.test.y, max(opts.check_images, len(class_names)), seed)
+    images = data.test.x[check_at].astype(np.float32)
     keras_probs = model.predict(images, verbose=0)
-    calib = data.train.x[: opts.calibration_images].astype(np.float32)
-    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record.data.class_names))
+    scale = logit_scale(model, images, keras_probs)
+    calib_at = balanced_sample(data.train.y, calibration_size(opts, len(class_names)), seed)
+    return _Check(images, keras_probs, data.test.x, data.test.y, data.train.x[calib_at].astype(np.float32),
+                  class_names, check_y=data.test.y[check_at], calib_y=data.train.y[calib_at], seed=seed, logit_scale=scale,
+                  parity_tolerance=parity_tolerance(weighted_layers(model)))
+
+
+def calibration_size(opts: ExportOptions, classes: int) -> int:
+    """opts.calibration_per_class images of every class, and at least opts.calibration_images in all."""
+    return max(opts.calibration_images, opts.calibration_per_class * classes)
+
+
+def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    return {name: int(np.sum(labels == i)) for i, name in enumerate(class_names)}
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
-    diff = float(np.max(np.abs(probs.astype(np.float64) - check.keras_probs)))
-    agree = float(np.mean(probs.argmax(1) == check.keras_probs.argmax(1)))
-    return {"max_abs_diff": diff, "top1_agreement": agree}
+    """How far a runtime's answers are from Keras's on the check batch (see PARITY_COMPARED)."""
+    probs = probs.astype(np.float64)
+    diff = float(np.max(np.abs(probs - check.keras_probs))) if probs.size else 0.0
+    keras_lp, lp = _log_probs(check.keras_probs), _log_probs(probs)
+    visible = np.maximum(keras_lp, lp) > LOG_VISIBLE
+    scale = check.logit_scale[:, None]
+    rel = float(np.max(np.where(visible, np.abs(lp - keras_lp) / scale, 0.0))) if probs.size else 0.0
+    agree = probs.argmax(1) == check.keras_probs.argmax(1)
+    # A row whose two best classes Keras itself tells apart by less than the bound may flip legitimately.
+    top2 = np.sort(keras_lp, axis=1)[:, -2:] if keras_lp.shape[1] > 1 else np.zeros((len(probs), 2))
+    tie = (top2[:, 1] - top2[:, 0]) <= 2 * check.parity_tolerance * scale[:, 0]
+    return {"max_abs_diff": diff, "top1_agreement": float(np.mean(agree)) if len(agree) else 1.0,
+            "max_logit_rel_diff": rel, "top1_disagree_untied": int(np.sum(~agree & ~tie))}
+
+
+def _stored(parity: dict[str, Any]) -> dict[str, Any]:
+    """The parity figures an artifact keeps in the manifest."""
+    return {k: parity[k] for k in ("max_abs_diff", "top1_agreement", "max_logit_rel_diff")}
+
+
+def _spread(probs: np.ndarray) -> np.ndarray:
+    lp = _log_probs(probs)
+    return np.maximum(lp.max(1) - np.maximum(lp.min(1), LOG_VISIBLE), 1.0)
+
+
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(probs.astype(np.float64), np.finfo(np.float64).tiny))
+
+
+def logit_scale(model, images: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per check image, the largest |logit| Keras computes (the classifier's pre-softmax outputs, in
+    float64 from its inputs): the size float32's rounding errors grow with. A model without tlserve's
+    Dense classifier falls back to the spread of its log-probabilities."""
+    from training.fit.calibration import classifier_layer  # noqa: PLC0415
+
+    K = env.keras()
+    try:
+        layer = classifier_layer(model)
+        features = K.Model(model.inputs, layer.input).predict(images, verbose=0).astype(np.float64)
+    except (RuntimeError, ValueError, AttributeError):
+        return _spread(probs)
+    kernel, bias = (w.astype(np.float64) for w in layer.get_weights()[:2])
+    return np.maximum(np.abs(features @ kernel + bias).max(1), 1.0)
+
+
+def parity_tolerance(depth: int) -> float:
+    """The bound on max_logit_rel_diff for a model with `depth` weighted layers (see PARITY_ULPS_PER_LAYER)."""
+    return FLOAT32_EPS * PARITY_ULPS_PER_LAYER * max(depth, 1)
+
+
+def weighted_layers(model) -> int:
+    """Kernels in the model, nested backbones included: the sums float32 rounds along the way."""
+    return sum(1 for w in model.weights if w.name.split("/")[-1].split(":")[0] in ("kernel", "depthwise_kernel"))
 
 
 def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> Artifact:
@@ -167,79 +266,145 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> Artifact:
         digest = artifact_digest(path)
         predict = savedmodel_predictor(path)
     parity = _compare(predict(check.images), check)
-    _require_parity("SavedModel", parity)
+    _require_parity("SavedModel", parity, check.parity_tolerance)
     log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.0%}")
-    return Artifact(digest, tree_bytes(path), **parity)
+    return Artifact(digest, tree_bytes(path), **_stored(parity))
 
 
-def _require_parity(what: str, parity: dict[str, Any]) -> None:
-    if parity["max_abs_diff"] > PARITY_TOLERANCE or parity["top1_agreement"] < 1.0:
-        raise UserError(f"{what} disagrees with Keras (max |diff| {parity['max_abs_diff']:.2e}, top-1 agreement "
-                        f"{parity['top1_agreement']:.1%}); export refused, nothing written")
+def _require_parity(what: str, parity: dict[str, Any], tolerance: float) -> None:
+    if parity["max_logit_rel_diff"] > tolerance or parity["top1_disagree_untied"]:
+        raise UserError(f"{what} disagrees with Keras: log-probabilities differ by up to "
+                        f"{parity['max_logit_rel_diff']:.2e} of the row's largest |Keras logit| (bound {tolerance:.1e}), top-1 "
+                        f"agreement {parity['top1_agreement']:.1%} (max |probability diff| {parity['max_abs_diff']:.2e}); "
+                        "export refused, nothing written")
 
 
 def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, Artifact]:
+    """model.onnx, then each variant asked for (one function per variant in VARIANTS), each measured
+    against fp32 and kept only if the accuracy gate passes it."""
+    fp32_path = staging / table.BY_VARIANT["fp32"].file
+    out = {fp32_path.name: _export_fp32(model, fp32_path, check, opts, log)}
+    for variant, make in VARIANTS.items():
+        if not getattr(opts, variant):
+            continue
+        file = table.BY_VARIANT[variant].file
+        entry = make(fp32_path, staging / file, check, opts, log)
+        if entry.gate["passed"]:
+            out[file] = entry
+            continue
+        # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
+        (staging / file).unlink(missing_ok=True)
+        entry.sha256 = None
+        entry.kept = False
+        check.rejected[file] = entry
+        log(f"{file}: not kept: {entry.gate['reason']}")
+    return out
+
+
+def _export_fp32(model, path: Path, check: _Check, opts: ExportOptions, log: Log) -> Artifact:
     import onnx  # noqa: PLC0415
     import tf2onnx  # noqa: PLC0415
 
-    from serving.sessions import make_session  # noqa: PLC0415
-
     T = env.tf()
     h, w = model.input_shape[1:3]
-    fp32_path = staging / table.BY_VARIANT["fp32"].file
     with progress.step("converting to ONNX", None), env._quiet_stderr_fd():  # tf2onnx logs every rewrite at INFO
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
-                                   opset=opts.opset, output_path=str(fp32_path))
-    proto = onnx.load(str(fp32_path))
+                                   opset=opts.opset, output_path=str(path))
+    proto = onnx.load(str(path))
     if proto.graph.output[0].name != "probabilities":
         raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
     onnx.checker.check_model(proto)
+    entry, _ = _measure(path, check, log, require_parity=True)
+    check.fp32_scores = {"accuracy": entry.test_accuracy, "recall": entry.test_per_class_recall}
+    return entry
 
-    out: dict[str, Artifact] = {}
-    fp32: dict[str, Any] = {}
-    for fmt in table.ONNX:
-        variant, file = fmt.variant, fmt.file
-        if variant == "fp16" and not opts.fp16 or variant == "int8" and not opts.int8:
-            continue
-        path = staging / file
-        if variant == "fp16":
-            _to_fp16(fp32_path, path)
-        elif variant == "int8":
-            quantize_int8(fp32_path, path, check.calib_x)
-        # hashed first, then opened as serving.sessions.load opens it once the manifest exists
-        digest = artifact_digest(path)
-        session, _ = make_session(path, device="cpu")
-        probs = session.run(None, {"image": check.images})[0]
-        parity = _compare(probs, check)
-        if variant == "fp32":
-            _require_parity("ONNX", parity)
-        scores = _test_scores(session, check, file)
-        entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=scores["accuracy"],
-                         test_ece=scores["ece"], test_per_class_recall=scores["recall"])
-        if variant == "fp32":
-            fp32 = scores
+
+def _export_fp16(fp32_path: Path, path: Path, check: _Check, opts: ExportOptions, log: Log) -> Artifact:
+    _to_fp16(fp32_path, path)
+    entry, _ = _measure(path, check, log, opts=opts)
+    return entry
+
+
+def _export_int8(fp32_path: Path, path: Path, check: _Check, opts: ExportOptions, log: Log) -> Artifact:
+    """The int8 recipe (training.exported.int8) with its fallback: while the gate refuses the file, quantize
+    again keeping more of the first convolutions float, within opts.int8_budget; then time the chosen
+    file against fp32 at batch 1 and 32 so the table shows whether it still pays."""
+    from serving.sessions import make_session  # noqa: PLC0415
+
+    convs = len(quant.conv_nodes(fp32_path))
+
+    def attempt(float_convs: int) -> quant.Attempt:
+        started = time.monotonic()
+        target = path.with_name(f"{path.stem}.try{float_convs}.onnx")
+        kept_float = quant.quantize_int8(fp32_path, target, check.calib_x, float_convs=float_convs)
+        entry, _ = _measure(target, check, log, opts=opts, label=f"{path.name} ({_float_label(float_convs, convs)})")
+        entry.calibration_images = int(len(check.calib_x))
+        entry.calibration_set = _calibration_set(check)
+        entry.quantization = quant.describe(float_convs, convs)
+        entry.weight_bits = quant.WEIGHT_BITS
+        entry.kept_float = {"convolutions": float_convs, "of_convolutions": convs, "nodes": kept_float}
+        return quant.Attempt(float_convs, target, bool(entry.gate["passed"]), entry, time.monotonic() - started)
+
+    tries = quant.search(attempt, convs, opts.int8_budget, log)
+    best = quant.chosen(tries)
+    for t in tries:
+        if t is best:
+            t.path.replace(path)
         else:
-            entry.accuracy_delta = scores["accuracy"] - fp32["accuracy"]
-            entry.gate = gate(fp32, scores, opts.max_accuracy_drop, opts.max_class_drop)
-        if variant == "int8":
-            entry.calibration_images = int(len(check.calib_x))
-            entry.quantization = ("static QDQ, per-channel 7-bit int8 weights, uint8 activations, MinMax "
-                                  "calibration; pixel preprocessing and softmax kept float32")
-        delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
-        log(f"{file}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
-            f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
-            f"ECE {scores['ece']:.4f}")
-        del session
-        if entry.gate is not None and not entry.gate["passed"]:
-            # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
-            path.unlink()
-            entry.sha256 = None
-            entry.kept = False
-            check.rejected[file] = entry
-            log(f"{file}: not kept: {entry.gate['reason']}")
-            continue
-        out[file] = entry
-    return out
+            t.path.unlink(missing_ok=True)
+    entry = best.facts
+    entry.sha256 = artifact_digest(path)  # the same bytes, under the file's final name
+    entry.int8_tries = [{"float_convolutions": t.float_convs, "passed": t.passed, "seconds": round(t.seconds, 1),
+                         "accuracy_drop_points": t.facts.gate["accuracy_drop_points"],
+                         "worst_class": t.facts.gate["worst_class"],
+                         "worst_class_drop_points": t.facts.gate["worst_class_drop_points"]} for t in tries]
+    sessions = {"fp32": make_session(fp32_path, device="cpu")[0], "int8": make_session(path, device="cpu")[0]}
+    with progress.step("timing int8 against fp32", None):
+        timed = quant.speed(sessions, check.images)
+    entry.speed = {batch: {**ms, "speedup": ms["fp32"] / ms["int8"]} for batch, ms in timed.items()}
+    log(f"{path.name}: {_float_label(best.float_convs, convs)}; " + ", ".join(
+        f"{b.replace('_', ' ')} {v['int8']:.2f} ms vs fp32 {v['fp32']:.2f} ms ({v['speedup']:.2f}x)"
+        for b, v in entry.speed.items()))
+    return entry
+
+
+def _float_label(float_convs: int, convs: int) -> str:
+    return f"first {float_convs} of {convs} convolutions float" if float_convs else "every convolution int8"
+
+
+def _calibration_set(check: _Check) -> dict[str, Any]:
+    return {"images": int(len(check.calib_x)), "method": f"{quant.CALIBRATION_METHOD} over the training split",
+            "sampling": f"stratified, seeded (training.data.sources.balanced_sample, seed {check.seed})",
+            "class_counts": class_counts(check.calib_y, check.class_names)}
+
+
+def _measure(path: Path, check: _Check, log: Log, *, opts: ExportOptions | None = None, require_parity: bool = False,
+             label: str | None = None) -> tuple[Artifact, dict[str, Any]]:
+    """One ONNX file against Keras on the check batch and over the test split; with opts (a variant), its
+    gate against fp32's scores."""
+    from serving.sessions import make_session  # noqa: PLC0415
+
+    # hashed first, then opened as serving.sessions.load opens it once the manifest exists
+    digest = artifact_digest(path)
+    session, _ = make_session(path, device="cpu")
+    parity = _compare(session.run(None, {"image": check.images})[0], check)
+    if require_parity:
+        _require_parity("ONNX", parity, check.parity_tolerance)
+    scores = _test_scores(session, check, label or path.name)
+    entry = Artifact(digest, path.stat().st_size, **_stored(parity), test_accuracy=scores["accuracy"],
+                     test_ece=scores["ece"], test_per_class_recall=scores["recall"])
+    if opts is not None:
+        entry.accuracy_delta = scores["accuracy"] - check.fp32_scores["accuracy"]
+        entry.gate = gate(check.fp32_scores, scores, opts.max_accuracy_drop, opts.max_class_drop)
+    delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
+    log(f"{label or path.name}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
+        f"ECE {scores['ece']:.4f}")
+    return entry, scores
+
+
+VARIANTS: dict[str, Callable[[Path, Path, _Check, ExportOptions, Log], Artifact]] = {
+    "fp16": _export_fp16, "int8": _export_int8}
 
 
 def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: float,
@@ -296,60 +461,6 @@ def _to_fp16(src: Path, dst: Path) -> None:
     onnx.save(converted, str(dst))
 
 
-def float_nodes(model_path: Path) -> list[str]:
-    """Nodes left float32 in the int8 model: the pixel preprocessing before the first convolution
-    (layout, resize, rescale) and the softmax.
-
-    In uint8 the resize ran 3x slower than in float (MobileNetV2 @96: 168 vs 56 us), and a uint8 softmax
-    has 1/255 steps, so near-equal classes tie and argmax falls to the lowest index (an untrained
-    MobileNetV2 agreed with float32 on 0% of top-1 answers). Keeping the first convolution float too
-    was tried and dropped: the seed CNN, whose first convolution is a large share of its work, then ran
-    its int8 file at 0.87x float32 speed."""
-    import onnx  # noqa: PLC0415
-
-    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
-    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
-    return [n.name for n in nodes[:first_conv]] + [n.name for n in nodes if n.op_type == "Softmax"]
-
-
-def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool = True,
-                  reduce_range: bool = True) -> None:
-    """Static QDQ quantization calibrated on training images (dynamic int8 runs these CNNs slower than fp32).
-
-    reduce_range keeps weights to 7 bits. On x86 CPUs without VNNI, onnxruntime multiplies uint8 by int8
-    with VPMADDUBSW, whose int16 pair sums saturate with full 8-bit weights: a trained CIFAR-10 CNN lost
-    1.50 points that way on an AVX2-only EPYC and 0.13 points with 7-bit weights, at the same speed.
-    The file may be served on any CPU, so it is always quantized the safe way.
-    keep_float=False / reduce_range=False give the plain recipe benchmarks/int8_ablation.py compares against."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,  # noqa: PLC0415
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, images: np.ndarray, advance, batch: int = 32):
-            self._batches = iter([{"image": images[i:i + batch]} for i in range(0, len(images), batch)])
-            self.advance = advance
-
-        def get_next(self):
-            feed = next(self._batches, None)
-            if feed is not None:
-                self.advance(len(feed["image"]))  # counted as handed over: the calibrator runs it next
-            return feed
-
-    prepared = dst.with_name(dst.stem + ".prep.onnx")
-    try:
-        with env.quiet_library_logging(), progress.step("int8 calibration", len(calib_x)) as advance:
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(dst), Reader(calib_x, advance), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
-                            nodes_to_exclude=float_nodes(prepared) if keep_float else [])
-    finally:
-        prepared.unlink(missing_ok=True)
-        for leftover in dst.parent.glob("*.onnx.data"):
-            leftover.unlink(missing_ok=True)
-
-
 def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, artifacts: dict[str, Artifact],
               check: _Check) -> Manifest:
     r = run.record
@@ -373,7 +484,8 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
         params=r.model.total_params,
         export=ExportFacts(
             opset=opts.opset if "onnx" in opts.formats else None, formats=list(opts.formats),
-            check_batch=int(len(check.images)), parity_tolerance=PARITY_TOLERANCE,
+            check_batch=int(len(check.images)), check_classes=class_counts(check.check_y, check.class_names),
+            parity_tolerance=check.parity_tolerance, parity_compared=PARITY_COMPARED, isa=machine.int8_isa(),
             check_informative=check.informative, check_output_spread=check.spread,
             versions=machine.package_versions(),
             # fp16/int8 against fp32 on the run's test split, in accuracy points.
