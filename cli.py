@@ -336,16 +336,28 @@ def serve(
 @app.command()
 def build(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    device: Annotated[str, typer.Option(help="cpu (onnxruntime) | gpu (onnxruntime-gpu with CUDA and cuDNN; run with --gpus all).")] = "cpu",
+    image: Annotated[bool, typer.Option(help="Also build the container image (--no-image: the bento alone).")] = True,
+    engine: Annotated[str, typer.Option(help="auto (the first that answers) | docker | podman.")] = "auto",
+    base_image: Annotated[Optional[str], typer.Option(help="The image to build on (default python:3.11-slim; any with Python 3.11 and pip).")] = None,
+    network: Annotated[Optional[str], typer.Option(help="Network for the build's RUN steps, e.g. host where the engine has no bridge.")] = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Build a bento (service + model + pinned requirements + Dockerfile) with `bentoml build`."""
-    from serving.bento import build as build_bento  # noqa: PLC0415
+    """Build a bento (service + model + pinned requirements) and its container image for a device kind."""
+    from serving.bento import IMAGE_KINDS, build as build_bento  # noqa: PLC0415
+    from serving.containers import build_image, find_engine  # noqa: PLC0415
 
-    tag, _ = build_bento(model, models_dir)
-    console.print(f"built bento {tag}", highlight=False)
-    console.print(f"container image: bentoml containerize {tag}", highlight=False)
-    console.print(f"run it:          docker run --rm -p 3000:3000 {tag}   (add --gpus all on a GPU host)",
-                  highlight=False)
+    choose("--device", device, list(IMAGE_KINDS))
+    builder = find_engine(engine) if image else None  # before the bento: no engine is one line, nothing built
+    tag, _ = build_bento(model, models_dir, kind=device, base_image=base_image)
+    console.print(f"built bento {tag} ({device}: {IMAGE_KINDS[device].runtime})", highlight=False)
+    if builder is None:
+        console.print(f"its image: tlserve build {model} --device {device}  (or bentoml containerize {tag})",
+                      highlight=False)
+        return
+    built = build_image(tag, builder, IMAGE_KINDS[device].run_flags, network)
+    console.print(f"built image {built.tag} with {built.engine}: {built.size_bytes / 1e6:.0f} MB", highlight=False)
+    console.print(f"run it: {built.run_command}", highlight=False)
 
 
 # ---- measuring and looking inside: bench, compare, features, explain ----------
