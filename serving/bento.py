@@ -10,12 +10,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 import yaml
 
 from serving.base.errors import UserError
+from serving.containers import IMAGE_KINDS
 from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
 from serving.base.manifest import Manifest, resolve_model
 from serving.settings import ServiceSettings
@@ -98,21 +98,6 @@ def _port_in_use(host: str, port: int, reason: str) -> str:
     if first.kind != "process" and first.parent is not None:
         return f"{line} (held by a running {first.kind.split()[0]} server, pid {first.parent}; its worker is pid {first.pid})"
     return f"{line} (held by pid {first.pid}: {first.command})" if first.command else f"{line} (held by pid {first.pid})"
-
-
-@dataclass(frozen=True)
-class ImageKind:
-    """One kind of service image: the onnxruntime it carries and what running it needs."""
-    runtime: str  # the distribution in place of requirements.txt's onnxruntime, at the same version
-    run_flags: str  # added to `docker run`
-
-
-# The one list of device kinds `tlserve build --device` takes. The GPU wheels bring CUDA and cuDNN
-# (about 2.7 GB): the CPU image has none of them.
-IMAGE_KINDS = {
-    "cpu": ImageKind("onnxruntime", ""),
-    "gpu": ImageKind("onnxruntime-gpu[cuda,cudnn]", "--gpus all"),
-}
 
 
 def requirements_for(kind: str) -> str:

@@ -1,4 +1,4 @@
-"""`tlserve build`'s image: a bento built into a container image by the engine this machine has.
+"""`tlserve build`'s image: the device kinds, and a bento built into an image by the engine at hand.
 
 BentoML builds it (`bentoml containerize --backend ENGINE`); this module picks the engine, keeps the
 build's output in a log, and measures what came out. A failed or interrupted build leaves no image
@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.base.errors import UserError, choose
-from serving.bento import bentoml_exe
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    """One kind of service image: the onnxruntime it carries and what running it needs."""
+    runtime: str  # the distribution in place of requirements.txt's onnxruntime, at the same version
+    run_flags: str  # added to `docker run`
+
+
+# The one list of device kinds `tlserve build --device` takes. The GPU wheels bring CUDA and cuDNN
+# (about 2.7 GB): the CPU image has none of them.
+IMAGE_KINDS = {
+    "cpu": ImageKind("onnxruntime", ""),
+    "gpu": ImageKind("onnxruntime-gpu[cuda,cudnn]", "--gpus all"),
+}
 
 
 @dataclass(frozen=True)
@@ -69,10 +83,11 @@ def _answers(name: str) -> bool:
         return False
 
 
-def build_image(bento_tag: str, engine: str, run_flags: str, network: str | None = None) -> Image:
-    """Build the bento's image tagged as the bento; its size and the command that runs it."""
+def build_image(bentoml: str, bento_tag: str, engine: str, run_flags: str, network: str | None = None) -> Image:
+    """Build the bento's image (with the `bentoml` command at that path), tagged as the bento; its size and
+    the command that runs it."""
     log = Path(tempfile.gettempdir()) / f"tlserve-build-{bento_tag.replace(':', '-')}.log"
-    command = [bentoml_exe(), "containerize", bento_tag, "--backend", engine, "--image-tag", bento_tag]
+    command = [bentoml, "containerize", bento_tag, "--backend", engine, "--image-tag", bento_tag]
     if network:
         command += ["--opt", f"network={network}"]
     built = False

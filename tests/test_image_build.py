@@ -25,7 +25,8 @@ def _script(path: Path, body: str) -> Path:
 @pytest.fixture
 def fake_docker(tmp_path, monkeypatch):
     """A `docker` on PATH whose images are files in tmp_path/images (the tag's ':' as '_'), and whose
-    client has no buildx plugin; and a `bentoml containerize` that runs BUILD (a bash snippet)."""
+    client has no buildx plugin; `fake_docker(BODY)` writes a `bentoml` whose containerize runs BODY (bash,
+    with `tag_it` to tag the image) and returns its path and the images folder."""
     bin_dir, images = tmp_path / "bin", tmp_path / "images"
     bin_dir.mkdir()
     images.mkdir()
@@ -43,8 +44,7 @@ esac
 
     def with_build(body: str) -> Path:
         exe = _script(bin_dir / "bentoml", f"tag_it() {{ echo 123456789 > {images}/{TAG.replace(':', '_')}; }}\n{body}")
-        monkeypatch.setattr(containers, "bentoml_exe", lambda: str(exe))
-        return images
+        return exe, images
 
     return with_build
 
@@ -88,16 +88,16 @@ def test_the_engine_that_answers_is_picked(fake_docker):
 
 
 def test_a_build_that_succeeds_prints_size_and_run_command(fake_docker):
-    fake_docker('echo "DOCKER_BUILDKIT=$DOCKER_BUILDKIT args=$*"; tag_it\n')
-    built = containers.build_image(TAG, "docker", "--gpus all", network="host")
+    bentoml, _ = fake_docker('echo "DOCKER_BUILDKIT=$DOCKER_BUILDKIT args=$*"; tag_it\n')
+    built = containers.build_image(str(bentoml), TAG, "docker", "--gpus all", network="host")
     assert (built.tag, built.size_bytes) == (TAG, 123456789)
     assert built.run_command == f"docker run --rm --gpus all -p 3000:3000 {TAG}"
 
 
 def test_a_failed_build_leaves_no_tagged_image_and_names_its_log(fake_docker):
-    images = fake_docker('echo "DOCKER_BUILDKIT=$DOCKER_BUILDKIT args=$*"; tag_it; echo "step 7: uv failed"; exit 1\n')
+    bentoml, images = fake_docker('echo "DOCKER_BUILDKIT=$DOCKER_BUILDKIT args=$*"; tag_it; echo "step 7: uv failed"; exit 1\n')
     with pytest.raises(UserError) as failed:
-        containers.build_image(TAG, "docker", "", network="host")
+        containers.build_image(str(bentoml), TAG, "docker", "", network="host")
     log = Path(str(failed.value).rsplit("its log: ", 1)[1])
     assert str(failed.value).startswith("the image build failed (exit 1)")
     text = log.read_text()
@@ -108,8 +108,8 @@ def test_a_failed_build_leaves_no_tagged_image_and_names_its_log(fake_docker):
 
 
 def test_a_build_stopped_after_tagging_leaves_no_image(fake_docker, monkeypatch):
-    images = fake_docker("tag_it; sleep 30\n")
+    bentoml, images = fake_docker("tag_it; sleep 30\n")
     monkeypatch.setattr(containers, "BUILD_TIMEOUT_S", 1)
     with pytest.raises(UserError, match="took over 1 s and was stopped"):
-        containers.build_image(TAG, "docker", "")
+        containers.build_image(str(bentoml), TAG, "docker", "")
     assert not list(images.iterdir())
