@@ -1,9 +1,10 @@
 """The container tier: the CPU image, built by `tlserve build --device cpu` and run for real.
 
 scripts/container-tier.sh makes what it needs (a Docker engine, a base image, a tiny exported model and
-its image): in the background of scripts/test.sh while the rest of the suite runs, or here, first, when
-this file runs alone. This file starts the image on 127.0.0.1 and checks that it answers as
-`tlserve predict` does, refuses a bad upload with a 4xx, and stops when told.
+its image): in the background from the session's start while the rest of the suite runs
+(tests/container_tier.py), or here when that did not happen. This file starts the image on 127.0.0.1
+and checks that it answers as `tlserve predict` does, refuses a bad upload with a 4xx, and stops when
+told.
 """
 from __future__ import annotations
 
@@ -20,13 +21,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_port
+import container_tier
+from conftest import free_port
 
 pytestmark = pytest.mark.container
 
-STATE_ENV = "TLSERVE_CONTAINER_STATE"
-# A fresh machine installs docker.io, makes the base from Debian's packages and builds the image.
-PREPARE_TIMEOUT_S = 1800
 MAX_IMAGE_MB = 700
 READY_TIMEOUT_S = 120  # the test's bound under a loaded CI; the README states the unloaded figure
 STOP_LIMIT_S = 10  # `docker stop` kills after 10 s: a graceful stop is well inside it
@@ -50,49 +49,23 @@ class Tier:
         return out
 
 
-def _wait_prepared(state: Path) -> None:
-    deadline = time.monotonic() + PREPARE_TIMEOUT_S
-    while not (state / "ready").exists():
-        failed = state / "failed"
-        reason = failed.read_text() if failed.exists() else None
-        if reason is None and not _alive(state / "up.pid") and not (state / "ready").exists():
-            reason = "ended without saying ready"
-        if reason is None and time.monotonic() > deadline:
-            reason = f"not ready in {PREPARE_TIMEOUT_S} s"
-        if reason:
-            log = state / "up.log"
-            pytest.fail(f"scripts/container-tier.sh up: {reason}\n{log.read_text()[-3000:] if log.exists() else ''}")
-        time.sleep(2)
-
-
-def _alive(pid_file: Path) -> bool:
-    """Whether the `up` that wrote pid_file still runs (no file yet: it is starting)."""
-    try:
-        os.kill(int(pid_file.read_text()), 0)
-    except FileNotFoundError:
-        return True
-    except (ProcessLookupError, ValueError):
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def tier():
-    """What scripts/container-tier.sh made; made and taken away here when scripts/test.sh did not."""
-    owned = STATE_ENV not in os.environ
-    state = Path(os.environ.get(STATE_ENV) or tempfile.mkdtemp(prefix="tlserve-container."))
-    script = str(ROOT / "scripts" / "container-tier.sh")
+    """What scripts/container-tier.sh made: started by tests/conftest.py when the session began, or made
+    (and taken away) here when it was not."""
+    owned = container_tier.STATE_ENV not in os.environ
+    state = Path(os.environ.get(container_tier.STATE_ENV) or tempfile.mkdtemp(prefix="tlserve-container."))
+    script = str(container_tier.SCRIPT)
     try:
         if owned:
             with open(state / "up.log", "w") as log:
                 subprocess.run(["bash", script, "up", str(state)], stdout=log, stderr=subprocess.STDOUT,
-                               timeout=PREPARE_TIMEOUT_S)
-        _wait_prepared(state)
-        env = dict(line.split("=", 1) for line in (state / "env").read_text().splitlines() if "=" in line)
+                               timeout=container_tier.PREPARE_TIMEOUT_S)
+        env = container_tier.wait_ready(state)
         yield Tier(state, env, (state / "build.out").read_text())
     finally:
         if owned:
-            subprocess.run(["bash", script, "down", str(state)], capture_output=True, timeout=300)
+            subprocess.run(["bash", script, "down", str(state)], capture_output=True, timeout=600)
 
 
 def test_build_printed_a_cpu_image_without_cuda_or_compilers(tier):
