@@ -48,7 +48,10 @@ def docker(*args: str, env: dict[str, str], check: bool = True) -> str:
 
 
 def cpu_seconds(cid: str) -> float | None:
-    """CPU time of the container so far, from its cgroup (v2 with the cgroupfs driver, or systemd's)."""
+    """CPU time of the container so far, from its cgroup: v1 (cpuacct) or v2, cgroupfs or systemd driver."""
+    v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage")
+    if v1.exists():
+        return int(v1.read_text()) / 1e9
     for path in (f"/sys/fs/cgroup/docker/{cid}/cpu.stat", f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat"):
         if Path(path).exists():
             usage = re.search(r"^usage_usec (\d+)", Path(path).read_text(), re.M)
@@ -84,9 +87,10 @@ def one_round(image: str, env: dict[str, str]) -> tuple[float, float | None, flo
 
 def layers(image: str, env: dict[str, str]) -> None:
     for line in docker("history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", image, env=env).splitlines():
-        size, step = line.split("\t", 1)
+        size, _, step = line.partition("\t")
+        step = re.sub(r"^.*?/bin/sh -c (#\(nop\) )?", "", step) if step else "(the base image)"
         if size not in ("0B", "0"):
-            print(f"    {size:>9}  {re.sub(r'^/bin/sh -c (#\\(nop\\) )?', '', step)[:110]}")
+            print(f"    {size:>9}  {step[:110]}")
 
 
 def main() -> None:
@@ -122,7 +126,9 @@ def main() -> None:
         if args.gpu:
             gpu_image(state, env, image)
     finally:
-        subprocess.run(["bash", TIER, "down", str(state)], capture_output=True)
+        began = time.monotonic()
+        down = subprocess.run(["bash", TIER, "down", str(state)], capture_output=True, text=True)
+        print(f"\n{down.stdout.strip()}\ntaken away in {time.monotonic() - began:.0f} s (load {load()})")
 
 
 def gpu_image(state: Path, env: dict[str, str], cpu_image: str) -> None:

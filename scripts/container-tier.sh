@@ -6,7 +6,8 @@
 #                                         image (python:3.11-slim, or one made once from Debian's packages and
 #                                         cached where no registry answers), a tiny exported model and its CPU
 #                                         image built by `tlserve build`; then STATE/ready (or STATE/failed)
-#   scripts/container-tier.sh down STATE  removes the image, stops the engine `up` started, removes STATE
+#   scripts/container-tier.sh down STATE  stops the engine `up` started (or removes the image from an engine
+#                                         that was running already) and removes STATE
 # scripts/test.sh runs `up` in the background while the rest of the suite runs; the test waits for it.
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,9 @@ install_missing() {
   [ "$(id -u)" -eq 0 ] || { echo "missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root"; return 1; }
   log "apt-get install ${need[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # wait for another apt or dpkg (an unattended upgrade, say) rather than fail at once
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 \
+    "${need[@]}" >/dev/null
 }
 
 # An engine that answers already (DOCKER_HOST or the default socket) is used as it is; else one of our own:
@@ -122,16 +125,8 @@ up() {
 
 down() {
   [ -d "$STATE" ] || return 0
-  if [ -f "$STATE/env" ]; then
-    # shellcheck disable=SC1091
-    set -a; source "$STATE/env"; set +a
-    [ -n "${DOCKER_HOST:-}" ] || unset DOCKER_HOST
-    # The image goes in any engine; an engine of our own goes whole (its data root is under STATE).
-    local tag
-    tag=$(grep -oP '^built image \K\S+' "$STATE/build.out" 2>/dev/null || true)
-    [ -n "$tag" ] && docker image rm -f "$tag" >/dev/null 2>&1 || true
-  fi
   if [ -f "$STATE/engine.pid" ]; then
+    # Our own engine goes whole, its images with it: they are all under STATE.
     local pid
     pid=$(cat "$STATE/engine.pid")
     kill "$pid" 2>/dev/null || true
@@ -139,8 +134,19 @@ down() {
     kill -9 "$pid" 2>/dev/null || true
     # what a killed engine left mounted under its roots
     grep -oP "^\S+ \K$STATE/\S+" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    log "engine stopped"
+  elif [ -f "$STATE/env" ]; then
+    # Someone else's engine keeps the base (the cache) and loses the image.
+    # shellcheck disable=SC1091
+    set -a; source "$STATE/env"; set +a
+    [ -n "${DOCKER_HOST:-}" ] || unset DOCKER_HOST
+    local tag
+    tag=$(grep -oP '^built image \K\S+' "$STATE/build.out" 2>/dev/null || true)
+    if [ -n "$tag" ]; then docker image rm -f "$tag" >/dev/null 2>&1 || true; fi
+    log "removed image ${tag:-(none)}"
   fi
   rm -rf "$STATE"
+  log "removed $STATE"
 }
 
 case $action in
