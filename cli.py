@@ -13,8 +13,10 @@ from typing import Annotated, Any, Callable, Optional
 import training  # noqa: F401  (sets TensorFlow's environment before anything imports it)
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from serving.base.errors import UserError, choose
+from serving.containers import ENGINE_CHOICES, IMAGE_KINDS
 from serving.base.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
 from training.console import tables
 from training.exported.int8 import Budget
@@ -343,16 +345,28 @@ def serve(
 @app.command()
 def build(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
+    device: Annotated[str, typer.Option(help=escape(f"{' | '.join(IMAGE_KINDS)}: the image's onnxruntime ({', '.join(f'{k}: {v.runtime}' for k, v in IMAGE_KINDS.items())})."))] = "cpu",
+    image: Annotated[bool, typer.Option(help="Also build the container image (--no-image: the bento alone).")] = True,
+    engine: Annotated[str, typer.Option(help=f"{' | '.join(ENGINE_CHOICES)} (auto: the first that answers).")] = "auto",
+    base_image: Annotated[Optional[str], typer.Option(help="The image to build on (default: the one serving/service.py names; any with Python 3.11 and pip).")] = None,
+    network: Annotated[Optional[str], typer.Option(help="Network for the build's RUN steps, e.g. host where the engine has no bridge.")] = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Build a bento with `bentoml build`. Service, model, pinned requirements and a Dockerfile."""
-    from serving.bento import build as build_bento  # noqa: PLC0415
+    """Build a bento (service + model + pinned requirements) and its container image for a device kind."""
+    from serving.bento import bentoml_exe, build as build_bento  # noqa: PLC0415
+    from serving.containers import build_image, find_engine  # noqa: PLC0415
 
-    tag, _ = build_bento(model, models_dir)
-    console.print(f"built bento {tag}", highlight=False)
-    console.print(f"container image: bentoml containerize {tag}", highlight=False)
-    console.print(f"run it:          docker run --rm -p 3000:3000 {tag}   (add --gpus all on a GPU host)",
-                  highlight=False)
+    choose("--device", device, list(IMAGE_KINDS))
+    builder = find_engine(engine) if image else None  # before the bento: no engine is one line, nothing built
+    tag, _ = build_bento(model, models_dir, kind=device, base_image=base_image)
+    console.print(f"built bento {tag} ({device}: {IMAGE_KINDS[device].runtime})", highlight=False, markup=False)
+    if builder is None:
+        console.print(f"its image: tlserve build {model} --device {device}  (or bentoml containerize {tag})",
+                      highlight=False, soft_wrap=True)
+        return
+    built = build_image(bentoml_exe(), tag, builder, IMAGE_KINDS[device].run_flags, network)
+    console.print(f"built image {built.tag} with {built.engine}: {built.size_bytes / 1e6:.0f} MB", highlight=False)
+    console.print(f"run it: {built.run_command}", highlight=False, soft_wrap=True)
 
 
 # ---- measuring and looking inside: bench, compare, features, explain ----------

@@ -15,6 +15,7 @@ from typing import Callable, NoReturn
 import yaml
 
 from serving.base.errors import UserError
+from serving.containers import IMAGE_KINDS
 from serving.lifecycle import SUPERVISOR_PID_ENV, port_holders
 from serving.base.manifest import Manifest, resolve_model
 from serving.settings import ServiceSettings
@@ -22,6 +23,7 @@ from serving.settings import ServiceSettings
 SERVICE = "serving.service:ImageClassifier"
 ROOT = Path(__file__).resolve().parents[1]
 BENTOFILE = ROOT / "bentofile.yaml"
+REQUIREMENTS = ROOT / "serving" / "requirements.txt"
 
 
 def bentoml_exe() -> str:
@@ -98,33 +100,58 @@ def _port_in_use(host: str, port: int, reason: str) -> str:
     return f"{line} (held by pid {first.pid}: {first.command})" if first.command else f"{line} (held by pid {first.pid})"
 
 
-def build(model_ref: str, models_dir: Path | None = None) -> tuple[str, str]:
-    """Build a bento carrying the model; returns (bento tag, build output)."""
+def requirements_for(kind: str) -> str:
+    """serving/requirements.txt with its onnxruntime line made the device kind's runtime (same pin)."""
+    from packaging.requirements import InvalidRequirement, Requirement  # noqa: PLC0415 (a bentoml dependency)
+
+    lines = []
+    for line in REQUIREMENTS.read_text().splitlines():
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:  # a comment or a blank line
+            req = None
+        lines.append(f"{IMAGE_KINDS[kind].runtime}{req.specifier}" if req and req.name == "onnxruntime" else line)
+    return "\n".join(lines) + "\n"
+
+
+def build(model_ref: str, models_dir: Path | None = None, *, kind: str = "cpu",
+          base_image: str | None = None) -> tuple[str, str]:
+    """Build a bento carrying the model, named tlserve-KIND, with that device kind's requirements;
+    returns (bento tag, build output)."""
     if not BENTOFILE.is_file():
         raise UserError(f"{BENTOFILE} not found: `tlserve build` runs from a tlserve source checkout")
     manifest = Manifest.load(resolve_model(model_ref, models_dir))
     tag = manifest.bentoml_tag
     if not tag:
         raise UserError(f"model '{model_ref}' was exported with --no-register; export it again to register it")
-    config = yaml.safe_load(BENTOFILE.read_text())
-    config["models"] = [tag]
-    config.setdefault("envs", [])
-    config["envs"] = [e for e in config["envs"] if e.get("name") != "TLSERVE_MODEL"] + [{"name": "TLSERVE_MODEL", "value": tag}]
-    config.setdefault("labels", {})["model"] = manifest.name
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as fh:
-        yaml.safe_dump(config, fh, sort_keys=False)
-        generated = Path(fh.name)
-    try:
+    # In the build context: BentoML takes a requirements file by a path relative to it.
+    with tempfile.TemporaryDirectory(prefix="tlserve-build-", dir=ROOT) as tmp:
+        generated = Path(tmp) / "bentofile.yaml"
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(requirements_for(kind))
+        yaml.safe_dump(_bentofile(tag, manifest.name, kind, requirements, base_image), generated.open("w"),
+                       sort_keys=False)
         result = subprocess.run([bentoml_exe(), "build", "-f", str(generated), str(ROOT), "--output", "tag"],
                                 capture_output=True, text=True, env={**os.environ, "TLSERVE_MODEL": tag}, cwd=ROOT,
                                 timeout=600)
-    finally:
-        generated.unlink(missing_ok=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"bentoml build failed: {tail[0]}")
-    match = re.search(r"__tag__:(\S+)", result.stdout) or re.search(r"(tlserve:[a-z0-9]+)", result.stdout)
+    match = re.search(r"__tag__:(\S+)", result.stdout) or re.search(r"(tlserve-[a-z]+:[a-z0-9]+)", result.stdout)
     if not match:
         raise UserError(f"bentoml build printed no bento tag: {result.stdout.strip()[-200:]}")
     return match.group(1), result.stdout
 
+
+def _bentofile(model_tag: str, model_name: str, kind: str, requirements: Path, base_image: str | None) -> dict:
+    """bentofile.yaml for one model and device kind."""
+    config = yaml.safe_load(BENTOFILE.read_text())
+    config["name"] = f"{config['name']}-{kind}"
+    config["models"] = [model_tag]
+    config["envs"] = [e for e in config.get("envs", []) if e.get("name") != "TLSERVE_MODEL"] + [
+        {"name": "TLSERVE_MODEL", "value": model_tag}]
+    config.setdefault("labels", {}).update(model=model_name, device=kind)
+    config["python"]["requirements_txt"] = str(requirements.relative_to(ROOT))
+    if base_image:
+        config["docker"] = {"base_image": base_image}
+    return config

@@ -77,8 +77,15 @@ def _is_tag(ref: str) -> bool:
     return ":" in ref and not Path(ref).exists()
 
 
+# The image a bento is built into (`tlserve build`; its requirements come from the bentofile). Named by its
+# base image and no distro of BentoML's: for a distro, BentoML's Dockerfile first apt-installs build-essential
+# and git (583 MB), which nothing here compiles or fetches. `tlserve build --base-image` replaces the base.
+IMAGE = bentoml.images.Image(base_image="python:3.11-slim", distro="none", python_version="3.11")
+
+
 @bentoml.service(
     name="tlserve",
+    image=IMAGE,
     workers=SETTINGS.workers,
     traffic={"timeout": 60, "max_concurrency": 256},
 )

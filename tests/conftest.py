@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import container_tier
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -192,8 +194,16 @@ def bentoml_server(args: list[str], env: dict[str, str], log: Path):
 
 
 def pytest_configure(config):
+    if not hasattr(config, "workerinput") and container_tier.wanted(config):  # xdist: the controller, once
+        container_tier.start(config)
     config.addinivalue_line("markers", "fast: the fast tier (decisions, parsing, settings, contracts, boundaries)")
     config.addinivalue_line("markers", "slow: trains, exports or starts servers (everything not marked fast)")
+    config.addinivalue_line("markers", "container: builds and runs the CPU image (scripts/container-tier.sh; "
+                                       "`-m 'not container'` leaves it out)")
+
+
+def pytest_unconfigure(config):
+    container_tier.finish(config)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -201,3 +211,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("fast") is None:
             item.add_marker(pytest.mark.slow)
+    # The container tier last: xdist hands out files in this order, and by then the image made in the
+    # background since the session began (container_tier.start) is ready, so no worker waits for it.
+    items.sort(key=lambda item: item.get_closest_marker("container") is not None)
