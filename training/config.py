@@ -1,9 +1,14 @@
-"""The typed configuration of one training run: every `tlserve train` option."""
+"""The typed configuration of one training run: every `tlserve train` option.
+
+TrainConfig is a serving.base.contract.Contract: the staging folder's config.json and record.json's
+`config` are its to_dict(), read back with type checks and unknown keys kept. The files carry no schema
+key of their own (record.json's schema covers its config; TrainConfig.SCHEMA versions config.json).
+"""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+
+from serving.base.contract import Contract
 
 STRATEGIES = ("scratch", "frozen", "finetune", "full")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -19,7 +24,7 @@ DATA_SCHEMES = ("synthetic", "cifar10", "folder")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Contract):
     spec: str = "synthetic"            # cifar10 | cifar10:PATH | folder:PATH | synthetic
     classes: str | None = None         # "0-4" | "cat,dog" | None for all
     val_split: float = 0.1
@@ -29,7 +34,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Contract):
     data: DataConfig = field(default_factory=DataConfig)
     backbone: str = "cnn"
     weights: str | None = None         # imagenet | none | PATH.h5; None: imagenet for transfer, none for scratch
@@ -76,12 +81,5 @@ class TrainConfig:
     name: str | None = None
     overwrite: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
-        raw = dict(raw)
-        data = DataConfig(**raw.pop("data", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(data=data, **{k: v for k, v in raw.items() if k in known})
+    FILE = "config.json"
+    KIND = "train config"

@@ -40,7 +40,7 @@ from training.fit.validation import resolve
 
 Log = Callable[[str], None]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-CONFIG = "config.json"
+CONFIG = TrainConfig.FILE  # the resolved config in the staging folder
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -138,7 +138,7 @@ def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progres
         done = (storage.runs_dir(runs_dir) / name / records.RECORD).is_file()
         raise UserError(f"run '{name}' already finished; nothing to resume" if done else
                         f"no interrupted run named '{name}' in {storage.runs_dir(runs_dir)}")
-    cfg = TrainConfig.from_dict(storage.read_json(staging / CONFIG))
+    cfg = TrainConfig.read(staging / CONFIG)
     if clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG")) is not None:
         raise UserError(f"a multi-worker run continues when its workers are started again with the run's own command "
                         f"(--name {name}) and TF_CONFIG; --resume is for single-process runs")
