@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from serving.base import formats, images, storage
+from serving.base.contract import Contract
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
 from training.data import sources as datasets
@@ -37,6 +38,7 @@ DECODE_THREADS = 8
 HTTP_BATCH = 64
 MISTAKES = 24
 RUNTIMES = formats.BASE_RUNTIMES  # onnx takes --variants, the others ignore it
+SCHEMA = 1  # metrics.json
 
 Log = Callable[[str], None]
 
@@ -323,6 +325,63 @@ def _reason(response) -> str:
 
 # ---- metrics -----------------------------------------------------------------------------------
 
+@dataclass(kw_only=True)
+class VariantMetrics(Contract):
+    """One variant's figures in metrics.json (variant_metrics, then how fast it answered)."""
+    images: int
+    accuracy: float
+    top5_accuracy: float | None          # None with fewer than 5 classes
+    macro_f1: float
+    weighted_f1: float
+    per_class: dict[str, dict[str, Any]]  # {class: {precision, recall, f1, support}}
+    confusion_matrix: list[list[int]]    # [true][predicted]
+    ece: float | None
+    reliability_bins: list[dict[str, Any]]
+    coverage: list[dict[str, Any]]       # [{threshold, coverage, accuracy}]
+    seconds: float                       # inside the model (or the HTTP round trips)
+    model_images_per_sec: float | None
+    provider: str
+    batch_size: int
+
+
+@dataclass(kw_only=True)
+class EvalData(Contract):
+    """What metrics.json was measured on."""
+    spec: str
+    split: str
+    seed: int | None = None              # the synthetic split's seed (metrics.json before 2026-12-02 lacks it)
+    source: str
+    images: int
+    scored: int
+    classes: list[str]
+    skipped_unreadable: dict[str, str]   # image name -> why
+    skipped_unknown_class: dict[str, int]  # class folder the model lacks -> images skipped
+
+
+@dataclass(kw_only=True)
+class EvalMetrics(Contract):
+    """eval/<timestamp>/metrics.json: one `tlserve eval` (serving.base.contract)."""
+    schema: int = SCHEMA
+    kind: str = "eval"
+    model: str
+    version: str
+    created_at: str
+    data: EvalData
+    runtime: str                         # keras | savedmodel | onnx | http
+    url: str | None
+    server: dict[str, Any] | None        # over HTTP: the service's name, version, variant, provider
+    class_names: list[str]
+    wall_seconds: float
+    images_per_sec: float | None
+    variants: dict[str, VariantMetrics]
+    machine: dict[str, Any]
+    versions: dict[str, Any]
+
+    SCHEMA = SCHEMA
+    FILE = "metrics.json"
+    KIND = "eval metrics"
+
+
 def variant_metrics(y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """training.record.metrics over one variant's answers. Precision/recall/F1 and their means are over the
     classes that occur in the data or the predictions (scikit-learn's default labels): a model class
@@ -374,31 +433,30 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
         raise UserError(f"--data {opts.data}: none of the {len(data)} images could be read")
     y = data.labels[scored.kept]
     n = int(scored.kept.sum())
-    result: dict[str, Any] = {
-        "schema": 1, "kind": "eval", "model": manifest.name, "version": manifest.version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"spec": opts.data, "split": opts.split, "seed": opts.seed, "source": data.source,
-                 "images": len(data), "scored": n,
-                 "classes": sorted({class_names[i] for i in data.labels}),
-                 "skipped_unreadable": dict(sorted(scored.skipped.items())),
-                 "skipped_unknown_class": data.unknown},
-        "runtime": "http" if opts.url else opts.runtime,
-        "url": opts.url,
-        "server": {k: scored.server.get(k) for k in ("name", "version", "variant", "provider")} if scored.server else None,
-        "class_names": class_names,
-        "wall_seconds": scored.wall_seconds,
-        "images_per_sec": n / scored.wall_seconds if scored.wall_seconds else None,
-        "variants": {},
-        "machine": (facts or machine.machine_facts)(),
-        "versions": machine.package_versions(),
-    }
     providers = {v.name: v.provider for v in variants or []}
+    rows = {}
     for name, probs in scored.probs.items():
-        row = variant_metrics(y, probs[scored.kept], class_names)
         spent = scored.seconds[name]
-        row.update({"seconds": spent, "model_images_per_sec": n / spent if spent else None,
-                    "provider": providers.get(name, "http"), "batch_size": HTTP_BATCH if opts.url else opts.batch_size})
-        result["variants"][name] = row
+        rows[name] = VariantMetrics(**variant_metrics(y, probs[scored.kept], class_names), seconds=spent,
+                                    model_images_per_sec=n / spent if spent else None,
+                                    provider=providers.get(name, "http"),
+                                    batch_size=HTTP_BATCH if opts.url else opts.batch_size)
+    result = EvalMetrics(
+        model=manifest.name, version=manifest.version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data=EvalData(spec=opts.data, split=opts.split, seed=opts.seed, source=data.source, images=len(data), scored=n,
+                      classes=sorted({class_names[i] for i in data.labels}),
+                      skipped_unreadable=dict(sorted(scored.skipped.items())), skipped_unknown_class=data.unknown),
+        runtime="http" if opts.url else opts.runtime,
+        url=opts.url,
+        server={k: scored.server.get(k) for k in ("name", "version", "variant", "provider")} if scored.server else None,
+        class_names=class_names,
+        wall_seconds=scored.wall_seconds,
+        images_per_sec=n / scored.wall_seconds if scored.wall_seconds else None,
+        variants=rows,
+        machine=(facts or machine.machine_facts)(),
+        versions=machine.package_versions(),
+    ).to_dict()
     _write(final, result, data, scored, log, model_dir if opts.gradcam else None, opts.runs_dir)
     result["path"] = str(final)
     return result

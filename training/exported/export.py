@@ -356,7 +356,7 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
     h, w = r.data.image_size
     class_names = r.data.class_names
     return Manifest(
-        schema=1,
+        schema=Manifest.SCHEMA,
         name=name,
         version=version,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

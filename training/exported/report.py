@@ -12,6 +12,7 @@ from typing import Any, Optional
 from serving.base import formats, storage
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder, local_folders
+from serving.timing import InprocessBench
 from training.record import plots, records
 
 SERVE_RUNTIME = "onnx"
@@ -53,7 +54,7 @@ def _exports(models_dir: Path | None) -> dict[str, Export]:
     for folder in local_folders(models_dir):
         manifest = folder.manifest()
         benches = folder.bench_results("inprocess")
-        bench = storage.read_json(benches[-1]) if benches else None
+        bench = InprocessBench.read(benches[-1]).to_dict() if benches else None
         previous = found.get(manifest.run)
         # A benchmarked export beats an unbenchmarked one; then the newest wins.
         rank = (bench is not None, manifest.created_at)
@@ -65,11 +66,13 @@ def _exports(models_dir: Path | None) -> dict[str, Export]:
 def latest_eval(model_dir: Path) -> dict[str, Any] | None:
     """The newest in-process `tlserve eval` stored under the model folder (an HTTP eval measures the
     service, not the variants), or None."""
+    from training.exported.evaluation import EvalMetrics  # noqa: PLC0415
+
     stored = []
     for path in ModelFolder(Path(model_dir)).eval_results():
         try:
-            result = storage.read_json(path)
-        except (OSError, ValueError):
+            result = EvalMetrics.read(path).to_dict()
+        except (OSError, UserError):  # unreadable, or not an eval's metrics.json
             continue
         if result.get("kind") == "eval" and result.get("runtime") != "http":
             stored.append(result)
