@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import types
 import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
@@ -36,22 +36,28 @@ def optional(default: Any = None) -> Any:
     return field(default=default, metadata={"optional": True})
 
 
-@dataclass(kw_only=True)
 class Contract:
-    """Base of every JSON contract; subclasses are dataclasses whose fields are the file's keys."""
+    """Base of every JSON contract; subclasses are dataclasses whose fields are exactly the file's keys.
 
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)         # keys this version does not declare
-    absent: frozenset[str] = field(default=frozenset(), repr=False)         # declared keys the file lacked
+    The round trip's bookkeeping is kept beside the fields, not as fields (so `dataclasses.fields` of a
+    contract lists its keys and nothing else): `extra`, the keys this version does not declare, and
+    `absent`, the declared keys the file lacked. A contract made in code has neither;
+    `dataclasses.replace` makes one, too."""
 
     SCHEMA: ClassVar[int] = 1           # the version of the file this class reads and writes
     KIND: ClassVar[str] = "file"        # what the file is, for "the manifest should be an object"
     FILE: ClassVar[str] = ""            # the file's usual name: the source errors name when none is given
     ORDER: ClassVar[tuple[str, ...]] = ()  # keys written first, in this order (then the other fields, then extra)
 
-    @classmethod
-    def keys(cls) -> list[dataclasses.Field]:
-        """The fields that are keys of the file (not the bookkeeping above)."""
-        return _keys(cls)
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Keys this version does not declare, as read; written back after the declared ones."""
+        return self.__dict__.setdefault("_extra", {})
+
+    @property
+    def absent(self) -> frozenset[str]:
+        """Declared keys the file lacked: left out on write-back while they keep their default."""
+        return self.__dict__.get("_absent", frozenset())
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None):
@@ -70,7 +76,7 @@ class Contract:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in self.keys():
+        for f in _keys(type(self)):
             value = getattr(self, f.name)
             left_out = f.metadata.get("optional") or f.name in self.absent
             if left_out and value == _default(f):
@@ -90,7 +96,7 @@ class Contract:
     def undeclared(self, prefix: str = "") -> list[str]:
         """Dotted paths of the keys no field declares, in this contract and the ones inside it."""
         out = [prefix + k for k in self.extra]
-        for f in self.keys():
+        for f in _keys(type(self)):
             value = getattr(self, f.name)
             if isinstance(value, Contract):
                 out += value.undeclared(f"{prefix}{f.name}.")
@@ -100,8 +106,8 @@ class Contract:
 # ---- building from JSON ------------------------------------------------------------------------
 
 @functools.cache
-def _keys(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.name not in ("extra", "absent")]
+def _keys(cls: type) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
 
 
 @functools.cache
@@ -138,7 +144,9 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         raise UserError(f"{source}: schema {values['schema']} is newer than this tlserve reads "
                         f"({cls.SCHEMA}); upgrade tlserve to read it")
     known = {f.name for f in _keys(cls)}
-    return cls(**values, extra={k: v for k, v in data.items() if k not in known}, absent=frozenset(absent))
+    built = cls(**values)
+    built.__dict__.update(_extra={k: v for k, v in data.items() if k not in known}, _absent=frozenset(absent))
+    return built
 
 
 def _convert(value: Any, hint: Any, source: str, key: str) -> Any:

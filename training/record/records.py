@@ -44,7 +44,6 @@ TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test
 # absent, None written as null except optional() facts); these classes are the record's shape.
 
 
-@dataclass(kw_only=True)
 class _Section(Contract):
     """One dict of the record as a dataclass (serving.base.contract.Contract: `extra` keeps keys this version
     does not declare and `absent` the declared keys the file lacked, so `from_dict(d).to_dict() == d`)."""
