@@ -7,8 +7,10 @@ key of their own (record.json's schema covers its config; TrainConfig.SCHEMA ver
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving.base.contract import Contract
+from serving.base.errors import UserError, nearest
 
 STRATEGIES = ("scratch", "frozen", "finetune", "full")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -21,6 +23,28 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "none", "mirrored")
 CNN_PADDINGS = ("same", "valid")
 DATA_SCHEMES = ("synthetic", "cifar10", "folder")
+DATA_FORMS = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")  # what --data takes
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A --data value as its scheme and, for cifar10:PATH and folder:PATH, its path: the one parser of
+    --data (training, eval and the data check all read it here), with the one error line."""
+    scheme: str               # synthetic | cifar10 | folder
+    path: str | None = None   # cifar10: None is Keras's download; folder: always set
+
+    @classmethod
+    def parse(cls, text: str) -> "DataSpec":
+        scheme, _, arg = text.partition(":")
+        if scheme not in DATA_SCHEMES or (scheme == "folder" and not arg) or (scheme == "synthetic" and arg):
+            close = nearest(scheme, list(DATA_SCHEMES)) if scheme not in DATA_SCHEMES else ""
+            raise UserError(f"unknown --data '{text}'{close}; use one of {', '.join(DATA_FORMS)}")
+        return cls(scheme, arg or None)
+
+    @property
+    def local(self) -> Path | None:
+        """The path on this machine (~ expanded), or None."""
+        return Path(self.path).expanduser() if self.path else None
 
 
 @dataclass

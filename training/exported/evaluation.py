@@ -25,6 +25,7 @@ from serving.base import formats, images, storage
 from serving.base.contract import Contract
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
+from training.config import DataSpec
 from training.data import sources as datasets
 from training.record import metrics
 from training import progress
@@ -114,10 +115,10 @@ def load_labelled(spec: str, split: str, class_names: list[str], hw: tuple[int, 
                   ignore_unknown: bool = False, seed: int = 0) -> Labelled:
     """The images of `spec` whose class the model knows; a class it does not know is an error that
     names it, or (ignore_unknown) skipped and counted."""
-    scheme, _, arg = spec.partition(":")
+    parsed = DataSpec.parse(spec)
     known = {name: i for i, name in enumerate(class_names)}
-    if scheme == "folder" and arg:
-        folder, layout, classes = datasets.labelled_folder(Path(arg), split)
+    if parsed.scheme == "folder":
+        folder, layout, classes = datasets.labelled_folder(parsed.local, split)
         names, labels, paths, unknown = [], [], [], {}
         for cls, files in classes.items():
             if cls not in known:
@@ -416,6 +417,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     hw, interpolation = manifest.input.hw, manifest.input.interpolation
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    datasets.check_split(opts.split)
     final = _out_dir(model_dir, opts.out)
     # Everything that can fail on the user's options fails before any image is decoded.
     if opts.url:

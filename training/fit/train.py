@@ -32,7 +32,7 @@ from training.audit import datacheck
 from training.record import metrics, records, tensorboard_logs
 from training import progress
 from training.fit.checkpoints import BACKUP_DIR, Checkpoints, lost_peer, random_generators
-from training.config import TrainConfig
+from training.config import DataSpec, TrainConfig
 from training.env import keras
 from training.errors import ClusterLost, Interrupted
 from training.fit.run_state import STATE, RunState
@@ -44,8 +44,8 @@ CONFIG = TrainConfig.FILE  # the resolved config in the staging folder
 
 
 def default_name(cfg: TrainConfig) -> str:
-    scheme, _, arg = cfg.data.spec.partition(":")
-    data = re.sub(r"[^A-Za-z0-9]+", "-", Path(arg).name if arg else scheme).strip("-") or scheme
+    spec = DataSpec.parse(cfg.data.spec)
+    data = re.sub(r"[^A-Za-z0-9]+", "-", Path(spec.path).name if spec.path else spec.scheme).strip("-") or spec.scheme
     return f"{cfg.backbone}-{cfg.strategy}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
