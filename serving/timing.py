@@ -24,7 +24,6 @@ from serving.base.manifest import Manifest, ModelFolder
 from serving.sessions import Loader
 
 ONNX_RUNTIMES = tuple(f.runtime for f in formats.ONNX)
-DEFAULT_RUNTIMES = ("onnx", "onnx-int8", "onnx-fp16")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SCHEMA = 1  # bench/<kind>-<time>.json
 
@@ -115,7 +114,7 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int | None, du
             return samples
 
 
-def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
+def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = ONNX_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
                 iterations: int | None = None, duration: float | None = 3.0, warmup: int = 5,
                 threads: int | None = None, log: Callable[[str], None] = print,
                 loader: Loader | None = None, known: tuple[str, ...] = ONNX_RUNTIMES,

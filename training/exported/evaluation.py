@@ -27,11 +27,11 @@ from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
 from training.config import DataSpec
 from training.data import sources as datasets
+from training.exported.options import EvalOptions
 from training.record import metrics
 from training import progress
 
-# onnxruntime runs at this batch size: at 32 and above its images/s on this CPU levels off.
-BATCH = 64
+BATCH = EvalOptions.batch_size
 # Images decoded ahead (in threads) while the model runs the previous chunk.
 CHUNK = 512
 DECODE_THREADS = 8
@@ -42,21 +42,6 @@ RUNTIMES = formats.BASE_RUNTIMES  # onnx takes --variants, the others ignore it
 SCHEMA = 1  # metrics.json
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class EvalOptions:
-    data: str
-    split: str = "test"
-    variants: str = "all"
-    runtime: str = "onnx"
-    url: str | None = None
-    out: Path | None = None
-    ignore_unknown: bool = False
-    seed: int = 0
-    batch_size: int = BATCH
-    gradcam: bool = True       # the mistakes page shows each mistake's Grad-CAM (needs the run's Keras model)
-    runs_dir: Path | None = None
 
 
 @dataclass

@@ -22,28 +22,11 @@ from serving.base.manifest import Artifact, ExportFacts, Gate, InputSpec, Manife
 from training import env, progress
 from training.record import records
 from training.config import DataConfig
+from training.exported.options import ExportOptions
 
 FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
 PARITY_TOLERANCE = 1e-4
-DEFAULT_OPSET = 17
 Log = Callable[[str], None]
-
-
-@dataclass
-class ExportOptions:
-    name: str | None = None
-    formats: tuple[str, ...] = FORMATS
-    opset: int = DEFAULT_OPSET
-    fp16: bool = False
-    int8: bool = False
-    overwrite: bool = False
-    check_images: int = 32
-    calibration_images: int = 256
-    register: bool = True
-    # The gate for fp16/int8: a variant losing more test accuracy than this (points), or more recall on
-    # any one class, is not kept.
-    max_accuracy_drop: float = 1.0
-    max_class_drop: float = 5.0
 
 
 @dataclass

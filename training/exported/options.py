@@ -1,0 +1,59 @@
+"""The options of the commands on an exported model (export, eval, bench), each default stated once.
+
+cli.py takes every typer default from these fields (fastapi-cli style), and Python callers build the
+same dataclasses. They live apart from their commands' modules, which import numpy and more, so that
+`tlserve --help` imports nothing heavy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.base import formats
+
+
+@dataclass
+class ExportOptions:
+    name: str | None = None
+    formats: tuple[str, ...] = formats.EXPORT_FORMATS  # savedmodel, onnx
+    opset: int = 17
+    fp16: bool = False
+    int8: bool = False
+    overwrite: bool = False
+    check_images: int = 32
+    calibration_images: int = 256
+    register: bool = True
+    # The gate for fp16/int8: a variant losing more test accuracy than this (points), or more recall on
+    # any one class, is not kept.
+    max_accuracy_drop: float = 1.0
+    max_class_drop: float = 5.0
+
+
+@dataclass
+class EvalOptions:
+    data: str
+    split: str = "test"
+    variants: str = "all"
+    runtime: str = "onnx"
+    url: str | None = None
+    out: Path | None = None
+    ignore_unknown: bool = False
+    seed: int = 0
+    batch_size: int = 64       # onnxruntime's batch: at 32 and above its images/s on this CPU levels off
+    gradcam: bool = True       # the mistakes page shows each mistake's Grad-CAM (needs the run's Keras model)
+    runs_dir: Path | None = None
+
+
+@dataclass
+class BenchOptions:
+    runtimes: str = ",".join(formats.BENCH_DEFAULT)
+    batch_sizes: str = "1,8,32"
+    duration: float = 3.0
+    iterations: int | None = None       # a fixed number of timed calls instead of duration
+    warmup: int = 5
+    threads: int | None = None
+    url: str | None = None              # a running service instead of in-process runtimes
+    concurrency: str = "1,8,32"
+    requests: int = 200
+    images: Path | None = None          # with url: upload these instead of generated images
+    allow_remote: bool = False
