@@ -31,7 +31,8 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from serving.base import images
-from serving.settings import ServiceSettings, confidence_threshold
+from serving.base.errors import UserError
+from serving.settings import ServiceSettings, check_min_confidence
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -161,13 +162,10 @@ class RequestGuard:
             if top_k is not None and (not isinstance(top_k, str) or not top_k.strip().isdigit()
                                       or not 1 <= int(top_k) <= 1000):
                 raise RequestError(400, "top_k must be a whole number from 1 to 1000")
-            min_confidence = form.get("min_confidence")
-            if min_confidence is not None:
-                threshold = confidence_threshold(min_confidence) if isinstance(min_confidence, str) else None
-                if threshold is None:
-                    raise RequestError(400, f"min_confidence must be a probability between 0 and 1 (both excluded), "
-                                            f"not {str(min_confidence)[:40]!r}")
-                min_confidence = threshold
+            try:
+                min_confidence = check_min_confidence(form.get("min_confidence"))
+            except UserError as exc:
+                raise RequestError(400, str(exc)) from None
             uploads = form.getlist(field_name)
             if not uploads:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")

@@ -175,7 +175,9 @@ def _save(model_dir: Path, result: BenchResult, now: datetime) -> dict[str, Any]
 
 # ---- over HTTP ------------------------------------------------------------------------------
 
-def check_url(url: str, allow_remote: bool) -> str:
+def check_url(url: str, allow_remote: bool = True) -> str:
+    """A running service's --url (bench and eval): http(s) with a host, its trailing / dropped; a load test
+    (allow_remote False) stays on a loopback address."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(f"--url must look like http://127.0.0.1:3000, not '{url}'")

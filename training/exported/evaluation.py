@@ -25,6 +25,7 @@ from serving.base import formats, images, storage
 from serving.base.contract import Contract
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
+from serving.timing import check_url
 from training.config import DataSpec
 from training.data import sources as datasets
 from training.exported.options import EvalOptions
@@ -220,15 +221,6 @@ def score_inprocess(data: Labelled, variants: list[Variant], hw: tuple[int, int]
             advance(len(idx))
     skipped = {data.names[i]: "not a readable image" for i in np.flatnonzero(~kept)}
     return Scored(kept, probs, seconds, time.perf_counter() - start, skipped)
-
-
-def check_url(url: str) -> str:
-    from urllib.parse import urlparse  # noqa: PLC0415
-
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UserError(f"--url must look like http://127.0.0.1:3000, not '{url}'")
-    return url.rstrip("/")
 
 
 def server_metadata(url: str, manifest: Manifest, timeout: float = 10.0) -> dict[str, Any]:

@@ -67,8 +67,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--target is an accuracy between 0 and 1")
     if spec.pretrained:
         choose("--head", cfg.head, HEADS)
-        if cfg.input_size is not None and cfg.input_size < spec.min_input:
-            raise UserError(f"--input-size {cfg.input_size} is below {spec.name}'s minimum of {spec.min_input}")
+        if cfg.input_size is not None:
+            spec.check_input(cfg.input_size)
     else:
         if cfg.head is not None:
             raise UserError(f"--head applies to pretrained backbones; the {spec.name} body comes from --cnn-layers")
