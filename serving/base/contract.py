@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import MISSING, field
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Self, Union
 
 from serving.base.errors import UserError
 
@@ -60,11 +60,11 @@ class Contract:
         return self.__dict__.get("_absent", frozenset())
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | None = None):
+    def from_dict(cls, data: Any, source: str | None = None) -> Self:
         return _build(cls, data, source or cls.FILE or cls.__name__, "")
 
     @classmethod
-    def read(cls, path: Path):
+    def read(cls, path: Path) -> Self:
         """The contract in the JSON file at `path`; a file that is not JSON is one UserError line."""
         from serving.base import storage  # noqa: PLC0415
 
@@ -79,7 +79,7 @@ class Contract:
         for f in _keys(type(self)):
             value = getattr(self, f.name)
             left_out = f.metadata.get("optional") or f.name in self.absent
-            if left_out and value == _default(f):
+            if left_out and _unchanged(value, _default(f)):
                 continue
             out[f.name] = _dump(value)
         out.update(_dump(self.extra))
@@ -119,6 +119,11 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default is not MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _unchanged(value: Any, default: Any) -> bool:
+    # Same type first: a numpy value a producer left in would otherwise compare element-wise.
+    return value is default or (type(value) is type(default) and value == default)
 
 
 def _required(f: dataclasses.Field) -> bool:
