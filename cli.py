@@ -67,6 +67,7 @@ HeadUnits = Annotated[int, typer.Option(help="Units of the head's hidden Dense l
 CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")]
 
 
+# Long only by its signature: one line per `tlserve train` option (typer reads them there); the body is 12 lines.
 @app.command()
 def train(
     ctx: typer.Context,

@@ -161,23 +161,28 @@ def _require_parity(what: str, parity: dict[str, Any]) -> None:
                         f"{parity['top1_agreement']:.1%}); export refused, nothing written")
 
 
-def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, Artifact]:
+def _convert_fp32(model, staging: Path, opset: int) -> Path:
+    """model.onnx from the Keras model (tf2onnx), checked by onnx's own checker."""
     import onnx  # noqa: PLC0415
     import tf2onnx  # noqa: PLC0415
-
-    from serving.sessions import make_session  # noqa: PLC0415
 
     T = env.tf()
     h, w = model.input_shape[1:3]
     fp32_path = staging / table.BY_VARIANT["fp32"].file
     with progress.step("converting to ONNX", None), env._quiet_stderr_fd():  # tf2onnx logs every rewrite at INFO
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
-                                   opset=opts.opset, output_path=str(fp32_path))
+                                   opset=opset, output_path=str(fp32_path))
     proto = onnx.load(str(fp32_path))
     if proto.graph.output[0].name != "probabilities":
         raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
     onnx.checker.check_model(proto)
+    return fp32_path
 
+
+def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: Log) -> dict[str, Artifact]:
+    from serving.sessions import make_session  # noqa: PLC0415
+
+    fp32_path = _convert_fp32(model, staging, opts.opset)
     out: dict[str, Artifact] = {}
     fp32: dict[str, Any] = {}
     for fmt in table.ONNX:
