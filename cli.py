@@ -18,8 +18,10 @@ from rich.markup import escape
 from serving.base.errors import UserError, choose
 from serving.containers import ENGINE_CHOICES, IMAGE_KINDS
 from serving.base.formats import BASE_RUNTIMES, BENCH_RUNTIMES, BY_VARIANT, choices
+from training.config import DataConfig, TrainConfig
 from training.console import tables
 from training.exported.int8 import Budget
+from training.exported.options import BenchOptions, EvalOptions, ExportOptions  # every default below comes from these
 
 app = typer.Typer(
     name="tlserve",
@@ -72,59 +74,60 @@ HeadUnits = Annotated[int, typer.Option(help="Units of the head's hidden Dense l
 CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")]
 
 
+# Long only by its signature: one line per `tlserve train` option (typer reads them there); the body is 12 lines.
 @app.command()
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="A recipe (YAML or JSON; any option below as a key) or a run's record.json; options given here override it.")] = None,
-    data: Data = "synthetic",
-    backbone: Backbone = "cnn",
-    strategy: Strategy = "scratch",
-    weights: Weights = None,
-    classes: Classes = None,
-    val_split: Annotated[float, typer.Option(help="Fraction of train held out for validation when the data has no val split.")] = 0.1,
-    limit: Annotated[Optional[int], typer.Option(help="At most N images per split (quick runs).")] = None,
-    image_size: ImageSize = None,
-    input_size: InputSize = None,
-    head: Head = None,
-    head_units: HeadUnits = 256,
-    dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = 0.2,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random augmentation layers, active in training only.")] = False,
-    augment_policy: Annotated[str, typer.Option(help="With --augment: seed (random flip, rotation and zoom) | flip-crop (flip and 4-pixel shifts, a fast CIFAR-10 recipe).")] = "seed",
-    cnn_layers: CnnLayers = "seed003",
-    cnn_padding: CnnPadding = None,
-    bn_momentum: BnMomentum = 0.99,
-    l2: L2 = 0.0,
-    truncate_at: TruncateAt = None,
-    unfreeze: Unfreeze = None,
-    unfreeze_from: UnfreezeFrom = None,
-    from_run: Annotated[Optional[str], typer.Option(help="Start from one of your finished runs: its layers, with a new output layer.")] = None,
-    train_last: Annotated[int, typer.Option(help="With --from-run: train only the last K layers that have weights.")] = 1,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs (finetune: phase 1).")] = 5,
-    finetune_epochs: Annotated[int, typer.Option(help="finetune: phase 2 epochs.")] = 3,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    finetune_lr: Annotated[float, typer.Option(help="finetune: phase 2 learning rate.")] = 1e-5,
-    optimizer: Annotated[str, typer.Option(help="adam | sgd | rmsprop.")] = "adam",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")] = False,
-    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels: each step shrinks them by lr x this (0 = off).")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = "constant",
-    label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = 0.0,
-    logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = 1.0,
-    tta: Annotated[str, typer.Option(help="none | flip: the saved model averages its logits over each image and its mirror (twice the inference work).")] = "none",
-    class_weight: Annotated[str, typer.Option(help="Loss weight per class: none | balanced (n / (classes x count)) | name=weight,... (others 1).")] = "none",
-    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit a temperature on the validation split and bake it into the saved model (calibrated probabilities, same top class).")] = True,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = 0.8,
-    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed for data splits, shuffles and initial weights.")] = 0,
-    name: Annotated[Optional[str], typer.Option(help="Run name (default: backbone-strategy-data-time).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name.")] = False,
-    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Frozen backbone without augmentation: compute its features once and train the head on them.")] = True,
-    precision: Annotated[str, typer.Option(help="auto (mixed_float16 on a GPU, float32 on CPU) | float32 | mixed_float16.")] = "auto",
-    jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA compilation (default: on for GPUs, never on CPU).")] = None,
-    distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = "auto",
-    data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = "fast",
-    drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = False,
+    data: Data = DataConfig.spec,
+    backbone: Backbone = TrainConfig.backbone,
+    strategy: Strategy = TrainConfig.strategy,
+    weights: Weights = TrainConfig.weights,
+    classes: Classes = DataConfig.classes,
+    val_split: Annotated[float, typer.Option(help="Fraction of train held out for validation when the data has no val split.")] = DataConfig.val_split,
+    limit: Annotated[Optional[int], typer.Option(help="At most N images per split (quick runs).")] = DataConfig.limit,
+    image_size: ImageSize = DataConfig.image_size,
+    input_size: InputSize = TrainConfig.input_size,
+    head: Head = TrainConfig.head,
+    head_units: HeadUnits = TrainConfig.head_units,
+    dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = TrainConfig.dropout,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random augmentation layers, active in training only.")] = TrainConfig.augment,
+    augment_policy: Annotated[str, typer.Option(help="With --augment: seed (random flip, rotation and zoom) | flip-crop (flip and 4-pixel shifts, a fast CIFAR-10 recipe).")] = TrainConfig.augment_policy,
+    cnn_layers: CnnLayers = TrainConfig.cnn_layers,
+    cnn_padding: CnnPadding = TrainConfig.cnn_padding,
+    bn_momentum: BnMomentum = TrainConfig.bn_momentum,
+    l2: L2 = TrainConfig.l2,
+    truncate_at: TruncateAt = TrainConfig.truncate_at,
+    unfreeze: Unfreeze = TrainConfig.unfreeze,
+    unfreeze_from: UnfreezeFrom = TrainConfig.unfreeze_from,
+    from_run: Annotated[Optional[str], typer.Option(help="Start from one of your finished runs: its layers, with a new output layer.")] = TrainConfig.from_run,
+    train_last: Annotated[int, typer.Option(help="With --from-run: train only the last K layers that have weights.")] = TrainConfig.train_last,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Epochs (finetune: phase 1).")] = TrainConfig.epochs,
+    finetune_epochs: Annotated[int, typer.Option(help="finetune: phase 2 epochs.")] = TrainConfig.finetune_epochs,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = TrainConfig.lr,
+    finetune_lr: Annotated[float, typer.Option(help="finetune: phase 2 learning rate.")] = TrainConfig.finetune_lr,
+    optimizer: Annotated[str, typer.Option(help="adam | sgd | rmsprop.")] = TrainConfig.optimizer,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = TrainConfig.momentum,
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="SGD with Nesterov momentum.")] = TrainConfig.nesterov,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on kernels: each step shrinks them by lr x this (0 = off).")] = TrainConfig.weight_decay,
+    schedule: Annotated[str, typer.Option(help="Learning rate: constant | onecycle (warm-up to --lr, cosine to 0) | cosine.")] = TrainConfig.schedule,
+    label_smoothing: Annotated[float, typer.Option(help="Spread this share of each target over all classes (0 = off).")] = TrainConfig.label_smoothing,
+    logit_scale: Annotated[float, typer.Option(help="Scratch CNNs: multiply the logits before softmax (ResNet-9 recipe: 0.125).")] = TrainConfig.logit_scale,
+    tta: Annotated[str, typer.Option(help="none | flip: the saved model averages its logits over each image and its mirror (twice the inference work).")] = TrainConfig.tta,
+    class_weight: Annotated[str, typer.Option(help="Loss weight per class: none | balanced (n / (classes x count)) | name=weight,... (others 1).")] = TrainConfig.class_weight,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit a temperature on the validation split and bake it into the saved model (calibrated probabilities, same top class).")] = TrainConfig.calibrate,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = TrainConfig.batch_size,
+    target: Annotated[float, typer.Option(help="Record the first epoch whose val accuracy reaches this.")] = TrainConfig.target,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping patience on val_loss (best weights restored); 0 = off.")] = TrainConfig.patience,
+    seed: Annotated[int, typer.Option(help="Seed for data splits, shuffles and initial weights.")] = TrainConfig.seed,
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: backbone-strategy-data-time).")] = TrainConfig.name,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name.")] = TrainConfig.overwrite,
+    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Frozen backbone without augmentation: compute its features once and train the head on them.")] = TrainConfig.feature_cache,
+    precision: Annotated[str, typer.Option(help="auto (mixed_float16 on a GPU, float32 on CPU) | float32 | mixed_float16.")] = TrainConfig.precision,
+    jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA compilation (default: on for GPUs, never on CPU).")] = TrainConfig.jit,
+    distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = TrainConfig.distribute,
+    data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = TrainConfig.data_check,
+    drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = TrainConfig.drop_leaks,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
@@ -148,21 +151,21 @@ def train(
 @app.command()
 def summary(
     ctx: typer.Context,
-    backbone: Backbone = "cnn",
-    strategy: Strategy = "scratch",
+    backbone: Backbone = TrainConfig.backbone,
+    strategy: Strategy = TrainConfig.strategy,
     image_size: Annotated[int, typer.Option("--image-size", help="The data's image size.")] = 32,
     num_classes: Annotated[int, typer.Option(help="Classes of the output layer.")] = 10,
     weights: Annotated[str, typer.Option(help="Weights do not change the counts; none avoids a download.")] = "none",
-    input_size: InputSize = None,
-    head: Head = None,
-    head_units: HeadUnits = 256,
-    cnn_layers: CnnLayers = "seed003",
-    cnn_padding: CnnPadding = None,
-    bn_momentum: BnMomentum = 0.99,
-    l2: L2 = 0.0,
-    truncate_at: TruncateAt = None,
-    unfreeze: Unfreeze = None,
-    unfreeze_from: UnfreezeFrom = None,
+    input_size: InputSize = TrainConfig.input_size,
+    head: Head = TrainConfig.head,
+    head_units: HeadUnits = TrainConfig.head_units,
+    cnn_layers: CnnLayers = TrainConfig.cnn_layers,
+    cnn_padding: CnnPadding = TrainConfig.cnn_padding,
+    bn_momentum: BnMomentum = TrainConfig.bn_momentum,
+    l2: L2 = TrainConfig.l2,
+    truncate_at: TruncateAt = TrainConfig.truncate_at,
+    unfreeze: Unfreeze = TrainConfig.unfreeze,
+    unfreeze_from: UnfreezeFrom = TrainConfig.unfreeze_from,
     layers: Annotated[bool, typer.Option("--layers", help="Also list every layer with its trainable flag.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -222,22 +225,22 @@ def list_runs_cmd(
 @app.command()
 def export(
     run: Annotated[str, typer.Argument(help="A finished run (name under runs/ or a path).")],
-    name: Annotated[Optional[str], typer.Option(help="Model name (default: the run's name).")] = None,
-    formats: Annotated[str, typer.Option(help="Comma-separated: savedmodel,onnx.")] = "savedmodel,onnx",
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 inside, float32 in/out; for GPUs).")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static QDQ, calibrated on training images; for CPUs).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = False,
-    register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
-    max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = 1.0,
-    max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the run's name).")] = ExportOptions.name,
+    formats: Annotated[str, typer.Option(help="Comma-separated: savedmodel,onnx.")] = ",".join(ExportOptions.formats),
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = ExportOptions.opset,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 inside, float32 in/out; for GPUs).")] = ExportOptions.fp16,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static QDQ, calibrated on training images; for CPUs).")] = ExportOptions.int8,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = ExportOptions.overwrite,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = ExportOptions.register,
+    max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = ExportOptions.max_accuracy_drop,
+    max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = ExportOptions.max_class_drop,
     int8_tries: Annotated[int, typer.Option(help="--int8: when the gate refuses the file, quantize again keeping more of the first convolutions float, at most this many tries in all (1: no fallback).")] = Budget.tries,
     int8_seconds: Annotated[float, typer.Option(help="--int8: stop the fallback's tries after this many seconds.")] = Budget.seconds,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Export a run to SavedModel and ONNX. Checked against Keras and written to models/<name>/ with a manifest."""
-    from training.exported.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
+    """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
+    from training.exported.export import export as run_export, parse_formats  # noqa: PLC0415
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
@@ -275,22 +278,22 @@ def predict(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="An exported model: name under models/, a folder, or a BentoML tag.")],
     data: Annotated[str, typer.Option("--data", help="Labelled images: folder:PATH (one folder per class, with or without train/val/test) | cifar10[:PATH] | synthetic.")],
-    split: Annotated[str, typer.Option(help="With split sub-folders (or cifar10/synthetic): train | val | test.")] = "test",
-    variants: Annotated[str, typer.Option(help=f"ONNX variants: comma-separated {','.join(BY_VARIANT)}, or all the export has.")] = "all",
-    runtime: Annotated[str, typer.Option(help=f"{choices(BASE_RUNTIMES)} (only onnx takes --variants).")] = "onnx",
-    url: Annotated[Optional[str], typer.Option(help="Evaluate the running service instead (e.g. http://127.0.0.1:3000).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: MODEL/eval/<timestamp>/).")] = None,
-    ignore_unknown: Annotated[bool, typer.Option("--ignore-unknown", help="Skip (and count) class folders the model does not know.")] = False,
-    seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 64,
-    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Show each listed mistake's Grad-CAM (uses the run's Keras model).")] = True,
+    split: Annotated[str, typer.Option(help="With split sub-folders (or cifar10/synthetic): train | val | test.")] = EvalOptions.split,
+    variants: Annotated[str, typer.Option(help=f"ONNX variants: comma-separated {','.join(BY_VARIANT)}, or all the export has.")] = EvalOptions.variants,
+    runtime: Annotated[str, typer.Option(help=f"{choices(BASE_RUNTIMES)} (only onnx takes --variants).")] = EvalOptions.runtime,
+    url: Annotated[Optional[str], typer.Option(help="Evaluate the running service instead (e.g. http://127.0.0.1:3000).")] = EvalOptions.url,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: MODEL/eval/<timestamp>/).")] = EvalOptions.out,
+    ignore_unknown: Annotated[bool, typer.Option("--ignore-unknown", help="Skip (and count) class folders the model does not know.")] = EvalOptions.ignore_unknown,
+    seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = EvalOptions.seed,
+    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = EvalOptions.batch_size,
+    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Show each listed mistake's Grad-CAM (uses the run's Keras model).")] = EvalOptions.gradcam,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
     """Evaluate an exported model on labelled images. Accuracy, per-class precision/recall/F1, calibration and abstention."""
     from serving.base.manifest import resolve_model  # noqa: PLC0415
-    from training.exported.evaluation import EvalOptions, evaluate  # noqa: PLC0415
+    from training.exported.evaluation import evaluate  # noqa: PLC0415
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
@@ -375,22 +378,22 @@ def build(
 @app.command()
 def bench(
     model: Annotated[Optional[str], typer.Argument(help="An exported model (name, folder or BentoML tag). With --url: optional, adds the in-process floor and stores the result.")] = None,
-    runtimes: Annotated[str, typer.Option(help=f"{', '.join(BENCH_RUNTIMES)} (missing variants are skipped).")] = "keras,savedmodel,onnx,onnx-int8,onnx-fp16",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
-    duration: Annotated[float, typer.Option(help="Seconds per runtime and batch size.")] = 3.0,
-    iterations: Annotated[Optional[int], typer.Option(help="A fixed number of timed calls instead of --duration.")] = None,
-    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 5,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: physical cores).")] = None,
-    url: Annotated[Optional[str], typer.Option(help="Benchmark a running service end to end instead (e.g. http://127.0.0.1:3000).")] = None,
-    concurrency: Annotated[str, typer.Option(help="With --url: comma-separated client counts.")] = "1,8,32",
-    requests: Annotated[int, typer.Option(help="With --url: requests per concurrency level.")] = 200,
-    images: Annotated[Optional[Path], typer.Option(help="With --url: upload images from this folder (default: generated).")] = None,
-    allow_remote: Annotated[bool, typer.Option(help="With --url: allow a non-loopback address.")] = False,
+    runtimes: Annotated[str, typer.Option(help=f"{', '.join(BENCH_RUNTIMES)} (missing variants are skipped).")] = BenchOptions.runtimes,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = BenchOptions.batch_sizes,
+    duration: Annotated[float, typer.Option(help="Seconds per runtime and batch size.")] = BenchOptions.duration,
+    iterations: Annotated[Optional[int], typer.Option(help="A fixed number of timed calls instead of --duration.")] = BenchOptions.iterations,
+    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = BenchOptions.warmup,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: physical cores).")] = BenchOptions.threads,
+    url: Annotated[Optional[str], typer.Option(help="Benchmark a running service end to end instead (e.g. http://127.0.0.1:3000).")] = BenchOptions.url,
+    concurrency: Annotated[str, typer.Option(help="With --url: comma-separated client counts.")] = BenchOptions.concurrency,
+    requests: Annotated[int, typer.Option(help="With --url: requests per concurrency level.")] = BenchOptions.requests,
+    images: Annotated[Optional[Path], typer.Option(help="With --url: upload images from this folder (default: generated).")] = BenchOptions.images,
+    allow_remote: Annotated[bool, typer.Option(help="With --url: allow a non-loopback address.")] = BenchOptions.allow_remote,
     json_out: Annotated[bool, typer.Option("--json", help="Print the stored result as JSON.")] = False,
     models_dir: ModelsDir = None,
 ) -> None:
-    """Measure latency and throughput. p50/p90/p99/max, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
-    from training.exported.bench import BenchOptions, bench as run_bench  # noqa: PLC0415
+    """Latency (p50/p90/p99/max) and throughput, in-process per runtime or over HTTP; stored in models/<name>/bench/."""
+    from training.exported.bench import bench as run_bench  # noqa: PLC0415
 
     opts = BenchOptions(runtimes=runtimes, batch_sizes=batch_sizes, duration=duration, iterations=iterations,
                         warmup=warmup, threads=threads, url=url, concurrency=concurrency, requests=requests,
@@ -463,21 +466,20 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("check")
 def data_check(
-    data: Data = "synthetic",
+    data: Data = DataConfig.spec,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json and index.html (default: data-check/<UTC time>/ under $TLSERVE_HOME or .).")] = None,
     mode: Annotated[str, typer.Option(help="full: hashes and MobileNetV2 embeddings | fast: hashes only (what training runs).")] = "full",
     weights: Annotated[str, typer.Option(help="Embedding weights: imagenet (Keras download) | PATH.h5 (MobileNetV2, no top).")] = "imagenet",
     phash_distance: Annotated[int, typer.Option(help="Near duplicate: perceptual hashes at most this many bits apart (of 64; 0-32).")] = 4,
     pixel_correlation: Annotated[float, typer.Option(help="...and their 32x32 grey images correlate at least this (0-1).")] = 0.9,
     cosine: Annotated[float, typer.Option(help="Near duplicate (full mode): embedding cosine at least this (0.5-1).")] = 0.9,
-    classes: Classes = None,
-    val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = 0,
+    classes: Classes = DataConfig.classes,
+    val_split: Annotated[float, typer.Option(help="As in `tlserve train`: the check splits the data as training does.")] = DataConfig.val_split,
+    seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = DataConfig.seed,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
     search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra: pip install 'tlserve[ann]').")] = "auto",
 ) -> None:
     """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
-    from training.config import DataConfig  # noqa: PLC0415
     from training.audit.datacheck import Thresholds, check  # noqa: PLC0415
     from training.audit.page import default_out, write  # noqa: PLC0415
 

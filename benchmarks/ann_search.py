@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving.base.machine import cpu_model  # noqa: E402
 from training.audit import datacheck  # noqa: E402
-from training.config import DataConfig  # noqa: E402
+from training.config import DataConfig, DataSpec  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpg"
@@ -39,7 +39,7 @@ def embed(data: str) -> np.ndarray:
     from training.data.sources import list_folder
 
     cfg = DataConfig(spec=data)
-    listing = list_folder(cfg, Path(data.partition(":")[2]).expanduser())
+    listing = list_folder(cfg, DataSpec.parse(data).local)
     imgs, _ = datacheck._fingerprint_files(listing, "full", print, False)
     weights = str(WEIGHTS) if WEIGHTS.is_file() else "imagenet"
     return datacheck.project(datacheck.embeddings(imgs.small, weights, print, False))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,8 @@ from pathlib import Path
 import httpx
 import psutil
 from PIL import Image
+
+from http_overhead import free_port, start, stop  # the server start and stop the other HTTP benchmark uses
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work"
@@ -66,12 +66,6 @@ def small_png() -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RssSampler(threading.Thread):
     """Max RSS of each process under the server's root process, sampled until stopped."""
 
@@ -106,6 +100,57 @@ def predict_small(client: httpx.Client, url: str, data: bytes) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def serve(model: Path, url: str, images: int, side: int) -> subprocess.Popen:
+    """The service at `url` (127.0.0.1), ready, its limits raised to take the whole batch in one request."""
+    env = {"TLSERVE_MODEL": str(model), "TLSERVE_MAX_REQUEST_BYTES": str(256 * 2**20),
+           "TLSERVE_MAX_REQUEST_PIXELS": str(images * side**2)}
+    return start([str(BIN / "bentoml"), "serve", "serving.service:ImageClassifier", "--host", "127.0.0.1",
+                  "--port", url.rsplit(":", 1)[1]], env, url, "/readyz")
+
+
+def during_batch(url: str, batch: list, small: bytes, sampler: RssSampler) -> tuple[list[float], list[str], dict]:
+    """Send the heavy batch and, while it runs, small /predict requests every 10 ms; the server's RSS is
+    sampled throughout. (latencies of small requests that overlapped it end to end, failures, the batch's answer)"""
+    during: list[float] = []
+    failed: list[str] = []  # small requests that timed out or failed during the batch
+    heavy: dict[str, float] = {}
+    heavy_done = threading.Event()
+
+    def send_heavy() -> None:
+        started = time.perf_counter()
+        try:
+            r = httpx.post(f"{url}/predict_batch", files=batch, timeout=TIMEOUT_S)
+            heavy["status"] = r.status_code
+            heavy["answers"] = len(r.json().get("predictions", [])) if r.status_code == 200 else 0
+        except httpx.HTTPError as exc:
+            heavy["status"], heavy["error"] = -1, str(exc)
+        heavy["seconds"] = time.perf_counter() - started
+        heavy_done.set()
+
+    def send_small() -> None:
+        with httpx.Client() as client:
+            while not heavy_done.is_set():
+                started = time.perf_counter()
+                try:
+                    ms = predict_small(client, url, small)
+                except (httpx.HTTPError, SystemExit) as exc:
+                    failed.append(f"{exc.__class__.__name__}: {exc}"[:120])
+                    continue
+                if not heavy_done.is_set():  # only requests that overlapped the batch end to end
+                    during.append(ms)
+                time.sleep(max(0.0, 0.01 - (time.perf_counter() - started)))
+
+    sampler.start()
+    threads = [threading.Thread(target=send_heavy), threading.Thread(target=send_small)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S + 30)
+    sampler.stop.set()
+    sampler.join(5)
+    return during, failed, heavy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, nargs="?")
@@ -119,23 +164,9 @@ def main() -> None:
     body_mb = sum(len(f[1][1]) for f in batch) / 2**20
     small = small_png()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TLSERVE_MODEL": str(model), "TLSERVE_MAX_REQUEST_BYTES": str(256 * 2**20),
-           "TLSERVE_MAX_REQUEST_PIXELS": str(args.images * args.side**2)}
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:ImageClassifier", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = serve(model, url, args.images, args.side)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("server did not start")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         sampler = RssSampler(proc.pid)
         with httpx.Client() as client:
             for _ in range(20):
@@ -143,51 +174,9 @@ def main() -> None:
             # Enough idle samples for a steady median: this VM's idle latency moves by 2x between runs of 30.
             idle = [predict_small(client, url, small) for _ in range(300)]
         rss_before = sampler.current()
-
-        during: list[float] = []
-        failed: list[str] = []  # small requests that timed out or failed during the batch
-        heavy: dict[str, float] = {}
-        heavy_done = threading.Event()
-
-        def send_heavy() -> None:
-            started = time.perf_counter()
-            try:
-                r = httpx.post(f"{url}/predict_batch", files=batch, timeout=TIMEOUT_S)
-                heavy["status"] = r.status_code
-                heavy["answers"] = len(r.json().get("predictions", [])) if r.status_code == 200 else 0
-            except httpx.HTTPError as exc:
-                heavy["status"], heavy["error"] = -1, str(exc)
-            heavy["seconds"] = time.perf_counter() - started
-            heavy_done.set()
-
-        def send_small() -> None:
-            with httpx.Client() as client:
-                while not heavy_done.is_set():
-                    started = time.perf_counter()
-                    try:
-                        ms = predict_small(client, url, small)
-                    except (httpx.HTTPError, SystemExit) as exc:
-                        failed.append(f"{exc.__class__.__name__}: {exc}"[:120])
-                        continue
-                    if not heavy_done.is_set():  # only requests that overlapped the batch end to end
-                        during.append(ms)
-                    time.sleep(max(0.0, 0.01 - (time.perf_counter() - started)))
-
-        sampler.start()
-        threads = [threading.Thread(target=send_heavy), threading.Thread(target=send_small)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT_S + 30)
-        sampler.stop.set()
-        sampler.join(5)
+        during, failed, heavy = during_batch(url, batch, small, sampler)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(proc)
 
     top = max(sampler.peak, key=sampler.peak.__getitem__)  # the worker: the process that loads the model
     idle_p50 = statistics.median(idle)

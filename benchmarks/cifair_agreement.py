@@ -67,6 +67,19 @@ def sheet(pairs: list[tuple[str, str, dict]], path: Path, root: Path, scale: int
     img.save(path)
 
 
+def our_pairs(report: dict, index: dict[str, int]) -> dict[int, list[tuple[str, str, dict]]]:
+    """train index -> (test file, train file, pair) of every same-label test/train(-or-val) pair the check found."""
+    ours: dict[int, list[tuple[str, str, dict]]] = defaultdict(list)
+    for p in report["pairs"]:
+        sides = {p["a"]["split"]: p["a"], p["b"]["split"]: p["b"]}
+        test = sides.get("test")
+        train = next((s for s in (p["a"], p["b"]) if s["split"] in ("train", "val")), None)
+        if test is None or train is None or test["label"] != train["label"]:
+            continue
+        ours[index[train["file"]]].append((test["file"], train["file"], p))
+    return ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, required=True, help="report.json of a full check of the JPEG copy")
@@ -80,14 +93,7 @@ def main() -> None:
     judgment_of: dict[int, int] = {}
     for _, train, j in rows:
         judgment_of[train] = min(j, judgment_of.get(train, j))  # a training image listed twice: its closest judgment
-    ours: dict[int, list[tuple[str, str, dict]]] = defaultdict(list)   # train index -> (test file, train file, pair)
-    for p in report["pairs"]:
-        sides = {p["a"]["split"]: p["a"], p["b"]["split"]: p["b"]}
-        test = sides.get("test")
-        train = next((s for s in (p["a"], p["b"]) if s["split"] in ("train", "val")), None)
-        if test is None or train is None or test["label"] != train["label"]:
-            continue
-        ours[index[train["file"]]].append((test["file"], train["file"], p))
+    ours = our_pairs(report, index)
     test_images = {t for pairs in ours.values() for t, _, _ in pairs}
     print(f"report: {args.report} ({report.get('search', {}).get('used', 'exact')} search, thresholds {report['thresholds']})")
     print(f"published list: {len(rows)} rows, {len({t for t, _, _ in rows})} test images, "

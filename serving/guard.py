@@ -33,7 +33,8 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from serving.base import images
-from serving.settings import ServiceSettings, confidence_threshold
+from serving.base.errors import UserError
+from serving.settings import ServiceSettings, check_min_confidence
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -258,13 +259,10 @@ def _top_k(value: Any) -> int | None:
 
 
 def _min_confidence(value: Any) -> float | None:
-    if value is None:
-        return None
-    threshold = confidence_threshold(value) if isinstance(value, str) else None
-    if threshold is None:
-        raise RequestError(400, f"min_confidence must be a probability between 0 and 1 (both excluded), "
-                                f"not {str(value)[:40]!r}")
-    return threshold
+    try:
+        return check_min_confidence(value)  # the one check; a form field is a str (a file upload fails it)
+    except UserError as exc:
+        raise RequestError(400, str(exc)) from None
 
 
 def _per_file(value: Any) -> bool:

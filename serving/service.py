@@ -30,7 +30,8 @@ from serving.lifecycle import supervise_parent
 from serving.base.manifest import resolve_model
 from serving.predict import top_k as top_classes
 from serving.sessions import OnnxClassifier, physical_cores
-from serving.settings import ServiceSettings, confidence_threshold
+from serving.base.errors import UserError
+from serving.settings import ServiceSettings, check_min_confidence
 
 
 def _model_ref() -> str:
@@ -184,9 +185,11 @@ class ImageClassifier:
         too low to act on, and the top-k are still listed for a human to look at."""
         if not decoded:
             raise bentoml.exceptions.InvalidArgument("no images")
-        if min_confidence is not None and confidence_threshold(min_confidence) is None:
-            raise bentoml.exceptions.InvalidArgument("min_confidence must be a probability between 0 and 1 (both excluded)")
-        threshold = SETTINGS.min_confidence if min_confidence is None else float(min_confidence)
+        try:
+            threshold = check_min_confidence(min_confidence)
+        except UserError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+        threshold = SETTINGS.min_confidence if threshold is None else threshold
         pixels = np.stack([images.to_array(img, self.model.input_hw, self.model.interpolation) for img in decoded])
         try:
             probs = await self._batched(pixels)

@@ -58,13 +58,20 @@ class ServiceSettings:
         device = env.get("TLSERVE_DEVICE", cls.device)
         if device not in DEVICES:
             raise UserError(f"TLSERVE_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
-        raw = env.get("TLSERVE_MIN_CONFIDENCE")
-        min_confidence = None
-        if raw not in (None, ""):
-            min_confidence = confidence_threshold(raw)
-            if min_confidence is None:
-                raise UserError(f"TLSERVE_MIN_CONFIDENCE must be a probability between 0 and 1 (both excluded), not {raw!r}")
+        min_confidence = check_min_confidence(env.get("TLSERVE_MIN_CONFIDENCE") or None, "TLSERVE_MIN_CONFIDENCE")
         return cls(**ints, **seconds, ort_spin=ort_spin, device=device, min_confidence=min_confidence)
+
+
+def check_min_confidence(raw: object, name: str = "min_confidence") -> float | None:
+    """The one check of every min_confidence (TLSERVE_MIN_CONFIDENCE, a request's form field, an in-process
+    call): None when not given, else the threshold, or one UserError line naming `name` (the guard answers
+    it as a 400, the service's endpoints as BentoML's InvalidArgument)."""
+    if raw is None:
+        return None
+    value = confidence_threshold(raw) if isinstance(raw, (str, int, float)) and not isinstance(raw, bool) else None
+    if value is None:
+        raise UserError(f"{name} must be a probability between 0 and 1 (both excluded), not {str(raw)[:40]!r}")
+    return value
 
 
 def confidence_threshold(raw: str | float) -> float | None:

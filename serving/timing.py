@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -17,18 +17,22 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from serving.base import formats, machine, storage
+from serving.base import formats, machine
+from serving.base.contract import Contract, optional
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
 from serving.sessions import Loader
 
 ONNX_RUNTIMES = tuple(f.runtime for f in formats.ONNX)
-DEFAULT_RUNTIMES = ("onnx", "onnx-int8", "onnx-fp16")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+SCHEMA = 1  # bench/<kind>-<time>.json
 
+
+# ---- the stored result (serving.base.contract) --------------------------------------------------
 
 @dataclass
-class Result:
+class Result(Contract):
+    """One runtime at one batch size, in-process."""
     runtime: str
     batch_size: int
     iterations: int
@@ -40,6 +44,52 @@ class Result:
     images_per_sec: float
     provider: str
     threads: int | None
+
+
+@dataclass(kw_only=True)
+class HttpRow(Contract):
+    """One concurrency level of the HTTP load test (latencies None when every request failed)."""
+    concurrency: int
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    mean_ms: float | None
+    requests_per_sec: float | None
+    overhead_ms_p50: float | None = optional()  # p50 above the in-process floor, when a MODEL gave one
+
+
+@dataclass(kw_only=True)
+class BenchResult(Contract):
+    """models/<name>/bench/<kind>-<time>.json: one `tlserve bench`, with the machine it ran on."""
+    schema: int = SCHEMA
+    kind: str                                  # inprocess | http
+    model: str | None = optional()             # absent: an HTTP bench without a MODEL (not stored)
+    version: str | None = optional()
+    created_at: str
+    machine: dict[str, Any]
+    versions: dict[str, str] | None = optional()
+
+    SCHEMA = SCHEMA
+    KIND = "bench result"
+
+
+@dataclass(kw_only=True)
+class InprocessBench(BenchResult):
+    kind: str = "inprocess"
+    results: list[Result]
+    skipped: dict[str, str]                    # runtime -> why it was not measured
+
+
+@dataclass(kw_only=True)
+class HttpBench(BenchResult):
+    kind: str = "http"
+    url: str
+    server: dict[str, Any]                     # the service's /metadata facts
+    inprocess_onnx_p50_ms: float | None        # the floor, when a MODEL was given
+    results: list[HttpRow]
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -64,7 +114,7 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int | None, du
             return samples
 
 
-def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
+def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = ONNX_RUNTIMES, batch_sizes: tuple[int, ...] = (1, 8, 32),
                 iterations: int | None = None, duration: float | None = 3.0, warmup: int = 5,
                 threads: int | None = None, log: Callable[[str], None] = print,
                 loader: Loader | None = None, known: tuple[str, ...] = ONNX_RUNTIMES,
@@ -107,25 +157,27 @@ def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
         raise UserError("nothing to measure: " + "; ".join(f"{r}: {why}" for r, why in skipped.items()))
     for runtime, why in skipped.items():
         log(f"skipped {runtime}: {why}")
-    return _save(model_dir, manifest, "inprocess", {"results": [asdict(r) for r in results], "skipped": skipped},
-                 facts=facts)
-
-
-def _save(model_dir: Path, manifest: Manifest, kind: str, body: dict[str, Any],
-          facts: Callable[[], dict[str, Any]] = machine.machine_facts) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
-    report = {"schema": 1, "kind": kind, "model": manifest.name, "version": manifest.version,
-              "created_at": now.isoformat(timespec="seconds"), "machine": facts(),
-              "versions": machine.package_versions(), **body}
-    path = ModelFolder(Path(model_dir)).bench_dir / f"{kind}-{now:%Y%m%d-%H%M%S}.json"
-    storage.write_json(path, report)
-    report["path"] = str(path)
-    return report
+    stored = InprocessBench(model=manifest.name, version=manifest.version, created_at=_stamp(now), machine=facts(),
+                            versions=machine.package_versions(), results=results, skipped=skipped)
+    return _save(model_dir, stored, now)
+
+
+def _stamp(now: datetime) -> str:
+    return now.isoformat(timespec="seconds")
+
+
+def _save(model_dir: Path, result: BenchResult, now: datetime) -> dict[str, Any]:
+    """Store `result` under the model's bench/ folder; returns it as written, with its `path`."""
+    path = result.write(ModelFolder(Path(model_dir)).bench_dir / f"{result.kind}-{now:%Y%m%d-%H%M%S}.json")
+    return {**result.to_dict(), "path": str(path)}
 
 
 # ---- over HTTP ------------------------------------------------------------------------------
 
-def check_url(url: str, allow_remote: bool) -> str:
+def check_url(url: str, allow_remote: bool = True) -> str:
+    """A running service's --url (bench and eval): http(s) with a host, its trailing / dropped; a load test
+    (allow_remote False) stays on a loopback address."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(f"--url must look like http://127.0.0.1:3000, not '{url}'")
@@ -249,21 +301,23 @@ def bench_http(url: str, *, concurrency: tuple[int, ...] = (1, 8, 32), requests:
     for c in concurrency:
         latencies, errors, wall = asyncio.run(_load(f"{url}/predict", uploads, c, requests, warmup, timeout, max_seconds))
         stats = percentiles(latencies) if latencies else {k: None for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms")}
-        row = {"concurrency": c, "requests": len(latencies) + errors, "errors": errors, **stats,
-               "requests_per_sec": len(latencies) / wall if wall else None}
+        row = HttpRow(concurrency=c, requests=len(latencies) + errors, errors=errors, **stats,
+                      requests_per_sec=len(latencies) / wall if wall else None)
         results.append(row)
-        log(f"concurrency {c:3d}: p50 {row['p50_ms'] or 0:8.3f} ms  p99 {row['p99_ms'] or 0:8.3f} ms  "
-            f"{row['requests_per_sec'] or 0:8.1f} req/s  errors {errors}")
+        log(f"concurrency {c:3d}: p50 {row.p50_ms or 0:8.3f} ms  p99 {row.p99_ms or 0:8.3f} ms  "
+            f"{row.requests_per_sec or 0:8.1f} req/s  errors {errors}")
     floor = None
     if model_dir is not None:
         floor = inprocess_p50_ms(model_dir, hw)
         for row in results:
-            row["overhead_ms_p50"] = row["p50_ms"] - floor if row["p50_ms"] is not None else None
+            row.overhead_ms_p50 = row.p50_ms - floor if row.p50_ms is not None else None
     server_keys = ("name", "version", "provider", "max_batch_size", "ort_spin", "lone_session")
-    body = {"url": url, "server": {k: meta.get(k) for k in server_keys},
-            "inprocess_onnx_p50_ms": floor, "results": results}
-    if model_dir is not None:
-        return _save(model_dir, Manifest.load(model_dir), "http", body)
-    return {"schema": 1, "kind": "http", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine.machine_facts(), **body}
+    now = datetime.now(timezone.utc)
+    result = HttpBench(created_at=_stamp(now), machine=machine.machine_facts(), url=url,
+                       server={k: meta.get(k) for k in server_keys}, inprocess_onnx_p50_ms=floor, results=results)
+    if model_dir is None:
+        return result.to_dict()
+    manifest = Manifest.load(model_dir)
+    result.model, result.version, result.versions = manifest.name, manifest.version, machine.package_versions()
+    return _save(model_dir, result, now)
 

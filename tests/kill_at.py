@@ -24,8 +24,15 @@ def _die() -> None:
 
 def main() -> None:
     point, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
-    kind, _, arg = point.partition(":")
     import cli
+
+    _arm(point)
+    cli.main(args)
+
+
+def _arm(point: str) -> None:
+    """Patch the code so that this process dies at `point` (KIND:ARG)."""
+    kind, _, arg = point.partition(":")
     from serving.base import storage
     from training.fit import checkpoints, run_state, train
     from training.env import keras
@@ -56,21 +63,15 @@ def main() -> None:
             return ref
 
         checkpoints.Checkpoints.write = write_and_die
-    elif kind == "phase-end":
+    elif kind in ("phase-end", "state"):
         write_json = storage.write_json
 
-        def write_json_and_die(path, data):
-            write_json(path, data)
-            if path.name == run_state.STATE and arg in data.get("phases_done", []):
-                _die()
-
-        storage.write_json = write_json_and_die
-    elif kind == "state":
-        write_json = storage.write_json
+        def reached(state: dict) -> bool:  # phase-end:PHASE once PHASE is done, state:N after epoch N
+            return arg in state.get("phases_done", []) if kind == "phase-end" else len(state.get("history", [])) == int(arg)
 
         def write_state_and_die(path, data):
             write_json(path, data)
-            if path.name == run_state.STATE and len(data.get("history", [])) == int(arg):
+            if path.name == run_state.STATE and reached(data):
                 _die()
 
         storage.write_json = write_state_and_die
@@ -87,7 +88,6 @@ def main() -> None:
         storage.promote = promote_or_die
     else:
         raise SystemExit(f"unknown kill point {point}")
-    cli.main(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""The typed configuration of one training run: every `tlserve train` option."""
+"""The typed configuration of one training run: every `tlserve train` option.
+
+TrainConfig is a serving.base.contract.Contract: the staging folder's config.json and record.json's
+`config` are its to_dict(), read back with type checks and unknown keys kept. The files carry no schema
+key of their own (record.json's schema covers its config; TrainConfig.SCHEMA versions config.json).
+"""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+
+from serving.base.contract import Contract
+from serving.base.errors import UserError, nearest
 
 STRATEGIES = ("scratch", "frozen", "finetune", "full")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -16,10 +23,32 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTIONS = ("auto", "none", "mirrored")
 CNN_PADDINGS = ("same", "valid")
 DATA_SCHEMES = ("synthetic", "cifar10", "folder")
+DATA_FORMS = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")  # what --data takes
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A --data value as its scheme and, for cifar10:PATH and folder:PATH, its path: the one parser of
+    --data (training, eval and the data check all read it here), with the one error line."""
+    scheme: str               # synthetic | cifar10 | folder
+    path: str | None = None   # cifar10: None is Keras's download; folder: always set
+
+    @classmethod
+    def parse(cls, text: str) -> "DataSpec":
+        scheme, _, arg = text.partition(":")
+        if scheme not in DATA_SCHEMES or (scheme == "folder" and not arg) or (scheme == "synthetic" and arg):
+            close = nearest(scheme, list(DATA_SCHEMES)) if scheme not in DATA_SCHEMES else ""
+            raise UserError(f"unknown --data '{text}'{close}; use one of {', '.join(DATA_FORMS)}")
+        return cls(scheme, arg or None)
+
+    @property
+    def local(self) -> Path | None:
+        """The path on this machine (~ expanded), or None."""
+        return Path(self.path).expanduser() if self.path else None
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Contract):
     spec: str = "synthetic"            # cifar10 | cifar10:PATH | folder:PATH | synthetic
     classes: str | None = None         # "0-4" | "cat,dog" | None for all
     val_split: float = 0.1
@@ -29,7 +58,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Contract):
     data: DataConfig = field(default_factory=DataConfig)
     backbone: str = "cnn"
     weights: str | None = None         # imagenet | none | PATH.h5; None: imagenet for transfer, none for scratch
@@ -76,12 +105,5 @@ class TrainConfig:
     name: str | None = None
     overwrite: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
-        raw = dict(raw)
-        data = DataConfig(**raw.pop("data", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(data=data, **{k: v for k, v in raw.items() if k in known})
+    FILE = "config.json"
+    KIND = "train config"

@@ -64,6 +64,8 @@ EXPORT_FORMATS = tuple(dict.fromkeys(f.export_format for f in FORMATS if f.expor
 BENCH_MODES = {"tf-function": "keras"}
 BENCH_RUNTIMES = tuple(name for f in FORMATS for name in (f.runtime, *[m for m, row in BENCH_MODES.items()
                                                                       if row == f.runtime]))
+# What `tlserve bench` times when --runtimes is not given: every row (its modes only when asked for).
+BENCH_DEFAULT = RUNTIMES
 
 
 class MissingFormat(UserError):

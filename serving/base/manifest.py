@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from serving.base import storage
+from serving.base.contract import Contract, optional
 from serving.base.errors import UserError, nearest
 
 MANIFEST = "manifest.json"
@@ -21,19 +20,19 @@ SCHEMA = 1
 
 
 # ---- the manifest's contract ------------------------------------------------------------------
-# Every class reads its own JSON object: a missing required key or a value of the wrong type is one
-# UserError naming the file and the key; keys this version does not know are kept in `extra` and
-# written back, so an older tlserve re-saving a newer manifest loses nothing.
+# serving.base.contract: a missing required key or a value of the wrong type is one UserError naming
+# the file and the key; keys this version does not know are kept in `extra` and written back, so an
+# older tlserve re-saving a newer manifest loses nothing. Figures that do not apply are optional():
+# left out, not written as null.
 
 @dataclass
-class InputSpec:
+class InputSpec(Contract):
     name: str
     shape: list              # [None, height, width, 3]
     dtype: str = "float32"
     range: list = field(default_factory=lambda: [0, 255])
     layout: str = "NHWC"
     interpolation: str = "bilinear"  # manifests before interpolation was recorded were bilinear
-    extra: dict = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -47,71 +46,66 @@ class InputSpec:
     def hw(self) -> tuple[int, int]:
         return self.height, self.width
 
-    def to_dict(self) -> dict[str, Any]:
-        return _dump(self)
 
 
 @dataclass
-class Artifact:
+class Artifact(Contract):
     """One exported file (or the SavedModel folder) with its digest and what the export measured on it.
 
     Optional figures are absent (None) where they do not apply: the SavedModel has no test accuracy,
     fp32 has no accuracy delta or gate."""
     sha256: Optional[str]    # None only for a variant the gate did not keep (its file is gone)
     bytes: int
-    max_abs_diff: Optional[float] = None
-    top1_agreement: Optional[float] = None
+    max_abs_diff: Optional[float] = optional()
+    top1_agreement: Optional[float] = optional()
     # largest |log-probability difference| from Keras over the row's logit range (older exports: absent)
-    max_logit_rel_diff: Optional[float] = None
-    test_accuracy: Optional[float] = None
-    test_ece: Optional[float] = None
-    test_per_class_recall: Optional[dict] = None
-    accuracy_delta: Optional[float] = None
-    gate: Optional[dict] = None
-    calibration_images: Optional[int] = None
+    max_logit_rel_diff: Optional[float] = optional()
+    test_accuracy: Optional[float] = optional()
+    test_ece: Optional[float] = optional()
+    test_per_class_recall: Optional[dict] = optional()
+    accuracy_delta: Optional[float] = optional()
+    gate: Optional[dict] = optional()
+    calibration_images: Optional[int] = optional()
     # int8: the calibration images' sampling, method and count per class
-    calibration_set: Optional[dict] = None
-    quantization: Optional[str] = None
-    weight_bits: Optional[int] = None
+    calibration_set: Optional[dict] = optional()
+    quantization: Optional[str] = optional()
+    weight_bits: Optional[int] = optional()
     # int8: what stayed float32 ({"convolutions": k, "of_convolutions": n, "nodes": [...]})
-    kept_float: Optional[dict] = None
+    kept_float: Optional[dict] = optional()
     # int8: each quantization the accuracy fallback tried, in order, with the gate's figures
-    int8_tries: Optional[list] = None
+    int8_tries: Optional[list] = optional()
     # p50 ms against fp32 on the export machine: {"batch_1": {"fp32": ms, "int8": ms, "speedup": x}, ...}
-    speed: Optional[dict] = None
-    kept: Optional[bool] = None
-    extra: dict = field(default_factory=dict)
+    speed: Optional[dict] = optional()
+    kept: Optional[bool] = optional()
 
 
 @dataclass
-class Gate:
+class Gate(Contract):
     """The accuracy gate fp16/int8 passed through: its limits and the variants it did not keep."""
     max_accuracy_drop: float
     max_class_drop: float
     test_images: int
     rejected: dict[str, Artifact] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
-class ExportFacts:
-    opset: Optional[int] = field(default=None, metadata={"keep_none": True})  # None without onnx
+class ExportFacts(Contract):
+    opset: Optional[int] = None  # None without onnx
     formats: list = field(default_factory=list)
-    check_batch: Optional[int] = None
-    check_classes: Optional[dict] = None   # test images per class in the check batch (older exports: absent)
-    parity_tolerance: Optional[float] = None
-    parity_compared: Optional[str] = None  # what parity_tolerance bounds (absent: max |probability diff|)
+    check_batch: Optional[int] = optional()
+    check_classes: Optional[dict] = optional()   # test images per class in the check batch (older exports: absent)
+    parity_tolerance: Optional[float] = optional()
+    parity_compared: Optional[str] = optional()  # what parity_tolerance bounds (absent: max |probability diff|)
     # the export machine's CPU and whether it has int8 dot-product instructions (VNNI / AMX)
-    isa: Optional[dict] = None
+    isa: Optional[dict] = optional()
     check_informative: bool = True  # False: every check image gave the same output, so parity says little
-    check_output_spread: Optional[float] = None
-    versions: Optional[dict] = None
-    gate: Optional[Gate] = None
-    extra: dict = field(default_factory=dict)
+    check_output_spread: Optional[float] = optional()
+    versions: Optional[dict] = optional()
+    gate: Optional[Gate] = optional()
 
 
 @dataclass
-class Manifest:
+class Manifest(Contract):
     """models/<name>/manifest.json: what the service, predict, bench, eval and compare know of a model."""
     name: str
     version: str
@@ -124,44 +118,32 @@ class Manifest:
     artifacts: dict[str, Artifact]
     schema: int = SCHEMA
     created_at: str = ""
-    run_path: Optional[str] = None
-    output: Optional[dict] = None
+    run_path: Optional[str] = optional()
+    output: Optional[dict] = optional()
     tta: str = "none"  # flip: every image is run twice (it and its mirror)
-    params: Optional[int] = None
-    export: Optional[ExportFacts] = None
+    params: Optional[int] = optional()
+    export: Optional[ExportFacts] = optional()
     # The temperature baked into the model at training (training.fit.calibration), or None.
-    calibration: Optional[dict] = field(default=None, metadata={"keep_none": True})
-    bentoml_tag: Optional[str] = field(default=None, metadata={"keep_none": True})  # None: --no-register
-    extra: dict = field(default_factory=dict)
+    calibration: Optional[dict] = None
+    bentoml_tag: Optional[str] = None  # None: --no-register
 
+    SCHEMA = SCHEMA
+    KIND = "manifest"
+    FILE = MANIFEST
     # JSON key order as export has always written it
     ORDER = ("schema", "name", "version", "created_at", "run", "run_path", "class_names", "input", "output",
              "backbone", "strategy", "tta", "test_accuracy", "params", "export", "calibration", "artifacts",
              "bentoml_tag")
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = MANIFEST) -> "Manifest":
-        return _build(cls, data, source, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = _dump(self)
-        return {**{k: out[k] for k in self.ORDER if k in out}, **{k: v for k, v in out.items() if k not in self.ORDER}}
-
-    @classmethod
     def load(cls, model_dir: Path) -> "Manifest":
         path = Path(model_dir) / MANIFEST
         if not path.is_file():
             raise UserError(f"{model_dir} is not an exported model (no {MANIFEST}); run `tlserve export RUN` first")
-        try:
-            data = storage.read_json(path)
-        except ValueError:
-            raise UserError(f"{path} is not valid JSON") from None
-        return cls.from_dict(data, str(path))
+        return cls.read(path)
 
     def save(self, model_dir: Path) -> Path:
-        path = Path(model_dir) / MANIFEST
-        storage.write_json(path, self.to_dict())
-        return path
+        return self.write(Path(model_dir) / MANIFEST)
 
     @property
     def num_classes(self) -> int:
@@ -181,103 +163,6 @@ class Manifest:
     def keras_path(self) -> Path | None:
         """The run's model.keras, which export compared every file against (not itself an artifact)."""
         return Path(self.run_path) / "model.keras" if self.run_path else None
-
-
-def _is_optional(f) -> bool:
-    return f.default is not MISSING or f.default_factory is not MISSING
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
-    names = []
-    for a in args:
-        origin = typing.get_origin(a) or a
-        names.append("an object" if origin is dict or is_dataclass(origin) else
-                     "a list" if origin is list else "a number" if origin in (int, float) else
-                     "true or false" if origin is bool else "a string" if origin is str else str(origin))
-    return " or ".join(dict.fromkeys(names)) + (" or null" if _is_union(hint) and type(None) in typing.get_args(hint) else "")
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, types.UnionType)
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    if _is_union(hint):
-        return any(_fits(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint) or hint
-    if is_dataclass(origin):
-        return isinstance(value, dict)
-    if origin is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin)
-
-
-def _convert(value: Any, hint: Any, source: str, where: str) -> Any:
-    if _is_union(hint):
-        if value is None:
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None) and _fits(value, a))
-    origin = typing.get_origin(hint) or hint
-    if is_dataclass(origin):
-        return _build(origin, value, source, where + ".")
-    args = typing.get_args(hint)
-    if origin is dict and len(args) == 2 and is_dataclass(args[1]):
-        return {k: _build(args[1], v, source, f"{where}.{k}.") if _fits(v, args[1])
-                else _wrong(source, f"{where}.{k}", v, args[1]) for k, v in value.items()}
-    return value
-
-
-def _wrong(source: str, key: str, value: Any, hint: Any):
-    raise UserError(f"{source}: key '{key}' should be {_describe(hint)}, not {type(value).__name__}")
-
-
-def _build(cls, data: Any, source: str, prefix: str):
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: {'key ' + repr(prefix.rstrip('.')) if prefix else 'the manifest'} should be "
-                        f"an object, not {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name == "extra":
-            continue
-        key = prefix + f.name
-        if f.name not in data:
-            if not _is_optional(f):
-                raise UserError(f"{source}: missing key '{key}'")
-            continue
-        value = data[f.name]
-        if not _fits(value, hints[f.name]):
-            _wrong(source, key, value, hints[f.name])
-        kwargs[f.name] = _convert(value, hints[f.name], source, key)
-    known = {f.name for f in fields(cls)}
-    return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
-
-
-def _dump(obj: Any) -> Any:
-    """A dataclass back to the JSON object it came from: optional figures that are None are left out
-    (they did not apply), unless None itself is the stored fact (keep_none)."""
-    if is_dataclass(obj):
-        out = {}
-        for f in fields(obj):
-            if f.name == "extra":
-                continue
-            value = getattr(obj, f.name)
-            if value is None and _is_optional(f) and not f.metadata.get("keep_none"):
-                continue
-            out[f.name] = _dump(value)
-        return {**out, **obj.extra}
-    if isinstance(obj, dict):
-        return {k: _dump(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_dump(v) for v in obj]
-    return obj
 
 
 # ---- a model folder's layout ----------------------------------------------------------------

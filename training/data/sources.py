@@ -20,11 +20,10 @@ from PIL import Image
 from serving.base import images
 from serving.base.errors import UserError, nearest
 from training import progress
-from training.config import DataConfig
+from training.config import DataConfig, DataSpec
 from training.env import tf
 from training.errors import reason
 
-SCHEMES = ("synthetic", "cifar10", "cifar10:PATH", "folder:PATH")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SYNTHETIC_CLASSES = ["circle", "square", "triangle", "ring", "cross", "hbar", "vbar", "diagonal", "checker", "dots"]
 SYNTHETIC_SIZES = {"train": 2000, "val": 400, "test": 400}
@@ -79,16 +78,14 @@ class Dataset:
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     check_config(cfg)
-    scheme, _, arg = cfg.spec.partition(":")
-    if scheme == "synthetic" and not arg:
+    spec = DataSpec.parse(cfg.spec)
+    if spec.scheme == "synthetic":
         ds = _synthetic(cfg)
-    elif scheme == "cifar10":
-        ds = _cifar10(cfg, arg or None)
-    elif scheme == "folder" and arg:
-        ds = _folder(cfg, Path(arg).expanduser())
+    elif spec.scheme == "cifar10":
+        ds = _cifar10(cfg, spec.path)
     else:
-        raise UserError(f"unknown --data '{cfg.spec}'; use one of {', '.join(SCHEMES)}")
-    if scheme != "folder":  # folders select classes before decoding
+        ds = _folder(cfg, spec.local)
+    if spec.scheme != "folder":  # folders select classes before decoding
         ds = _select_classes(ds, cfg.classes)
     # After --classes, so --limit N means N images of the chosen classes.
     ds.train, ds.val, ds.test = (_limit(split, cfg.limit, cfg.seed) for split in (ds.train, ds.val, ds.test))
@@ -437,18 +434,23 @@ def _decode(files: list[Path], labels: np.ndarray, size: tuple[int, int], skippe
 EVAL_SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
+def check_split(split: str) -> str:
+    """--split of `tlserve eval`: the one check (labelled_folder and labelled_arrays take it checked)."""
+    if split not in EVAL_SPLITS:
+        raise UserError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not '{split}'")
+    return split
+
+
 def labelled_folder(root: Path, split: str) -> tuple[Path, str, dict[str, list[Path]]]:
     """(the folder holding the class folders, how it was chosen, {class folder name: image files}).
 
-    With split sub-folders (train/, val/ valid/ validation/, test/) `split` picks one; without them
-    every class folder under root is used and `split` does not apply."""
+    With split sub-folders (train/, val/ valid/ validation/, test/) `split` (check_split) picks one;
+    without them every class folder under root is used and `split` does not apply."""
     root = Path(root).expanduser()
     if root.is_file():
         raise UserError(f"--data folder:{root}: this is a file; give the folder that holds one sub-folder per class")
     if not root.is_dir():
         raise UserError(f"--data folder:{root}: no such folder")
-    if split not in EVAL_SPLITS:
-        raise UserError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not '{split}'")
     present = {alias: root / alias for names in EVAL_SPLITS.values() for alias in names
                if (root / alias).is_dir() and _class_dirs(root / alias)}
     if present:
@@ -467,13 +469,12 @@ def labelled_folder(root: Path, split: str) -> tuple[Path, str, dict[str, list[P
 
 def labelled_arrays(spec: str, split: str, *, seed: int = 0,
                     image_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    """(x uint8, y, class names, source) of one split of `synthetic` or `cifar10[:PATH]`.
+    """(x uint8, y, class names, source) of one split (check_split) of `synthetic` or `cifar10[:PATH]`.
 
     synthetic: the very images `tlserve train --data synthetic --seed SEED` has in that split."""
-    scheme, _, arg = spec.partition(":")
-    if split not in EVAL_SPLITS:
-        raise UserError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not '{split}'")
-    if scheme == "synthetic" and not arg:
+    parsed = DataSpec.parse(spec)
+    scheme, arg = parsed.scheme, parsed.path
+    if scheme == "synthetic":
         i = list(SYNTHETIC_SIZES).index(split)
         x, y, names = make_synthetic(SYNTHETIC_SIZES[split], seed=seed * 1000 + i, image_size=image_size)
         return x, y, names, f"synthetic (seed {seed}, {split} split)"
@@ -481,14 +482,14 @@ def labelled_arrays(spec: str, split: str, *, seed: int = 0,
         if split == "val":
             raise UserError("CIFAR-10 has a train and a test split; use --split test or --split train")
         if arg:
-            (xtr, ytr), (xte, yte), names = _read_cifar_batches(Path(arg).expanduser())
+            (xtr, ytr), (xte, yte), names = _read_cifar_batches(parsed.local)
         else:
             ds = _cifar10(DataConfig(spec="cifar10", val_split=0.0), None)
             (xtr, ytr), (xte, yte), names = (ds.train.x, ds.train.y), (ds.test.x, ds.test.y), ds.class_names
         x, y = (xtr, ytr) if split == "train" else (xte, yte)
         return (np.asarray(x, np.uint8), np.asarray(y, np.int64).reshape(-1), list(names),
                 f"CIFAR-10 ({arg or 'Keras download'}, {split} split)")
-    raise UserError(f"unknown --data '{spec}'; use one of {', '.join(SCHEMES)}")
+    raise UserError(f"--data {spec}: not an array source (synthetic, cifar10, cifar10:PATH)")
 
 
 LARGE_ARRAY_BYTES = 256 * 2**20

@@ -5,28 +5,13 @@ join them through training/exported/loader.py, so this module only picks the bra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from serving import timing as benchmarks
 from serving.base.errors import UserError
 from serving.base.manifest import resolve_model
-
-
-@dataclass
-class BenchOptions:
-    runtimes: str = "keras,savedmodel,onnx,onnx-int8,onnx-fp16"
-    batch_sizes: str = "1,8,32"
-    duration: float = 3.0
-    iterations: int | None = None       # a fixed number of timed calls instead of duration
-    warmup: int = 5
-    threads: int | None = None
-    url: str | None = None              # a running service instead of in-process runtimes
-    concurrency: str = "1,8,32"
-    requests: int = 200
-    images: Path | None = None          # with url: upload these instead of generated images
-    allow_remote: bool = False
+from training.exported.options import BenchOptions
 
 
 def ints(spec: str, option: str) -> tuple[int, ...]:

@@ -22,14 +22,17 @@ from typing import Any, Callable
 import numpy as np
 
 from serving.base import formats, images, storage
+from serving.base.contract import Contract
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
+from serving.timing import check_url
+from training.config import DataSpec
 from training.data import sources as datasets
+from training.exported.options import EvalOptions
 from training.record import metrics
 from training import progress
 
-# onnxruntime runs at this batch size: at 32 and above its images/s on this CPU levels off.
-BATCH = 64
+BATCH = EvalOptions.batch_size
 # Images decoded ahead (in threads) while the model runs the previous chunk.
 CHUNK = 512
 DECODE_THREADS = 8
@@ -37,23 +40,9 @@ DECODE_THREADS = 8
 HTTP_BATCH = 64
 MISTAKES = 24
 RUNTIMES = formats.BASE_RUNTIMES  # onnx takes --variants, the others ignore it
+SCHEMA = 1  # metrics.json
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class EvalOptions:
-    data: str
-    split: str = "test"
-    variants: str = "all"
-    runtime: str = "onnx"
-    url: str | None = None
-    out: Path | None = None
-    ignore_unknown: bool = False
-    seed: int = 0
-    batch_size: int = BATCH
-    gradcam: bool = True       # the mistakes page shows each mistake's Grad-CAM (needs the run's Keras model)
-    runs_dir: Path | None = None
 
 
 @dataclass
@@ -112,10 +101,10 @@ def load_labelled(spec: str, split: str, class_names: list[str], hw: tuple[int, 
                   ignore_unknown: bool = False, seed: int = 0) -> Labelled:
     """The images of `spec` whose class the model knows; a class it does not know is an error that
     names it, or (ignore_unknown) skipped and counted."""
-    scheme, _, arg = spec.partition(":")
+    parsed = DataSpec.parse(spec)
     known = {name: i for i, name in enumerate(class_names)}
-    if scheme == "folder" and arg:
-        folder, layout, classes = datasets.labelled_folder(Path(arg), split)
+    if parsed.scheme == "folder":
+        folder, layout, classes = datasets.labelled_folder(parsed.local, split)
         names, labels, paths, unknown = [], [], [], {}
         for cls, files in classes.items():
             if cls not in known:
@@ -234,15 +223,6 @@ def score_inprocess(data: Labelled, variants: list[Variant], hw: tuple[int, int]
     return Scored(kept, probs, seconds, time.perf_counter() - start, skipped)
 
 
-def check_url(url: str) -> str:
-    from urllib.parse import urlparse  # noqa: PLC0415
-
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UserError(f"--url must look like http://127.0.0.1:3000, not '{url}'")
-    return url.rstrip("/")
-
-
 def server_metadata(url: str, manifest: Manifest, timeout: float = 10.0) -> dict[str, Any]:
     """The service's /metadata, refused unless it serves this very model (same name, version, classes)."""
     import httpx  # noqa: PLC0415
@@ -323,6 +303,63 @@ def _reason(response) -> str:
 
 # ---- metrics -----------------------------------------------------------------------------------
 
+@dataclass(kw_only=True)
+class VariantMetrics(Contract):
+    """One variant's figures in metrics.json (variant_metrics, then how fast it answered)."""
+    images: int
+    accuracy: float
+    top5_accuracy: float | None          # None with fewer than 5 classes
+    macro_f1: float
+    weighted_f1: float
+    per_class: dict[str, dict[str, Any]]  # {class: {precision, recall, f1, support}}
+    confusion_matrix: list[list[int]]    # [true][predicted]
+    ece: float | None
+    reliability_bins: list[dict[str, Any]]
+    coverage: list[dict[str, Any]]       # [{threshold, coverage, accuracy}]
+    seconds: float                       # inside the model (or the HTTP round trips)
+    model_images_per_sec: float | None
+    provider: str
+    batch_size: int
+
+
+@dataclass(kw_only=True)
+class EvalData(Contract):
+    """What metrics.json was measured on."""
+    spec: str
+    split: str
+    seed: int | None = None              # the synthetic split's seed (metrics.json before 2026-12-02 lacks it)
+    source: str
+    images: int
+    scored: int
+    classes: list[str]
+    skipped_unreadable: dict[str, str]   # image name -> why
+    skipped_unknown_class: dict[str, int]  # class folder the model lacks -> images skipped
+
+
+@dataclass(kw_only=True)
+class EvalMetrics(Contract):
+    """eval/<timestamp>/metrics.json: one `tlserve eval` (serving.base.contract)."""
+    schema: int = SCHEMA
+    kind: str = "eval"
+    model: str
+    version: str
+    created_at: str
+    data: EvalData
+    runtime: str                         # keras | savedmodel | onnx | http
+    url: str | None
+    server: dict[str, Any] | None        # over HTTP: the service's name, version, variant, provider
+    class_names: list[str]
+    wall_seconds: float
+    images_per_sec: float | None
+    variants: dict[str, VariantMetrics]
+    machine: dict[str, Any]
+    versions: dict[str, Any]
+
+    SCHEMA = SCHEMA
+    FILE = "metrics.json"
+    KIND = "eval metrics"
+
+
 def variant_metrics(y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """training.record.metrics over one variant's answers. Precision/recall/F1 and their means are over the
     classes that occur in the data or the predictions (scikit-learn's default labels): a model class
@@ -357,6 +394,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     hw, interpolation = manifest.input.hw, manifest.input.interpolation
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    datasets.check_split(opts.split)
     final = _out_dir(model_dir, opts.out)
     # Everything that can fail on the user's options fails before any image is decoded.
     if opts.url:
@@ -374,31 +412,30 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
         raise UserError(f"--data {opts.data}: none of the {len(data)} images could be read")
     y = data.labels[scored.kept]
     n = int(scored.kept.sum())
-    result: dict[str, Any] = {
-        "schema": 1, "kind": "eval", "model": manifest.name, "version": manifest.version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"spec": opts.data, "split": opts.split, "seed": opts.seed, "source": data.source,
-                 "images": len(data), "scored": n,
-                 "classes": sorted({class_names[i] for i in data.labels}),
-                 "skipped_unreadable": dict(sorted(scored.skipped.items())),
-                 "skipped_unknown_class": data.unknown},
-        "runtime": "http" if opts.url else opts.runtime,
-        "url": opts.url,
-        "server": {k: scored.server.get(k) for k in ("name", "version", "variant", "provider")} if scored.server else None,
-        "class_names": class_names,
-        "wall_seconds": scored.wall_seconds,
-        "images_per_sec": n / scored.wall_seconds if scored.wall_seconds else None,
-        "variants": {},
-        "machine": (facts or machine.machine_facts)(),
-        "versions": machine.package_versions(),
-    }
     providers = {v.name: v.provider for v in variants or []}
+    rows = {}
     for name, probs in scored.probs.items():
-        row = variant_metrics(y, probs[scored.kept], class_names)
         spent = scored.seconds[name]
-        row.update({"seconds": spent, "model_images_per_sec": n / spent if spent else None,
-                    "provider": providers.get(name, "http"), "batch_size": HTTP_BATCH if opts.url else opts.batch_size})
-        result["variants"][name] = row
+        rows[name] = VariantMetrics(**variant_metrics(y, probs[scored.kept], class_names), seconds=spent,
+                                    model_images_per_sec=n / spent if spent else None,
+                                    provider=providers.get(name, "http"),
+                                    batch_size=HTTP_BATCH if opts.url else opts.batch_size)
+    result = EvalMetrics(
+        model=manifest.name, version=manifest.version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data=EvalData(spec=opts.data, split=opts.split, seed=opts.seed, source=data.source, images=len(data), scored=n,
+                      classes=sorted({class_names[i] for i in data.labels}),
+                      skipped_unreadable=dict(sorted(scored.skipped.items())), skipped_unknown_class=data.unknown),
+        runtime="http" if opts.url else opts.runtime,
+        url=opts.url,
+        server={k: scored.server.get(k) for k in ("name", "version", "variant", "provider")} if scored.server else None,
+        class_names=class_names,
+        wall_seconds=scored.wall_seconds,
+        images_per_sec=n / scored.wall_seconds if scored.wall_seconds else None,
+        variants=rows,
+        machine=(facts or machine.machine_facts)(),
+        versions=machine.package_versions(),
+    ).to_dict()
     _write(final, result, data, scored, log, model_dir if opts.gradcam else None, opts.runs_dir)
     result["path"] = str(final)
     return result

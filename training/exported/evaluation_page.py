@@ -2,18 +2,14 @@
 so it can be mailed or attached to a ticket and still open in any browser."""
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any
 
-from training.exported.report import Doc
+from training.record.page import Doc, esc, img
 
-
-class EvalDoc(Doc):
-    extra_style = (".mistakes{display:flex;flex-wrap:wrap;gap:12px}.mistake{width:150px;font-size:12px;"
-                   "border:1px solid #ddd;padding:6px}.mistake img{width:128px;height:128px;object-fit:contain;"
-                   "image-rendering:pixelated;background:#eee}.gradcam:empty{display:none}")
+MISTAKES_STYLE = (".mistakes{display:flex;flex-wrap:wrap;gap:12px}.mistake{width:150px;font-size:12px;"
+                  "border:1px solid #ddd;padding:6px}.mistake img{width:128px;height:128px;object-fit:contain;"
+                  "image-rendering:pixelated;background:#eee}.gradcam:empty{display:none}")
 
 
 def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
@@ -36,7 +32,7 @@ def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict
     """`gradcam`: image index -> a PNG to show beside that mistake (the Grad-CAM of the class it was
     wrongly given, evaluation.mistake_gradcams); its slot on the page stays empty without it."""
     d = result["data"]
-    doc = EvalDoc(f"tlserve eval: {result['model']}:{result['version']}")
+    doc = Doc(f"tlserve eval: {result['model']}:{result['version']}", style=MISTAKES_STYLE)
     doc.para(f"Data: {d['source']} ({d['spec']}); {d['scored']:,} of {d['images']:,} images scored; "
              f"runtime {result['runtime']}{' at ' + result['url'] if result['url'] else ''}; {result['created_at']} "
              f"on {result['machine'].get('cpu', '?')}. Every figure below is in metrics.json; "
@@ -81,13 +77,11 @@ def render(result: dict[str, Any], figures: dict[str, Path], mistakes: list[dict
         doc.para("No mistakes.")
     cards = []
     for m in mistakes:
-        thumb = (f'<img alt="{html.escape(m["file"])}" src="data:image/png;base64,'
-                 f'{base64.b64encode(m["thumbnail"]).decode()}">') if m.get("thumbnail") else ""
+        thumb = img(m["thumbnail"], m["file"]) if m.get("thumbnail") else ""
         heat = (gradcam or {}).get(m["index"])
-        heat_html = (f'<img alt="Grad-CAM" src="data:image/png;base64,{base64.b64encode(heat).decode()}">'
-                     if heat else "")
+        heat_html = img(heat, "Grad-CAM") if heat else ""
         cards.append(f'<div class="mistake">{thumb}<div class="gradcam">{heat_html}</div>'
-                     f'<div>{html.escape(m["file"])}</div><div>true <b>{html.escape(m["true"])}</b></div>'
-                     f'<div>said <b>{html.escape(m["predicted"])}</b> at {m["confidence"]:.3f}</div></div>')
-    doc.html.append('<div class="mistakes">' + "".join(cards) + "</div>")
+                     f'<div>{esc(m["file"])}</div><div>true <b>{esc(m["true"])}</b></div>'
+                     f'<div>said <b>{esc(m["predicted"])}</b> at {m["confidence"]:.3f}</div></div>')
+    doc.raw('<div class="mistakes">' + "".join(cards) + "</div>")
     return doc.render_html()

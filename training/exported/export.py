@@ -24,6 +24,7 @@ from training import env, progress
 from training.record import records
 from training.config import DataConfig
 from training.exported import int8 as quant
+from training.exported.options import ExportOptions
 
 FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
 # Parity compares log-probabilities, i.e. the logits up to each row's own constant, relative to the size of
@@ -38,31 +39,7 @@ PARITY_ULPS_PER_LAYER = 64
 LOG_VISIBLE = -80.0
 PARITY_COMPARED = ("log-probabilities (logits up to a per-row constant) of the check batch where either side "
                    "exceeds exp(-80), relative to the row's largest |Keras logit|; and top-1 answers")
-DEFAULT_OPSET = 17
 Log = Callable[[str], None]
-
-
-@dataclass
-class ExportOptions:
-    name: str | None = None
-    formats: tuple[str, ...] = FORMATS
-    opset: int = DEFAULT_OPSET
-    fp16: bool = False
-    int8: bool = False
-    overwrite: bool = False
-    # The parity check batch: this many test images, at least one of every class, stratified.
-    check_images: int = 32
-    # int8 calibration: calibration_per_class training images of every class (a class with fewer gives
-    # all it has), at least calibration_images in all, stratified and seeded by the run's seed.
-    calibration_images: int = 256
-    calibration_per_class: int = 32
-    register: bool = True
-    # The gate for fp16/int8: a variant losing more test accuracy than this (points), or more recall on
-    # any one class, is not kept.
-    max_accuracy_drop: float = 1.0
-    max_class_drop: float = 5.0
-    # How long --int8 may search for a file the gate keeps by keeping more of the first layers float.
-    int8_budget: quant.Budget = field(default_factory=quant.Budget)
 
 
 @dataclass
@@ -467,7 +444,7 @@ def _manifest(run: records.Run, name: str, version: str, opts: ExportOptions, ar
     h, w = r.data.image_size
     class_names = r.data.class_names
     return Manifest(
-        schema=1,
+        schema=Manifest.SCHEMA,
         name=name,
         version=version,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -19,8 +19,6 @@ from serving.base.manifest import Manifest, verify_artifacts
 from serving.sessions import Loaded
 from training import env
 
-DEFAULT_BENCH_RUNTIMES = ("keras", "savedmodel", "onnx", "onnx-int8", "onnx-fp16")
-
 
 def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, device: str = "auto",
          threads: int | None = None, spin: str = "always") -> Loaded:
@@ -95,7 +93,7 @@ def predict_files(model_dir: Path, paths: list[Path], **options: Any) -> tuple[l
     return _predict.predict_files(model_dir, paths, loader=load, **options)
 
 
-def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = DEFAULT_BENCH_RUNTIMES,
+def bench_model(model_dir: Path, *, runtimes: tuple[str, ...] = formats.BENCH_DEFAULT,
                 **options: Any) -> dict[str, Any]:
     """`tlserve bench MODEL`: serving.timing.bench_model with the TensorFlow runtimes too, and the GPUs
     TensorFlow sees in the stored machine facts once it is loaded."""

@@ -3,8 +3,6 @@ their exports and their benchmarks, ending with the seeds' questions answered fr
 """
 from __future__ import annotations
 
-import base64
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +10,9 @@ from typing import Any, Optional
 from serving.base import formats, storage
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder, local_folders
+from serving.timing import InprocessBench
 from training.record import plots, records
+from training.record.page import Doc
 
 SERVE_RUNTIME = "onnx"
 
@@ -63,7 +63,7 @@ def _exports(models_dir: Path | None) -> dict[str, Export]:
     for folder in local_folders(models_dir):
         manifest = folder.manifest()
         benches = folder.bench_results("inprocess")
-        bench = storage.read_json(benches[-1]) if benches else None
+        bench = InprocessBench.read(benches[-1]).to_dict() if benches else None
         previous = found.get(manifest.run)
         # A benchmarked export beats an unbenchmarked one; then the newest wins.
         rank = (bench is not None, manifest.created_at)
@@ -75,61 +75,17 @@ def _exports(models_dir: Path | None) -> dict[str, Export]:
 def latest_eval(model_dir: Path) -> dict[str, Any] | None:
     """The newest in-process `tlserve eval` stored under the model folder (an HTTP eval measures the
     service, not the variants), or None."""
+    from training.exported.evaluation import EvalMetrics  # noqa: PLC0415
+
     stored = []
     for path in ModelFolder(Path(model_dir)).eval_results():
         try:
-            result = storage.read_json(path)
-        except (OSError, ValueError):
+            result = EvalMetrics.read(path).to_dict()
+        except (OSError, UserError):  # unreadable, or not an eval's metrics.json
             continue
         if result.get("kind") == "eval" and result.get("runtime") != "http":
             stored.append(result)
     return max(stored, key=lambda r: r.get("created_at", ""), default=None)
-
-
-
-
-class Doc:
-    """The report as Markdown and HTML at once, so the two never disagree."""
-
-    extra_style = ""
-
-    def __init__(self, title: str):
-        self.title = title
-        self.md = [f"# {title}", ""]
-        self.html = [f"<h1>{html.escape(title)}</h1>"]
-
-    def heading(self, text: str) -> None:
-        self.md += [f"## {text}", ""]
-        self.html.append(f"<h2>{html.escape(text)}</h2>")
-
-    def para(self, text: str) -> None:
-        self.md += [text, ""]
-        self.html.append(f"<p>{html.escape(text)}</p>")
-
-    def bullets(self, items: list[str]) -> None:
-        self.md += [f"- {i}" for i in items] + [""]
-        self.html.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
-
-    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
-        cells = [[records.format_cell(c) for c in row] for row in rows]
-        self.md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        self.md += ["| " + " | ".join(row) + " |" for row in cells] + [""]
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-    def image(self, path: Path, alt: str) -> None:
-        self.md += [f"![{alt}]({path.name})", ""]
-        data = base64.b64encode(path.read_bytes()).decode()
-        self.html.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>')
-
-    def render_html(self) -> str:
-        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
-                 "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-                 "img{max-width:100%}figure{margin:1em 0}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{style}{self.extra_style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
 
 
 def build(run_refs: list[str], out: Path, *, runs_dir: Path | None = None,

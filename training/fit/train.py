@@ -32,7 +32,7 @@ from training.audit import datacheck
 from training.record import metrics, records, tensorboard_logs
 from training import progress
 from training.fit.checkpoints import BACKUP_DIR, Checkpoints, lost_peer, random_generators
-from training.config import TrainConfig
+from training.config import DataSpec, TrainConfig
 from training.env import keras
 from training.errors import ClusterLost, Interrupted
 from training.fit.run_state import STATE, RunState
@@ -40,12 +40,12 @@ from training.fit.validation import resolve
 
 Log = Callable[[str], None]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-CONFIG = "config.json"
+CONFIG = TrainConfig.FILE  # the resolved config in the staging folder
 
 
 def default_name(cfg: TrainConfig) -> str:
-    scheme, _, arg = cfg.data.spec.partition(":")
-    data = re.sub(r"[^A-Za-z0-9]+", "-", Path(arg).name if arg else scheme).strip("-") or scheme
+    spec = DataSpec.parse(cfg.data.spec)
+    data = re.sub(r"[^A-Za-z0-9]+", "-", Path(spec.path).name if spec.path else spec.scheme).strip("-") or spec.scheme
     return f"{cfg.backbone}-{cfg.strategy}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -98,7 +98,7 @@ def _train_in_cluster(cfg: TrainConfig, runs_dir: Path | None, cluster: clusters
     shared = partial_dir(cfg.name, runs_dir)
     config_file = shared / CONFIG
     restarted = config_file.is_file()
-    if restarted and not _same_config(storage.read_json(config_file), cfg.to_dict()):
+    if restarted and not _same_config(TrainConfig.read(config_file).to_dict(), cfg.to_dict()):
         if not (cluster.is_chief and cfg.overwrite):
             raise UserError(f"an interrupted run '{cfg.name}' with another configuration exists in {shared.parent}; "
                             "restart the workers with its command, or start over with another --name or --overwrite")
@@ -138,7 +138,7 @@ def resume(name: str, runs_dir: Path | None = None, *, log: Log = print, progres
         done = (storage.runs_dir(runs_dir) / name / records.RECORD).is_file()
         raise UserError(f"run '{name}' already finished; nothing to resume" if done else
                         f"no interrupted run named '{name}' in {storage.runs_dir(runs_dir)}")
-    cfg = TrainConfig.from_dict(storage.read_json(staging / CONFIG))
+    cfg = TrainConfig.read(staging / CONFIG)
     if clusters.from_env(cfg.distribute, os.environ.get("TF_CONFIG")) is not None:
         raise UserError(f"a multi-worker run continues when its workers are started again with the run's own command "
                         f"(--name {name}) and TF_CONFIG; --resume is for single-process runs")
@@ -209,6 +209,34 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
               cluster: clusters.Cluster | None, shared: Path) -> records.Run:
     """Train in `staging`. `shared` is where a restart reads from: the staging folder itself, except on a
     multi-worker run's non-chief, which writes to its own temporary folder and reads the chief's."""
+    acc = _start(cfg, cluster, log)
+    dataset, data_check, copies, weights = _load_data(cfg, log)
+    source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
+    with acc.strategy.scope():
+        built, plan = phases.plan(cfg, dataset, source)
+    run, cache_reason = _phases_run(cfg, acc, built, dataset, state, staging, shared, cluster, log, progress, weights)
+    if state.checkpoint:
+        # Every finished epoch or phase left the weights it ended with; a resumed run starts from
+        # exactly those, whatever is left to do (even nothing but the test and the save).
+        run.ckpts.read(state.checkpoint, model=built.model)
+    if state.resumed and tensorboard_logs.backfill(staging, state.history):
+        log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
+    for phase in plan:
+        phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
+    record = _finish(run, cache_reason, data_check, copies)
+    if cluster is not None and not cluster.is_chief:
+        log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
+        return records.Run(staging, record)  # the caller removes the temporary folder
+    final = storage.runs_dir(runs_dir) / cfg.name
+    # The rename is the moment the run is finished; until then config.json keeps it resumable.
+    storage.promote(staging, final, overwrite=cfg.overwrite)
+    for leftover in (CONFIG, STATE):
+        (final / leftover).unlink(missing_ok=True)
+    return records.Run(final, record)
+
+
+def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> accelerators.Accel:
+    """The devices, precision and distribution of the run, logged, and its random generators seeded."""
     K = keras()
     acc = accelerators.setup(cfg.precision, cfg.jit, cfg.distribute)
     if cluster is not None:
@@ -223,12 +251,14 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     # keep: a run resumed mid-phase draws the masks the uninterrupted run would have drawn.
     K.backend.experimental.enable_tf_random_generator()
     K.utils.set_random_seed(cfg.seed)
-    dataset, data_check, copies, weights = _load_data(cfg, log)
-    source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
+    return acc
 
-    with acc.strategy.scope():
-        built, plan = phases.plan(cfg, dataset, source)
-    model = built.model
+
+def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging: Path, shared: Path,
+                cluster: clusters.Cluster | None, log: Log, progress: bool | None,
+                weights) -> tuple[phases.Run, str]:
+    """What every phase shares (batches, pipelines, checkpoints, the feature cache decision), and why
+    the cache is used or not."""
     use_cache, cache_reason = feature_cache.decide(cfg, built.backbone is not None)
     if cluster is not None and use_cache:
         use_cache, cache_reason = False, phases.MULTIWORKER_NO_CACHE
@@ -237,64 +267,61 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     batch = cfg.batch_size * acc.replicas
     pipes = {"val": datasets.pipeline(dataset.val, batch) if len(dataset.val) else None,
              "test": datasets.pipeline(dataset.test, batch)}
-    ckpts = Checkpoints(staging, random_generators(model), read_from=shared)
+    ckpts = Checkpoints(staging, random_generators(built.model), read_from=shared)
     run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
                      shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
                      class_weights=weights, use_cache=use_cache, batch=batch, pipes=pipes)
-    if state.checkpoint:
-        # Every finished epoch or phase left the weights it ended with; a resumed run starts from
-        # exactly those, whatever is left to do (even nothing but the test and the save).
-        ckpts.read(state.checkpoint, model=model)
-    if state.resumed and tensorboard_logs.backfill(staging, state.history):
-        log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
-    for phase in plan:
-        phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
-    history, phase1_accuracy, extract_seconds = state.history, state.phase1_accuracy, run.extract_seconds
+    return run, cache_reason
 
-    total_time = state.elapsed + extract_seconds
+
+def _finish(run: phases.Run, cache_reason: str, data_check: dict[str, Any] | None,
+            copies: datacheck.HeldCopies | None) -> records.RunRecord:
+    """After the last phase: calibrate (on validation images that copy no training image), test (also on the
+    test images that copy none), save the model and its files, and write the record."""
+    cfg, model, dataset, state, staging = run.cfg, run.built.model, run.dataset, run.state, run.staging
+    total_time = state.elapsed + run.extract_seconds
     # After the last phase and before the save: a resumed run restores the last phase's checkpoint (the
     # weights before calibration) and calibrates them the same way, so it ends as an uninterrupted run.
-    calibrated = calibration.calibrate(model, cfg.calibrate, pipes["val"], dataset.val.y, pipes["test"], log,
+    calibrated = calibration.calibrate(model, cfg.calibrate, run.pipes["val"], dataset.val.y, run.pipes["test"], run.log,
                                        val_copies=None if copies is None else copies.val)
-    test = evaluate(model, pipes["test"], dataset, cfg.label_smoothing, None if copies is None else copies.test)
-    calibrated.finish(test.pop("probabilities"), dataset.test.y, log)
-    if phase1_accuracy is not None:
-        test["phase1_accuracy"] = phase1_accuracy
+    test = evaluate(model, run.pipes["test"], dataset, cfg.label_smoothing, None if copies is None else copies.test)
+    calibrated.finish(test.pop("probabilities"), dataset.test.y, run.log)
+    if state.phase1_accuracy is not None:
+        test["phase1_accuracy"] = state.phase1_accuracy
     # Every worker saves (the non-chief to its temporary folder), as TensorFlow asks of multi-worker saves.
     model.save(str(staging / records.MODEL))
-    storage.write_text(staging / records.HISTORY, records.history_csv(history))
-    if cluster is None or cluster.is_chief:
+    storage.write_text(staging / records.HISTORY, records.history_csv(state.history))
+    if run.cluster is None or run.cluster.is_chief:
         from training.record.plots import curves  # noqa: PLC0415 (matplotlib only once a run has finished)
 
-        curves([{"name": cfg.name, "history": history}], staging / records.CURVES)
+        curves([{"name": cfg.name, "history": state.history}], staging / records.CURVES)
     shutil.rmtree(staging / "cache", ignore_errors=True)
     shutil.rmtree(staging / BACKUP_DIR, ignore_errors=True)
-    training_facts = {"class_weights": class_weights.by_name(weights, dataset.class_names),
-                      "feature_cache": use_cache, "feature_cache_reason": cache_reason, "caches": run.cache_facts,
-                      "peak_rss_bytes": feature_cache.peak_rss_bytes(),
-                      "extract_seconds": round(extract_seconds, 4), "global_batch_size": batch,
-                      "per_replica_batch_size": cfg.batch_size, "resumed": state.resumed}
+    record = records.build(cfg, dataset, model=model, input_size=run.built.input_size, history=state.history,
+                           total_time=total_time, test=test, folder=staging, accel=run.acc,
+                           training=_training_facts(run, cache_reason), calibration=calibrated.facts,
+                           data_check=data_check)
+    storage.write_json(staging / records.RECORD, record.to_dict())
+    return record
+
+
+def _training_facts(run: phases.Run, cache_reason: str) -> dict[str, Any]:
+    """The record's `training` section: batches, caches, class weights and, on a cluster, the cluster."""
+    cfg, acc, cluster = run.cfg, run.acc, run.cluster
+    facts = {"class_weights": class_weights.by_name(run.class_weights, run.dataset.class_names),
+             "feature_cache": run.use_cache, "feature_cache_reason": cache_reason, "caches": run.cache_facts,
+             "peak_rss_bytes": feature_cache.peak_rss_bytes(),
+             "extract_seconds": round(run.extract_seconds, 4), "global_batch_size": run.batch,
+             "per_replica_batch_size": cfg.batch_size, "resumed": run.state.resumed}
     if cluster is not None:
-        training_facts["cluster"] = {
-            **cluster.facts(), "replicas": acc.replicas, "global_batch_size": batch,
-            "per_replica_batch_size": cfg.batch_size, "restarted": state.restarted,
+        facts["cluster"] = {
+            **cluster.facts(), "replicas": acc.replicas, "global_batch_size": run.batch,
+            "per_replica_batch_size": cfg.batch_size, "restarted": run.state.restarted,
             "fault_tolerance": "tf.keras.callbacks.BackupAndRestore after every epoch, in the chief's staging folder",
             "exact_resume": False,
             "exact_resume_reason": "a restarted cluster continues from TensorFlow's last epoch backup; tlserve's "
                                    "own mid-epoch state is single-process"}
-    record = records.build(cfg, dataset, model=model, input_size=built.input_size, history=history, total_time=total_time,
-                           test=test, folder=staging, accel=acc, training=training_facts,
-                           calibration=calibrated.facts, data_check=data_check)
-    storage.write_json(staging / records.RECORD, record.to_dict())
-    if cluster is not None and not cluster.is_chief:
-        log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
-        return records.Run(staging, record)  # the caller removes the temporary folder
-    final = storage.runs_dir(runs_dir) / cfg.name
-    # The rename is the moment the run is finished; until then config.json keeps it resumable.
-    storage.promote(staging, final, overwrite=cfg.overwrite)
-    for leftover in (CONFIG, STATE):
-        (final / leftover).unlink(missing_ok=True)
-    return records.Run(final, record)
+    return facts
 
 
 def evaluate(model, test_ds, dataset, label_smoothing: float, copies: np.ndarray | None = None) -> dict[str, Any]:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from serving.base.errors import UserError, choose, nearest
+from serving.base.errors import UserError, choose
 from training.model import backbones, strategies
 from training.fit import class_weights
-from training.data.sources import SCHEMES, check_config
-from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DATA_SCHEMES, DISTRIBUTIONS, HEADS, OPTIMIZERS,
-                             PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, TrainConfig)
+from training.data.sources import check_config
+from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DISTRIBUTIONS, HEADS, OPTIMIZERS,
+                             PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, DataSpec, TrainConfig)
 
 
 def check_data_spec(cfg: DataConfig) -> None:
     """The --data scheme and the split options; the path itself is read when the data loads."""
-    scheme, _, arg = cfg.spec.partition(":")
-    if scheme not in DATA_SCHEMES:
-        raise UserError(f"unknown --data '{cfg.spec}'{nearest(scheme, list(DATA_SCHEMES))}; use one of {', '.join(SCHEMES)}")
-    if (scheme == "folder" and not arg) or (scheme == "synthetic" and arg):
-        raise UserError(f"unknown --data '{cfg.spec}'; use one of {', '.join(SCHEMES)}")
+    DataSpec.parse(cfg.spec)
     check_config(cfg)
 
 
@@ -72,8 +68,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if spec.pretrained:
         choose("--head", cfg.head, HEADS)
         backbones.check_weights_file(cfg.weights)
-        if cfg.input_size is not None and cfg.input_size < spec.min_input:
-            raise UserError(f"--input-size {cfg.input_size} is below {spec.name}'s minimum of {spec.min_input}")
+        if cfg.input_size is not None:
+            spec.check_input(cfg.input_size)
     else:
         if cfg.head is not None:
             raise UserError(f"--head applies to pretrained backbones; the {spec.name} body comes from --cnn-layers")

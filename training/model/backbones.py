@@ -27,6 +27,12 @@ class BackboneSpec:
     def pretrained(self) -> bool:
         return self.app is not None
 
+    def check_input(self, size: int) -> int:
+        """The one input-size check: validation runs it on --input-size, build on the size it resolves."""
+        if size < self.min_input:
+            raise UserError(f"--input-size {size} is below {self.name}'s minimum of {self.min_input}")
+        return size
+
 
 REGISTRY: dict[str, BackboneSpec] = {
     s.name: s

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.base.errors import UserError
 from training.model import backbones
 from training.config import TrainConfig
 from training.env import keras, tf
@@ -111,10 +110,7 @@ def augmentation(policy: str, seed: int):
 
 def resolve_input_size(cfg: TrainConfig, image_size: tuple[int, int]) -> int:
     spec = backbones.get(cfg.backbone)
-    size = cfg.input_size or max(image_size[0], spec.default_input or 0)
-    if size < spec.min_input:
-        raise UserError(f"--input-size {size} is below {spec.name}'s minimum of {spec.min_input}")
-    return size
+    return spec.check_input(cfg.input_size or max(image_size[0], spec.default_input or 0))
 
 
 def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> BuiltModel:

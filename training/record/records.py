@@ -10,21 +10,22 @@ A finished run folder holds:
 record.json (schema 1) is `RunRecord.to_dict()`: the dataclasses below are its schema, one field per key,
 built in one place (`build`), so the schema and the written record cannot drift apart (a key the classes do
 not declare fails `build`; tests/test_records.py compares a real run's keys with the fields). Records written
-by earlier versions load with `RunRecord.from_dict`: a field the file lacks (it is older than the field, e.g.
-test.macro_f1, calibration, data_check) is None, and readers treat it as missing, not as 0; a key this version
-does not know is kept. Either way the dict written back is the dict read.
+by earlier versions load with `RunRecord.from_dict` (serving.base.contract): a field newer than some records
+(e.g. test.macro_f1, calibration, data_check) defaults to None there, and readers treat it as missing, not as 0;
+a key this version does not know is kept; a missing required key or a value of the wrong type is one line
+naming the file and the key. Either way the dict written back is the dict read.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any
 
 from serving.base import storage
+from serving.base.contract import Contract, optional
 from serving.base.errors import UserError
 
 SCHEMA = 1
@@ -39,61 +40,15 @@ TABLE_FIELDS = ("model", "epochs", "avg_epoch_time_sec", "total_time_sec", "test
 
 
 # ---- the schema ------------------------------------------------------------------------------
-
-def _section(cls: type) -> Any:
-    """A field holding a nested section (a dict in the JSON; None where an older file lacks it)."""
-    return field(default=None, metadata={"section": cls})
+# serving.base.contract is the mechanism (type checks on load, unknown keys kept, absent keys left
+# absent, None written as null except optional() facts); these classes are the record's shape.
 
 
-def _optional() -> Any:
-    """A field written only when it has a value (e.g. phase1_accuracy exists only for two-phase runs)."""
-    return field(default=None, metadata={"optional": True})
-
-
-@dataclass(kw_only=True)
-class _Section:
-    """One dict of the record as a dataclass. `extra` keeps keys this version does not declare and
-    `absent` the declared keys the file lacked, so that `from_dict(d).to_dict() == d` for old files too."""
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    absent: frozenset[str] = field(default=frozenset(), repr=False)
-
-    _BOOKKEEPING: ClassVar[tuple[str, ...]] = ("extra", "absent")
-
-    @classmethod
-    def _fields(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if f.name not in cls._BOOKKEEPING]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Self:
-        if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
-        values: dict[str, Any] = {}
-        for f in cls._fields():
-            value = d.get(f.name)
-            nested = f.metadata.get("section")
-            values[f.name] = nested.from_dict(value) if nested is not None and isinstance(value, dict) else value
-        names = {f.name for f in cls._fields()}
-        return cls(**values, extra={k: v for k, v in d.items() if k not in names},
-                   absent=frozenset(names - d.keys()))
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in self._fields():
-            value = getattr(self, f.name)
-            if f.name in self.absent or (value is None and f.metadata.get("optional")):
-                continue
-            out[f.name] = value.to_dict() if isinstance(value, _Section) else value
-        out.update(self.extra)
-        return out
-
-    def undeclared(self, prefix: str = "") -> list[str]:
-        """Dotted paths of the keys no field declares, in this section and the ones inside it."""
-        out = [prefix + k for k in self.extra]
-        for f in self._fields():
-            value = getattr(self, f.name)
-            if isinstance(value, _Section):
-                out += value.undeclared(f"{prefix}{f.name}.")
-        return out
+class _Section(Contract):
+    """One dict of the record as a dataclass (serving.base.contract.Contract: `extra` keeps keys this version
+    does not declare and `absent` the declared keys the file lacked, so `from_dict(d).to_dict() == d`)."""
+    FILE = RECORD
+    KIND = "run record"
 
 
 @dataclass(kw_only=True)
@@ -104,7 +59,7 @@ class DataFacts(_Section):
     image_size: list[int]                # [h, w] the images are resized to before the model
     interpolation: str | None = None     # Pillow's resize filter name (older records: bilinear)
     splits: dict[str, int]               # {train, val, test}: images per split, after any --drop-leaks
-    train_class_counts: dict[str, int]   # {class: n} in the train split (class weights, the imbalance warning)
+    train_class_counts: dict[str, int] | None = None  # {class: n} in the train split (class weights, the imbalance warning)
     skipped: list[str]                   # file names that would not decode
     spec: str                            # the --data spec
     seed: int                            # the split seed
@@ -146,7 +101,7 @@ class TestFacts(_Section):
     per_class: dict[str, dict[str, float]] | None = None  # {class: {precision, recall, f1, support}}
     macro_f1: float | None = None
     weighted_f1: float | None = None
-    phase1_accuracy: float | None = _optional()   # a two-phase run's test accuracy after its head phase
+    phase1_accuracy: float | None = optional()   # a two-phase run's test accuracy after its head phase
     # On the test images the data check found no copy of in train or val (None: --data-check off, older
     # records; accuracy None when every test image is a copy). Equal to accuracy when nothing leaked.
     leak_free_accuracy: float | None = None
@@ -159,16 +114,16 @@ class TestFacts(_Section):
 
 @dataclass(kw_only=True)
 class TrainingFacts(_Section):
-    class_weights: dict[str, float] | None  # {class: weight}, or None without --class-weight
+    class_weights: dict[str, float] | None = None  # {class: weight}, or None without --class-weight
     feature_cache: bool                     # whether frozen layers' activations were cached
     feature_cache_reason: str | None        # why (or why not)
     caches: dict[str, dict[str, Any]]       # {phase: {used, reason, bytes, storage, shapes, seconds, ...}}
     peak_rss_bytes: int | None
     extract_seconds: float                  # computing the caches (counted in total_time_sec)
     global_batch_size: int                  # per replica x replicas
-    per_replica_batch_size: int
+    per_replica_batch_size: int | None = None
     resumed: bool                           # finished by `tlserve resume`
-    cluster: dict[str, Any] | None = _optional()  # multi-worker runs: the cluster, its batch and fault tolerance
+    cluster: dict[str, Any] | None = optional()  # multi-worker runs: the cluster, its batch and fault tolerance
 
 
 @dataclass(kw_only=True)
@@ -188,25 +143,25 @@ class CalibrationFacts(_Section):
     """Temperature scaling (training.fit.calibration): fitted on val and baked into the model, or refused
     (`skipped` says why in one line; the val_* and cv_* facts it was judged on are kept either way)."""
     temperature: float | None                    # None: skipped
-    skipped: str | None = _optional()            # why not
-    layer: str | None = _optional()              # the Dense layer it was baked into
-    fitted_on: str | None = _optional()          # "val"
-    val_images: int | None = _optional()         # validation images it was judged on (copies of train left out)
-    val_copies: int | None = _optional()         # validation images left out as copies of train (None: not checked)
-    val_errors: int | None = _optional()         # of val_images, those the model gets wrong
-    cv_nll_change: float | None = _optional()    # cross-validated change of the held-out log-loss
-    cv_t: float | None = _optional()             # its t statistic (kept only at <= -2)
-    fitted_temperature: float | None = _optional()  # a temperature refused as out of range
-    val_nll_before: float | None = _optional()
-    val_nll_after: float | None = _optional()
-    val_ece_before: float | None = _optional()
-    val_ece_after: float | None = _optional()
-    test_ece_before: float | None = _optional()
-    test_ece_after: float | None = _optional()
-    test_nll_before: float | None = _optional()
-    test_nll_after: float | None = _optional()
-    test_top1_agreement: float | None = _optional()  # share of test images whose top class baking kept
-    test_nll_rose: bool | None = _optional()     # the kept temperature raised the test log-loss (warned)
+    skipped: str | None = optional()            # why not
+    layer: str | None = optional()              # the Dense layer it was baked into
+    fitted_on: str | None = optional()          # "val"
+    val_images: int | None = optional()         # validation images it was judged on (copies of train left out)
+    val_copies: int | None = optional()         # validation images left out as copies of train (None: not checked)
+    val_errors: int | None = optional()         # of val_images, those the model gets wrong
+    cv_nll_change: float | None = optional()    # cross-validated change of the held-out log-loss
+    cv_t: float | None = optional()             # its t statistic (kept only at <= -2)
+    fitted_temperature: float | None = optional()  # a temperature refused as out of range
+    val_nll_before: float | None = optional()
+    val_nll_after: float | None = optional()
+    val_ece_before: float | None = optional()
+    val_ece_after: float | None = optional()
+    test_ece_before: float | None = optional()
+    test_ece_after: float | None = optional()
+    test_nll_before: float | None = optional()
+    test_nll_after: float | None = optional()
+    test_top1_agreement: float | None = optional()  # share of test images whose top class baking kept
+    test_nll_rose: bool | None = optional()     # the kept temperature raised the test log-loss (warned)
 
 
 @dataclass(kw_only=True)
@@ -230,23 +185,25 @@ class RunRecord(_Section):
     status: str                              # "finished"
     created_at: str                          # ISO 8601, UTC
     config: dict[str, Any]                   # TrainConfig.to_dict(): every CLI option
-    data: DataFacts = _section(DataFacts)
-    model: ModelFacts = _section(ModelFacts)
+    data: DataFacts
+    model: ModelFacts
     history: list[dict[str, Any]]            # [{epoch, phase, loss, accuracy, val_loss, val_accuracy, seconds, lr}]
     epochs: int                              # epochs trained, over all phases
     avg_epoch_time_sec: float | None
     total_time_sec: float                    # training plus feature extraction
     target: float                            # the val accuracy epochs_to_target counts to
     epochs_to_target: int | None
-    test: TestFacts = _section(TestFacts)
-    training: TrainingFacts | None = _section(TrainingFacts)
-    environment: EnvironmentFacts | None = _section(EnvironmentFacts)
-    calibration: CalibrationFacts | None = _section(CalibrationFacts)
-    data_check: DataCheckFacts | None = _section(DataCheckFacts)  # None: --data-check off
+    test: TestFacts
+    training: TrainingFacts | None = None
+    environment: EnvironmentFacts | None = None
+    calibration: CalibrationFacts | None = None
+    data_check: DataCheckFacts | None = None  # None: --data-check off
+
+    SCHEMA = SCHEMA
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
-        return cls.from_dict(storage.read_json(path))
+        return cls.read(path)
 
 
 def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]], total_time: float,
@@ -327,7 +284,7 @@ def list_runs(runs_dir: Path | None = None) -> list[Run]:
             continue
         try:
             runs.append(Run(child, RunRecord.load(child / RECORD)))
-        except (OSError, ValueError):
+        except (OSError, UserError):  # unreadable, or not a run record: not a finished run
             continue
     return sorted(runs, key=lambda r: r.record.created_at or "")
 
