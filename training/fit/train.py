@@ -28,7 +28,7 @@ from serving.base import storage
 from serving.base.errors import UserError
 from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, feature_cache, optim, phases
 from training.data import sources as datasets
-from training.audit import datacheck
+from training.audit import guard as data_guard
 from training.record import metrics, records, tensorboard_logs
 from training import progress
 from training.fit.checkpoints import BACKUP_DIR, Checkpoints, lost_peer, random_generators
@@ -186,13 +186,15 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: RunState
 
 
 def _load_data(cfg: TrainConfig, log: Log):
-    """(dataset after the data check, the data check's facts, class weights or None), logged."""
+    """(dataset after --exclude and the data check, the data check's facts, --exclude's facts, class weights
+    or None), logged."""
     dataset = datasets.load_dataset(cfg.data)
     for name in dataset.skipped:
         log(f"skipped (not a readable image): {name}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
-    dataset, data_check = datacheck.guard(dataset, cfg, log)
+    dataset, excluded = data_guard.exclude(dataset, cfg.exclude, log)
+    dataset, data_check = data_guard.guard(dataset, cfg, log)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
     imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
@@ -202,7 +204,7 @@ def _load_data(cfg: TrainConfig, log: Log):
     if weights is not None:
         log("class weights: " + ", ".join(f"{k} {v:.3g}" for k, v in
                                           class_weights.by_name(weights, dataset.class_names).items()))
-    return dataset, data_check, weights
+    return dataset, data_check, excluded, weights
 
 
 def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress: bool | None,
@@ -223,7 +225,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     # keep: a run resumed mid-phase draws the masks the uninterrupted run would have drawn.
     K.backend.experimental.enable_tf_random_generator()
     K.utils.set_random_seed(cfg.seed)
-    dataset, data_check, weights = _load_data(cfg, log)
+    dataset, data_check, excluded, weights = _load_data(cfg, log)
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
 
     with acc.strategy.scope():
@@ -283,7 +285,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
                                    "own mid-epoch state is single-process"}
     record = records.build(cfg, dataset, model=model, input_size=built.input_size, history=history, total_time=total_time,
                            test=test, folder=staging, accel=acc, training=training_facts,
-                           calibration=calibrated.facts, data_check=data_check)
+                           calibration=calibrated.facts, data_check=data_check, excluded=excluded)
     storage.write_json(staging / records.RECORD, record.to_dict())
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
