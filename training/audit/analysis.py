@@ -113,7 +113,19 @@ def _labels(imgs: Images, features: np.ndarray | None, names: list[str], opts: O
 
     if features is None:
         return LabelIssues(status="skipped", why="no embeddings to classify (see embeddings)")
-    return labels.find(features, imgs, names, log=log)
+    side = EMBED_SIZE
+    if imgs.label_small is not None:  # a small set: larger copies make better features (embeddings.label_side)
+        side = imgs.label_small.shape[1]
+        start = time.perf_counter()
+        features = embeddings(imgs.label_small, opts.weights, log, False)
+        imgs.label_small = None
+        log_seconds = round(time.perf_counter() - start, 2)
+    else:
+        log_seconds = 0.0
+    issues = labels.find(features, imgs, names, side=side, log=log)
+    if issues.seconds is not None:
+        issues.seconds = round(issues.seconds + log_seconds, 2)
+    return issues
 
 
 def entry(imgs: Images, names: list[str], row: int) -> Entry:

@@ -27,6 +27,7 @@ from serving.base.errors import UserError
 from training import progress
 from training.audit import ann
 from training.audit.analysis import Meta, Options, Report, analyse
+from training.audit.embeddings import check_weights, label_side
 from training.audit.fingerprints import fingerprint_arrays, fingerprint_files, not_images
 from training.audit.pairs import Thresholds
 from training.config import DataConfig
@@ -45,11 +46,14 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
     from training.data.sources import check_config, load_dataset, list_folder  # noqa: PLC0415
 
     check_config(cfg)
+    if mode == "full":
+        check_weights(weights)
     start = time.perf_counter()
     scheme, _, arg = cfg.spec.partition(":")
     if scheme == "folder" and arg:
         listing = list_folder(cfg, Path(arg).expanduser())
-        imgs, unreadable = fingerprint_files(listing, mode, log, bar)
+        side = _label_side(mode, labels, sum(len(files) for files, _ in listing.splits.values()))
+        imgs, unreadable = fingerprint_files(listing, mode, log, bar, label_side=side)
         root = listing.root
         meta = Meta(f"folder {root} ({listing.layout})", listing.class_names, unreadable,
                     not_images(listing.class_folders, root))
@@ -58,7 +62,8 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
             return images.open_image(root / imgs.names[row])
     else:
         ds = load_dataset(cfg)
-        imgs = fingerprint_arrays({"train": ds.train, "val": ds.val, "test": ds.test}, mode, log, bar)
+        side = _label_side(mode, labels, len(ds.train) + len(ds.val) + len(ds.test))
+        imgs = fingerprint_arrays({"train": ds.train, "val": ds.val, "test": ds.test}, mode, log, bar, label_side=side)
         arrays = np.concatenate([ds.train.x, ds.val.x, ds.test.x])
         meta = Meta(ds.source, ds.class_names, [{"file": f, "why": "not a readable image"} for f in ds.skipped])
 
@@ -70,6 +75,10 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
     report.thumbnail = thumbnail
     report.facts.seconds["total"] = round(time.perf_counter() - start, 2)
     return report
+
+
+def _label_side(mode: str, labels: bool, images: int) -> int | None:
+    return label_side(images) if mode == "full" and labels else None
 
 
 def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), weights: str = "imagenet",

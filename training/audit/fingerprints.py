@@ -5,8 +5,10 @@ Each image gets
   phash     imagehash's DCT perceptual hash (64 bits) of the image and of its mirror, computed for all
             images in one batch, bit-equal to imagehash.phash (see phash);
   grey      phash's own 32x32 grey reduction, kept to confirm hash and embedding matches pixel for pixel;
-  chroma    the mean colour, to tell a recoloured shape from a copy;
-  small     (full mode) an EMBED_SIZE copy for the MobileNetV2 embeddings (training.audit.embeddings);
+  colour    a COLOUR_SIDE-px RGB thumbnail: a copy keeps each channel's pattern through brightness,
+            contrast, saturation and white-balance shifts, a recoloured shape does not (see pairs.judge);
+  small     (full mode) an EMBED_SIZE copy for the MobileNetV2 embeddings (training.audit.embeddings),
+            and where the label search wants larger ones (embeddings.label_side), a copy at that side too;
 and its facts (size, mode, format, camera, EXIF rotation, alpha) for the report.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from training import progress
 SPLITS = ("train", "val", "test")
 HASH_SIDE = 32           # imagehash.phash's reduction (hash_size 8 x highfreq_factor 4)
 EMBED_SIZE = 64          # MobileNetV2 input: 1,185 img/s on 2 busy cores (96 px: 334 img/s)
+COLOUR_SIDE = 16         # the colour thumbnail: enough for a shape's colours, 768 bytes an image
 PARALLEL_FROM = 2000     # files: below this a process pool costs more than it saves
 
 
@@ -41,8 +44,9 @@ class Images:
     phash: np.ndarray                 # (N,) uint64
     phash_mirror: np.ndarray          # (N,) uint64
     small: np.ndarray | None          # (N, EMBED_SIZE, EMBED_SIZE, 3) uint8, full mode only
+    label_small: np.ndarray | None    # (N, side, side, 3) uint8 for the label classifier when side != EMBED_SIZE
     grey: np.ndarray                  # (N, 32, 32) uint8: phash's own reduction, kept to confirm hash matches
-    chroma: np.ndarray                # (N, 3) the mean colour's share of R, G, B (brightness left out)
+    colour: np.ndarray                # (N, COLOUR_SIDE, COLOUR_SIDE, 3) uint8: each channel's pattern
     facts: list[dict[str, Any]]       # size, mode, format, exif_rotated (folder data)
 
     def split_names(self) -> list[str]:
@@ -56,17 +60,20 @@ def list_name(split: str, name: str) -> str:
     return f"{split}/{name}" if name.startswith("#") else name
 
 
-def fingerprint(rgb: Image.Image, mode: str) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(exact hash, phash's 32x32 grey reduction, mean-colour shares, EMBED_SIZE copy in full mode)."""
+def fingerprint(rgb: Image.Image, mode: str, label_side: int | None = None) -> tuple:
+    """(exact hash, phash's 32x32 grey reduction, colour thumbnail, EMBED_SIZE copy in full mode,
+    label_side copy where asked)."""
     exact = hashlib.blake2b(rgb.tobytes(), digest_size=16, person=f"{rgb.width}x{rgb.height}".encode()[:16]).digest()
     # imagehash.phash's own first step, kept so the hashes (and the pixel check) come from it in one batch.
     grey = np.asarray(rgb.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS), dtype=np.uint8)
-    thumb = rgb if rgb.width * rgb.height <= 4096 else rgb.resize((64, 64), Image.Resampling.BOX)
-    mean = np.asarray(thumb, np.float32).reshape(-1, 3).mean(axis=0)
+    colour = np.asarray(rgb.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX), dtype=np.uint8)
     small = None
     if mode == "full":
         small = np.asarray(rgb.resize((EMBED_SIZE, EMBED_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
-    return exact, grey, mean / max(float(mean.sum()), 1e-6), small
+    label = None
+    if mode == "full" and label_side and label_side != EMBED_SIZE:
+        label = np.asarray(rgb.resize((label_side, label_side), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return exact, grey, colour, small, label
 
 
 def phash(grey: np.ndarray) -> np.ndarray:
@@ -91,25 +98,25 @@ def _facts(img: Image.Image) -> dict[str, Any]:
             "alpha": img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)}
 
 
-def _inspect(path: Path, root: Path, mode: str) -> tuple[dict[str, Any], tuple | None, str | None]:
+def _inspect(path: Path, root: Path, mode: str, label_side: int | None) -> tuple[dict[str, Any], tuple | None, str | None]:
     """(facts, fingerprints, why unreadable) of one file; never raises for a bad file."""
     name = path.relative_to(root).as_posix()
     try:
         with Image.open(path) as img:
             img.load()
-            return _facts(img), fingerprint(images.to_rgb(img), mode), None
+            return _facts(img), fingerprint(images.to_rgb(img), mode, label_side), None
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         return {"file": name}, None, f"not a readable image ({exc.__class__.__name__})"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return {"file": name}, None, f"cannot decode ({str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__})"
 
 
-def _inspect_job(job: tuple[str, str, str]) -> tuple[dict[str, Any], tuple | None, str | None]:
-    path, root, mode = job
-    return _inspect(Path(path), Path(root), mode)
+def _inspect_job(job: tuple[str, str, str, int | None]) -> tuple[dict[str, Any], tuple | None, str | None]:
+    path, root, mode, label_side = job
+    return _inspect(Path(path), Path(root), mode, label_side)
 
 
-def _inspect_all(jobs: list[tuple[str, str, str]], log, bar) -> list[tuple]:
+def _inspect_all(jobs: list[tuple[str, str, str, int | None]], log, bar) -> list[tuple]:
     results: list[tuple] = []
     workers = os.cpu_count() or 1
     with progress.step("decoding and hashing", len(jobs), log=log, bar=bar) as advance:
@@ -128,19 +135,22 @@ def _inspect_all(jobs: list[tuple[str, str, str]], log, bar) -> list[tuple]:
     return results
 
 
-def fingerprint_files(listing, mode: str, log=None, bar: bool | None = None) -> tuple[Images, list[dict[str, str]]]:
+def fingerprint_files(listing, mode: str, log=None, bar: bool | None = None, *,
+                      label_side: int | None = None) -> tuple[Images, list[dict[str, str]]]:
     """Fingerprints of a folder listing (training.data.sources.list_folder); (images, unreadable files)."""
     rows: list[tuple[int, str, int]] = [(s, f.relative_to(listing.root).as_posix(), int(y))
                                         for s, name in enumerate(SPLITS) for f, y in zip(*listing.splits[name])]
-    results = _inspect_all([(str(listing.root / rel), str(listing.root), mode) for _, rel, _ in rows], log, bar)
+    jobs = [(str(listing.root / rel), str(listing.root), mode, label_side) for _, rel, _ in rows]
+    results = _inspect_all(jobs, log, bar)
     keep = [i for i, (_, fp, _) in enumerate(results) if fp is not None]
     unreadable = [{"file": rows[i][1], "why": why} for i, (_, fp, why) in enumerate(results) if fp is None]
-    imgs = _columns([rows[i][0] for i in keep], [rows[i][1] for i in keep], [rows[i][2] for i in keep],
+    imgs = columns([rows[i][0] for i in keep], [rows[i][1] for i in keep], [rows[i][2] for i in keep],
                     [results[i][1] for i in keep], [results[i][0] for i in keep])
     return imgs, unreadable
 
 
-def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | None = None) -> Images:
+def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | None = None, *,
+                       label_side: int | None = None) -> Images:
     """Fingerprints of array splits (data.Split): synthetic, CIFAR-10 batches, a decoded folder."""
     split_idx, names, labels, fps = [], [], [], []
     total = sum(len(splits[s]) for s in SPLITS)
@@ -149,7 +159,7 @@ def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | 
             split = splits[name]
             ids = split.ids()
             for i in range(len(split)):
-                fps.append(fingerprint(Image.fromarray(split.x[i]), mode))
+                fps.append(fingerprint(Image.fromarray(split.x[i]), mode, label_side))
                 split_idx.append(s)
                 names.append(ids[i])
                 labels.append(int(split.y[i]))
@@ -158,17 +168,19 @@ def fingerprint_arrays(splits: dict[str, Any], mode: str, log=None, bar: bool | 
             advance(len(split) % 256)
     facts = [{"size": f"{splits[SPLITS[s]].x.shape[2]}x{splits[SPLITS[s]].x.shape[1]}", "mode": "RGB",
               "format": "array", "camera": "none recorded", "exif_rotated": False, "alpha": False} for s in split_idx]
-    return _columns(split_idx, names, labels, fps, facts)
+    return columns(split_idx, names, labels, fps, facts)
 
 
-def _columns(split_idx, names, labels, fps, facts) -> Images:
+def columns(split_idx, names, labels, fps, facts) -> Images:
     grey = np.stack([fp[1] for fp in fps]) if fps else np.zeros((0, HASH_SIDE, HASH_SIDE), np.uint8)
-    small = [fp[3] for fp in fps]
+    small, label = [fp[3] for fp in fps], [fp[4] for fp in fps]
     return Images(
         split=np.asarray(split_idx, np.int8), names=list(names), labels=np.asarray(labels, np.int64),
         exact=[fp[0] for fp in fps], phash=phash(grey), phash_mirror=phash(grey[:, :, ::-1]),
-        small=np.stack(small) if small and small[0] is not None else None, grey=grey,
-        chroma=np.stack([fp[2] for fp in fps]) if fps else np.zeros((0, 3), np.float32), facts=list(facts))
+        small=np.stack(small) if small and small[0] is not None else None,
+        label_small=np.stack(label) if label and label[0] is not None else None, grey=grey,
+        colour=np.stack([fp[2] for fp in fps]) if fps else np.zeros((0, COLOUR_SIDE, COLOUR_SIDE, 3), np.uint8),
+        facts=list(facts))
 
 
 def not_images(folders: list[Path], root: Path) -> list[str]:

@@ -85,7 +85,7 @@ def ranked_issues(labels: np.ndarray, oof: OutOfFold) -> tuple[np.ndarray, np.nd
     return rows[np.asarray(issues, np.int64)], scores
 
 
-def find(features: np.ndarray, imgs: Images, names: list[str], *, log=None, seed: int = 0) -> LabelIssues:
+def find(features: np.ndarray, imgs: Images, names: list[str], *, side: int, log=None, seed: int = 0) -> LabelIssues:
     """The report's label_issues: cleanlab's suspects with their fold probabilities, or why none."""
     try:
         _import_cleanlab()
@@ -110,8 +110,8 @@ def find(features: np.ndarray, imgs: Images, names: list[str], *, log=None, seed
     accuracy = float((oof.probs[kept].argmax(axis=1) == labels[kept]).mean())
     return LabelIssues(
         status="done", why=f"{len(issues):,} of {len(kept):,} images listed", method=METHOD,
-        classifier=f"LogisticRegression (C {C}) on standardised pooled MobileNetV2 features, {oof.folds}-fold, "
-                   "all splits pooled",
+        classifier=f"LogisticRegression (C {C}) on standardised pooled MobileNetV2 features at {side} px, "
+                   f"{oof.folds}-fold, all splits pooled",
         folds=oof.folds, images=len(kept), out_of_fold_accuracy=round(accuracy, 4),
         skipped_classes=[names[k] for k in oof.skipped_classes],
         suspects=[_suspect(imgs, names, oof.probs, scores, int(r)) for r in issues],

@@ -28,10 +28,12 @@ DEFAULT_PIXELS = 0.9
 # texture (grass, sky with a bird), those above were mostly the same photo shifted, cropped or re-shot.
 # Cosine 0.88-0.90 still let a few other scenes through (two horses, two ships), hence 0.9.
 EMBED_MIN_PIXELS = 0.6
-# A hash match must also keep its mean colour (L1 distance of the R, G, B shares): a brightness and
-# saturation shift moved it 0.024 in the planted set, while the synthetic set's same-shape images in
-# other colours (grey correlation up to 0.99) were at least 0.038 apart.
-MAX_CHROMA_SHIFT = 0.035
+# A hash match must also keep each colour channel's pattern (16x16 thumbnails, the lowest correlation
+# of R, G and B): brightness, contrast, saturation and white-balance shifts scale and offset a channel
+# and keep it, a shape recoloured does not. (It replaced a mean-colour limit that a saturation x1.3 broke:
+# docs/decisions.md, benchmarks/label_issues.py.)
+MIN_COLOUR_CORRELATION = 0.8
+FLAT_CHANNEL = 4.0       # grey levels (sd): a channel this flat has no pattern to compare
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,24 @@ def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thr
     return _Candidates(ii, jj, np.minimum(ham, ham_m), ham_m < ham, cosines)
 
 
+def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """The lowest correlation over R, G and B between the colour thumbnails of ii and jj (jj mirrored
+    where `mirrored`); a channel flat in either image has no pattern and counts as agreeing."""
+    if len(ii) == 0:
+        return np.zeros(0, np.float32)
+    a = colour[ii].astype(np.float32)
+    b = colour[jj].astype(np.float32)
+    b = np.where(mirrored[:, None, None, None], b[:, :, ::-1], b)
+    a, b = a.reshape(len(ii), -1, 3), b.reshape(len(jj), -1, 3)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    num = (a * b).sum(axis=1)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    flat = (a.std(axis=1) < FLAT_CHANNEL) | (b.std(axis=1) < FLAT_CHANNEL)
+    r = np.where(flat, 1.0, num / np.maximum(den, 1e-6))
+    return r.min(axis=1)
+
+
 def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds) -> list[Pair]:
     """The candidates that are copies: exact pixels, a hash match that correlates and keeps its colour,
     or an embedding match that still correlates (the better of direct and mirrored)."""
@@ -166,7 +186,7 @@ def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds)
     flipped = np.einsum("kd,kd->k", prep.z[ii], prep.z_mirror[jj])
     corr = np.where(c.mirrored, flipped, direct)
     corr_any = np.maximum(direct, flipped)
-    same_colour = np.abs(imgs.chroma[ii] - imgs.chroma[jj]).sum(axis=1) <= MAX_CHROMA_SHIFT
+    same_colour = colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION
     out = []
     for k in range(len(ii)):
         i, j = int(ii[k]), int(jj[k])
