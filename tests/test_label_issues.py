@@ -20,15 +20,15 @@ DATA = Path(__file__).parent / "data"
 
 
 def coloured_image(rng: np.random.Generator, cls: int) -> Image.Image:
-    base = np.full(3, 40.0)
-    base[cls] = 200.0
-    field = np.clip(base + rng.normal(0, 30, (4, 4, 3)), 0, 255).astype(np.uint8)
+    base = np.full(3, 30.0)
+    base[cls] = 220.0
+    field = np.clip(base + rng.normal(0, 12, (4, 4, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(field).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
-    for _ in range(3):
-        x0, y0 = (int(v) for v in rng.integers(0, SIZE - 16, 2))
+    for _ in range(2):
+        x0, y0 = (int(v) for v in rng.integers(0, SIZE - 10, 2))
         grey = int(rng.integers(0, 256))
-        draw.ellipse([x0, y0, x0 + 14, y0 + 14], fill=(grey, grey, grey))
+        draw.ellipse([x0, y0, x0 + 8, y0 + 8], fill=(grey, grey, grey))
     return img
 
 
@@ -58,11 +58,15 @@ def labelled_set(tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def checked(labelled_set, tmp_path_factory, run_cli_module):
     """One full check with --suspects, shared by the tests that read its outputs."""
+    from training.audit import embeddings
+
     root, _ = labelled_set
     out = tmp_path_factory.mktemp("check")
     suspects = out / "suspects.txt"
-    res = run_cli_module("data", "check", "--data", f"folder:{root}", "--out", out / "report", "--weights", "none",
-                         "--suspects", suspects, "--json")
+    with pytest.MonkeyPatch.context() as mp:  # the label pass's larger copies at 96 px, not 224: a test's time
+        mp.setattr(embeddings, "LABEL_PIXELS", 100 * 96 * 96)
+        res = run_cli_module("data", "check", "--data", f"folder:{root}", "--out", out / "report", "--weights", "none",
+                             "--suspects", suspects, "--json")
     assert res.code == 0, res.err
     return json.loads(res.out), out / "report", suspects
 
@@ -72,6 +76,7 @@ def test_the_misfiled_images_are_the_suspects(labelled_set, checked):
     report, folder, suspects = checked
     issues = report["label_issues"]
     assert issues["status"] == "done" and issues["folds"] == 5 and "Northcutt" in issues["method"]
+    assert "at 96 px" in issues["classifier"] and report["seconds"]["labels"] > 0
     listed = [s["file"] for s in issues["suspects"]]
     assert set(misfiled) <= set(listed), f"missed {set(misfiled) - set(listed)}"
     assert len(listed) <= 2 * len(misfiled), listed        # precision >= 0.5 on a clean-cut set

@@ -107,24 +107,22 @@ def _embed(imgs: Images, opts: Options, log, bar, seconds: dict[str, float]) -> 
 
 
 def _labels(imgs: Images, features: np.ndarray | None, names: list[str], opts: Options, log) -> LabelIssues | None:
+    """Label issues on the 64-px features, or on larger copies' where the set is small (embeddings.label_side)."""
     if opts.mode != "full" or not opts.labels:
         return None
     from training.audit import labels  # noqa: PLC0415
 
-    if features is None:
-        return LabelIssues(status="skipped", why="no embeddings to classify (see embeddings)")
-    side = EMBED_SIZE
-    if imgs.label_small is not None:  # a small set: larger copies make better features (embeddings.label_side)
+    why = labels.unavailable() or (None if features is not None else "no embeddings to classify (see embeddings)")
+    if why:
+        ann.warn(log)(f"note: label issues skipped: {why}")
+        return LabelIssues(status="skipped", why=why)
+    start, side = time.perf_counter(), EMBED_SIZE
+    if imgs.label_small is not None:
         side = imgs.label_small.shape[1]
-        start = time.perf_counter()
         features = embeddings(imgs.label_small, opts.weights, log, False)
         imgs.label_small = None
-        log_seconds = round(time.perf_counter() - start, 2)
-    else:
-        log_seconds = 0.0
     issues = labels.find(features, imgs, names, side=side, log=log)
-    if issues.seconds is not None:
-        issues.seconds = round(issues.seconds + log_seconds, 2)
+    issues.seconds = round(time.perf_counter() - start, 2)
     return issues
 
 

@@ -78,7 +78,10 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
 
 
 def _label_side(mode: str, labels: bool, images: int) -> int | None:
-    return label_side(images) if mode == "full" and labels else None
+    """Larger copies for the label classifier only when it will run (see analysis._labels)."""
+    from training.audit.labels import unavailable  # noqa: PLC0415
+
+    return label_side(images) if mode == "full" and labels and unavailable() is None else None
 
 
 def check_dataset(dataset, *, mode: str, thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
