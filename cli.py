@@ -128,6 +128,7 @@ def train(
     distribute: Annotated[str, typer.Option(help="auto (MirroredStrategy over >1 GPU; TF_CONFIG: multi-worker) | none | mirrored.")] = TrainConfig.distribute,
     data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = TrainConfig.data_check,
     drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = TrainConfig.drop_leaks,
+    exclude: Annotated[Optional[str], typer.Option(help="A file of image paths, one a line (e.g. `tlserve data check --suspects`): drop those training images (recorded in the run).")] = TrainConfig.exclude,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
@@ -478,19 +479,25 @@ def data_check(
     seed: Annotated[int, typer.Option(help="As in `tlserve train`: the split seed.")] = DataConfig.seed,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
     search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra: pip install 'tlserve[ann]').")] = "auto",
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Full mode: look for mislabelled images (k-fold classifier on the embeddings + cleanlab; the [labels] extra).")] = True,
+    suspects: Annotated[Optional[Path], typer.Option(help="Also write the label suspects' paths to this file, one a line (for `tlserve train --exclude`).")] = None,
 ) -> None:
-    """Duplicates and leaks across splits, label conflicts, class balance, sizes/modes, unreadable files."""
-    from training.audit.datacheck import Thresholds, check  # noqa: PLC0415
+    """Duplicates and leaks across splits, label conflicts, label issues, class balance, sizes/modes, unreadable files."""
+    from training.audit.datacheck import check  # noqa: PLC0415
     from training.audit.page import default_out, write  # noqa: PLC0415
+    from training.audit.pairs import Thresholds  # noqa: PLC0415
 
     thresholds = Thresholds(phash=phash_distance, cosine=cosine, pixels=pixel_correlation).validate()
+    if suspects is not None and (mode != "full" or not labels):
+        raise UserError("--suspects needs the label search: --mode full with --labels")
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
-    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=_log(json_out), search=search)
-    folder = write(report, out or default_out())
+    report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=_log(json_out), search=search,
+                   labels=labels)
+    folder = write(report, out or default_out(), suspects=suspects)
     if json_out:
         _print_json(report.data)
         return
-    tables.print_data_check(console, report.data, folder)
+    tables.print_data_check(console, report.facts, folder, suspects)
 
 
 @data_app.command("sample")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.base.machine import cpu_model  # noqa: E402
-from training.audit import datacheck  # noqa: E402
+from training.audit import ann, embeddings, fingerprints, pairs  # noqa: E402
 from training.config import DataConfig, DataSpec  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
@@ -40,16 +40,16 @@ def embed(data: str) -> np.ndarray:
 
     cfg = DataConfig(spec=data)
     listing = list_folder(cfg, DataSpec.parse(data).local)
-    imgs, _ = datacheck._fingerprint_files(listing, "full", print, False)
+    imgs, _ = fingerprints.fingerprint_files(listing, "full", print, False)
     weights = str(WEIGHTS) if WEIGHTS.is_file() else "imagenet"
-    return datacheck.project(datacheck.embeddings(imgs.small, weights, print, False))
+    return embeddings.project(embeddings.embeddings(imgs.small, weights, print, False))
 
 
 def exact_pairs(x: np.ndarray, cosine: float) -> set[tuple[int, int]]:
-    """All pairs i < j with cosine >= threshold, block by block as datacheck.search does."""
+    """All pairs i < j with cosine >= threshold, block by block as pairs.search does."""
     out = set()
-    for start in range(0, len(x), datacheck.SEARCH_BLOCK):
-        stop = min(len(x), start + datacheck.SEARCH_BLOCK)
+    for start in range(0, len(x), pairs.SEARCH_BLOCK):
+        stop = min(len(x), start + pairs.SEARCH_BLOCK)
         cos = x[start:stop] @ x[start:].T
         cos[:, :stop - start] = np.where(np.arange(start, stop)[None, :] > np.arange(start, stop)[:, None],
                                          cos[:, :stop - start], -1)
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--data", default=f"folder:{CIFAR}")
     parser.add_argument("--cache", type=Path, default=None, help="embeddings .npy: read if it exists, else written")
     parser.add_argument("--sizes", default="10000,20000,40000,60000")
-    parser.add_argument("--cosine", type=float, default=datacheck.DEFAULT_COSINE)
+    parser.add_argument("--cosine", type=float, default=pairs.DEFAULT_COSINE)
     args = parser.parse_args()
     if args.cache and args.cache.is_file():
         emb = np.load(args.cache)
@@ -81,7 +81,7 @@ def main() -> None:
     import faiss
 
     print(f"machine: {cpu_model()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; "
-          f"cosine >= {args.cosine}; {datacheck.ANN_NEIGHBOURS} neighbours per image")
+          f"cosine >= {args.cosine}; {ann.ANN_NEIGHBOURS} neighbours per image")
     rng = np.random.default_rng(0)
     exact_t, ann_t = {}, {}
     for n in [int(s) for s in args.sizes.split(",") if int(s) <= len(emb)]:
@@ -90,18 +90,18 @@ def main() -> None:
         exact_t[n] = t_exact
         print(f"\nn {n:,}: exact {t_exact:.1f} s, {len(truth):,} pairs")
         for kind, extra in VARIANTS:
-            found, t = timed(lambda: datacheck.ann_candidates(x, args.cosine, kind=kind, **extra))
+            found, t = timed(lambda: ann.ann_candidates(x, args.cosine, kind=kind, **extra))
             got = {(int(a), int(b)) for a, b in zip(*found.nonzero())}
             recall = len(got & truth) / max(1, len(truth))
             label = f"{kind} " + " ".join(f"{k} {v}" for k, v in extra.items())
             print(f"  {label:<20} {t:6.1f} s  recall {recall:.4f} ({len(got & truth):,} of {len(truth):,})")
-            if kind == datacheck.ANN_INDEX and extra.get("nprobe") == datacheck.IVF_NPROBE:
+            if kind == ann.ANN_INDEX and extra.get("nprobe") == ann.IVF_NPROBE:
                 ann_t[n] = t
     if len(exact_t) >= 2 and ann_t:
         ns = np.array(sorted(exact_t))
         a_exact = np.polyfit(np.log(ns), np.log([exact_t[n] for n in ns]), 1)
         a_ann = np.polyfit(np.log(ns), np.log([ann_t[n] for n in ns]), 1)
-        print(f"\nfit: exact ~ n^{a_exact[0]:.2f}, ivf nprobe {datacheck.IVF_NPROBE} ~ n^{a_ann[0]:.2f}")
+        print(f"\nfit: exact ~ n^{a_exact[0]:.2f}, ivf nprobe {ann.IVF_NPROBE} ~ n^{a_ann[0]:.2f}")
         for n in (60_000, 100_000, 200_000, 500_000, 1_000_000):
             te, ta = np.exp(np.polyval(a_exact, np.log(n))), np.exp(np.polyval(a_ann, np.log(n)))
             print(f"  n {n:>9,}: exact {te:8.1f} s, ivf {ta:7.1f} s" + (f" (extrapolated past {ns[-1]:,})" if n > ns[-1] else ""))

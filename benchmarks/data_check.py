@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.base.machine import cpu_model  # noqa: E402
-from training.audit import datacheck  # noqa: E402
+from training.audit import ann, datacheck, pairs  # noqa: E402
 from training.config import DataConfig  # noqa: E402
 from training.audit.page import default_out, write  # noqa: E402
 
@@ -36,17 +36,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=f"folder:{CIFAR}")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--phash-distance", type=int, default=datacheck.DEFAULT_PHASH)
-    parser.add_argument("--cosine", type=float, default=datacheck.DEFAULT_COSINE)
+    parser.add_argument("--phash-distance", type=int, default=pairs.DEFAULT_PHASH)
+    parser.add_argument("--cosine", type=float, default=pairs.DEFAULT_COSINE)
     parser.add_argument("--mode", default="full", choices=("fast", "full"))
-    parser.add_argument("--search", default="auto", choices=datacheck.SEARCHES,
+    parser.add_argument("--search", default="auto", choices=ann.SEARCHES,
                         help="embedding pair search (benchmarks/ann_search.py compares the two alone)")
     parser.add_argument("--dump", type=Path, default=None, help="save every pair (rows, hamming, cosine, names) as .npz")
     args = parser.parse_args()
     weights = str(WEIGHTS) if WEIGHTS.is_file() else "imagenet"
     start = time.perf_counter()
     report = datacheck.check(DataConfig(spec=args.data), mode=args.mode,
-                             thresholds=datacheck.Thresholds(args.phash_distance, args.cosine), weights=weights,
+                             thresholds=pairs.Thresholds(args.phash_distance, args.cosine), weights=weights,
                              search=args.search)
     check_seconds = time.perf_counter() - start
     out = write(report, args.out or default_out())

@@ -188,19 +188,19 @@ def test_training_drops_leaks_and_records_them(planted_set, run_cli, tmp_path):
 
 
 def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
-    """datacheck.phash runs imagehash.phash's algorithm on all images in one call: same bits."""
+    """fingerprints.phash runs imagehash.phash's algorithm on all images in one call: same bits."""
     import imagehash
 
-    from training.audit import datacheck
+    from training.audit import fingerprints
 
     root, _ = planted_set
     imgs = [Image.open(f).convert("RGB") for f in sorted(root.rglob("*.png"))]
-    grey = np.stack([datacheck._fingerprint(im, "fast")[1] for im in imgs])
+    grey = np.stack([fingerprints.fingerprint(im, "fast")[1] for im in imgs])
 
     def as_int(h) -> int:
         return int.from_bytes(np.packbits(h.hash.flatten()).tobytes(), "big")
 
-    ours, ours_mirror = datacheck.phash(grey), datacheck.phash(grey[:, :, ::-1])
+    ours, ours_mirror = fingerprints.phash(grey), fingerprints.phash(grey[:, :, ::-1])
     assert [int(h) for h in ours] == [as_int(imagehash.phash(im)) for im in imgs]
     assert [int(h) for h in ours_mirror] == [as_int(imagehash.phash(ImageOps.mirror(im))) for im in imgs]
 
@@ -208,7 +208,7 @@ def test_batched_phash_is_imagehash_bit_for_bit(planted_set):
 @pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
 def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set):
     """--data-check full on the pixels training will use, with the run's MobileNetV2 weights file."""
-    from training.audit import datacheck
+    from training.audit import guard
     from training.config import DataConfig, TrainConfig
     from training.data.sources import load_dataset
 
@@ -218,7 +218,7 @@ def test_full_check_in_training_uses_the_runs_own_mobilenet_weights(planted_set)
     lines: list[str] = []
     dataset = load_dataset(cfg.data)
     before = len(dataset.train)
-    dataset, part, _ = datacheck.guard(dataset, cfg, lines.append)
+    dataset, part, _ = guard.guard(dataset, cfg, lines.append)
     assert part["mode"] == "full" and part["embeddings"].startswith(f"MobileNetV2 ({MOBILENET})")
     assert part["leaks"]["test-in-train"]["images"] >= 5 and part["label_conflicts"] == 1
     assert {planted[n][0] for n in planted if n != "crop"} <= set(part["dropped"]["files"])
@@ -232,7 +232,7 @@ def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
     """Unit vectors in 128 dims, 60 planted copies (one a group of five): faiss finds exactly the
     pairs an exhaustive search finds above the cosine, and every planted pair is among them (the
     default IVF-Flat index, and HNSW)."""
-    from training.audit import datacheck
+    from training.audit import ann
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4000, 128)).astype(np.float32)
@@ -250,7 +250,7 @@ def test_ann_candidates_are_the_exact_pairs_on_generated_embeddings():
     exact = {(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(cos >= 0.9, k=1)))}
     assert planted <= exact
     for kind in ("ivf", "hnsw"):
-        found = {(int(a), int(b)) for a, b in zip(*datacheck.ann_candidates(x, 0.9, kind=kind).nonzero())}
+        found = {(int(a), int(b)) for a, b in zip(*ann.ann_candidates(x, 0.9, kind=kind).nonzero())}
         assert found == exact, f"{kind}: missed {exact - found}; extra {found - exact}"
 
 
@@ -277,15 +277,16 @@ def test_without_faiss_the_check_falls_back_to_exact_search_with_one_line(plante
     """Past the switch (lowered here to 10 images) with faiss not importable: exact search, one note."""
     import sys
 
-    from training.audit import datacheck
+    from training.audit import ann, datacheck
+    from training.audit.pairs import Thresholds
     from training.config import DataConfig
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
-    monkeypatch.setattr(datacheck, "ANN_ABOVE", 10)
+    monkeypatch.setattr(ann, "ANN_ABOVE", 10)
     root, planted = planted_set
     lines: list[str] = []
     report = datacheck.check(DataConfig(spec=f"folder:{root}"), mode="full", weights=str(MOBILENET),
-                             thresholds=datacheck.Thresholds(cosine=0.8), log=lines.append, bar=False)
+                             thresholds=Thresholds(cosine=0.8), log=lines.append, bar=False)
     search = report.data["search"]
     assert (search["requested"], search["used"]) == ("auto", "exact")
     notes = [line for line in lines if "faiss is not installed" in line]

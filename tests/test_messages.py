@@ -119,7 +119,7 @@ def test_export_with_a_name_does_not_claim_to_rename_it(cnn_run, run_cli, tmp_pa
 
 
 def test_drop_leaks_says_what_it_dropped_before_what_it_means():
-    from training.audit import datacheck
+    from training.audit import guard
     from training.config import DataConfig, TrainConfig
     from training.data.sources import load_dataset
 
@@ -127,7 +127,7 @@ def test_drop_leaks_says_what_it_dropped_before_what_it_means():
     dataset = load_dataset(cfg.data)
     dataset.train.x[:4] = dataset.test.x[:4]  # four test images copied into train
     lines: list[str] = []
-    dataset, part = datacheck.guard(dataset, cfg, lines.append)
+    dataset, part, _ = guard.guard(dataset, cfg, lines.append)
     dropped = next(i for i, line in enumerate(lines) if "dropped" in line)
     leak = next(i for i, line in enumerate(lines) if "test image(s)" in line and "copy in train" in line)
     assert part["dropped"]["count"] >= 4 and dropped < leak, lines

@@ -99,6 +99,7 @@ class TrainConfig(Contract):
     feature_cache: bool = True         # frozen backbones: extract features once, train the head on them
     data_check: str = "fast"           # off | fast (hashes, cross-split) | full (+ MobileNetV2 embeddings)
     drop_leaks: bool = False           # drop training images that duplicate a val or test image
+    exclude: str | None = None         # a file of paths (e.g. `data check --suspects`): drop those training images
     precision: str = "auto"            # auto (mixed_float16 on GPU) | float32 | mixed_float16
     jit: bool | None = None            # XLA; None = on for GPU, never on CPU
     distribute: str = "auto"           # auto | none | mirrored (TF_CONFIG set: multi-worker)

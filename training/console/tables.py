@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from serving.base.manifest import Manifest
+from training.audit.report import DataCheckReport, LabelIssues
 from training.record.records import TABLE_FIELDS, RunRecord, format_cell, leak_of, table_row
 
 
@@ -330,33 +331,53 @@ def print_eval(out: Console, result: dict) -> None:
     _say(out, f"wrote {result['path']} (metrics.json, predictions.csv, index.html)")
 
 
-def print_data_check(out: Console, d: dict, folder: Path) -> None:
-    """`tlserve data check`: leaks, duplicates, balance, image facts and anything unreadable."""
+def print_data_check(out: Console, d: DataCheckReport, folder: Path, suspects: Path | None = None) -> None:
+    """`tlserve data check`: leaks, duplicates, label issues, balance, image facts and anything unreadable."""
     def say(line: str) -> None:
         out.print(line, highlight=False)
 
-    say(f"{d['source']}: " + ", ".join(f"{s} {n:,}" for s, n in d["splits"].items()))
-    rows = [[k, f"{v['images']:,}", f"{v['of']:,}", f"{v['percent']:.2f}%"] for k, v in d["leaks"].items()]
+    say(f"{d.source}: " + ", ".join(f"{s} {n:,}" for s, n in d.splits.items()))
+    rows = [[k, f"{v.images:,}", f"{v.of:,}", f"{v.percent:.2f}%"] for k, v in d.leaks.items()]
     table(out, "leaks across splits", ["which", "images", "of", "share"], rows or [["none", "0", "", ""]],
           text=("which",))
-    rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d["duplicates"].items()]
+    rows = [[k, f"{v['exact']:,}", f"{v['near']:,}"] for k, v in d.duplicates.items()]
     table(out, "duplicate pairs", ["splits", "exact", "near"], rows or [["none", "0", "0"]], text=("splits",))
-    names = d["class_names"]
-    splits = list(d["balance"])
-    rows = [[c, *[f"{d['balance'][s]['counts'][c]:,}" for s in splits]] for c in names]
-    rows.append(["largest/smallest", *[str(d["balance"][s]["largest_smallest_ratio"]) for s in splits]])
+    _print_label_issues(out, d.label_issues, suspects)
+    splits = list(d.balance)
+    rows = [[c, *[f"{d.balance[s].counts[c]:,}" for s in splits]] for c in d.class_names]
+    rows.append(["largest/smallest", *[str(d.balance[s].largest_smallest_ratio) for s in splits]])
     table(out, "class balance", ["class", *splits], rows, text=("class",))
-    facts = d["images"]
-    say("sizes: " + ", ".join(f"{k} {sum(v.values()):,}" for k, v in list(facts["sizes"].items())[:6])
-        + (" ..." if len(facts["sizes"]) > 6 else ""))
-    say("kinds: " + (", ".join(f"{k} {v:,}" for k, v in facts["kinds"].items() if v) or "all plain RGB"))
-    for line in facts["class_outliers"]:
+    facts = d.images
+    say("sizes: " + ", ".join(f"{k} {sum(v.values()):,}" for k, v in list(facts.sizes.items())[:6])
+        + (" ..." if len(facts.sizes) > 6 else ""))
+    say("kinds: " + (", ".join(f"{k} {v:,}" for k, v in facts.kinds.items() if v) or "all plain RGB"))
+    for line in facts.class_outliers:
         say(f"warning: {line}")
-    if d["label_conflicts"]:
-        say(f"warning: {len(d['label_conflicts']):,} label conflict(s): the same image under two classes")
-    for u in d["unreadable"]:
+    if d.label_conflicts:
+        say(f"warning: {len(d.label_conflicts):,} label conflict(s): the same image under two classes")
+    for u in d.unreadable:
         say(f"unreadable: {u['file']}: {u['why']}")
-    for f in d["not_images"]:
+    for f in d.not_images:
         say(f"not an image: {f}")
-    say(f"embeddings: {d['embeddings']}; search: {d['search']['used']}")
-    say(f"report: {folder / 'index.html'} and {folder / 'report.json'} ({d['seconds'].get('total', 0):.1f} s)")
+    say(f"embeddings: {d.embeddings}; search: {d.search.used if d.search else 'exact'}")
+    say(f"report: {folder / 'index.html'} and {folder / 'report.json'} ({d.seconds.get('total', 0):.1f} s)")
+
+
+def _print_label_issues(out: Console, issues: LabelIssues | None, suspects: Path | None, shown: int = 15) -> None:
+    """The most suspect labels: file, given and suggested class, score and both probabilities."""
+    if issues is None:
+        return
+    if issues.status != "done":
+        out.print(f"label issues: skipped: {issues.why}", highlight=False)
+        return
+    rows = [[s.file, s.given, s.suggested, f"{s.score:.3f}", f"{s.probabilities.get(s.given, 0):.2f}",
+             f"{s.probabilities.get(s.suggested, 0):.2f}"] for s in issues.suspects[:shown]]
+    title = (f"label issues: {len(issues.suspects):,} suspect(s) of {issues.images:,} images (out-of-fold accuracy "
+             f"{issues.out_of_fold_accuracy:.3f}; most suspect first)")
+    table(out, title, ["file", "given", "suggested", "score", "p(given)", "p(suggested)"],
+          rows or [["none", "", "", "", "", ""]], text=("file", "given", "suggested"))
+    if len(issues.suspects) > shown:
+        out.print(f"... {len(issues.suspects) - shown:,} more in report.json", highlight=False)
+    if suspects is not None:
+        out.print(f"suspects' list: {suspects} (tlserve train --exclude {suspects} drops them from training)",
+                  highlight=False)

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from serving.base import storage
 from serving.base.errors import UserError
 from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, feature_cache, optim, phases
 from training.data import sources as datasets
-from training.audit import datacheck
+from training.audit import guard as data_guard
 from training.record import metrics, records, tensorboard_logs
 from training import progress
 from training.fit.checkpoints import BACKUP_DIR, Checkpoints, lost_peer, random_generators
@@ -185,14 +186,25 @@ def _run(cfg: TrainConfig, runs_dir: Path | None, staging: Path, state: RunState
             keras().backend.experimental.disable_tf_random_generator()
 
 
-def _load_data(cfg: TrainConfig, log: Log):
-    """(dataset after the data check, the data check's facts, its HeldCopies, class weights or None), logged."""
+@dataclass
+class Loaded:
+    """A run's data as it trains: after --exclude and the data check."""
+    dataset: Any
+    data_check: dict[str, Any] | None        # the record's data_check (None: --data-check off)
+    copies: data_guard.HeldCopies | None     # held-out images that copy what the model learns from
+    excluded: dict[str, Any] | None          # the record's excluded (None: no --exclude)
+    weights: dict[int, float] | None         # class weights
+
+
+def _load_data(cfg: TrainConfig, log: Log) -> Loaded:
+    """The dataset after --exclude and the data check, with what they found and the class weights, logged."""
     dataset = datasets.load_dataset(cfg.data)
     for name, why in dataset.skipped.items():
         log(f"skipped {name}: {why}")
     log(f"data: {dataset.source}: {len(dataset.class_names)} classes, train {len(dataset.train)} / "
         f"val {len(dataset.val)} / test {len(dataset.test)} at {dataset.image_size[0]}x{dataset.image_size[1]}")
-    dataset, data_check, copies = datacheck.guard(dataset, cfg, log)
+    dataset, excluded = data_guard.exclude(dataset, cfg.exclude, log)
+    dataset, data_check, copies = data_guard.guard(dataset, cfg, log)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError("the data has an empty train or test split; raise --limit or add images")
     imbalance = class_weights.imbalance_warning(dataset.summary()["train_class_counts"])
@@ -202,7 +214,7 @@ def _load_data(cfg: TrainConfig, log: Log):
     if weights is not None:
         log("class weights: " + ", ".join(f"{k} {v:.3g}" for k, v in
                                           class_weights.by_name(weights, dataset.class_names).items()))
-    return dataset, data_check, copies, weights
+    return Loaded(dataset, data_check, copies, excluded, weights)
 
 
 def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress: bool | None,
@@ -210,11 +222,13 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     """Train in `staging`. `shared` is where a restart reads from: the staging folder itself, except on a
     multi-worker run's non-chief, which writes to its own temporary folder and reads the chief's."""
     acc = _start(cfg, cluster, log)
-    dataset, data_check, copies, weights = _load_data(cfg, log)
+    data = _load_data(cfg, log)
+    dataset = data.dataset
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
     with acc.strategy.scope():
         built, plan = phases.plan(cfg, dataset, source)
-    run, cache_reason = _phases_run(cfg, acc, built, dataset, state, staging, shared, cluster, log, progress, weights)
+    run, cache_reason = _phases_run(cfg, acc, built, dataset, state, staging, shared, cluster, log, progress,
+                                    data.weights)
     if state.checkpoint:
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
@@ -223,7 +237,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
         log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
     for phase in plan:
         phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
-    record = _finish(run, cache_reason, data_check, copies)
+    record = _finish(run, cache_reason, data)
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
         return records.Run(staging, record)  # the caller removes the temporary folder
@@ -274,11 +288,11 @@ def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging:
     return run, cache_reason
 
 
-def _finish(run: phases.Run, cache_reason: str, data_check: dict[str, Any] | None,
-            copies: datacheck.HeldCopies | None) -> records.RunRecord:
+def _finish(run: phases.Run, cache_reason: str, data: Loaded) -> records.RunRecord:
     """After the last phase: calibrate (on validation images that copy no training image), test (also on the
     test images that copy none), save the model and its files, and write the record."""
     cfg, model, dataset, state, staging = run.cfg, run.built.model, run.dataset, run.state, run.staging
+    copies = data.copies
     total_time = state.elapsed + run.extract_seconds
     # After the last phase and before the save: a resumed run restores the last phase's checkpoint (the
     # weights before calibration) and calibrates them the same way, so it ends as an uninterrupted run.
@@ -300,7 +314,7 @@ def _finish(run: phases.Run, cache_reason: str, data_check: dict[str, Any] | Non
     record = records.build(cfg, dataset, model=model, input_size=run.built.input_size, history=state.history,
                            total_time=total_time, test=test, folder=staging, accel=run.acc,
                            training=_training_facts(run, cache_reason), calibration=calibrated.facts,
-                           data_check=data_check)
+                           data_check=data.data_check, excluded=data.excluded)
     storage.write_json(staging / records.RECORD, record.to_dict())
     return record
 

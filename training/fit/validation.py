@@ -3,6 +3,7 @@ that can fail before any data is loaded, any model is built or any folder is mad
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from serving.base.errors import UserError, choose
 from training.model import backbones, strategies
@@ -44,6 +45,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     class_weights.check_spec(cfg.class_weight)
     if cfg.drop_leaks and cfg.data_check == "off":
         raise UserError("--drop-leaks needs the data check: use --data-check fast or full")
+    if cfg.exclude is not None and not Path(cfg.exclude).expanduser().is_file():
+        raise UserError(f"--exclude {cfg.exclude}: no such file")
     if cfg.lr <= 0 or cfg.finetune_lr <= 0:
         raise UserError("--lr and --finetune-lr must be above 0")
     for flag, value in (("--momentum", cfg.momentum), ("--bn-momentum", cfg.bn_momentum), ("--dropout", cfg.dropout)):

@@ -63,6 +63,8 @@ class DataFacts(_Section):
     skipped: list[str]                   # file names that would not decode
     spec: str                            # the --data spec
     seed: int                            # the split seed
+    # --exclude FILE: {list, listed, count, train_before, files [train ids removed], held_out, not_found}
+    excluded: dict[str, Any] | None = optional()
 
 
 @dataclass(kw_only=True)
@@ -166,7 +168,7 @@ class CalibrationFacts(_Section):
 
 @dataclass(kw_only=True)
 class DataCheckFacts(_Section):
-    """training.audit.datacheck.guard: cross-split copies found before training; the data splits are after any drop."""
+    """training.audit.guard.guard: cross-split copies found before training; the data splits are after any drop."""
     mode: str                        # fast: hashes | full: + embeddings
     thresholds: dict[str, float]     # {phash_distance, cosine}
     embeddings: Any                  # what was used, or why not
@@ -208,7 +210,7 @@ class RunRecord(_Section):
 
 def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]], total_time: float,
           test: dict[str, Any], folder: Path, accel, training: dict[str, Any], calibration: dict[str, Any],
-          data_check: dict[str, Any] | None) -> RunRecord:
+          data_check: dict[str, Any] | None, excluded: dict[str, Any] | None = None) -> RunRecord:
     """The record of a finished run whose model is saved in `folder`. Each part goes to its dataclass by
     keyword, so a key its producer adds without declaring a field here fails at once, not in a reader later."""
     from serving.base.machine import package_versions  # noqa: PLC0415
@@ -220,7 +222,7 @@ def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]]
         schema=SCHEMA, name=cfg.name, status="finished",
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=cfg.to_dict(),
-        data=DataFacts(**dataset.summary(), spec=cfg.data.spec, seed=cfg.data.seed),
+        data=DataFacts(**dataset.summary(), spec=cfg.data.spec, seed=cfg.data.seed, excluded=excluded),
         model=ModelFacts(backbone=cfg.backbone, strategy=cfg.strategy, weights=cfg.weights, from_run=cfg.from_run,
                          input_shape=[*dataset.image_size, 3], input_dtype="float32", input_range=[0, 255],
                          input_size=input_size, interpolation=dataset.interpolation, **facts(model),
