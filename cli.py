@@ -224,6 +224,9 @@ def export(
     register: Annotated[bool, typer.Option("--register/--no-register", help="Also register in the BentoML model store.")] = True,
     max_accuracy_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant whose test accuracy is more than this many points below fp32's.")] = 1.0,
     max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
+    ood: Annotated[bool, typer.Option("--ood/--no-ood", help="Give every file an out-of-distribution score as its second output (Mahalanobis distance of the penultimate features to the training classes).")] = True,
+    ood_accept: Annotated[float, typer.Option(help="The OOD threshold accepts this share of the validation split (between 0 and 1).")] = 0.95,
+    ood_images: Annotated[int, typer.Option(help="Fit the OOD reference on at most this many training images (stratified).")] = 5000,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -232,7 +235,7 @@ def export(
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
-                         max_class_drop=max_class_drop)
+                         max_class_drop=max_class_drop, ood=ood, ood_accept=ood_accept, ood_images=ood_images)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
     tables.print_export(console, path, manifest)
 

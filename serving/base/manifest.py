@@ -69,6 +69,9 @@ class Artifact:
     calibration_images: Optional[int] = None
     quantization: Optional[str] = None
     kept: Optional[bool] = None
+    # The OOD score against Keras's on the check batch: max |diff| / threshold, same in/out verdicts.
+    ood_max_rel_diff: Optional[float] = None
+    ood_verdict_agreement: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -80,6 +83,35 @@ class Gate:
     test_images: int
     rejected: dict[str, Artifact] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class OodReference:
+    """The out-of-distribution score the exported files give as their second output (training.exported.ood):
+    how it is computed, its threshold (scores above it are out of distribution) and the validation
+    distribution /metrics compares served images with. Absent in models exported before it existed."""
+    method: str              # mahalanobis: squared distance to the nearest class mean / dims
+    output: str              # the model output that carries it (ood_score)
+    feature_layer: str
+    dims: int
+    threshold: float
+    accept: float            # the share of validation images the threshold was set to accept
+    val_accepted: float      # the share it does accept
+    train_images: int        # the stratified training sample the class means and covariance came from
+    val_images: int
+    shrinkage: float         # Ledoit-Wolf's weight on the identity in the shared covariance
+    val_score_percentiles: dict = field(default_factory=dict)
+    score_bins: list = field(default_factory=list)       # inner bin edges for the score's PSI
+    score_reference: list = field(default_factory=list)  # validation share per bin
+    class_reference: dict = field(default_factory=dict)  # validation share of each predicted class
+    file: Optional[str] = None    # the reference (means, whitening) beside the manifest
+    sha256: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What /metadata shows: everything but the drift reference's bins."""
+        out = _dump(self)
+        return {k: v for k, v in out.items() if k not in ("score_bins", "score_reference")}
 
 
 @dataclass
@@ -117,12 +149,14 @@ class Manifest:
     # The temperature baked into the model at training (training.fit.calibration), or None.
     calibration: Optional[dict] = field(default=None, metadata={"keep_none": True})
     bentoml_tag: Optional[str] = field(default=None, metadata={"keep_none": True})  # None: --no-register
+    # The OOD score's reference and threshold; None in a model exported before it (no score output).
+    ood: Optional[OodReference] = None
     extra: dict = field(default_factory=dict)
 
     # JSON key order as export has always written it
     ORDER = ("schema", "name", "version", "created_at", "run", "run_path", "class_names", "input", "output",
-             "backbone", "strategy", "tta", "test_accuracy", "params", "export", "calibration", "artifacts",
-             "bentoml_tag")
+             "backbone", "strategy", "tta", "test_accuracy", "params", "export", "calibration", "ood",
+             "artifacts", "bentoml_tag")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = MANIFEST) -> "Manifest":

@@ -22,6 +22,7 @@ from serving.base.manifest import Artifact, ExportFacts, Gate, InputSpec, Manife
 from training import env, progress
 from training.record import records
 from training.config import DataConfig
+from training.exported import ood as ood_scores
 
 FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
 PARITY_TOLERANCE = 1e-4
@@ -44,6 +45,11 @@ class ExportOptions:
     # any one class, is not kept.
     max_accuracy_drop: float = 1.0
     max_class_drop: float = 5.0
+    # The OOD score as every file's second output (training.exported.ood): its threshold accepts this
+    # share of the validation split; the reference is fitted on at most ood_images training images.
+    ood: bool = True
+    ood_accept: float = ood_scores.DEFAULT_ACCEPT
+    ood_images: int = ood_scores.DEFAULT_IMAGES
 
 
 @dataclass
@@ -56,6 +62,8 @@ class _Check:
     class_names: list[str] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, Artifact] = field(default_factory=dict)  # variants the accuracy gate did not keep
+    data: Any = None  # the run's dataset (training.data.sources), for the OOD reference
+    ood: ood_scores.Fitted | None = None
 
     @property
     def spread(self) -> float:
@@ -99,6 +107,8 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     for flag, value in (("--max-accuracy-drop", opts.max_accuracy_drop), ("--max-class-drop", opts.max_class_drop)):
         if not np.isfinite(value):
             raise UserError(f"{flag} must be a number of accuracy points")
+    if opts.ood:
+        ood_scores.check_options(opts.ood_accept, opts.ood_images)
     name = bento_name(opts.name or run.name)
     if opts.name and name != opts.name:
         # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
@@ -117,6 +127,8 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     if not check.informative:
         log(f"warning: the model gives the same output for every check image (spread {check.spread:.1e}); "
             "the parity check below can only show that the runtimes agree on that constant")
+    if opts.ood:
+        check.ood, model = _fit_ood(model, run, check, opts, log)
     version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}{secrets.token_hex(2)}"
     for stale in storage.remove_stale_staging(final.parent, name):
         log(f"removed {stale.name}: left by an export that was killed")
@@ -128,6 +140,9 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
         if "onnx" in opts.formats:
             artifacts.update(_export_onnx(model, staging, check, opts, log))
         manifest = _manifest(run, name, version, opts, artifacts, check)
+        if check.ood is not None:
+            ood_scores.write_reference(check.ood, staging)
+            manifest.ood = check.ood.entry
         manifest.save(staging)
         if opts.register:
             _register(name, version, staging, manifest)
@@ -142,7 +157,19 @@ def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
     images = data.test.x[: opts.check_images].astype(np.float32)
     keras_probs = model.predict(images, verbose=0)
     calib = data.train.x[: opts.calibration_images].astype(np.float32)
-    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record.data.class_names))
+    return _Check(images, keras_probs, data.test.x, data.test.y, calib, list(run.record.data.class_names), data=data)
+
+
+def _fit_ood(model, run: records.Run, check: _Check, opts: ExportOptions, log: Log):
+    """(the OOD reference, the model with its score as a second output) — the model every file is written from."""
+    data = check.data
+    fitted, scored = ood_scores.fit_for_export(
+        model, (data.train.x, data.train.y), (data.val.x, data.val.y), check.images, check.class_names,
+        accept=opts.ood_accept, images=opts.ood_images, seed=int(run.record.config.get("seed", 0)))
+    e = fitted.entry
+    log(f"OOD score: {e.method} on {e.dims} features of {e.train_images} training images (shrinkage "
+        f"{e.shrinkage:.3f}); threshold {e.threshold:.4g} accepts {e.val_accepted:.1%} of {e.val_images} validation images")
+    return fitted, scored
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
@@ -159,16 +186,20 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> Artifact:
 
     @T.function(input_signature=[T.TensorSpec([None, h, w, 3], T.float32, name="image")])
     def serve(image):
-        return {"probabilities": model(image, training=False)}
+        return ood_scores.signature_outputs(model, image)
 
     with progress.step("writing the SavedModel", None):
         T.saved_model.save(model, str(path), signatures={"serving_default": serve})
         # hashed first, then loaded the way training.exported.loader.load loads it once the manifest exists
         digest = artifact_digest(path)
-        predict = savedmodel_predictor(path)
-    parity = _compare(predict(check.images), check)
+        predict = savedmodel_predictor(path, scored=check.ood is not None)
+    outputs = predict(check.images)
+    probs, scores = outputs if check.ood is not None else (outputs, None)
+    parity = _compare(probs, check)
     _require_parity("SavedModel", parity)
-    log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.0%}")
+    parity.update(ood_scores.score_parity(scores, check.ood))
+    log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement "
+        f"{parity['top1_agreement']:.0%}{ood_scores.parity_note(parity)}")
     return Artifact(digest, tree_bytes(path), **parity)
 
 
@@ -191,8 +222,9 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
                                    opset=opts.opset, output_path=str(fp32_path))
     proto = onnx.load(str(fp32_path))
-    if proto.graph.output[0].name != "probabilities":
-        raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
+    expected = ["probabilities"] + ([ood_scores.OUTPUT] if check.ood is not None else [])
+    if [o.name for o in proto.graph.output] != expected:
+        raise RuntimeError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}, not {expected}")
     onnx.checker.check_model(proto)
 
     out: dict[str, Artifact] = {}
@@ -209,10 +241,11 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         # hashed first, then opened as serving.sessions.load opens it once the manifest exists
         digest = artifact_digest(path)
         session, _ = make_session(path, device="cpu")
-        probs = session.run(None, {"image": check.images})[0]
+        probs, *scores = session.run(None, {"image": check.images})
         parity = _compare(probs, check)
         if variant == "fp32":
             _require_parity("ONNX", parity)
+        parity.update(ood_scores.score_parity(scores[0] if scores else None, check.ood))
         scores = _test_scores(session, check, file)
         entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=scores["accuracy"],
                          test_ece=scores["ece"], test_per_class_recall=scores["recall"])
@@ -228,7 +261,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
         log(f"{file}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
             f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
-            f"ECE {scores['ece']:.4f}")
+            f"ECE {scores['ece']:.4f}{ood_scores.parity_note(parity)}")
         del session
         if entry.gate is not None and not entry.gate["passed"]:
             # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
@@ -309,7 +342,8 @@ def float_nodes(model_path: Path) -> list[str]:
 
     nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
     first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
-    return [n.name for n in nodes[:first_conv]] + [n.name for n in nodes if n.op_type == "Softmax"]
+    return ([n.name for n in nodes[:first_conv]] + [n.name for n in nodes if n.op_type == "Softmax"]
+            + ood_scores.onnx_nodes(nodes))
 
 
 def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, keep_float: bool = True,

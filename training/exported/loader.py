@@ -45,11 +45,17 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     raise AssertionError(f"serving.base.formats row {fmt.runtime} has no loader branch in training.exported.loader")
 
 
-def savedmodel_predictor(path: Path):
-    """The SavedModel's serving signature as a pixels -> probabilities function (export's parity check
-    loads the file it has just written, and hashed, this way too)."""
+def savedmodel_predictor(path: Path, *, scored: bool = False):
+    """The SavedModel's serving signature as a pixels -> probabilities function, or with `scored`
+    pixels -> (probabilities, OOD scores) (export's parity check loads the file it has just written,
+    and hashed, this way too)."""
     T = env.tf()
     fn = T.saved_model.load(str(path)).signatures["serving_default"]
+    if scored:
+        def both(x):
+            out = fn(image=T.constant(x))
+            return out["probabilities"].numpy(), out["ood_score"].numpy()
+        return both
     return lambda x: fn(image=T.constant(x))["probabilities"].numpy()
 
 
