@@ -28,17 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 
 from serving.base import images
-from serving.settings import ServiceSettings, confidence_threshold
+from serving.settings import ServiceSettings, confidence_threshold, flag, score_threshold
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
-OPTIONAL_FIELDS = {"top_k", "min_confidence"}
+OPTIONAL_FIELDS = {"top_k", "min_confidence", "abstain_ood", "ood_threshold"}
 MAX_BATCH_FILES = 64
 # Images up to this many pixels (by header) decode on the event loop, larger ones on a thread: a hop
 # to the thread costs more than decoding a small image (docs/decisions.md, "Small images decode inline").
@@ -107,15 +107,18 @@ class RequestGuard:
                 _check_infer(body, self.state.input_hw)
                 return await self._counted(self.app(scope, _replay(body, receive), send))
             field_name, many = IMAGE_ROUTES[path]
-            decoded, top_k, min_confidence = await self._images(scope, body, field_name, many)
+            decoded, top_k, min_confidence, ood = await self._images(scope, body, field_name, many)
         except RequestError as exc:
             return await _json(send, exc.status, {"error": str(exc)})
         if self.state.classify is None:
             return await _json(send, 503, {"error": "model is still loading"})
         try:
-            answer = await self._counted(self.state.classify(decoded, top_k, batch=many, min_confidence=min_confidence))
+            answer = await self._counted(self.state.classify(decoded, top_k, batch=many, min_confidence=min_confidence,
+                                                             **ood))
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound
             return await _json(send, 503, {"error": str(exc)})
+        except InvalidArgument as exc:  # a request the model cannot answer as asked (OOD fields, no score)
+            return await _json(send, 400, {"error": str(exc)})
         await _json(send, 200, answer)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -140,7 +143,7 @@ class RequestGuard:
                 return b"".join(chunks)
 
     async def _images(self, scope: Scope, body: bytes, field_name: str,
-                      many: bool) -> tuple[list, int | None, float | None]:
+                      many: bool) -> tuple[list, int | None, float | None, dict[str, Any]]:
         from starlette.requests import Request  # noqa: PLC0415
 
         hint = f"send the image{'s' if many else ''} as multipart/form-data field '{field_name}'"
@@ -168,6 +171,7 @@ class RequestGuard:
                     raise RequestError(400, f"min_confidence must be a probability between 0 and 1 (both excluded), "
                                             f"not {str(min_confidence)[:40]!r}")
                 min_confidence = threshold
+            ood = _ood_fields(form)
             uploads = form.getlist(field_name)
             if not uploads:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")
@@ -180,7 +184,7 @@ class RequestGuard:
                 files.append((upload.filename or f"{field_name}[{n}]", await upload.read()))
         finally:
             await form.close()
-        return await self._decode(files), int(top_k) if top_k is not None else None, min_confidence
+        return await self._decode(files), int(top_k) if top_k is not None else None, min_confidence, ood
 
     async def _decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """Each upload as a model-sized uint8 array, one at a time, so no two full-size images of a
@@ -216,6 +220,22 @@ class RequestGuard:
             return await call
         finally:
             self.state.in_flight -= 1
+
+
+def _ood_fields(form) -> dict[str, Any]:
+    """The request's abstain_ood (true/false) and ood_threshold (a positive score), as classify's keywords."""
+    out: dict[str, Any] = {}
+    raw = form.get("abstain_ood")
+    if raw is not None:
+        out["abstain_ood"] = flag(raw) if isinstance(raw, str) else None
+        if out["abstain_ood"] is None:
+            raise RequestError(400, f"abstain_ood must be true or false, not {str(raw)[:40]!r}")
+    raw = form.get("ood_threshold")
+    if raw is not None:
+        out["ood_threshold"] = score_threshold(raw) if isinstance(raw, str) else None
+        if out["ood_threshold"] is None:
+            raise RequestError(400, f"ood_threshold must be a positive number (an OOD score), not {str(raw)[:40]!r}")
+    return out
 
 
 def _yield_cpu() -> None:

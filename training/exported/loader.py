@@ -34,7 +34,10 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     formats.require(manifest, fmt)
     if fmt.runtime == "savedmodel":
         verify_artifacts(model_dir, manifest, [fmt.file])
-        return Loaded(runtime, savedmodel_predictor(model_dir / fmt.file), _tf_device())
+        if manifest.ood is None:
+            return Loaded(runtime, savedmodel_predictor(model_dir / fmt.file), _tf_device())
+        scored = savedmodel_predictor(model_dir / fmt.file, scored=True)
+        return Loaded(runtime, lambda x: scored(x)[0], _tf_device(), scored=scored)
     if fmt.runtime == "keras":
         model = _check_keras(manifest)
         if runtime == "tf-function":
