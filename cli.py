@@ -278,6 +278,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 64,
     gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Show each listed mistake's Grad-CAM (uses the run's Keras model).")] = True,
+    ood: Annotated[Optional[Path], typer.Option("--ood", help="A folder of out-of-distribution images: report the OOD score's AUROC (and the max-softmax baseline's) against --data's images.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
@@ -288,7 +289,7 @@ def eval_cmd(
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
-                       runs_dir=runs_dir)
+                       runs_dir=runs_dir, ood=ood)
     result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
     if json_out:
         _print_json(result)

@@ -211,6 +211,13 @@ def print_eval(out: Console, result: dict) -> None:
     for label, items in (("unreadable", d["skipped_unreadable"]), ("unknown class", d["skipped_unknown_class"])):
         if items:
             _say(out, f"skipped ({label}): " + ", ".join(f"{k} ({v})" for k, v in items.items()))
+    if result.get("ood"):
+        o = result["ood"]
+        out.print(table(f"OOD: {o['scored']:,} images of {o['folder']} against the {d['scored']:,} above "
+                        f"({o['method']}, threshold {o['threshold']:.4g})",
+                        ["variant", "AUROC", "max-softmax AUROC", "in accepted", "OOD flagged"],
+                        [[v, fmt(r["auroc"]), fmt(r["msp_auroc"]), fmt(r["in_accepted"]), fmt(r["ood_flagged"])]
+                         for v, r in o["variants"].items()], text=("variant",)))
     _say(out, f"wrote {result['path']} (metrics.json, predictions.csv, index.html)")
 
 
