@@ -257,7 +257,7 @@ def predict(
     results, failures = predict_files(resolve_model(model, models_dir), paths, runtime=runtime, variant=variant, k=top_k)
     if json_out:
         for r in results:
-            print(json.dumps({"path": r.path, "top": r.top}))
+            print(json.dumps(r.to_dict()))
     elif results:
         tables.print_predictions(console, f"{model} ({runtime})", results)
     tables.print_errors(err, failures)

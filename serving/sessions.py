@@ -126,7 +126,7 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     """An onnxruntime row of the formats table for this model, after checking its sha256."""
     fmt = formats.by_runtime(runtime)
     if not fmt.serving_can_load:
-        raise UserError(f"--runtime {runtime} needs TensorFlow, which serving does not load; "
+        raise UserError(f"--runtime {runtime} needs TensorFlow or LiteRT, which serving does not load; "
                         f"use one of {', '.join(f.runtime for f in formats.ONNX)}")
     model = OnnxClassifier.load(model_dir, variant=fmt.variant, device=device, threads=threads, spin=spin,
                                 manifest=manifest)

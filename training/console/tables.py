@@ -175,8 +175,15 @@ def print_predictions(out: Console, title: str, results: list) -> None:
     listing = Table(title=title)
     listing.add_column("image")
     listing.add_column("prediction")
+    scored = any(r.ood_score is not None for r in results)
+    if scored:
+        listing.add_column("OOD score")
     for r in results:
-        listing.add_row(r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top))
+        cells = [r.path, ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top)]
+        if scored:
+            cells.append("—" if r.ood_score is None else
+                         f"{r.ood_score:.3g} ({'in' if r.in_distribution else 'OUT of'} distribution)")
+        listing.add_row(*cells)
     out.print(listing)
 
 

@@ -139,6 +139,10 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
             artifacts[saved_model] = _export_savedmodel(model, staging / saved_model, check, log)
         if "onnx" in opts.formats:
             artifacts.update(_export_onnx(model, staging, check, opts, log))
+        if "tflite" in opts.formats:
+            from training.exported import tflite  # noqa: PLC0415
+
+            artifacts.update(tflite.export_files(model, staging, check, opts, log))
         manifest = _manifest(run, name, version, opts, artifacts, check)
         if check.ood is not None:
             ood_scores.write_reference(check.ood, staging)
@@ -246,7 +250,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
         if variant == "fp32":
             _require_parity("ONNX", parity)
         parity.update(ood_scores.score_parity(scores[0] if scores else None, check.ood))
-        scores = _test_scores(session, check, file)
+        scores = _test_scores(lambda x: session.run(None, {"image": x})[0], check, file)
         entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=scores["accuracy"],
                          test_ece=scores["ece"], test_per_class_recall=scores["recall"])
         if variant == "fp32":
@@ -299,15 +303,16 @@ def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: f
             "max_class_drop": max_class_drop, "crossed": crossed, "reason": reason or None}
 
 
-def _test_scores(session, check: _Check, file: str, batch: int = 256) -> dict[str, Any]:
-    """Accuracy, per-class recall and ECE of one ONNX file over the run's whole test split."""
+def _test_scores(predict: Callable[[np.ndarray], np.ndarray], check: _Check, file: str,
+                 batch: int = 256) -> dict[str, Any]:
+    """Accuracy, per-class recall and ECE of one file (pixels -> probabilities) over the run's whole test split."""
     from training.record import metrics  # noqa: PLC0415
 
     parts = [np.zeros((0, len(check.class_names)), np.float32)]
     with progress.step(f"test accuracy of {file}", len(check.test_y)) as advance:
         for start in range(0, len(check.test_y), batch):
             x = check.test_x[start:start + batch].astype(np.float32)
-            parts.append(session.run(None, {"image": x})[0])
+            parts.append(predict(x))
             advance(len(x))
     probs = np.concatenate(parts)
     matrix = metrics.confusion(check.test_y, probs.argmax(1), len(check.class_names))

@@ -1,4 +1,5 @@
-"""The one loader of every row of serving.base.formats: keras, savedmodel, onnx, onnx-fp16, onnx-int8.
+"""The one loader of every row of serving.base.formats: keras, savedmodel, onnx, onnx-fp16, onnx-int8, and
+the TFLite rows (training.exported.tflite).
 
 `load` checks what the manifest says about the file before anything runs: the sha256 of every
 export artifact (the SavedModel too), and for keras, which is the run's model.keras and not an
@@ -32,6 +33,10 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     if fmt.serving_can_load:
         return _runtime.load(model_dir, fmt.runtime, manifest=manifest, device=device, threads=threads, spin=spin)
     formats.require(manifest, fmt)
+    if fmt.engine == formats.LITERT:
+        from training.exported import tflite  # noqa: PLC0415
+
+        return tflite.load(model_dir, fmt.runtime, manifest, threads)
     if fmt.runtime == "savedmodel":
         verify_artifacts(model_dir, manifest, [fmt.file])
         if manifest.ood is None:
