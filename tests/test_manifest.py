@@ -137,9 +137,10 @@ def test_the_table_has_one_row_per_file_and_every_export_variant():
     for flag in ("fp16", "int8"):
         assert hasattr(export.ExportOptions(), flag)  # each flag row is an option export has
     assert [f.runtime for f in formats.FORMATS if f.serving_can_load] == ["onnx", "onnx-fp16", "onnx-int8"]
-    assert all(f.engine in (formats.TENSORFLOW, formats.ONNXRUNTIME) for f in formats.FORMATS)
-    assert formats.BENCH_RUNTIMES == ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
-    assert formats.BASE_RUNTIMES == ("keras", "savedmodel", "onnx")
+    assert all(f.engine in (formats.TENSORFLOW, formats.ONNXRUNTIME, formats.LITERT) for f in formats.FORMATS)
+    assert formats.BENCH_RUNTIMES == ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8",
+                                      "tflite", "tflite-fp16", "tflite-int8")
+    assert formats.BASE_RUNTIMES == ("keras", "savedmodel", "onnx", "tflite", "tflite-fp16", "tflite-int8")
 
 
 @pytest.mark.fast
