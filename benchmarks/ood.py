@@ -61,8 +61,9 @@ def _load():
     return train, load_model
 
 
-def trained(name: str, data: DataConfig, retrain: bool, **options) -> Path:
-    """Train (unless a finished run of that name exists) and export with the OOD score and int8; the model folder."""
+def trained(name: str, data: DataConfig, retrain: bool, int8: bool = False, **options) -> Path:
+    """Train (unless a finished run of that name exists) and export ONNX with the OOD score (and int8 when
+    asked: it goes through the accuracy gate, and scores only if kept); the model folder."""
     train, _ = _load()
     runs, models = storage.runs_dir(), storage.models_dir()
     if retrain or not (runs / name / "record.json").is_file():
@@ -70,7 +71,8 @@ def trained(name: str, data: DataConfig, retrain: bool, **options) -> Path:
                           overwrite=True, patience=None, **options)
         train(cfg, runs, log=lambda line: print(f"  {line}", flush=True), progress=False)
     if retrain or not (models / name / "manifest.json").is_file():
-        export(name, ExportOptions(int8=True, overwrite=True, register=False), runs_dir=runs, models_dir=models,
+        export(name, ExportOptions(formats=("onnx",), int8=int8, overwrite=True, register=False), runs_dir=runs,
+               models_dir=models,
                log=lambda line: print(f"  {line}", flush=True))
     return models / name
 
@@ -111,14 +113,15 @@ def scores(model_dir: Path, x: np.ndarray, background) -> dict[str, np.ndarray]:
 
 
 def background_of(model_dir: Path) -> ood.Reference:
-    """One Gaussian over the training sample the reference was fitted on (relative Mahalanobis's MD_0)."""
+    """One Gaussian over (at most 1000 of) the training images the reference was fitted on: relative
+    Mahalanobis's MD_0."""
     _, load_model = _load()
     manifest = Manifest.load(model_dir)
     from training.record import records  # noqa: PLC0415
 
     run = records.load_run(manifest.run_path)
     data = load_dataset(DataConfig(**run.record.config["data"]))
-    idx = balanced_sample(data.train.y, manifest.ood.train_images, int(run.record.config.get("seed", 0)))
+    idx = balanced_sample(data.train.y, min(manifest.ood.train_images, 1000), int(run.record.config.get("seed", 0)))
     feats, _ = ood.features_and_probs(load_model(manifest.keras_path), data.train.x[idx], "background features")
     return ood.fit(feats, np.zeros(len(feats), np.int64), 1)
 
@@ -152,7 +155,7 @@ def leaf_data(classes: str | None = None, seed: int = 0) -> DataConfig:
 
 
 def far_leaf(args) -> None:
-    model = trained("ood-leaf", leaf_data(), args.retrain, input_size=128, epochs=10)
+    model = trained("ood-leaf", leaf_data(), args.retrain, int8=True, input_size=128, epochs=10)
     m = Manifest.load(model)
     ood_x = folder_images([CIFAR_DIR / "test"], m.input.hw, m.input.interpolation, args.ood_limit)
     row("far OOD: banana-leaf model, CIFAR-10 test images", model, test_split(model), ood_x)
@@ -233,7 +236,7 @@ def monitor_cost(manifest: Manifest, requests: int = 20000) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="far-leaf,far-cifar,near,cost")
-    p.add_argument("--cifar-limit", type=int, default=10000, help="CIFAR-10 images per split for the CIFAR model")
+    p.add_argument("--cifar-limit", type=int, default=3000, help="CIFAR-10 images per split for the CIFAR model")
     p.add_argument("--id-limit", type=int, default=2000, help="CIFAR-10 test images scored as in-distribution")
     p.add_argument("--ood-limit", type=int, default=2000, help="CIFAR-10 test images scored as OOD")
     p.add_argument("--rounds", type=int, default=10, help="cost: interleaved rounds of 50 calls each")
