@@ -62,21 +62,12 @@ class ServiceSettings:
         device = env.get("TLSERVE_DEVICE", cls.device)
         if device not in DEVICES:
             raise UserError(f"TLSERVE_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
-        raw = env.get("TLSERVE_MIN_CONFIDENCE")
-        min_confidence = None
-        if raw not in (None, ""):
-            min_confidence = confidence_threshold(raw)
-            if min_confidence is None:
-                raise UserError(f"TLSERVE_MIN_CONFIDENCE must be a probability between 0 and 1 (both excluded), not {raw!r}")
+        min_confidence = _optional(env, "TLSERVE_MIN_CONFIDENCE", confidence_threshold,
+                                   "a probability between 0 and 1 (both excluded)")
         abstain_ood = flag(env.get("TLSERVE_ABSTAIN_OOD", "0"))
         if abstain_ood is None:
             raise UserError(f"TLSERVE_ABSTAIN_OOD must be 1 or 0 (true or false), not {env['TLSERVE_ABSTAIN_OOD']!r}")
-        raw = env.get("TLSERVE_OOD_THRESHOLD")
-        ood_threshold = None
-        if raw not in (None, ""):
-            ood_threshold = score_threshold(raw)
-            if ood_threshold is None:
-                raise UserError(f"TLSERVE_OOD_THRESHOLD must be a positive number (an OOD score), not {raw!r}")
+        ood_threshold = _optional(env, "TLSERVE_OOD_THRESHOLD", score_threshold, "a positive number (an OOD score)")
         return cls(**ints, body_timeout_s=body_timeout_s, ort_spin=ort_spin, device=device, min_confidence=min_confidence,
                    abstain_ood=abstain_ood, ood_threshold=ood_threshold)
 
@@ -117,6 +108,17 @@ def confidence_threshold(raw: str | float) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and 0 < value < 1 else None
+
+
+def _optional(env: Mapping[str, str], name: str, parse, what: str) -> float | None:
+    """An optional threshold setting: unset or empty is None, else `parse` must accept it."""
+    raw = env.get(name)
+    if raw in (None, ""):
+        return None
+    value = parse(raw)
+    if value is None:
+        raise UserError(f"{name} must be {what}, not {raw!r}")
+    return value
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

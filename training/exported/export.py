@@ -217,8 +217,6 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     import onnx  # noqa: PLC0415
     import tf2onnx  # noqa: PLC0415
 
-    from serving.sessions import make_session  # noqa: PLC0415
-
     T = env.tf()
     h, w = model.input_shape[1:3]
     fp32_path = staging / table.BY_VARIANT["fp32"].file
@@ -232,7 +230,7 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     onnx.checker.check_model(proto)
 
     out: dict[str, Artifact] = {}
-    fp32: dict[str, Any] = {}
+    fp32: dict[str, Any] | None = None
     for fmt in table.ONNX:
         variant, file = fmt.variant, fmt.file
         if variant == "fp16" and not opts.fp16 or variant == "int8" and not opts.int8:
@@ -242,41 +240,71 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
             _to_fp16(fp32_path, path)
         elif variant == "int8":
             quantize_int8(fp32_path, path, check.calib_x)
-        # hashed first, then opened as serving.sessions.load opens it once the manifest exists
-        digest = artifact_digest(path)
-        session, _ = make_session(path, device="cpu")
-        probs, *scores = session.run(None, {"image": check.images})
-        parity = _compare(probs, check)
-        if variant == "fp32":
-            _require_parity("ONNX", parity)
-        parity.update(ood_scores.score_parity(scores[0] if scores else None, check.ood))
-        scores = _test_scores(lambda x: session.run(None, {"image": x})[0], check, file)
-        entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=scores["accuracy"],
-                         test_ece=scores["ece"], test_per_class_recall=scores["recall"])
+        # opened as serving.sessions.load opens it once the manifest exists
+        entry, scores = measure("ONNX", path, _onnx_runner, check, opts, fp32, log)
         if variant == "fp32":
             fp32 = scores
-        else:
-            entry.accuracy_delta = scores["accuracy"] - fp32["accuracy"]
-            entry.gate = gate(fp32, scores, opts.max_accuracy_drop, opts.max_class_drop)
         if variant == "int8":
             entry.calibration_images = int(len(check.calib_x))
             entry.quantization = ("static QDQ, per-channel 7-bit int8 weights, uint8 activations, MinMax "
-                                  "calibration; pixel preprocessing and softmax kept float32")
-        delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
-        log(f"{file}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
-            f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
-            f"ECE {scores['ece']:.4f}{ood_scores.parity_note(parity)}")
-        del session
-        if entry.gate is not None and not entry.gate["passed"]:
-            # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
-            path.unlink()
-            entry.sha256 = None
-            entry.kept = False
-            check.rejected[file] = entry
-            log(f"{file}: not kept: {entry.gate['reason']}")
-            continue
-        out[file] = entry
+                                  "calibration; pixel preprocessing, softmax and the OOD score kept float32")
+        if kept(entry, path, check, log):
+            out[file] = entry
     return out
+
+
+# pixels -> (probabilities, OOD scores or None): one exported file, opened
+Runner = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+
+
+def _onnx_runner(path: Path) -> Runner:
+    from serving.sessions import make_session  # noqa: PLC0415
+
+    session, _ = make_session(path, device="cpu")
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        probs, *scores = session.run(None, {"image": x})
+        return probs, scores[0] if scores else None
+
+    return run
+
+
+def measure(what: str, path: Path, open_file: Callable[[Path], Runner], check: _Check, opts: ExportOptions,
+            fp32: dict[str, Any] | None, log: Log) -> tuple[Artifact, dict[str, Any]]:
+    """(one written file's manifest entry, its test-split scores): hashed first, then opened; its parity
+    with Keras on the check batch (the probabilities; an fp32 file must agree), the OOD score's parity,
+    its test-split accuracy, recall and ECE, and for a variant (fp32 given) the gate against fp32."""
+    digest = artifact_digest(path)
+    run = open_file(path)
+    probs, scores = run(check.images)
+    parity = _compare(probs, check)
+    if fp32 is None:
+        _require_parity(what, parity)
+    parity.update(ood_scores.score_parity(scores, check.ood))
+    result = _test_scores(lambda x: run(x)[0], check, path.name)
+    entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=result["accuracy"],
+                     test_ece=result["ece"], test_per_class_recall=result["recall"])
+    if fp32 is not None:
+        entry.accuracy_delta = result["accuracy"] - fp32["accuracy"]
+        entry.gate = gate(fp32, result, opts.max_accuracy_drop, opts.max_class_drop)
+    delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
+    log(f"{path.name}: {entry.bytes / 1e6:.2f} MB, max |Keras - {what}| {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {result['accuracy']:.4f}{delta}, "
+        f"ECE {result['ece']:.4f}{ood_scores.parity_note(parity)}")
+    return entry, result
+
+
+def kept(entry: Artifact, path: Path, check: _Check, log: Log) -> bool:
+    """Whether the gate kept a variant. Not kept: the file leaves the model folder, its figures stay in
+    the manifest to say why."""
+    if entry.gate is None or entry.gate["passed"]:
+        return True
+    path.unlink()
+    entry.sha256 = None
+    entry.kept = False
+    check.rejected[path.name] = entry
+    log(f"{path.name}: not kept: {entry.gate['reason']}")
+    return False
 
 
 def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: float,

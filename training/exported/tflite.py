@@ -121,15 +121,15 @@ def rows() -> tuple[formats.Format, ...]:
 
 
 def export_files(model, staging: Path, check, opts, log: Callable[[str], None]) -> dict[str, Any]:
-    """Write model.tflite, model.fp16.tflite and model.int8.tflite into the staging folder, each checked
-    against Keras on the check batch and scored on the test split; fp16 and int8 go through the accuracy
-    gate against the TFLite fp32 file and are dropped (figures kept in the manifest) when they fail it."""
-    from serving.base.manifest import Artifact, artifact_digest  # noqa: PLC0415
+    """Write model.tflite, model.fp16.tflite and model.int8.tflite into the staging folder, each measured
+    as export measures every file (training.exported.export.measure: parity with Keras, test split, the
+    gate against the TFLite fp32 file for fp16 and int8)."""
     from training.exported import export as ex, ood  # noqa: PLC0415 (export calls this module)
 
     saved_model, cleanup = saved_model_for(model, staging, ood.signature_outputs)
-    out: dict[str, Artifact] = {}
-    fp32: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    fp32: dict[str, Any] | None = None
+    log(f"TFLite files run with {engine_name()}")
     try:
         for fmt in rows():
             precision = PRECISION[fmt.runtime]
@@ -137,33 +137,13 @@ def export_files(model, staging: Path, check, opts, log: Callable[[str], None]) 
             keep = float_tensors(staging / rows()[0].file) if precision == "int8" else None
             with progress.step(f"converting to TFLite {precision}", None):
                 path.write_bytes(convert(saved_model, precision, check.calib_x, keep))
-            digest = artifact_digest(path)
-            scored = runner(path)
-            probs, scores = scored(check.images)
-            parity = ex._compare(probs, check)
-            if precision == "fp32":
-                ex._require_parity("TFLite", parity)
-            parity.update(ood.score_parity(scores, check.ood))
-            result = ex._test_scores(lambda x: scored(x)[0], check, fmt.file)
-            entry = Artifact(digest, path.stat().st_size, **parity, test_accuracy=result["accuracy"],
-                             test_ece=result["ece"], test_per_class_recall=result["recall"])
+            entry, result = ex.measure("TFLite", path, runner, check, opts, fp32, log)
             if precision == "fp32":
                 fp32 = result
-            else:
-                entry.accuracy_delta = result["accuracy"] - fp32["accuracy"]
-                entry.gate = ex.gate(fp32, result, opts.max_accuracy_drop, opts.max_class_drop)
             if precision == "int8":
                 entry.calibration_images, entry.quantization = int(len(check.calib_x)), QUANTIZATION
-            log(f"{fmt.file}: {entry.bytes / 1e6:.2f} MB, max |Keras - TFLite| {parity['max_abs_diff']:.2e}, "
-                f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {result['accuracy']:.4f}"
-                f"{ood.parity_note(parity)} ({engine_name()})")
-            if entry.gate is not None and not entry.gate["passed"]:
-                path.unlink()
-                entry.sha256, entry.kept = None, False
-                check.rejected[fmt.file] = entry
-                log(f"{fmt.file}: not kept: {entry.gate['reason']}")
-                continue
-            out[fmt.file] = entry
+            if ex.kept(entry, path, check, log):
+                out[fmt.file] = entry
     finally:
         if cleanup is not None:
             cleanup.cleanup()
