@@ -40,6 +40,11 @@ def _written_by_export() -> dict:
                    "gate": {"max_accuracy_drop": 1.0, "max_class_drop": 5.0, "test_images": 400,
                             "rejected": {"model.int8.onnx": int8}}},
         "calibration": {"temperature": 0.54, "fitted_on": "val"},
+        "ood": {"method": "mahalanobis", "output": "ood_score", "feature_layer": "probabilities:input", "dims": 64,
+                "threshold": 1.13, "accept": 0.95, "val_accepted": 0.953, "train_images": 300, "val_images": 45,
+                "shrinkage": 0.02, "val_score_percentiles": {"50": 0.54}, "score_bins": [0.4, 0.6],
+                "score_reference": [0.3, 0.4, 0.3], "class_reference": {"circle": 0.5, "square": 0.5},
+                "file": "ood_reference.npz", "sha256": "d" * 64},
         "artifacts": {"saved_model": {"sha256": "a" * 64, "bytes": 2287999, "max_abs_diff": 0.0, "top1_agreement": 1.0},
                       "model.onnx": onnx, "model.fp16.onnx": fp16},
         "bentoml_tag": "cnn:202612022240188ec7",
@@ -59,6 +64,7 @@ def test_round_trip_keeps_every_key_in_order(tmp_path):
     assert m.input.hw == (32, 48) and m.input.interpolation == "bicubic" and m.tta == "flip"
     assert m.artifacts["model.fp16.onnx"].gate["passed"] and m.temperature == 0.54
     assert m.rejected["model.int8.onnx"].kept is False and m.export.gate.test_images == 400
+    assert m.ood.threshold == 1.13 and "score_bins" not in m.ood.summary()
     assert m.to_dict() == written and json.dumps(m.to_dict()) == json.dumps(written)  # same keys, same order
     m.save(tmp_path / "b")
     again = Manifest.load(tmp_path / "b")

@@ -99,14 +99,14 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit(features: np.ndarray, labels: np.ndarray, num_classes: int) -> Reference:
-    """Class means and the whitening of their shared (pooled within-class) covariance."""
+    """Class means and the whitening of their shared (pooled within-class) covariance. A class without
+    training images has no mean: the score is the distance to the nearest class that has one."""
     features = np.asarray(features, np.float64)
     present = [c for c in range(num_classes) if np.any(labels == c)]
-    if len(present) < num_classes:
-        missing = sorted(set(range(num_classes)) - set(present))
-        raise UserError(f"the training sample has no image of class {missing[0]}; cannot fit the OOD reference")
-    means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
-    centred = features - means[labels]
+    if not present or len(features) < 2:
+        raise UserError("the OOD reference needs at least two training images")
+    means = np.stack([features[labels == c].mean(axis=0) for c in present])
+    centred = features - means[np.searchsorted(present, labels)]
     cov, shrinkage = ledoit_wolf(centred)
     values, vectors = np.linalg.eigh(cov)
     values = np.maximum(values, values.max() * 1e-9)  # a constant feature (a dead ReLU) has zero variance
