@@ -74,11 +74,12 @@ def test_round_trip_keeps_every_key_in_order(tmp_path):
 @pytest.mark.fast
 def test_older_manifests_load_with_defaults_and_newer_keys_are_kept(tmp_path):
     old = _written_by_export()
-    for key in ("tta", "calibration", "params", "export", "output"):
+    for key in ("tta", "calibration", "params", "export", "output", "ood"):
         del old[key]
     del old["input"]["interpolation"]
     m = Manifest.load(_write(tmp_path / "old", old))
     assert m.tta == "none" and m.input.interpolation == "bilinear" and m.temperature is None and m.rejected == {}
+    assert m.ood is None and "ood" not in m.to_dict()  # exported before the OOD score
     newer = _written_by_export()
     newer["licence"] = "CC-BY"
     newer["artifacts"]["model.onnx"]["signed_by"] = "ci"
