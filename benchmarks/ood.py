@@ -188,8 +188,11 @@ def cost(args) -> None:
     if not (models / "ood-leaf-plain" / "manifest.json").is_file():
         export("ood-leaf", ExportOptions(name="ood-leaf-plain", formats=("onnx",), ood=False, overwrite=True,
                                          register=False), runs_dir=storage.runs_dir(), models_dir=models)
-    sessions = {"with score": OnnxClassifier.load(with_score, device="cpu"),
-                "without": OnnxClassifier.load(models / "ood-leaf-plain", device="cpu")}
+    # One intra-op thread that never spins: on a shared 2-core machine CPU time per call is then the
+    # work itself, not busy-waiting (--threads to change).
+    opts = dict(device="cpu", threads=args.threads, spin="never")
+    sessions = {"with score": OnnxClassifier.load(with_score, **opts),
+                "without": OnnxClassifier.load(models / "ood-leaf-plain", **opts)}
     h, w = sessions["without"].input_hw
     x = np.random.default_rng(0).uniform(0, 255, (1, h, w, 3)).astype(np.float32)
     samples = {k: [] for k in sessions}
@@ -202,14 +205,21 @@ def cost(args) -> None:
             t1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu[name] += (t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime)
     n = args.rounds * 50
-    print(f"\n### cost of the score, {os.uname().nodename}: {cpu_model()}, load {os.getloadavg()[0]:.2f}\n")
-    print("| ONNX fp32, batch 1 | p50 ms | mean ms | CPU ms per call |\n|---|---:|---:|---:|")
-    for name in sessions:
+    print(f"\n### cost of the score: {cpu_model()}, {args.threads} onnxruntime thread(s), load "
+          f"{os.getloadavg()[0]:.2f}\n")
+    print("| ONNX fp32, batch 1 | p50 ms | mean ms | CPU ms per call | file MB |\n|---|---:|---:|---:|---:|")
+    for name, model in sessions.items():
+        mb = (model_dir_of(model) / "model.onnx").stat().st_size / 1e6
         print(f"| {name} | {np.percentile(samples[name], 50):.3f} | {np.mean(samples[name]):.3f} | "
-              f"{1000 * cpu[name] / n:.3f} |")
+              f"{1000 * cpu[name] / n:.3f} | {mb:.2f} |")
+    print(f"\nscore's share of batch-1 CPU time: {(cpu['with score'] - cpu['without']) / cpu['without']:+.1%}")
     p50 = {k: np.percentile(v, 50) for k, v in samples.items()}
     print(f"\nscore's share of batch-1 latency (p50): {(p50['with score'] - p50['without']) / p50['without']:+.1%}")
     monitor_cost(Manifest.load(with_score))
+
+
+def model_dir_of(model: OnnxClassifier) -> Path:
+    return storage.models_dir() / model.manifest.name
 
 
 def monitor_cost(manifest: Manifest, requests: int = 20000) -> None:
@@ -240,6 +250,7 @@ def main() -> None:
     p.add_argument("--id-limit", type=int, default=2000, help="CIFAR-10 test images scored as in-distribution")
     p.add_argument("--ood-limit", type=int, default=2000, help="CIFAR-10 test images scored as OOD")
     p.add_argument("--rounds", type=int, default=10, help="cost: interleaved rounds of 50 calls each")
+    p.add_argument("--threads", type=int, default=1, help="cost: onnxruntime intra-op threads")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load at start {os.getloadavg()[0]:.2f}")

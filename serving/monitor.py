@@ -5,8 +5,10 @@ Drift is the population stability index (PSI) over the last `window` answers of 
 mix against the validation split's and (b) the OOD score's distribution over the validation split's
 decile bins (serving.base.manifest.OodReference). PSI = sum over bins of (served - reference) x
 ln(served / reference); the usual reading is < 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a large one
-(docs/serving.md has a sample alert rule). It is updated with every answer: a ring buffer of each
-answer's class and score bin, so one request costs a few bincounts of `window` entries.
+(docs/serving.md has a sample alert rule). The window is a ring buffer of each answer's class and
+score bin with running counts (O(1) per answer); the PSI gauges are recomputed from it at most once a
+second (DRIFT_EVERY_S; Prometheus scrapes every 15 s or more), since computing them on every answer
+was most of the per-request cost (43 of 125 us, benchmarks/ood.py cost).
 
 Metrics are prometheus_client objects created in the worker (BentoML 1.4 deprecates its
 bentoml.metrics wrapper for prometheus_client itself), after BentoML has pointed
@@ -15,6 +17,7 @@ PROMETHEUS_MULTIPROC_DIR at its registry folder, so BentoML's /metrics collects 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,7 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0)
 MIN_ANSWERS = 50  # fewer answers in the window than this: the drift gauges stay NaN (too few to compare)
 FLOOR = 1e-4  # a bin's share is at least this in PSI, so an empty bin counts as rare, not as infinitely far
+DRIFT_EVERY_S = 1.0
 
 
 def psi(served: np.ndarray, reference: np.ndarray) -> float:
@@ -86,12 +90,13 @@ class Monitor:
         verdicts = Counter("tlserve_ood_answers", "Answers by OOD verdict", ["in_distribution"], registry=registry)
         self._verdict = {True: verdicts.labels("true"), False: verdicts.labels("false")}
         self._threshold = threshold
+        self._drift_due = 0.0  # monotonic time of the next PSI update, once the window holds MIN_ANSWERS
         # livemax: with several workers, the worst worker's window (each worker keeps its own)
         self._drift = Gauge("tlserve_drift_psi", "Population stability index of the last answers against the "
                             "validation reference (signal: class_mix | ood_score); NaN until the window holds "
                             f"{MIN_ANSWERS} answers", ["signal"], multiprocess_mode="livemax", registry=registry)
         self._drift_mix, self._drift_score = self._drift.labels("class_mix"), self._drift.labels("ood_score")
-        self._window = Gauge("tlserve_drift_window_answers", "Answers in the drift window",
+        self._window = Gauge("tlserve_drift_window_answers", "Answers in the drift window (as of the PSI gauges)",
                              multiprocess_mode="livemax", registry=registry)
         for gauge in (self._drift_mix, self._drift_score):
             gauge.set(math.nan)
@@ -108,8 +113,9 @@ class Monitor:
             self._score.observe(s)
             self._verdict[s <= self._threshold].inc()
         self._scores.add(np.searchsorted(self._edges, scores, side="right"))
-        filled = self._classes.filled
-        self._window.set(filled)
-        if filled >= MIN_ANSWERS:
+        now = time.monotonic()
+        if self._classes.filled >= MIN_ANSWERS and now >= self._drift_due:
+            self._drift_due = now + DRIFT_EVERY_S
+            self._window.set(self._classes.filled)
             self._drift_mix.set(psi(self._classes.shares(), self._reference_mix))
             self._drift_score.set(psi(self._scores.shares(), self._reference_scores))
