@@ -13,7 +13,8 @@ threshold as `tlserve export` sets them), then scored through the exported ONNX 
   cost       onnxruntime batch-1 latency with and without the score (same run exported twice), and
              serving.monitor.Monitor.observe per request under a multiprocess Prometheus registry
 
-Each OOD row prints the AUROC of the exported score (ONNX fp32 and int8) and, from the same Keras
+Each OOD row prints the AUROC of the exported score (ONNX fp32, and int8 where kept; covariance rank 256)
+and of the same Mahalanobis score with every covariance direction kept, and, from the same Keras
 features, of the baselines: max-softmax probability (MSP), max logit, energy (-logsumexp of logits)
 and relative Mahalanobis (class distance minus the distance to one background Gaussian, Ren et al.
 2021), plus the share of OOD images the exported threshold flags and of ID test images it accepts.
@@ -61,16 +62,17 @@ def _load():
     return train, load_model
 
 
-def trained(name: str, data: DataConfig, retrain: bool, int8: bool = False, **options) -> Path:
+def trained(name: str, data: DataConfig, args, int8: bool = False, **options) -> Path:
     """Train (unless a finished run of that name exists) and export ONNX with the OOD score (and int8 when
     asked: it goes through the accuracy gate, and scores only if kept); the model folder."""
     train, _ = _load()
     runs, models = storage.runs_dir(), storage.models_dir()
+    retrain = args.retrain
     if retrain or not (runs / name / "record.json").is_file():
         cfg = TrainConfig(data=data, backbone="mobilenetv2", strategy="frozen", weights=WEIGHTS, name=name,
                           overwrite=True, patience=None, **options)
         train(cfg, runs, log=lambda line: print(f"  {line}", flush=True), progress=False)
-    if retrain or not (models / name / "manifest.json").is_file():
+    if retrain or args.reexport or not (models / name / "manifest.json").is_file():
         export(name, ExportOptions(formats=("onnx",), int8=int8, overwrite=True, register=False), runs_dir=runs,
                models_dir=models,
                log=lambda line: print(f"  {line}", flush=True))
@@ -92,7 +94,7 @@ def scores(model_dir: Path, x: np.ndarray, background) -> dict[str, np.ndarray]:
     _, load_model = _load()
     manifest = Manifest.load(model_dir)
     out = {}
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8"):  # int8 scores only where the gate kept it
         fmt_file = model_dir / ("model.onnx" if variant == "fp32" else "model.int8.onnx")
         if fmt_file.is_file():
             model = OnnxClassifier.load(model_dir, variant=variant, device="cpu")
@@ -103,18 +105,19 @@ def scores(model_dir: Path, x: np.ndarray, background) -> dict[str, np.ndarray]:
     dense = ood.last_dense(keras_model)
     kernel, bias = (w for w in dense.get_weights())
     logits = feats @ kernel + bias
-    reference = ood.Reference.load(model_dir / ood.REFERENCE_FILE)
     out["MSP baseline"] = -probs.max(axis=1)
     out["max logit"] = -logits.max(axis=1)
     out["energy"] = -logsumexp(logits, axis=1)
-    out["mahalanobis (numpy)"] = reference.score(feats)
-    out["relative mahalanobis"] = reference.score(feats) - background.score(feats)
+    full, background = background
+    out["mahalanobis, full covariance"] = full.score(feats)
+    out["relative mahalanobis"] = full.score(feats) - background.score(feats)
     return out
 
 
-def background_of(model_dir: Path) -> ood.Reference:
-    """One Gaussian over (at most 1000 of) the training images the reference was fitted on: relative
-    Mahalanobis's MD_0."""
+def background_of(model_dir: Path) -> tuple[ood.Reference, ood.Reference]:
+    """From (at most 1000 of) the training images the exported reference was fitted on: the same
+    Mahalanobis reference with every covariance direction kept (exact), and one Gaussian over all of
+    them (relative Mahalanobis's MD_0)."""
     _, load_model = _load()
     manifest = Manifest.load(model_dir)
     from training.record import records  # noqa: PLC0415
@@ -122,8 +125,9 @@ def background_of(model_dir: Path) -> ood.Reference:
     run = records.load_run(manifest.run_path)
     data = load_dataset(DataConfig(**run.record.config["data"]))
     idx = balanced_sample(data.train.y, min(manifest.ood.train_images, 1000), int(run.record.config.get("seed", 0)))
-    feats, _ = ood.features_and_probs(load_model(manifest.keras_path), data.train.x[idx], "background features")
-    return ood.fit(feats, np.zeros(len(feats), np.int64), 1)
+    feats, _ = ood.features_and_probs(load_model(manifest.keras_path), data.train.x[idx], "training features")
+    return (ood.fit(feats, data.train.y[idx], manifest.num_classes, rank=None),
+            ood.fit(feats, np.zeros(len(feats), np.int64), 1, rank=None))
 
 
 def row(label: str, model_dir: Path, id_x: np.ndarray, ood_x: np.ndarray) -> None:
@@ -155,7 +159,7 @@ def leaf_data(classes: str | None = None, seed: int = 0) -> DataConfig:
 
 
 def far_leaf(args) -> None:
-    model = trained("ood-leaf", leaf_data(), args.retrain, int8=True, input_size=128, epochs=10)
+    model = trained("ood-leaf", leaf_data(), args, input_size=128, epochs=10)
     m = Manifest.load(model)
     ood_x = folder_images([CIFAR_DIR / "test"], m.input.hw, m.input.interpolation, args.ood_limit)
     row("far OOD: banana-leaf model, CIFAR-10 test images", model, test_split(model), ood_x)
@@ -163,7 +167,7 @@ def far_leaf(args) -> None:
 
 def far_cifar(args) -> None:
     data = DataConfig(spec=f"folder:{CIFAR_DIR}", limit=args.cifar_limit)
-    model = trained("ood-cifar", data, args.retrain, input_size=96, epochs=10)
+    model = trained("ood-cifar", data, args, input_size=96, epochs=10)
     m = Manifest.load(model)
     ood_x = folder_images([LEAF_DIR], m.input.hw, m.input.interpolation, None)
     row("far OOD: CIFAR-10 model, banana-leaf images", model, test_split(model, args.id_limit), ood_x)
@@ -172,7 +176,7 @@ def far_cifar(args) -> None:
 def near(args) -> None:
     for held in DISEASES:
         keep = ",".join(c for c in LEAF_CLASSES if c != held)
-        model = trained(f"ood-leaf-without-{held}", leaf_data(keep), args.retrain, input_size=128, epochs=10)
+        model = trained(f"ood-leaf-without-{held}", leaf_data(keep), args, input_size=128, epochs=10)
         m = Manifest.load(model)
         ood_x = folder_images([LEAF_DIR / held], m.input.hw, m.input.interpolation, None)
         row(f"near OOD: banana-leaf model without {held}, scoring {held}", model, test_split(model), ood_x)
@@ -252,6 +256,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10, help="cost: interleaved rounds of 50 calls each")
     p.add_argument("--threads", type=int, default=1, help="cost: onnxruntime intra-op threads")
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--reexport", action="store_true", help="export the runs again (keep the training)")
     args = p.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load at start {os.getloadavg()[0]:.2f}")
     steps = {"far-leaf": far_leaf, "far-cifar": far_cifar, "near": near, "cost": cost}

@@ -37,14 +37,23 @@ def test_the_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
     x = rng.normal(size=(60, 20)) * rng.uniform(0.1, 3, 20)
     y = np.arange(60) % 3
     x[y == 1] += 2.0
-    ref = ood.fit(x, y, 3)
-    assert 0 < ref.shrinkage < 1  # 60 images in 20 dimensions: shrinkage is needed and partial
-    centred = x - ref.means[y]
-    cov, _ = ood.ledoit_wolf(centred)
-    inverse = np.linalg.inv(cov)
     probe = rng.normal(size=(5, 20)) * 3
-    expected = np.min([np.einsum("nd,de,ne->n", probe - m, inverse, probe - m) for m in ref.means], axis=0) / 20
-    np.testing.assert_allclose(ref.score(probe), expected, rtol=1e-4)
+
+    def explicit(x, y, probe):
+        means = np.stack([x[y == c].mean(axis=0) for c in range(3)])
+        inverse = np.linalg.inv(ood.ledoit_wolf(x - means[y])[0])
+        return np.min([np.einsum("nd,de,ne->n", probe - m, inverse, probe - m) for m in means], axis=0) / x.shape[1]
+
+    ref = ood.fit(x, y, 3, rank=None)  # every direction but one kept apart: exact
+    assert 0 < ref.shrinkage < 1  # 60 images in 20 dimensions: shrinkage is needed and partial
+    np.testing.assert_allclose(ref.score(probe), explicit(x, y, probe), rtol=1e-4)
+    # fewer images than features: the directions past the sample's rank share one variance, so a
+    # reference keeping only the sample's rank is still exact
+    few = np.concatenate([x[:, :15], rng.normal(size=(60, 25))], axis=1)[:24]
+    wide_probe = rng.normal(size=(5, 40)) * 3
+    np.testing.assert_allclose(ood.fit(few, y[:24], 3, rank=21).score(wide_probe), explicit(few, y[:24], wide_probe),
+                               rtol=1e-4)
+    assert ood.fit(few, y[:24], 3, rank=21).project.shape == (40, 21)
     assert ood.auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
     assert ood.auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
     assert len(ood.fit(x[y < 2], y[y < 2], 3).means) == 2  # a class without images has no mean to be near
