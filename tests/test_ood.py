@@ -205,7 +205,7 @@ def server(cnn_model, tmp_path_factory):
         yield url
 
 
-def test_answers_carry_the_score_and_abstain_when_asked(server, cnn_model, sample_images):
+def test_answers_carry_the_score_and_abstain_when_asked(server, cnn_model, sample_images, run_cli, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
     from serving.base.manifest import Manifest
@@ -239,6 +239,14 @@ def test_answers_carry_the_score_and_abstain_when_asked(server, cnn_model, sampl
     answered = sum(s.value for s in families["tlserve_predictions"].samples if s.name.endswith("_total"))
     assert answered == 8 + 8 + 1 + 50
     assert any(s.name == "tlserve_ood_score_count" and s.value == answered for s in families["tlserve_ood_score"].samples)
+    # eval over HTTP takes the score from the answers
+    (tmp_path / "ood").mkdir()
+    for i, a in enumerate(_noise(8, seed=3)):
+        (tmp_path / "ood" / f"{i}.png").write_bytes(_png(a))
+    result = run_cli("eval", cnn_model, "--data", "synthetic", "--url", server, "--ood", tmp_path / "ood", "--no-gradcam",
+                     "--json", "--out", tmp_path / "eval")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["ood"]["variants"]["http-fp32"]["auroc"] > 0.95
 
 
 def test_a_model_exported_before_the_score_says_so(plain_model, tmp_path, run_cli, monkeypatch):
