@@ -237,6 +237,9 @@ def export(
     max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = ExportOptions.max_class_drop,
     int8_tries: Annotated[int, typer.Option(help="--int8: when the gate refuses the file, quantize again keeping more of the first convolutions float, at most this many tries in all (1: no fallback).")] = Budget.tries,
     int8_seconds: Annotated[float, typer.Option(help="--int8: stop the fallback's tries after this many seconds.")] = Budget.seconds,
+    ood: Annotated[bool, typer.Option("--ood/--no-ood", help="Give every file an out-of-distribution score as its second output (Mahalanobis distance of the penultimate features to the training classes).")] = ExportOptions.ood,
+    ood_accept: Annotated[float, typer.Option(help="The OOD threshold accepts this share of the validation split (between 0 and 1).")] = ExportOptions.ood_accept,
+    ood_images: Annotated[int, typer.Option(help="Fit the OOD reference on at most this many training images (stratified).")] = ExportOptions.ood_images,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
 ) -> None:
@@ -245,7 +248,8 @@ def export(
 
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
-                         max_class_drop=max_class_drop, int8_budget=Budget(int8_tries, int8_seconds))
+                         max_class_drop=max_class_drop, int8_budget=Budget(int8_tries, int8_seconds),
+                         ood=ood, ood_accept=ood_accept, ood_images=ood_images)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
     tables.print_export(console, path, manifest)
 
@@ -267,7 +271,7 @@ def predict(
     results, failures = predict_files(resolve_model(model, models_dir), paths, runtime=runtime, variant=variant, k=top_k)
     if json_out:
         for r in results:
-            print(json.dumps({"path": r.path, "top": r.top}))
+            print(json.dumps(r.to_dict()))
     elif results:
         tables.print_predictions(console, f"{model} ({runtime})", results)
     tables.print_errors(err, failures)
@@ -288,6 +292,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="synthetic: the training seed whose split to use.")] = EvalOptions.seed,
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = EvalOptions.batch_size,
     gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Show each listed mistake's Grad-CAM (uses the run's Keras model).")] = EvalOptions.gradcam,
+    ood: Annotated[Optional[Path], typer.Option("--ood", help="A folder of out-of-distribution images: report the OOD score's AUROC (and the max-softmax baseline's) against --data's images.")] = EvalOptions.ood,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
@@ -298,7 +303,7 @@ def eval_cmd(
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
-                       runs_dir=runs_dir)
+                       runs_dir=runs_dir, ood=ood)
     result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
     if json_out:
         _print_json(result)

@@ -31,7 +31,8 @@ class _Job:
 
 
 class BatchWorker:
-    """`await worker(pixels)` → that request's rows of `predict(concatenated pixels)`.
+    """`await worker(pixels)` → that request's rows of `predict(concatenated pixels)` (of each array
+    when predict returns a tuple).
 
     `lone_predict`, when given, answers a call that holds the only request in the queue while
     `quiet()` says no other request is being served: a model call that may use the whole machine
@@ -100,13 +101,22 @@ class BatchWorker:
             if self._lone_predict is not None and len(jobs) == 1 and not self._jobs and self._quiet():
                 predict = self._lone_predict
             try:
-                probs = predict(np.concatenate([job.pixels for job in jobs]))
-                answers: list = np.split(probs, np.cumsum([len(job.pixels) for job in jobs])[:-1])
+                answers: list = _split(predict(np.concatenate([job.pixels for job in jobs])),
+                                       np.cumsum([len(job.pixels) for job in jobs])[:-1])
             except Exception as exc:  # noqa: BLE001 (handed to the callers, whose handlers report it)
                 answers = [exc] * len(jobs)
             if self._on_call is not None:
                 self._on_call(len(jobs))
             _settle(jobs, answers)
+
+
+def _split(outputs, at: np.ndarray) -> list:
+    """Each job's rows of the call's output: one array, or a tuple of them (probabilities and the OOD
+    score, None when the model has none) split alike."""
+    if not isinstance(outputs, tuple):
+        return np.split(outputs, at)
+    parts = [np.split(o, at) if o is not None else [None] * (len(at) + 1) for o in outputs]
+    return list(zip(*parts))
 
 
 def _settle(jobs: list[_Job], answers: list) -> None:

@@ -45,7 +45,8 @@ def serve_command(model_dir: Path, host: str, port: int, workers: int) -> tuple[
     env = {**os.environ, "TLSERVE_MODEL": str(Path(model_dir).resolve()), "TLSERVE_WORKERS": str(workers),
            # exec keeps this pid: workers check that their parent still has it (serving/lifecycle.py)
            SUPERVISOR_PID_ENV: str(os.getpid())}
-    ServiceSettings.from_env(env)  # a bad TLSERVE_* setting is one line here, not a traceback from the server
+    # a bad TLSERVE_* setting is one line here, not a traceback from the server
+    ServiceSettings.from_env(env).check_model(Manifest.load(model_dir))
     _check_address(host, port)
     return [sys.executable, "-m", "serving.lifecycle", "serve", SERVICE, "--host", host, "--port", str(port)], env
 

@@ -30,18 +30,18 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 
 from serving.base import images
 from serving.base.errors import UserError
-from serving.settings import ServiceSettings, check_min_confidence
+from serving.settings import ServiceSettings, check_min_confidence, flag, score_threshold
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 IMAGE_ROUTES = {"/predict": ("image", False), "/predict_batch": ("images", True)}
-OPTIONAL_FIELDS = {"top_k", "min_confidence"}
+OPTIONAL_FIELDS = {"top_k", "min_confidence", "abstain_ood", "ood_threshold"}
 # /predict_batch's errors field: "request" (default) answers a request with one bad file with a 4xx
 # for the whole request; "per-file" answers every file, a bad one with its own error.
 BATCH_ERRORS_FIELD = "errors"
@@ -124,10 +124,12 @@ class RequestGuard:
             return await _json(send, 503, {"error": "model is still loading"})
         try:
             answer = (await self._counted(self.state.classify(list(decoded.values()), upload.top_k, batch=many,
-                                                              min_confidence=upload.min_confidence))
+                                                              min_confidence=upload.min_confidence, **upload.ood))
                       if decoded or not upload.per_file else None)
         except ServiceUnavailable as exc:  # the batching queue is over its latency bound
             return await _json(send, 503, {"error": str(exc)})
+        except InvalidArgument as exc:  # a request the model cannot answer as asked (OOD fields, no score)
+            return await _json(send, 400, {"error": str(exc)})
         if upload.per_file:
             model = {"model": self.state.metadata.get("name"), "version": self.state.metadata.get("version")}
             answer = per_file_answer([name for name, _ in upload.files], answer, failed, model)
@@ -181,7 +183,7 @@ class RequestGuard:
                 also = " (one image per request on /predict; use /predict_batch for several)" if repeated[0] == "image" else ""
                 raise RequestError(400, f"field '{repeated[0]}' given {counts[repeated[0]]} times; send each field once{also}")
             upload = Upload(top_k=_top_k(form.get("top_k")), min_confidence=_min_confidence(form.get("min_confidence")),
-                            per_file=_per_file(form.get(BATCH_ERRORS_FIELD)))
+                            per_file=_per_file(form.get(BATCH_ERRORS_FIELD)), ood=_ood_fields(form))
             uploads = form.getlist(field_name)
             if not uploads:
                 raise RequestError(400, f"no '{field_name}' field; {hint}")
@@ -248,6 +250,7 @@ class Upload:
     top_k: int | None = None
     min_confidence: float | None = None
     per_file: bool = False  # /predict_batch with errors=per-file: a bad file fails its own entry only
+    ood: dict[str, Any] = field(default_factory=dict)  # abstain_ood / ood_threshold, as classify's keywords
     files: list[tuple[str, bytes]] = field(default_factory=list)  # (file name, bytes) in upload order
 
 
@@ -316,6 +319,22 @@ def _json_errors(scope: Scope, send: Send) -> Send:
             await _json(send, status, {"error": f"{text}: {where}" + (f"; {ROUTES_HINT}" if status == 404 else "")})
 
     return wrapped
+
+
+def _ood_fields(form) -> dict[str, Any]:
+    """The request's abstain_ood (true/false) and ood_threshold (a positive score), as classify's keywords."""
+    out: dict[str, Any] = {}
+    raw = form.get("abstain_ood")
+    if raw is not None:
+        out["abstain_ood"] = flag(raw) if isinstance(raw, str) else None
+        if out["abstain_ood"] is None:
+            raise RequestError(400, f"abstain_ood must be true or false, not {str(raw)[:40]!r}")
+    raw = form.get("ood_threshold")
+    if raw is not None:
+        out["ood_threshold"] = score_threshold(raw) if isinstance(raw, str) else None
+        if out["ood_threshold"] is None:
+            raise RequestError(400, f"ood_threshold must be a positive number (an OOD score), not {str(raw)[:40]!r}")
+    return out
 
 
 def _yield_cpu() -> None:

@@ -5,6 +5,7 @@ checked first. training.exported.loader.load adds the TensorFlow rows and delega
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +112,19 @@ def _preload_cuda_wheels(ort) -> None:
         ort.preload_dlls()
 
 
+# float32 pixels -> (probabilities, OOD scores or None for a model exported without them)
+Scored = Callable[[np.ndarray], tuple[np.ndarray, Optional[np.ndarray]]]
+
+
 @dataclass
 class Loaded:
-    """One row of serving.base.formats loaded for a model: float32 (N, H, W, 3) pixels -> probabilities."""
+    """One row of serving.base.formats loaded for a model: float32 (N, H, W, 3) pixels -> probabilities,
+    and `scored`, the same call with the OOD score (serving.base.manifest.OodReference) beside them."""
     runtime: str
     predict: Callable[[np.ndarray], np.ndarray]
     provider: str
     threads: Optional[int] = None
+    scored: Optional[Scored] = None
 
 
 # (model folder, runtime name, manifest=, device=, threads=, spin=) -> Loaded; serving.sessions.load or
@@ -130,11 +137,11 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     """An onnxruntime row of the formats table for this model, after checking its sha256."""
     fmt = formats.by_runtime(runtime)
     if not fmt.serving_can_load:
-        raise UserError(f"--runtime {runtime} needs TensorFlow, which serving does not load; "
+        raise UserError(f"--runtime {runtime} needs TensorFlow or LiteRT, which serving does not load; "
                         f"use one of {', '.join(f.runtime for f in formats.ONNX)}")
     model = OnnxClassifier.load(model_dir, variant=fmt.variant, device=device, threads=threads, spin=spin,
                                 manifest=manifest)
-    return Loaded(runtime, model.predict, model.provider, threads or physical_cores())
+    return Loaded(runtime, model.predict, model.provider, threads or physical_cores(), model.predict_scored)
 
 
 @dataclass
@@ -176,12 +183,22 @@ class OnnxClassifier:
     def version(self) -> str:
         return self.manifest.version
 
+    @functools.cached_property
+    def has_score(self) -> bool:
+        """Whether the file gives the OOD score (models exported before it do not)."""
+        return self.manifest.ood is not None and len(self.session.get_outputs()) > 1
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, H, W, 3) pixels 0..255 → (N, classes) probabilities."""
+        return self.predict_scored(batch)[0]
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, OOD scores (N,) or None) from one call: the score is the graph's second output."""
         batch = np.asarray(batch)
         h, w = self.input_hw
         if batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
             raise UserError(f"expected images of shape (N, {h}, {w}, 3), got {tuple(batch.shape)}")
         if batch.dtype != np.float32:
             batch = batch.astype(np.float32)
-        return self.session.run(None, {self.manifest.input.name: batch})[0]
+        outputs = self.session.run(None, {self.manifest.input.name: batch})
+        return outputs[0], (outputs[1] if self.has_score else None)

@@ -41,7 +41,7 @@ def _check_onnx_everywhere(model_dir: Path, run_dir: Path) -> None:
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    assert [o.name for o in proto.graph.output] == ["probabilities", "ood_score"]  # the OOD score: test_ood.py
     dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert not dim0.HasField("dim_value")  # dynamic batch
     x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)

@@ -40,6 +40,11 @@ def _written_by_export() -> dict:
                    "gate": {"max_accuracy_drop": 1.0, "max_class_drop": 5.0, "test_images": 400,
                             "rejected": {"model.int8.onnx": int8}}},
         "calibration": {"temperature": 0.54, "fitted_on": "val"},
+        "ood": {"method": "mahalanobis", "output": "ood_score", "feature_layer": "probabilities:input", "dims": 64,
+                "threshold": 1.13, "accept": 0.95, "val_accepted": 0.953, "train_images": 300, "val_images": 45,
+                "shrinkage": 0.02, "val_score_percentiles": {"50": 0.54}, "score_bins": [0.4, 0.6],
+                "score_reference": [0.3, 0.4, 0.3], "class_reference": {"circle": 0.5, "square": 0.5},
+                "file": "ood_reference.npz", "sha256": "d" * 64},
         "artifacts": {"saved_model": {"sha256": "a" * 64, "bytes": 2287999, "max_abs_diff": 0.0, "top1_agreement": 1.0},
                       "model.onnx": onnx, "model.fp16.onnx": fp16},
         "bentoml_tag": "cnn:202612022240188ec7",
@@ -59,6 +64,7 @@ def test_round_trip_keeps_every_key_in_order(tmp_path):
     assert m.input.hw == (32, 48) and m.input.interpolation == "bicubic" and m.tta == "flip"
     assert m.artifacts["model.fp16.onnx"].gate["passed"] and m.temperature == 0.54
     assert m.rejected["model.int8.onnx"].kept is False and m.export.gate.test_images == 400
+    assert m.ood.threshold == 1.13 and "score_bins" not in m.ood.summary()
     assert m.to_dict() == written and json.dumps(m.to_dict()) == json.dumps(written)  # same keys, same order
     m.save(tmp_path / "b")
     again = Manifest.load(tmp_path / "b")
@@ -68,11 +74,12 @@ def test_round_trip_keeps_every_key_in_order(tmp_path):
 @pytest.mark.fast
 def test_older_manifests_load_with_defaults_and_newer_keys_are_kept(tmp_path):
     old = _written_by_export()
-    for key in ("tta", "calibration", "params", "export", "output"):
+    for key in ("tta", "calibration", "params", "export", "output", "ood"):
         del old[key]
     del old["input"]["interpolation"]
     m = Manifest.load(_write(tmp_path / "old", old))
     assert m.tta == "none" and m.input.interpolation == "bilinear" and m.temperature is None and m.rejected == {}
+    assert m.ood is None and "ood" not in m.to_dict()  # exported before the OOD score
     newer = _written_by_export()
     newer["licence"] = "CC-BY"
     newer["artifacts"]["model.onnx"]["signed_by"] = "ci"
@@ -137,9 +144,10 @@ def test_the_table_has_one_row_per_file_and_every_export_variant():
     for flag in ("fp16", "int8"):
         assert hasattr(export.ExportOptions(), flag)  # each flag row is an option export has
     assert [f.runtime for f in formats.FORMATS if f.serving_can_load] == ["onnx", "onnx-fp16", "onnx-int8"]
-    assert all(f.engine in (formats.TENSORFLOW, formats.ONNXRUNTIME) for f in formats.FORMATS)
-    assert formats.BENCH_RUNTIMES == ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
-    assert formats.BASE_RUNTIMES == ("keras", "savedmodel", "onnx")
+    assert all(f.engine in (formats.TENSORFLOW, formats.ONNXRUNTIME, formats.LITERT) for f in formats.FORMATS)
+    assert formats.BENCH_RUNTIMES == ("keras", "tf-function", "savedmodel", "onnx", "onnx-fp16", "onnx-int8",
+                                      "tflite", "tflite-fp16", "tflite-int8")
+    assert formats.BASE_RUNTIMES == ("keras", "savedmodel", "onnx", "tflite", "tflite-fp16", "tflite-int8")
 
 
 @pytest.mark.fast

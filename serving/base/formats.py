@@ -15,13 +15,14 @@ from serving.base.manifest import Manifest
 
 TENSORFLOW = "tensorflow"
 ONNXRUNTIME = "onnxruntime"
+LITERT = "litert"  # TFLite files: LiteRT's interpreter (ai-edge-litert), else TensorFlow's tf.lite
 
 
 @dataclass(frozen=True)
 class Format:
     runtime: str          # the name --runtime / --runtimes take
     file: str             # its file (or folder) in the model folder; keras: in the run folder
-    engine: str           # tensorflow | onnxruntime
+    engine: str           # tensorflow | onnxruntime | litert
     export_format: str | None = None  # the `tlserve export --formats` entry that writes it (keras: none)
     variant: str | None = None  # ONNX precision (fp32 | fp16 | int8): --variant / --variants names
     export_flag: str | None = None    # the `tlserve export` flag that adds it beside its format
@@ -51,6 +52,11 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx", "model.onnx", ONNXRUNTIME, "onnx", "fp32"),
     Format("onnx-fp16", "model.fp16.onnx", ONNXRUNTIME, "onnx", "fp16", "--fp16"),
     Format("onnx-int8", "model.int8.onnx", ONNXRUNTIME, "onnx", "int8", "--int8"),
+    # fp32, fp16 and int8 all come with --formats ...,tflite. Not a serving row: the bento ships
+    # onnxruntime only (training.exported.tflite loads them).
+    Format("tflite", "model.tflite", LITERT, "tflite"),
+    Format("tflite-fp16", "model.fp16.tflite", LITERT, "tflite"),
+    Format("tflite-int8", "model.int8.tflite", LITERT, "tflite"),
 )
 BY_RUNTIME = {f.runtime: f for f in FORMATS}
 ONNX = tuple(f for f in FORMATS if f.engine == ONNXRUNTIME)
@@ -59,7 +65,7 @@ VARIANTS = {f.variant: f.file for f in ONNX}  # fp32 -> model.onnx, ...
 RUNTIMES = tuple(BY_RUNTIME)
 # A runtime and, for onnx, a --variant: how predict and eval name them (keras, savedmodel, onnx).
 BASE_RUNTIMES = tuple(f.runtime for f in FORMATS if f.variant in (None, "fp32"))
-EXPORT_FORMATS = tuple(dict.fromkeys(f.export_format for f in FORMATS if f.export_format))  # savedmodel, onnx
+EXPORT_FORMATS = tuple(dict.fromkeys(f.export_format for f in FORMATS if f.export_format))  # savedmodel, onnx, tflite
 # Modes of a row rather than rows: same file, same engine, another way to call it (bench only).
 BENCH_MODES = {"tf-function": "keras"}
 BENCH_RUNTIMES = tuple(name for f in FORMATS for name in (f.runtime, *[m for m, row in BENCH_MODES.items()

@@ -77,6 +77,9 @@ class Artifact(Contract):
     # p50 ms against fp32 on the export machine: {"batch_1": {"fp32": ms, "int8": ms, "speedup": x}, ...}
     speed: Optional[dict] = optional()
     kept: Optional[bool] = optional()
+    # The OOD score against Keras's on the check batch: max |diff| / threshold, same in/out verdicts.
+    ood_max_rel_diff: Optional[float] = optional()
+    ood_verdict_agreement: Optional[float] = optional()
 
 
 @dataclass
@@ -86,6 +89,34 @@ class Gate(Contract):
     max_class_drop: float
     test_images: int
     rejected: dict[str, Artifact] = field(default_factory=dict)
+
+
+@dataclass
+class OodReference(Contract):
+    """The out-of-distribution score the exported files give as their second output (training.exported.ood):
+    how it is computed, its threshold (scores above it are out of distribution) and the validation
+    distribution /metrics compares served images with. Absent in models exported before it existed."""
+    method: str              # mahalanobis: squared distance to the nearest class mean / dims
+    output: str              # the model output that carries it (ood_score)
+    feature_layer: str
+    dims: int
+    threshold: float
+    accept: float            # the share of validation images the threshold was set to accept
+    val_accepted: float      # the share it does accept
+    train_images: int        # the stratified training sample the class means and covariance came from
+    val_images: int
+    shrinkage: float         # Ledoit-Wolf's weight on the identity in the shared covariance
+    rank: Optional[int] = optional()  # covariance directions kept apart; the others share one variance
+    val_score_percentiles: dict = field(default_factory=dict)
+    score_bins: list = field(default_factory=list)       # inner bin edges for the score's PSI
+    score_reference: list = field(default_factory=list)  # validation share per bin
+    class_reference: dict = field(default_factory=dict)  # validation share of each predicted class
+    file: Optional[str] = optional()    # the reference (means, whitening) beside the manifest
+    sha256: Optional[str] = optional()
+
+    def summary(self) -> dict[str, Any]:
+        """What /metadata shows: everything but the drift reference's bins."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("score_bins", "score_reference")}
 
 
 @dataclass
@@ -126,14 +157,16 @@ class Manifest(Contract):
     # The temperature baked into the model at training (training.fit.calibration), or None.
     calibration: Optional[dict] = None
     bentoml_tag: Optional[str] = None  # None: --no-register
+    # The OOD score's reference and threshold; None in a model exported before it (no score output).
+    ood: Optional[OodReference] = optional()
 
     SCHEMA = SCHEMA
     KIND = "manifest"
     FILE = MANIFEST
     # JSON key order as export has always written it
     ORDER = ("schema", "name", "version", "created_at", "run", "run_path", "class_names", "input", "output",
-             "backbone", "strategy", "tta", "test_accuracy", "params", "export", "calibration", "artifacts",
-             "bentoml_tag")
+             "backbone", "strategy", "tta", "test_accuracy", "params", "export", "calibration", "ood",
+             "artifacts", "bentoml_tag")
 
     @classmethod
     def load(cls, model_dir: Path) -> "Manifest":

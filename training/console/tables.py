@@ -288,12 +288,20 @@ def print_models(out: Console, rows: list[dict]) -> None:
 
 def print_predictions(out: Console, title: str, results: list) -> None:
     """`tlserve predict`: one row per image, named by the part of its path that differs from the
-    others' (relative to the folder they share), so that every row can be told apart."""
+    others' (relative to the folder they share), so that every row can be told apart; with the OOD
+    score where the model has one."""
     paths = [Path(os.path.abspath(r.path)) for r in results]
     base = Path(os.path.commonpath([p.parent for p in paths])) if paths else Path.cwd()
-    table(out, title, ["image", "prediction"],
-          [[p.relative_to(base).as_posix(), ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top)]
-           for p, r in zip(paths, results)], text=("image",), prose=("prediction",))
+    scored = any(r.ood_score is not None for r in results)
+    rows = []
+    for p, r in zip(paths, results):
+        row = [p.relative_to(base).as_posix(), ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top)]
+        if scored:
+            row.append("-" if r.ood_score is None else
+                       f"{r.ood_score:.3g} ({'in' if r.in_distribution else 'OUT of'} distribution)")
+        rows.append(row)
+    table(out, title, ["image", "prediction"] + (["OOD score"] if scored else []), rows, text=("image",),
+          prose=("prediction",) + (("OOD score",) if scored else ()))
     _say(out, f"image paths are relative to {base}")
 
 
@@ -328,6 +336,13 @@ def print_eval(out: Console, result: dict) -> None:
     for label, items in (("unreadable", d["skipped_unreadable"]), ("unknown class", d["skipped_unknown_class"])):
         if items:
             _say(out, f"skipped ({label}): " + ", ".join(f"{k} ({v})" for k, v in items.items()))
+    if result.get("ood"):
+        o = result["ood"]
+        out.print(table(f"OOD: {o['scored']:,} images of {o['folder']} against the {d['scored']:,} above "
+                        f"({o['method']}, threshold {o['threshold']:.4g})",
+                        ["variant", "AUROC", "max-softmax AUROC", "in accepted", "OOD flagged"],
+                        [[v, fmt(r["auroc"]), fmt(r["msp_auroc"]), fmt(r["in_accepted"]), fmt(r["ood_flagged"])]
+                         for v, r in o["variants"].items()], text=("variant",)))
     _say(out, f"wrote {result['path']} (metrics.json, predictions.csv, index.html)")
 
 

@@ -143,6 +143,7 @@ class Variant:
     name: str                                   # fp32 | fp16 | int8 | savedmodel | keras | http
     predict: Callable[[np.ndarray], np.ndarray]
     provider: str
+    scored: Callable | None = None              # pixels -> (probabilities, OOD scores) (serving.sessions.Loaded)
 
 
 def parse_variants(spec: str, manifest: Manifest) -> list[str]:
@@ -165,13 +166,14 @@ def load_variants(model_dir: Path, manifest: Manifest, runtime: str, spec: str) 
 
     formats.check_runtime(runtime, RUNTIMES)
     if runtime != "onnx":
-        return [Variant(runtime, load(model_dir, runtime, manifest=manifest).predict, "tensorflow")]
+        loaded = load(model_dir, runtime, manifest=manifest)
+        return [Variant(runtime, loaded.predict, "tensorflow", loaded.scored)]
     out = []
     for v in parse_variants(spec, manifest):
         # Idle onnxruntime threads park instead of spinning: the decode threads need those cores
         # between calls (CIFAR-10 JPEGs, tiny CNN, 2 busy cores: 890 images/s against 701 spinning).
         loaded = load(model_dir, formats.by_variant(v).runtime, manifest=manifest, spin="never")
-        out.append(Variant(v, loaded.predict, loaded.provider))
+        out.append(Variant(v, loaded.predict, loaded.provider, loaded.scored if manifest.ood else None))
     return out
 
 
@@ -183,6 +185,7 @@ class Scored:
     wall_seconds: float
     skipped: dict[str, str] = field(default_factory=dict)  # image name -> why it was skipped
     server: dict[str, Any] | None = None  # the service's /metadata, over HTTP
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> OOD scores, where it gives them
 
 
 def score_inprocess(data: Labelled, variants: list[Variant], hw: tuple[int, int], interpolation: str,
@@ -191,6 +194,7 @@ def score_inprocess(data: Labelled, variants: list[Variant], hw: tuple[int, int]
     chunk ahead of the model, so decoding and inference overlap."""
     n = len(data)
     probs = {v.name: np.zeros((n, num_classes), np.float32) for v in variants}
+    scores = {v.name: np.zeros(n, np.float32) for v in variants if v.scored is not None}
     seconds = {v.name: 0.0 for v in variants}
     kept = np.zeros(n, bool)
     chunks = [np.arange(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
@@ -215,12 +219,15 @@ def score_inprocess(data: Labelled, variants: list[Variant], hw: tuple[int, int]
                 x = np.stack([a for a in arrays if a is not None]).astype(np.float32)
                 for v in variants:
                     t0 = time.perf_counter()
-                    out = np.concatenate([v.predict(x[s:s + batch]) for s in range(0, len(x), batch)])
+                    parts = [v.scored(x[s:s + batch]) if v.scored else (v.predict(x[s:s + batch]), None)
+                             for s in range(0, len(x), batch)]
                     seconds[v.name] += time.perf_counter() - t0
-                    probs[v.name][idx[ok]] = out
+                    probs[v.name][idx[ok]] = np.concatenate([p for p, _ in parts])
+                    if v.name in scores:
+                        scores[v.name][idx[ok]] = np.concatenate([s for _, s in parts])
             advance(len(idx))
     skipped = {data.names[i]: "not a readable image" for i in np.flatnonzero(~kept)}
-    return Scored(kept, probs, seconds, time.perf_counter() - start, skipped)
+    return Scored(kept, probs, seconds, time.perf_counter() - start, skipped, scores=scores)
 
 
 def server_metadata(url: str, manifest: Manifest, timeout: float = 10.0) -> dict[str, Any]:
@@ -253,6 +260,7 @@ def score_http(data: Labelled, url: str, meta: dict[str, Any], *, timeout: float
     n = len(data)
     variant = f"http-{meta.get('variant', 'fp32')}"
     probs = np.zeros((n, len(names)), np.float32)
+    scores = np.zeros(n, np.float32)
     kept = np.zeros(n, bool)
     skipped: dict[str, str] = {}
     spent = 0.0
@@ -275,6 +283,7 @@ def score_http(data: Labelled, url: str, meta: dict[str, Any], *, timeout: float
         for i, p in zip(idx, answer["predictions"]):
             for t in p["top"]:
                 probs[i, column[t["label"]]] = t["probability"]
+            scores[i] = p.get("ood_score", np.nan)
             kept[i] = True
 
     with httpx.Client(timeout=timeout) as client, progress.step(f"eval {variant} at {url}", n, log=log) as advance:
@@ -291,7 +300,9 @@ def score_http(data: Labelled, url: str, meta: dict[str, Any], *, timeout: float
                     else:
                         skipped[data.names[i]] = _reason(one)
             advance(len(idx))
-    return Scored(kept, {variant: probs}, {variant: spent}, time.perf_counter() - start, skipped, meta)
+    has_score = (meta.get("ood") or {}).get("available", False)
+    return Scored(kept, {variant: probs}, {variant: spent}, time.perf_counter() - start, skipped, meta,
+                  {variant: scores} if has_score else {})
 
 
 def _reason(response) -> str:
@@ -354,6 +365,7 @@ class EvalMetrics(Contract):
     variants: dict[str, VariantMetrics]
     machine: dict[str, Any]
     versions: dict[str, Any]
+    ood: dict[str, Any] | None = optional()  # eval --ood: the OOD score's AUROC per variant
 
     SCHEMA = SCHEMA
     FILE = "metrics.json"
@@ -397,6 +409,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     datasets.check_split(opts.split)
     final = _out_dir(model_dir, opts.out)
     # Everything that can fail on the user's options fails before any image is decoded.
+    ood_data = ood_images(opts.ood, manifest, opts.runtime if not opts.url else "http") if opts.ood else None
     if opts.url:
         url = check_url(opts.url)
         meta = server_metadata(url, manifest)
@@ -404,10 +417,13 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
     else:
         variants = load_variants(model_dir, manifest, opts.runtime, opts.variants)
     data = load_labelled(opts.data, opts.split, class_names, hw, ignore_unknown=opts.ignore_unknown, seed=opts.seed)
-    if opts.url:
-        scored = score_http(data, url, meta, log=log)
-    else:
-        scored = score_inprocess(data, variants, hw, interpolation, len(class_names), batch=opts.batch_size, log=log)
+
+    def score(images: Labelled) -> Scored:
+        if opts.url:
+            return score_http(images, url, meta, log=log)
+        return score_inprocess(images, variants, hw, interpolation, len(class_names), batch=opts.batch_size, log=log)
+
+    scored = score(data)
     if not scored.kept.any():
         raise UserError(f"--data {opts.data}: none of the {len(data)} images could be read")
     y = data.labels[scored.kept]
@@ -436,9 +452,51 @@ def evaluate(model_dir: Path, opts: EvalOptions, *, log: Log | None = None,
         machine=(facts or machine.machine_facts)(),
         versions=machine.package_versions(),
     ).to_dict()
+    if ood_data is not None:
+        result["ood"] = ood_metrics(manifest, scored, ood_data, score(ood_data), opts.ood)
     _write(final, result, data, scored, log, model_dir if opts.gradcam else None, opts.runs_dir)
     result["path"] = str(final)
     return result
+
+
+def ood_images(folder: Path, manifest: Manifest, runtime: str) -> Labelled:
+    """The --ood folder's images (any layout, searched recursively), checked before anything is loaded."""
+    from serving.predict import expand  # noqa: PLC0415
+    from serving.settings import no_score  # noqa: PLC0415
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--ood {folder}: no such folder")
+    files = expand([folder])
+    if not files:
+        raise UserError(f"--ood {folder}: no image files in it (searched its sub-folders too)")
+    if manifest.ood is None:
+        raise UserError(f"--ood: {no_score(manifest.name)}")
+    if runtime == "keras":
+        raise UserError("--ood: the run's Keras model has no OOD score output; use --runtime onnx or savedmodel")
+    names = [f.relative_to(folder).as_posix() for f in files]
+    return Labelled(names, np.zeros(len(files), np.int64), f"folder {folder}", paths=files)
+
+
+def ood_metrics(manifest: Manifest, scored: Scored, ood_data: Labelled, ood_scored: Scored,
+                folder: Path) -> dict[str, Any]:
+    """Per variant: the OOD score's AUROC (--data's images in distribution, --ood's out), the max-softmax
+    baseline's on the same images, and the shares the recorded threshold accepts and flags."""
+    from training.exported.ood import auroc  # noqa: PLC0415
+
+    if not ood_scored.kept.any():
+        raise UserError(f"--ood {folder}: none of its {len(ood_data)} images could be read")
+    threshold = manifest.ood.threshold
+    out: dict[str, Any] = {"folder": str(folder), "images": len(ood_data), "scored": int(ood_scored.kept.sum()),
+                           "method": manifest.ood.method, "threshold": threshold, "variants": {}}
+    for name, s_in in scored.scores.items():
+        s_in, s_out = s_in[scored.kept], ood_scored.scores[name][ood_scored.kept]
+        msp_in = -scored.probs[name][scored.kept].max(axis=1)
+        msp_out = -ood_scored.probs[name][ood_scored.kept].max(axis=1)
+        out["variants"][name] = {"auroc": auroc(s_in, s_out), "msp_auroc": auroc(msp_in, msp_out),
+                                 "in_accepted": float(np.mean(s_in <= threshold)),
+                                 "ood_flagged": float(np.mean(s_out > threshold))}
+    return out
 
 
 def _out_dir(model_dir: Path, out: Path | None) -> Path:

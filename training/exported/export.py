@@ -25,6 +25,7 @@ from training.record import records
 from training.config import DataConfig
 from training.exported import int8 as quant
 from training.exported.options import ExportOptions
+from training.exported import ood as ood_scores
 
 FORMATS = table.EXPORT_FORMATS  # savedmodel, onnx
 # Parity compares log-probabilities, i.e. the logits up to each row's own constant, relative to the size of
@@ -58,6 +59,8 @@ class _Check:
     fp32_scores: dict[str, Any] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, Artifact] = field(default_factory=dict)  # variants the accuracy gate did not keep
+    data: Any = None  # the run's dataset (training.data.sources), for the OOD reference
+    ood: ood_scores.Fitted | None = None
 
     def __post_init__(self) -> None:
         if self.logit_scale is None:
@@ -107,6 +110,8 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
             raise UserError(f"{flag} must be a number of accuracy points")
     if opts.int8_budget.tries < 1 or not opts.int8_budget.seconds > 0:
         raise UserError("--int8-tries must be at least 1 and --int8-seconds above 0")
+    if opts.ood:
+        ood_scores.check_options(opts.ood_accept, opts.ood_images)
     name = bento_name(opts.name or run.name)
     if opts.name and name != opts.name:
         # A name the user typed is used as typed or refused: `../x` or `a/b` must not land elsewhere.
@@ -125,6 +130,8 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
     if not check.informative:
         log(f"warning: the model gives the same output for every check image (spread {check.spread:.1e}); "
             "the parity check below can only show that the runtimes agree on that constant")
+    if opts.ood:
+        check.ood, model = _fit_ood(model, run, check, opts, log)
     version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}{secrets.token_hex(2)}"
     for stale in storage.remove_stale_staging(final.parent, name):
         log(f"removed {stale.name}: left by an export that was killed")
@@ -135,7 +142,14 @@ def export(run_ref: str, opts: ExportOptions, *, runs_dir: Path | None = None, m
             artifacts[saved_model] = _export_savedmodel(model, staging / saved_model, check, log)
         if "onnx" in opts.formats:
             artifacts.update(_export_onnx(model, staging, check, opts, log))
+        if "tflite" in opts.formats:
+            from training.exported import tflite  # noqa: PLC0415
+
+            artifacts.update(tflite.export_files(model, staging, check, opts, log))
         manifest = _manifest(run, name, version, opts, artifacts, check)
+        if check.ood is not None:
+            ood_scores.write_reference(check.ood, staging)
+            manifest.ood = check.ood.entry
         manifest.save(staging)
         if opts.register:
             _register(name, version, staging, manifest)
@@ -159,7 +173,7 @@ def _check_data(run: records.Run, model, opts: ExportOptions) -> _Check:
     calib_at = balanced_sample(data.train.y, calibration_size(opts, len(class_names)), seed)
     return _Check(images, keras_probs, data.test.x, data.test.y, data.train.x[calib_at].astype(np.float32),
                   class_names, check_y=data.test.y[check_at], calib_y=data.train.y[calib_at], seed=seed, logit_scale=scale,
-                  parity_tolerance=parity_tolerance(weighted_layers(model)))
+                  parity_tolerance=parity_tolerance(weighted_layers(model)), data=data)
 
 
 def calibration_size(opts: ExportOptions, classes: int) -> int:
@@ -169,6 +183,18 @@ def calibration_size(opts: ExportOptions, classes: int) -> int:
 
 def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
     return {name: int(np.sum(labels == i)) for i, name in enumerate(class_names)}
+
+
+def _fit_ood(model, run: records.Run, check: _Check, opts: ExportOptions, log: Log):
+    """(the OOD reference, the model with its score as a second output) — the model every file is written from."""
+    data = check.data
+    fitted, scored = ood_scores.fit_for_export(
+        model, (data.train.x, data.train.y), (data.val.x, data.val.y), check.images, check.class_names,
+        accept=opts.ood_accept, images=opts.ood_images, seed=int(run.record.config.get("seed", 0)))
+    e = fitted.entry
+    log(f"OOD score: {e.method} on {e.dims} features of {e.train_images} training images (shrinkage "
+        f"{e.shrinkage:.3f}); threshold {e.threshold:.4g} accepts {e.val_accepted:.1%} of {e.val_images} validation images")
+    return fitted, scored
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:
@@ -235,17 +261,21 @@ def _export_savedmodel(model, path: Path, check: _Check, log: Log) -> Artifact:
 
     @T.function(input_signature=[T.TensorSpec([None, h, w, 3], T.float32, name="image")])
     def serve(image):
-        return {"probabilities": model(image, training=False)}
+        return ood_scores.signature_outputs(model, image)
 
     with progress.step("writing the SavedModel", None):
         T.saved_model.save(model, str(path), signatures={"serving_default": serve})
         # hashed first, then loaded the way training.exported.loader.load loads it once the manifest exists
         digest = artifact_digest(path)
-        predict = savedmodel_predictor(path)
-    parity = _compare(predict(check.images), check)
+        predict = savedmodel_predictor(path, scored=check.ood is not None)
+    outputs = predict(check.images)
+    probs, scores = outputs if check.ood is not None else (outputs, None)
+    parity = _compare(probs, check)
     _require_parity("SavedModel", parity, check.parity_tolerance)
-    log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.0%}")
-    return Artifact(digest, tree_bytes(path), **_stored(parity))
+    ood_parity = ood_scores.score_parity(scores, check.ood)
+    log(f"saved_model: max |Keras - SavedModel| {parity['max_abs_diff']:.2e}, top-1 agreement "
+        f"{parity['top1_agreement']:.0%}{ood_scores.parity_note(ood_parity)}")
+    return Artifact(digest, tree_bytes(path), **_stored(parity), **ood_parity)
 
 
 def _require_parity(what: str, parity: dict[str, Any], tolerance: float) -> None:
@@ -264,17 +294,10 @@ def _export_onnx(model, staging: Path, check: _Check, opts: ExportOptions, log: 
     for variant, make in VARIANTS.items():
         if not getattr(opts, variant):
             continue
-        file = table.BY_VARIANT[variant].file
-        entry = make(fp32_path, staging / file, check, opts, log)
-        if entry.gate["passed"]:
-            out[file] = entry
-            continue
-        # Not kept: the file leaves the model folder, its figures stay in the manifest to say why.
-        (staging / file).unlink(missing_ok=True)
-        entry.sha256 = None
-        entry.kept = False
-        check.rejected[file] = entry
-        log(f"{file}: not kept: {entry.gate['reason']}")
+        path = staging / table.BY_VARIANT[variant].file
+        entry = make(fp32_path, path, check, opts, log)
+        if kept(entry, path, check, log):
+            out[path.name] = entry
     return out
 
 
@@ -288,17 +311,17 @@ def _export_fp32(model, path: Path, check: _Check, opts: ExportOptions, log: Log
         tf2onnx.convert.from_keras(model, input_signature=(T.TensorSpec((None, h, w, 3), T.float32, name="image"),),
                                    opset=opts.opset, output_path=str(path))
     proto = onnx.load(str(path))
-    if proto.graph.output[0].name != "probabilities":
-        raise RuntimeError(f"unexpected ONNX output name {proto.graph.output[0].name}")
+    expected = ["probabilities"] + ([ood_scores.OUTPUT] if check.ood is not None else [])
+    if [o.name for o in proto.graph.output] != expected:
+        raise RuntimeError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}, not {expected}")
     onnx.checker.check_model(proto)
-    entry, _ = _measure(path, check, log, require_parity=True)
-    check.fp32_scores = {"accuracy": entry.test_accuracy, "recall": entry.test_per_class_recall}
+    entry, check.fp32_scores = measure("ONNX", path, _onnx_runner, check, opts, None, log)
     return entry
 
 
 def _export_fp16(fp32_path: Path, path: Path, check: _Check, opts: ExportOptions, log: Log) -> Artifact:
     _to_fp16(fp32_path, path)
-    entry, _ = _measure(path, check, log, opts=opts)
+    entry, _ = measure("ONNX", path, _onnx_runner, check, opts, check.fp32_scores, log)
     return entry
 
 
@@ -314,7 +337,8 @@ def _export_int8(fp32_path: Path, path: Path, check: _Check, opts: ExportOptions
         started = time.monotonic()
         target = path.with_name(f"{path.stem}.try{float_convs}.onnx")
         kept_float = quant.quantize_int8(fp32_path, target, check.calib_x, float_convs=float_convs)
-        entry, _ = _measure(target, check, log, opts=opts, label=f"{path.name} ({_float_label(float_convs, convs)})")
+        entry, _ = measure("ONNX", target, _onnx_runner, check, opts, check.fp32_scores, log,
+                           label=f"{path.name} ({_float_label(float_convs, convs)})")
         entry.calibration_images = int(len(check.calib_x))
         entry.calibration_set = _calibration_set(check)
         entry.quantization = quant.describe(float_convs, convs)
@@ -355,33 +379,64 @@ def _calibration_set(check: _Check) -> dict[str, Any]:
             "class_counts": class_counts(check.calib_y, check.class_names)}
 
 
-def _measure(path: Path, check: _Check, log: Log, *, opts: ExportOptions | None = None, require_parity: bool = False,
-             label: str | None = None) -> tuple[Artifact, dict[str, Any]]:
-    """One ONNX file against Keras on the check batch and over the test split; with opts (a variant), its
-    gate against fp32's scores."""
-    from serving.sessions import make_session  # noqa: PLC0415
-
-    # hashed first, then opened as serving.sessions.load opens it once the manifest exists
-    digest = artifact_digest(path)
-    session, _ = make_session(path, device="cpu")
-    parity = _compare(session.run(None, {"image": check.images})[0], check)
-    if require_parity:
-        _require_parity("ONNX", parity, check.parity_tolerance)
-    scores = _test_scores(session, check, label or path.name)
-    entry = Artifact(digest, path.stat().st_size, **_stored(parity), test_accuracy=scores["accuracy"],
-                     test_ece=scores["ece"], test_per_class_recall=scores["recall"])
-    if opts is not None:
-        entry.accuracy_delta = scores["accuracy"] - check.fp32_scores["accuracy"]
-        entry.gate = gate(check.fp32_scores, scores, opts.max_accuracy_drop, opts.max_class_drop)
-    delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
-    log(f"{label or path.name}: {entry.bytes / 1e6:.2f} MB, max |Keras - ONNX| {parity['max_abs_diff']:.2e}, "
-        f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {scores['accuracy']:.4f}{delta}, "
-        f"ECE {scores['ece']:.4f}")
-    return entry, scores
-
-
 VARIANTS: dict[str, Callable[[Path, Path, _Check, ExportOptions, Log], Artifact]] = {
     "fp16": _export_fp16, "int8": _export_int8}
+
+
+# pixels -> (probabilities, OOD scores or None): one exported file, opened
+Runner = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+
+
+def _onnx_runner(path: Path) -> Runner:
+    from serving.sessions import make_session  # noqa: PLC0415
+
+    session, _ = make_session(path, device="cpu")
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        probs, *scores = session.run(None, {"image": x})
+        return probs, scores[0] if scores else None
+
+    return run
+
+
+def measure(what: str, path: Path, open_file: Callable[[Path], Runner], check: _Check, opts: ExportOptions,
+            fp32: dict[str, Any] | None, log: Log, *, label: str | None = None) -> tuple[Artifact, dict[str, Any]]:
+    """(one written file's manifest entry, its test-split scores), for every format (ONNX, TFLite): hashed
+    first, then opened; its parity with Keras on the check batch (an fp32 file must agree), the OOD
+    score's parity, its test-split accuracy, recall and ECE, and for a variant (fp32 given) the gate
+    against fp32's scores."""
+    digest = artifact_digest(path)
+    run = open_file(path)
+    probs, scores = run(check.images)
+    parity = _compare(probs, check)
+    if fp32 is None:
+        _require_parity(what, parity, check.parity_tolerance)
+    ood_parity = ood_scores.score_parity(scores, check.ood)
+    label = label or path.name
+    result = _test_scores(lambda x: run(x)[0], check, label)
+    entry = Artifact(digest, path.stat().st_size, **_stored(parity), **ood_parity, test_accuracy=result["accuracy"],
+                     test_ece=result["ece"], test_per_class_recall=result["recall"])
+    if fp32 is not None:
+        entry.accuracy_delta = result["accuracy"] - fp32["accuracy"]
+        entry.gate = gate(fp32, result, opts.max_accuracy_drop, opts.max_class_drop)
+    delta = f", accuracy delta {entry.accuracy_delta:+.4f}" if entry.accuracy_delta is not None else ""
+    log(f"{label}: {entry.bytes / 1e6:.2f} MB, max |Keras - {what}| {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.0%}, test accuracy {result['accuracy']:.4f}{delta}, "
+        f"ECE {result['ece']:.4f}{ood_scores.parity_note(ood_parity)}")
+    return entry, result
+
+
+def kept(entry: Artifact, path: Path, check: _Check, log: Log) -> bool:
+    """Whether the gate kept a variant. Not kept: the file leaves the model folder, its figures stay in
+    the manifest to say why."""
+    if entry.gate is None or entry.gate["passed"]:
+        return True
+    path.unlink(missing_ok=True)
+    entry.sha256 = None
+    entry.kept = False
+    check.rejected[path.name] = entry
+    log(f"{path.name}: not kept: {entry.gate['reason']}")
+    return False
 
 
 def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: float,
@@ -408,15 +463,16 @@ def gate(reference: dict[str, Any], scores: dict[str, Any], max_accuracy_drop: f
             "max_class_drop": max_class_drop, "crossed": crossed, "reason": reason or None}
 
 
-def _test_scores(session, check: _Check, file: str, batch: int = 256) -> dict[str, Any]:
-    """Accuracy, per-class recall and ECE of one ONNX file over the run's whole test split."""
+def _test_scores(predict: Callable[[np.ndarray], np.ndarray], check: _Check, file: str,
+                 batch: int = 256) -> dict[str, Any]:
+    """Accuracy, per-class recall and ECE of one file (pixels -> probabilities) over the run's whole test split."""
     from training.record import metrics  # noqa: PLC0415
 
     parts = [np.zeros((0, len(check.class_names)), np.float32)]
     with progress.step(f"test accuracy of {file}", len(check.test_y)) as advance:
         for start in range(0, len(check.test_y), batch):
             x = check.test_x[start:start + batch].astype(np.float32)
-            parts.append(session.run(None, {"image": x})[0])
+            parts.append(predict(x))
             advance(len(x))
     probs = np.concatenate(parts)
     matrix = metrics.confusion(check.test_y, probs.argmax(1), len(check.class_names))

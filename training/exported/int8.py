@@ -55,13 +55,17 @@ def float_nodes(model_path: Path, float_convs: int = 0) -> list[str]:
 
     In uint8 the resize ran 3x slower than in float (MobileNetV2 @96: 168 vs 56 us), and a uint8 softmax
     has 1/255 steps, so near-equal classes tie and argmax falls to the lowest index (an untrained
-    MobileNetV2 agreed with float32 on 0% of top-1 answers)."""
+    MobileNetV2 agreed with float32 on 0% of top-1 answers). The OOD score's nodes stay float too
+    (training.exported.ood.onnx_nodes): a distance quantized to 8 bits moves the threshold's verdicts."""
     import onnx  # noqa: PLC0415
+
+    from training.exported.ood import onnx_nodes  # noqa: PLC0415
 
     nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     cut = (convs[float_convs] if float_convs < len(convs) else len(nodes)) if convs else 0
-    return [n.name for n in nodes[:cut]] + [n.name for n in nodes[cut:] if n.op_type == "Softmax"]
+    kept = [n.name for n in nodes[:cut]] + [n.name for n in nodes[cut:] if n.op_type == "Softmax"]
+    return kept + [name for name in onnx_nodes(nodes[cut:])]
 
 
 def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, float_convs: int = 0, keep_float: bool = True,
@@ -103,9 +107,10 @@ def quantize_int8(src: Path, dst: Path, calib_x: np.ndarray, *, float_convs: int
 
 def describe(float_convs: int, convs: int, *, reduce_range: bool = False) -> str:
     bits = 7 if reduce_range else WEIGHT_BITS
-    kept = "pixel preprocessing and softmax kept float32"
+    kept = "pixel preprocessing, softmax and the OOD score kept float32"
     if float_convs:
-        kept = f"pixel preprocessing, the first {float_convs} of {convs} convolutions and softmax kept float32"
+        kept = (f"pixel preprocessing, the first {float_convs} of {convs} convolutions, softmax and the OOD score "
+                "kept float32")
     return (f"static QDQ, per-channel {bits}-bit int8 weights, uint8 activations, {CALIBRATION_METHOD} "
             f"calibration; {kept}")
 

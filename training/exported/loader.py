@@ -1,4 +1,5 @@
-"""The one loader of every row of serving.base.formats: keras, savedmodel, onnx, onnx-fp16, onnx-int8.
+"""The one loader of every row of serving.base.formats: keras, savedmodel, onnx, onnx-fp16, onnx-int8, and
+the TFLite rows (training.exported.tflite).
 
 `load` checks what the manifest says about the file before anything runs: the sha256 of every
 export artifact (the SavedModel too), and for keras, which is the run's model.keras and not an
@@ -30,9 +31,16 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     if fmt.serving_can_load:
         return _runtime.load(model_dir, fmt.runtime, manifest=manifest, device=device, threads=threads, spin=spin)
     formats.require(manifest, fmt)
+    if fmt.engine == formats.LITERT:
+        from training.exported import tflite  # noqa: PLC0415
+
+        return tflite.load(model_dir, fmt.runtime, manifest, threads)
     if fmt.runtime == "savedmodel":
         verify_artifacts(model_dir, manifest, [fmt.file])
-        return Loaded(runtime, savedmodel_predictor(model_dir / fmt.file), _tf_device())
+        if manifest.ood is None:
+            return Loaded(runtime, savedmodel_predictor(model_dir / fmt.file), _tf_device())
+        scored = savedmodel_predictor(model_dir / fmt.file, scored=True)
+        return Loaded(runtime, lambda x: scored(x)[0], _tf_device(), scored=scored)
     if fmt.runtime == "keras":
         model = _check_keras(manifest)
         if runtime == "tf-function":
@@ -43,11 +51,17 @@ def load(model_dir: Path, runtime: str, *, manifest: Manifest | None = None, dev
     raise AssertionError(f"serving.base.formats row {fmt.runtime} has no loader branch in training.exported.loader")
 
 
-def savedmodel_predictor(path: Path):
-    """The SavedModel's serving signature as a pixels -> probabilities function (export's parity check
-    loads the file it has just written, and hashed, this way too)."""
+def savedmodel_predictor(path: Path, *, scored: bool = False):
+    """The SavedModel's serving signature as a pixels -> probabilities function, or with `scored`
+    pixels -> (probabilities, OOD scores) (export's parity check loads the file it has just written,
+    and hashed, this way too)."""
     T = env.tf()
     fn = T.saved_model.load(str(path)).signatures["serving_default"]
+    if scored:
+        def both(x):
+            out = fn(image=T.constant(x))
+            return out["probabilities"].numpy(), out["ood_score"].numpy()
+        return both
     return lambda x: fn(image=T.constant(x))["probabilities"].numpy()
 
 

@@ -34,6 +34,11 @@ class ExportOptions:
     max_class_drop: float = 5.0
     # How long --int8 may search for a file the gate keeps by keeping more of the first layers float.
     int8_budget: Budget = field(default_factory=Budget)
+    # The OOD score as every file's second output (training.exported.ood): its threshold accepts this
+    # share of the validation split; the reference is fitted on at most ood_images training images.
+    ood: bool = True
+    ood_accept: float = 0.95
+    ood_images: int = 5000  # training (and at most as many validation) images the reference is fitted on
 
 
 @dataclass
@@ -49,6 +54,7 @@ class EvalOptions:
     batch_size: int = 64       # onnxruntime's batch: at 32 and above its images/s on this CPU levels off
     gradcam: bool = True       # the mistakes page shows each mistake's Grad-CAM (needs the run's Keras model)
     runs_dir: Path | None = None
+    ood: Path | None = None    # a folder of out-of-distribution images: the OOD score's AUROC against `data`
 
 
 @dataclass

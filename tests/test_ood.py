@@ -1,0 +1,265 @@
+"""The OOD score (issue 33): in every exported file, in every answer of the service, on /metrics, in
+`tlserve eval --ood`; and TFLite files. The unit tests are fast; the rest reuse the shared `cnn_model`
+export (conftest) and add one TFLite and one pre-OOD (--no-ood) export of the same run."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import bentoml_server, cli_call
+
+
+def _noise(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---- the reference, drift and settings (fast) -------------------------------------------------
+
+@pytest.mark.fast
+def test_the_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
+    from training.exported import ood
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 20)) * rng.uniform(0.1, 3, 20)
+    y = np.arange(60) % 3
+    x[y == 1] += 2.0
+    probe = rng.normal(size=(5, 20)) * 3
+
+    def explicit(x, y, probe):
+        means = np.stack([x[y == c].mean(axis=0) for c in range(3)])
+        inverse = np.linalg.inv(ood.ledoit_wolf(x - means[y])[0])
+        return np.min([np.einsum("nd,de,ne->n", probe - m, inverse, probe - m) for m in means], axis=0) / x.shape[1]
+
+    ref = ood.fit(x, y, 3, rank=None)  # every direction but one kept apart: exact
+    assert 0 < ref.shrinkage < 1  # 60 images in 20 dimensions: shrinkage is needed and partial
+    np.testing.assert_allclose(ref.score(probe), explicit(x, y, probe), rtol=1e-4)
+    # fewer images than features: the directions past the sample's rank share one variance, so a
+    # reference keeping only the sample's rank is still exact
+    few = np.concatenate([x[:, :15], rng.normal(size=(60, 25))], axis=1)[:24]
+    wide_probe = rng.normal(size=(5, 40)) * 3
+    np.testing.assert_allclose(ood.fit(few, y[:24], 3, rank=21).score(wide_probe), explicit(few, y[:24], wide_probe),
+                               rtol=1e-4)
+    assert ood.fit(few, y[:24], 3, rank=21).project.shape == (40, 21)
+    assert ood.auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
+    assert ood.auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+    assert len(ood.fit(x[y < 2], y[y < 2], 3).means) == 2  # a class without images has no mean to be near
+
+
+@pytest.mark.fast
+def test_psi_window_and_metrics_parse_with_prometheus_client():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.base.manifest import OodReference
+    from serving.monitor import MIN_ANSWERS, Monitor, Window, psi
+
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0 and psi([0.9, 0.1], [0.5, 0.5]) > 0.25
+    w = Window(3, 4)
+    w.add(np.array([0, 1, 2, 3, 3]))
+    assert w.counts.tolist() == [0, 0, 1, 2] and w.filled == 3
+    ref = OodReference(method="mahalanobis", output="ood_score", feature_layer="d:input", dims=4, threshold=1.0,
+                       accept=0.95, val_accepted=0.95, train_images=10, val_images=10, shrinkage=0.1,
+                       score_bins=[0.5], score_reference=[0.5, 0.5], class_reference={"a": 0.5, "b": 0.5})
+    registry = CollectorRegistry()
+    monitor = Monitor(["a", "b"], ref, 1.0, 100, registry=registry)
+    probs = np.tile([[0.9, 0.1]], (MIN_ANSWERS, 1)).astype(np.float32)
+    monitor.observe(probs, np.full(MIN_ANSWERS, 5.0, np.float32))  # all class a, all far out
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    drift = {s.labels["signal"]: s.value for s in families["tlserve_drift_psi"].samples}
+    assert drift["class_mix"] == pytest.approx(psi([1, 0], [0.5, 0.5])) and drift["ood_score"] > 1
+    counts = {s.labels["label"]: s.value for s in families["tlserve_predictions"].samples if s.name.endswith("_total")}
+    assert counts == {"a": MIN_ANSWERS, "b": 0}
+    verdicts = {s.labels["in_distribution"]: s.value for s in families["tlserve_ood_answers"].samples
+                if s.name.endswith("_total")}
+    assert verdicts == {"true": 0, "false": MIN_ANSWERS}
+    assert any(s.name == "tlserve_confidence_count" and s.value == MIN_ANSWERS for s in families["tlserve_confidence"].samples)
+    assert any(s.name == "tlserve_ood_score_bucket" and s.labels["le"] == "+Inf" for s in families["tlserve_ood_score"].samples)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("env, message", [({"TLSERVE_ABSTAIN_OOD": "maybe"}, "TLSERVE_ABSTAIN_OOD"),
+                                          ({"TLSERVE_OOD_THRESHOLD": "0"}, "TLSERVE_OOD_THRESHOLD"),
+                                          ({"TLSERVE_OOD_THRESHOLD": "nan"}, "TLSERVE_OOD_THRESHOLD"),
+                                          ({"TLSERVE_DRIFT_WINDOW": "0"}, "TLSERVE_DRIFT_WINDOW")])
+def test_bad_ood_settings_are_one_line(env, message):
+    from serving.base.errors import UserError
+    from serving.settings import ServiceSettings
+
+    with pytest.raises(UserError, match=message):
+        ServiceSettings.from_env(env)
+    ok = ServiceSettings.from_env({"TLSERVE_ABSTAIN_OOD": "true", "TLSERVE_OOD_THRESHOLD": "2.5"})
+    assert ok.abstain_ood and ok.ood_threshold == 2.5
+
+
+# ---- exports -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_model(cnn_run, runs_root, models_root) -> Path:
+    """The shared run exported as before the OOD score (one output, no manifest.ood)."""
+    cli_call("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-plain", "--no-ood",
+             "--formats", "onnx", "--no-register")
+    return models_root / "cnn-plain"
+
+
+def test_every_file_gives_the_score_beside_the_probabilities(cnn_model):
+    import onnx
+
+    from serving.base.manifest import Manifest, sha256_file
+    from serving.sessions import OnnxClassifier
+    from training.exported import ood
+    from training.exported.loader import load
+    from training.model.build import load_model
+
+    m = Manifest.load(cnn_model)
+    assert m.ood.method == "mahalanobis" and m.ood.val_accepted >= m.ood.accept
+    assert sha256_file(cnn_model / m.ood.file) == m.ood.sha256
+    x = np.stack(_noise(4) + [np.full((32, 32, 3), 128, np.uint8)] * 2).astype(np.float32)
+    feats, keras_probs = ood.features_and_probs(load_model(m.keras_path), x, "features")
+    expected = ood.Reference.load(cnn_model / m.ood.file).score(feats)
+    for variant, tolerance in (("fp32", 1e-4), ("fp16", 2e-2), ("int8", 2e-1)):
+        file = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[variant]
+        assert [o.name for o in onnx.load(str(cnn_model / file)).graph.output] == ["probabilities", "ood_score"]
+        probs, scores = OnnxClassifier.load(cnn_model, variant=variant).predict_scored(x)
+        np.testing.assert_allclose(scores, expected, rtol=tolerance, atol=tolerance * m.ood.threshold)
+        artifact = m.artifacts[file]
+        assert artifact.ood_verdict_agreement is not None and artifact.top1_agreement is not None
+    probs, scores = load(cnn_model, "savedmodel").scored(x)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    np.testing.assert_allclose(probs, keras_probs, atol=1e-5)
+    assert np.all(scores[:4] > m.ood.threshold)  # uniform noise is far from the synthetic shapes
+
+
+def test_tflite_files_agree_with_keras_and_run_everywhere(cnn_model, runs_root, models_root, run_cli, sample_images,
+                                                         tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from serving.base.manifest import Manifest
+    from training.model.build import load_model
+
+    result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-tflite",
+                     "--formats", "tflite", "--no-register", "--max-accuracy-drop", "100", "--max-class-drop", "100")
+    assert result.code == 0, result.err
+    model = models_root / "cnn-tflite"
+    m = Manifest.load(model)
+    assert set(m.artifacts) == {"model.tflite", "model.fp16.tflite", "model.int8.tflite"}
+    assert m.artifacts["model.tflite"].max_abs_diff <= 1e-4 and m.artifacts["model.int8.tflite"].gate is not None
+    # a separate interpreter, the file alone: same probabilities as Keras, the score as a second output
+    x = np.stack(_noise(3)).astype(np.float32)
+    runner = Interpreter(model_path=str(model / "model.tflite")).get_signature_runner("serving_default")
+    out = runner(image=x)
+    np.testing.assert_allclose(out["probabilities"], load_model(m.keras_path).predict(x, verbose=0), atol=1e-4)
+    assert np.all(out["ood_score"] > m.ood.threshold)
+    int8 = Interpreter(model_path=str(model / "model.int8.tflite")).get_signature_runner("serving_default")
+    assert np.all(int8(image=x)["ood_score"] > m.ood.threshold)  # the score is not clipped by int8 calibration
+    predicted = run_cli("predict", model, sample_images, "--runtime", "tflite-int8", "--json")
+    assert predicted.code == 0 and all("ood_score" in json.loads(line) for line in predicted.out.splitlines())
+    evaluated = run_cli("eval", model, "--data", "synthetic", "--runtime", "tflite", "--no-gradcam", "--json",
+                        "--out", tmp_path / "eval")
+    assert evaluated.code == 0 and json.loads(evaluated.out)["variants"]["tflite"]["accuracy"] is not None
+    bench = run_cli("bench", model, "--runtimes", "tflite,tflite-int8", "--batch-sizes", "1", "--iterations", "3",
+                    "--json")
+    assert bench.code == 0 and {r["runtime"] for r in json.loads(bench.out)["results"]} == {"tflite", "tflite-int8"}
+
+
+def test_eval_reports_the_scores_auroc_and_refuses_bad_folders(cnn_model, plain_model, runs_root, run_cli, tmp_path):
+    folder = tmp_path / "ood" / "nested"
+    folder.mkdir(parents=True)
+    for i, a in enumerate(_noise(12, seed=1)):
+        (folder / f"{i}.png").write_bytes(_png(a))
+    result = run_cli("eval", cnn_model, "--data", "synthetic", "--ood", folder.parent, "--variants", "fp32,int8",
+                     "--no-gradcam", "--json", "--out", tmp_path / "eval")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)["ood"]
+    assert report["scored"] == 12 and set(report["variants"]) == {"fp32", "int8"}
+    assert report["variants"]["fp32"]["auroc"] > 0.95 and 0 <= report["variants"]["fp32"]["msp_auroc"] <= 1
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    for model, ood_folder, words in ((cnn_model, tmp_path / "empty", "no image files"),
+                                     (cnn_model, tmp_path / "missing", "no such folder"),
+                                     (plain_model, folder, "exported before")):
+        bad = run_cli("eval", model, "--data", "synthetic", "--ood", ood_folder)
+        assert bad.code == 2 and words in bad.err and len(bad.err.strip().splitlines()) == 1
+    bad = run_cli("export", "cnn", "--runs-dir", runs_root, "--name", "never", "--ood-accept", "1.5")
+    assert bad.code == 2 and "--ood-accept" in bad.err
+
+
+# ---- the service --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(cnn_model, tmp_path_factory):
+    env = {"TLSERVE_MODEL": str(cnn_model), "TLSERVE_DRIFT_WINDOW": "100"}
+    with bentoml_server(["serving.service:ImageClassifier"], env, tmp_path_factory.mktemp("log") / "s.log") as url:
+        yield url
+
+
+def test_answers_carry_the_score_and_abstain_when_asked(server, cnn_model, sample_images, run_cli, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.base.manifest import Manifest
+
+    threshold = Manifest.load(cnn_model).ood.threshold
+    meta = httpx.get(f"{server}/metadata", timeout=30).json()["ood"]
+    assert meta["available"] and meta["threshold"] == threshold and meta["method"] == "mahalanobis"
+    shapes = [("images", (p.name, p.read_bytes())) for p in sorted(sample_images.glob("0*.png"))[:4]]
+    noise = [("images", (f"n{i}.png", _png(a))) for i, a in enumerate(_noise(4, seed=2))]
+    plain = httpx.post(f"{server}/predict_batch", files=shapes + noise, timeout=30).json()["predictions"]
+    assert all(isinstance(a["ood_score"], float) and a["in_distribution"] == (a["ood_score"] <= threshold)
+               for a in plain)
+    assert not any(a["in_distribution"] or a["abstained"] for a in plain[4:])  # noise: out, but no abstention asked
+    asked = httpx.post(f"{server}/predict_batch", files=shapes + noise, data={"abstain_ood": "true"},
+                       timeout=30).json()["predictions"]
+    assert all(a["abstained"] and "out_of_distribution" in a["abstained_for"] for a in asked[4:])
+    assert [a["top"] for a in asked] == [a["top"] for a in plain]
+    loose = httpx.post(f"{server}/predict", files={"image": noise[0][1]},
+                       data={"abstain_ood": "1", "ood_threshold": "1e9"}, timeout=30).json()
+    assert loose["in_distribution"] and not loose["abstained"]
+    for data, field in (({"ood_threshold": "-1"}, "ood_threshold"), ({"ood_threshold": "inf"}, "ood_threshold"),
+                        ({"abstain_ood": "maybe"}, "abstain_ood")):
+        r = httpx.post(f"{server}/predict", files={"image": noise[0][1]}, data=data, timeout=30)
+        assert r.status_code == 400 and field in r.json()["error"]
+    # 50 more far-out answers fill the drift window past its minimum: the score's PSI is large
+    httpx.post(f"{server}/predict_batch", files=[("images", (f"{i}.png", _png(a))) for i, a in enumerate(_noise(50))],
+               timeout=60).raise_for_status()
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics", timeout=30).text)}
+    drift = {s.labels["signal"]: s.value for s in families["tlserve_drift_psi"].samples}
+    assert drift["ood_score"] > 0.25 and not math.isnan(drift["class_mix"])
+    answered = sum(s.value for s in families["tlserve_predictions"].samples if s.name.endswith("_total"))
+    assert answered == 8 + 8 + 1 + 50
+    assert any(s.name == "tlserve_ood_score_count" and s.value == answered for s in families["tlserve_ood_score"].samples)
+    # eval over HTTP takes the score from the answers
+    (tmp_path / "ood").mkdir()
+    for i, a in enumerate(_noise(8, seed=3)):
+        (tmp_path / "ood" / f"{i}.png").write_bytes(_png(a))
+    result = run_cli("eval", cnn_model, "--data", "synthetic", "--url", server, "--ood", tmp_path / "ood", "--no-gradcam",
+                     "--json", "--out", tmp_path / "eval")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["ood"]["variants"]["http-fp32"]["auroc"] > 0.95
+
+
+def test_a_model_exported_before_the_score_says_so(plain_model, tmp_path, run_cli, monkeypatch):
+    env = {"TLSERVE_MODEL": str(plain_model)}
+    with bentoml_server(["serving.service:ImageClassifier"], env, tmp_path / "s.log") as url:
+        meta = httpx.get(f"{url}/metadata", timeout=30).json()["ood"]
+        assert meta["available"] is False and "exported before" in meta["reason"]
+        image = _png(_noise(1)[0])
+        answer = httpx.post(f"{url}/predict", files={"image": image}, timeout=30).json()
+        assert "ood_score" not in answer and "in_distribution" not in answer and answer["abstained"] is False
+        r = httpx.post(f"{url}/predict", files={"image": image}, data={"abstain_ood": "true"}, timeout=30)
+        assert r.status_code == 400 and "exported before" in r.json()["error"]
+        assert "tlserve_predictions_total" in httpx.get(f"{url}/metrics", timeout=30).text
+    monkeypatch.setenv("TLSERVE_ABSTAIN_OOD", "1")
+    result = run_cli("serve", plain_model, "--port", "1")
+    assert result.code == 2 and "TLSERVE_ABSTAIN_OOD" in result.err and len(result.err.strip().splitlines()) == 1
