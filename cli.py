@@ -288,6 +288,7 @@ def export(
     max_class_drop: Annotated[float, typer.Option(help="--fp16/--int8: do not keep a variant that loses more than this many points of recall on any one class.")] = 5.0,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
+    track: Track = None,
 ) -> None:
     """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
     from training.exported.export import ExportOptions, export as run_export, parse_formats  # noqa: PLC0415
@@ -295,7 +296,10 @@ def export(
     opts = ExportOptions(name=name, formats=parse_formats(formats), opset=opset, fp16=fp16, int8=int8,
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
                          max_class_drop=max_class_drop)
+    tracker = _tracker(track)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
+    if tracker is not None:
+        tracker.safely(lambda: tracker.log_export(path, manifest), what=f"export {path}", log=_log(True))
     tables.print_export(console, path, manifest)
 
 
@@ -340,15 +344,21 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
+    track: Track = None,
 ) -> None:
     """Accuracy, per-class precision/recall/F1, calibration and abstention of an exported model on labelled images."""
-    from serving.base.manifest import resolve_model  # noqa: PLC0415
+    from serving.base.manifest import Manifest, resolve_model  # noqa: PLC0415
     from training.exported.evaluation import EvalOptions, evaluate  # noqa: PLC0415
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
                        runs_dir=runs_dir)
-    result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
+    model_dir = resolve_model(model, models_dir)
+    tracker = _tracker(track)
+    result = evaluate(model_dir, opts, log=_log(stderr=True))
+    if tracker is not None:
+        tracker.safely(lambda: tracker.log_eval(result, Manifest.load(model_dir)), what=f"eval {result.get('path')}",
+                       log=_log(stderr=True))
     if json_out:
         _print_json(result)
         return

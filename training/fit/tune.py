@@ -113,6 +113,8 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
     dataset, _, _ = _load_data(base, log)
     folder.mkdir(parents=True, exist_ok=True)
     study = _open(url, study_name, opts, base.seed, settings, log)
+    if tracker is not None:
+        tracker.start_study(study_name, settings["config"], space.text(), opts.trials)
     scratch = folder / f".cache-{os.getpid()}"
     trainer = Trainer(dataset, scratch)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
@@ -247,7 +249,7 @@ def _search(study, space: search_space.Space, base: TrainConfig, trainer: Traine
         if on_trial is not None:
             on_trial(row)
         if tracker is not None:
-            tracker.log_trial(row, frozen.intermediate_values)
+            tracker.safely(lambda: tracker.log_trial(row, frozen.intermediate_values), what=f"trial {row.number}", log=log)
 
     # Every process stops once the study holds --trials finished trials (two that start the last one
     # together may finish one more).
@@ -297,7 +299,7 @@ def _finish(study, space: search_space.Space, base: TrainConfig, folder: Path, u
     result.summary = _summary(result, searched)
     storage.write_json(folder / SUMMARY, result.summary)
     if tracker is not None:
-        tracker.log_study(result)
+        tracker.safely(lambda: tracker.log_study(result), what=f"study {result.study}", log=log)
     return result
 
 
