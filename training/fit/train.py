@@ -26,7 +26,7 @@ import numpy as np
 
 from serving.base import storage
 from serving.base.errors import UserError
-from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, feature_cache, optim, phases
+from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, distill, feature_cache, optim, phases
 from training.data import sources as datasets
 from training.audit import datacheck
 from training.record import metrics, records, tensorboard_logs
@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, p
         shutil.rmtree(staging)
     if cfg.from_run:
         records.load_run(cfg.from_run, runs_dir)  # fail now, not after loading data
+    if cfg.teacher:
+        distill.check_teacher(cfg, runs_dir)
     # The folder appears with its config already in it, so a partial folder is always resumable.
     with storage.staged_dir(staging, overwrite=False) as fresh:
         storage.write_json(fresh / CONFIG, cfg.to_dict())
@@ -225,6 +227,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     K.utils.set_random_seed(cfg.seed)
     dataset, data_check, weights = _load_data(cfg, log)
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
+    distilled = distill.targets(cfg, dataset, distill.check_teacher(cfg, runs_dir), weights, runs_dir, log) \
+        if cfg.teacher else None  # the class weights go into its targets
 
     with acc.strategy.scope():
         built, plan = phases.plan(cfg, dataset, source)
@@ -240,7 +244,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     ckpts = Checkpoints(staging, random_generators(model), read_from=shared)
     run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
                      shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
-                     class_weights=weights, use_cache=use_cache, batch=batch, pipes=pipes)
+                     class_weights=None if distilled else weights, use_cache=use_cache, batch=batch, pipes=pipes,
+                     train_targets=distilled.targets if distilled else None)
     if state.checkpoint:
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
@@ -283,7 +288,8 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
                                    "own mid-epoch state is single-process"}
     record = records.build(cfg, dataset, model=model, input_size=built.input_size, history=history, total_time=total_time,
                            test=test, folder=staging, accel=acc, training=training_facts,
-                           calibration=calibrated.facts, data_check=data_check)
+                           calibration=calibrated.facts, data_check=data_check,
+                           distillation=distilled.facts if distilled else None)
     storage.write_json(staging / records.RECORD, record.to_dict())
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")

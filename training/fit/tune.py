@@ -98,6 +98,8 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
     if opts.trials < 1:
         raise UserError("--trials must be at least 1")
     base = resolve(dataclasses.replace(base, name=None, overwrite=False))
+    if base.teacher:
+        raise UserError("tune does not search with --teacher yet; tune the student's options without it")
     search_space.check(space, base)
     study_name = opts.study or default_study(base)
     if not _NAME.match(study_name):

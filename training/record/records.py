@@ -209,6 +209,23 @@ class DataCheckFacts(_Section):
 
 
 @dataclass(kw_only=True)
+class DistillationFacts(_Section):
+    """training.fit.distill: the teacher a run learned from (--teacher), and how."""
+    teacher: str                     # the teacher run's name
+    teacher_backbone: str
+    teacher_strategy: str
+    teacher_test_accuracy: float     # from the teacher's record: the same test split as this run's
+    teacher_params: int
+    teacher_input_shape: list[int]   # [h, w, 3]: the images its probabilities were computed on
+    temperature: float
+    weight: float                    # share of the loss matching the teacher
+    train_label_agreement: float     # share of training images where the teacher's top class is the label
+    cache: str                       # the file holding the teacher's probabilities
+    cache_reused: bool               # read from it rather than computed
+    seconds: float                   # computing (or reading) them
+
+
+@dataclass(kw_only=True)
 class RunRecord(_Section):
     schema: int
     name: str
@@ -228,6 +245,7 @@ class RunRecord(_Section):
     environment: EnvironmentFacts | None = _section(EnvironmentFacts)
     calibration: CalibrationFacts | None = _section(CalibrationFacts)
     data_check: DataCheckFacts | None = _section(DataCheckFacts)  # None: --data-check off
+    distillation: DistillationFacts | None = _section(DistillationFacts)  # None: no --teacher (or an older record)
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
@@ -236,7 +254,7 @@ class RunRecord(_Section):
 
 def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]], total_time: float,
           test: dict[str, Any], folder: Path, accel, training: dict[str, Any], calibration: dict[str, Any],
-          data_check: dict[str, Any] | None) -> RunRecord:
+          data_check: dict[str, Any] | None, distillation: dict[str, Any] | None = None) -> RunRecord:
     """The record of a finished run whose model is saved in `folder`. Each part goes to its dataclass by
     keyword, so a key its producer adds without declaring a field here fails at once, not in a reader later."""
     from serving.base.machine import package_versions  # noqa: PLC0415
@@ -264,6 +282,7 @@ def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]]
         environment=EnvironmentFacts(machine=machine_facts(), versions=package_versions(), **accel.facts()),
         calibration=CalibrationFacts(**calibration),
         data_check=None if data_check is None else DataCheckFacts(**data_check),
+        distillation=None if distillation is None else DistillationFacts(**distillation),
     )
 
 

@@ -16,7 +16,6 @@ going down mid-run) costs a warning, never the run: it stays in runs/ or models/
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from serving.base import storage
 from serving.base.errors import UserError, choose
+from serving.base.manifest import sha256_file
 from training.record import records
 
 TRACKERS = ("mlflow",)
@@ -48,7 +48,7 @@ class Tracker:
         rec = run.record
         model = run.path / records.MODEL
         tags = {"tlserve.kind": "train", "tlserve.backbone": rec.model.backbone, "tlserve.strategy": rec.model.strategy,
-                **({f"tlserve.sha256.{records.MODEL}": sha256(model)} if model.is_file() else {})}
+                **({f"tlserve.sha256.{records.MODEL}": sha256_file(model)} if model.is_file() else {})}
         run_id = self._start(rec.name, tags, parent)
         metrics: list[tuple[str, float, int]] = []
         for row in rec.history:
@@ -213,14 +213,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _text(value: Any) -> str:
