@@ -114,7 +114,8 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
 
     dataset, _, _ = _load_data(base, log)
     folder.mkdir(parents=True, exist_ok=True)
-    study = _open(url, study_name, opts, base.seed, settings, log)
+    with _lock(folder / ".open.lock"):  # two processes creating the database's tables at once collide
+        study = _open(url, study_name, opts, base.seed, settings, log)
     if tracker is not None:
         tracker.start_study(study_name, settings["config"], space.text(), opts.trials)
     scratch = folder / f".cache-{os.getpid()}"
@@ -126,7 +127,7 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
         shutil.rmtree(scratch, ignore_errors=True)
     searched = {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(_cpu_seconds() - cpu0, 2),
                 "extract_seconds": round(trainer.extract_seconds, 2)}
-    with _final_lock(folder):
+    with _lock(folder / ".final.lock"):
         return _finish(study, space, base, folder, url, opts, runs_dir, searched, log, tracker)
 
 
@@ -268,11 +269,12 @@ def row_of(frozen) -> TrialRow:
 # ---- after the search -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _final_lock(folder: Path) -> Iterator[None]:
-    """One process at a time writes the recipe and trains the two runs; the lock goes with the process."""
+def _lock(path: Path) -> Iterator[None]:
+    """One process of a study at a time (opening the study; the recipe and the two runs after the search).
+    The lock goes with the process, so a killed one leaves none behind."""
     import fcntl  # noqa: PLC0415
 
-    with open(folder / ".final.lock", "w") as fh:
+    with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
