@@ -88,7 +88,9 @@ def server(local_run, tmp_path_factory):
         while time.monotonic() < deadline:
             assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                # Ready when its REST API answers (its /health answers earlier, before the store is open).
+                if httpx.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                             timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -99,7 +101,7 @@ def server(local_run, tmp_path_factory):
     finally:
         os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=10)

@@ -29,7 +29,7 @@ from training.record import records
 
 TRACKERS = ("mlflow",)
 DEFAULT_EXPERIMENT = "tlserve"
-PROBE_TIMEOUT_SECONDS = 5
+PROBE_TIMEOUT_SECONDS = 30  # one try: a refused connection fails at once, a slow server gets this long
 _BATCH = 100  # MLflow's log_batch takes at most 100 params (and 1,000 metrics) a call
 
 
@@ -189,7 +189,7 @@ def _store(target: str) -> tuple[str, str | None]:
 
 @contextlib.contextmanager
 def _quick_requests() -> Iterator[None]:
-    """The reachability check answers in seconds: MLflow otherwise retries a dead server for minutes."""
+    """The reachability check makes one try: MLflow otherwise retries a dead server for minutes."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(PROBE_TIMEOUT_SECONDS)
