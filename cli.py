@@ -6,6 +6,7 @@ commands that need them, so `tlserve --help` stays instant.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -72,6 +73,9 @@ BnMomentum = Annotated[float, typer.Option(
 L2 = Annotated[float, typer.Option("--l2", help="L2 factor on conv and dense kernels of the CNN.")]
 HeadUnits = Annotated[int, typer.Option(help="Units of the head's hidden Dense layer.")]
 CnnPadding = Annotated[Optional[str], typer.Option(help="same | valid (default: the preset's).")]
+Track = Annotated[Optional[str], typer.Option(
+    "--track", help="Also log to MLflow: mlflow (a local store in ./mlruns) | mlflow:URI (a tracking server or store). "
+                    "An unreachable tracker stops the command before it starts.")]
 
 
 # Long only by its signature: one line per `tlserve train` option (typer reads them there); the body is 12 lines.
@@ -129,8 +133,12 @@ def train(
     data_check: Annotated[str, typer.Option(help="Check the splits for cross-split copies first: off | fast (hashes) | full (+ MobileNetV2 embeddings).")] = TrainConfig.data_check,
     drop_leaks: Annotated[bool, typer.Option("--drop-leaks", help="Drop training images that duplicate a val or test image (recorded in the run).")] = TrainConfig.drop_leaks,
     exclude: Annotated[Optional[str], typer.Option(help="A file of image paths, one a line (e.g. `tlserve data check --suspects`): drop those training images (recorded in the run).")] = TrainConfig.exclude,
+    teacher: Annotated[Optional[str], typer.Option(help="Distil: learn from this run's probabilities as well as the labels (a run on the same data, classes and split).")] = TrainConfig.teacher,
+    distill_temperature: Annotated[float, typer.Option(help="With --teacher: soften both models' probabilities by this temperature.")] = TrainConfig.distill_temperature,
+    distill_weight: Annotated[float, typer.Option(help="With --teacher: the share of the loss that matches the teacher (the rest: the labels).")] = TrainConfig.distill_weight,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its last epoch (other options come from that run).")] = None,
     runs_dir: RunsDir = None,
+    track: Track = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole record as JSON.")] = False,
 ) -> None:
     """Train one model and write its run record to runs/<name>/."""
@@ -141,12 +149,69 @@ def train(
     json_out, runs_dir = options["json_out"], options["runs_dir"]
     if resume and config:
         raise UserError("--resume continues a run with its own options; leave out --config")
+    tracker = _tracker(options["track"])
     run = (resume_training(resume, runs_dir, log=_log(json_out)) if resume
            else run_training(train_config(options), runs_dir, log=_log(json_out)))
+    if tracker is not None:
+        tracker.safely(lambda: tracker.log_run(run), what=f"run {run.name} (saved in {run.path})", log=_log(True))
     if json_out:
         _print_json(run.record.to_dict())
         return
     tables.print_record(console, run)
+
+
+def _tracker(spec: Optional[str]):
+    """The --track destination, checked before the command does any work (None without --track)."""
+    if not spec:
+        return None
+    from training.record.tracking import open_tracker  # noqa: PLC0415 (MLflow loads only with --track)
+
+    return open_tracker(spec)
+
+
+def _with_train_options(*, leave_out: tuple[str, ...]) -> Callable:
+    """Give a command every `tlserve train` option after its own (but `leave_out`): one list of options,
+    so `tune` takes what `train` takes, a recipe included, and a new training option reaches both."""
+    def wrap(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True)
+        kept = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+        shared = [p for name, p in inspect.signature(train, eval_str=True).parameters.items()
+                  if name not in own.parameters and name not in leave_out]
+        command.__signature__ = own.replace(parameters=kept + shared)
+        command.__annotations__ = {p.name: p.annotation for p in kept + shared}
+        return command
+
+    return wrap
+
+
+@app.command()
+@_with_train_options(leave_out=("name", "overwrite", "resume", "json_out"))
+def tune(
+    ctx: typer.Context,
+    space: Annotated[Optional[str], typer.Option(help="What to search: NAME=LOW..HIGH[:log] or NAME=A|B, comma-separated (e.g. lr=1e-4..1e-2:log,dropout=0..0.5,head=gap|gap-dense); or space: in --config.")] = None,
+    trials: Annotated[int, typer.Option(help="Finished trials the study runs to (counting those of earlier or parallel processes).")] = 40,
+    study: Annotated[Optional[str], typer.Option(help="Study name; the same name resumes it (default: tune-BACKBONE-STRATEGY-DATA).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna RDB URL shared by parallel processes (default: sqlite in the study folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Study folder: best.yaml, trials.csv, summary.json (default: $TLSERVE_HOME/tune/STUDY or ./tune/STUDY).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    pruner: Annotated[str, typer.Option(help="median (stop a trial whose val accuracy falls below the median of earlier trials at the same epoch) | none.")] = "median",
+    final: Annotated[bool, typer.Option("--final/--no-final", help="After the search, train the best and the default configuration as runs and measure each on the test split once.")] = True,
+    **_train_options: Any,
+) -> None:
+    """Search hyperparameters with Optuna (TPE, median pruning) on the validation split; every `tlserve train` option sets the rest."""
+    from training.fit.recipes import merge, train_config  # noqa: PLC0415
+    from training.fit.search_space import parse  # noqa: PLC0415
+    from training.fit.tune import TuneOptions, tune as run_tune  # noqa: PLC0415
+
+    options = merge(ctx, options_file) if (options_file := ctx.params.get("config")) else dict(ctx.params)
+    opts = TuneOptions(space=options["space"], trials=options["trials"], study=options["study"],
+                       storage=options["storage"], out=options["out"], timeout=options["timeout"],
+                       pruner=options["pruner"], final=options["final"])
+    names = parse(opts.space).names
+    tracker = _tracker(options["track"])
+    result = run_tune(train_config(options), opts, options["runs_dir"], log=_log(soft_wrap=True),
+                      on_trial=tables.trial_printer(console, names), tracker=tracker)
+    tables.print_tune(console, result)
 
 
 @app.command()
@@ -242,6 +307,7 @@ def export(
     ood_images: Annotated[int, typer.Option(help="Fit the OOD reference on at most this many training images (stratified).")] = ExportOptions.ood_images,
     runs_dir: RunsDir = None,
     models_dir: ModelsDir = None,
+    track: Track = None,
 ) -> None:
     """Export a run to models/<name>/: SavedModel and ONNX, checked against Keras, with a manifest."""
     from training.exported.export import export as run_export, parse_formats  # noqa: PLC0415
@@ -250,7 +316,10 @@ def export(
                          overwrite=overwrite, register=register, max_accuracy_drop=max_accuracy_drop,
                          max_class_drop=max_class_drop, int8_budget=Budget(int8_tries, int8_seconds),
                          ood=ood, ood_accept=ood_accept, ood_images=ood_images)
+    tracker = _tracker(track)
     path, manifest = run_export(run, opts, runs_dir=runs_dir, models_dir=models_dir, log=_log(soft_wrap=True))
+    if tracker is not None:
+        tracker.safely(lambda: tracker.log_export(path, manifest), what=f"export {path}", log=_log(True))
     tables.print_export(console, path, manifest)
 
 
@@ -296,15 +365,21 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json.")] = False,
     models_dir: ModelsDir = None,
     runs_dir: RunsDir = None,
+    track: Track = None,
 ) -> None:
     """Evaluate an exported model on labelled images. Accuracy, per-class precision/recall/F1, calibration and abstention."""
-    from serving.base.manifest import resolve_model  # noqa: PLC0415
+    from serving.base.manifest import Manifest, resolve_model  # noqa: PLC0415
     from training.exported.evaluation import evaluate  # noqa: PLC0415
 
     opts = EvalOptions(data=data, split=split, variants=variants, runtime=runtime, url=url, out=out,
                        ignore_unknown=ignore_unknown, seed=seed, batch_size=batch_size, gradcam=gradcam,
                        runs_dir=runs_dir, ood=ood)
-    result = evaluate(resolve_model(model, models_dir), opts, log=_log(stderr=True))
+    model_dir = resolve_model(model, models_dir)
+    tracker = _tracker(track)
+    result = evaluate(model_dir, opts, log=_log(stderr=True))
+    if tracker is not None:
+        tracker.safely(lambda: tracker.log_eval(result, Manifest.load(model_dir)), what=f"eval {result.get('path')}",
+                       log=_log(stderr=True))
     if json_out:
         _print_json(result)
         return

@@ -78,6 +78,9 @@ class TrainConfig(Contract):
     unfreeze_from: str | None = None   # finetune: from this layer on
     from_run: str | None = None        # transfer from one of our runs (seed 004)
     train_last: int = 1                # with from_run: train the last K weighted layers
+    teacher: str | None = None         # distil from this run's probabilities (training.fit.distill)
+    distill_temperature: float = 4.0   # softens both models' probabilities in the distillation term
+    distill_weight: float = 0.5        # share of the loss that is the distillation term (the rest: hard labels)
     epochs: int = 5
     finetune_epochs: int = 3
     lr: float = 1e-3

@@ -396,3 +396,45 @@ def _print_label_issues(out: Console, issues: LabelIssues | None, suspects: Path
     if suspects is not None:
         out.print(f"suspects' list: {suspects} (tlserve train --exclude {suspects} drops them from training)",
                   highlight=False)
+
+
+# ---- tune ------------------------------------------------------------------------------------
+
+def trial_printer(out: Console, names: list[str]):
+    """Prints one line per finished trial of `tlserve tune`, under a header printed before the first."""
+    widths = [max(8, len(n)) for n in names]
+    header = f"{'trial':>5}  {'state':<8}  {'val acc':>7}  {'ran':>6}  {'seconds':>7}  " + \
+             "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+    printed = []
+
+    def show(row) -> None:
+        if not printed:
+            _say(out, header)
+            printed.append(True)
+        values = "  ".join(f"{_param(row.params.get(n)):>{w}}" for n, w in zip(names, widths))
+        _say(out, f"{row.number:>5}  {row.state:<8}  {fmt(row.val_accuracy):>7}  {fmt(row.epochs):>6}  "
+                  f"{fmt(row.seconds):>7}  {values}")
+
+    return show
+
+
+def _param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else fmt(value)
+
+
+def print_tune(out: Console, result) -> None:
+    """The study's outcome: the best trial, and the best and default configurations' test accuracy."""
+    s = result.summary
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(s["trials"].items()))
+    best = result.best
+    _say(out, f"study {result.study}: {counts}; search {s['search']['seconds']:.1f}s wall, "
+              f"{s['search']['cpu_seconds']:.1f}s CPU (features {s['search']['extract_seconds']:.1f}s)")
+    _say(out, f"best: trial {best.number}, val accuracy {fmt(best.val_accuracy)}: "
+              + ", ".join(f"{k}={_param(v)}" for k, v in best.params.items()))
+    rows = [[label, facts["name"], fmt(facts["val_accuracy"]), fmt(facts["test_accuracy"])]
+            for label, facts in (("best", s["best_run"]), ("default", s["default_run"])) if facts]
+    if rows:
+        table(out, "test split, measured once after the search", ["configuration", "run", "val acc", "test acc"],
+              rows, text=("run",))
+    _say(out, f"recipe: {result.recipe}   (tlserve train --config {result.recipe})")
+    _say(out, f"study folder: {result.folder}")

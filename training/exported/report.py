@@ -103,7 +103,7 @@ def _write(entries: list[Entry], folder: Path) -> None:
     machines = sorted({(e.record.environment.machine if e.record.environment else {}).get("cpu", "?") for e in entries})
     doc.para(f"{len(entries)} run(s); training machine(s): {', '.join(machines)}. Every figure below is read from "
              "the runs' records, their export manifests and stored benchmarks.")
-    for section in (_leaks, _training, _frozen_vs_tuned, _deployment, _evals):
+    for section in (_leaks, _training, _frozen_vs_tuned, _deployment, distillation_section, _evals):
         section(doc, entries)
     _figures(doc, entries, folder)
     _per_class(doc, entries, folder)
@@ -255,6 +255,22 @@ def most_accurate(entries: list[Entry]) -> str:
             + (f" (tied with {', '.join(tied)})" if tied else "") + f" — {_facts(best)}.{others}{skip}")
 
 
+def distillation_section(doc: Doc, entries: list[Entry]) -> None:
+    """Each distilled run (--teacher) beside its teacher: accuracy on the same test split, size, latency."""
+    students = [e for e in entries if e.record.distillation is not None]
+    if not students:
+        return
+    by_name = {e.name: e for e in entries}
+    doc.heading("Distillation: student beside teacher")
+    rows = []
+    for s in students:
+        d, teacher = s.record.distillation, by_name.get(s.record.distillation.teacher)
+        rows.append([s.name, d.teacher, s.record.test.accuracy, d.teacher_test_accuracy, s.record.model.total_params,
+                     d.teacher_params, s.latency(), teacher.latency() if teacher else None, d.temperature, d.weight])
+    doc.table(["student", "teacher", "student test acc", "teacher test acc", "student params", "teacher params",
+               "student onnx p50 ms (b1)", "teacher onnx p50 ms (b1)", "temperature", "weight"], rows)
+
+
 def _facts(e: Entry) -> str:
     m = e.record.model
     share = m.trainable_params / m.total_params if m.total_params else 0
@@ -279,6 +295,13 @@ def answers(entries: list[Entry]) -> list[str]:
                    f"{quick.bench['machine'].get('cpu', '?')}) with {quick.record.model.total_params:,} parameters.")
     else:
         out.append("Fastest to serve: not measured yet (export and `tlserve bench` the runs).")
+    for s in (e for e in entries if e.record.distillation is not None):
+        d, teacher = s.record.distillation, next((e for e in entries if e.name == s.record.distillation.teacher), None)
+        speed = (f", {s.latency():.3f} ms vs {teacher.latency():.3f} ms p50 at batch 1"
+                 if teacher is not None and s.latency() is not None and teacher.latency() is not None else "")
+        out.append(f"Distilled: {s.name} ({s.record.model.total_params:,} parameters) reaches {s.record.test.accuracy:.4f} "
+                   f"test accuracy taught by {d.teacher} ({d.teacher_params:,} parameters, {d.teacher_test_accuracy:.4f})"
+                   f"{speed}.")
     if len(entries) > 1:
         slow = max(entries, key=lambda e: e.record.total_time_sec)
         s, f = slow.record, fastest.record

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from serving.base.errors import UserError
-from training.fit import callbacks, feature_cache, optim
+from training.fit import callbacks, distill, feature_cache, optim
 from training.model import build as models, strategies
 from training.record import records, tensorboard_logs
 from training.fit.accel import Accel
@@ -85,6 +85,7 @@ class Run:
     cache_facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     carried: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # a later phase's (plan, cache)
     extract_seconds: float = 0.0
+    train_targets: Any = None           # --teacher: packed targets (training.fit.distill) in place of the labels
 
     @property
     def steps_per_epoch(self) -> int:
@@ -114,7 +115,7 @@ def fit_phase(run: Run, phase: Phase, *, phase1_of_two: bool) -> None:
         # The phase trains the cached model's layers; its early-stopping weights are of that model too.
         fit_model = plan_.trainable if plan_ is not None else model
         optimizer = optim.optimizer(cfg, phase.lr, phase.epochs * run.steps_per_epoch)
-        fit_model.compile(optimizer=optimizer, loss=optim.loss(cfg.label_smoothing), metrics=["accuracy"],
+        fit_model.compile(optimizer=optimizer, **distill.compile_args(cfg, len(run.dataset.class_names)),
                           jit_compile=run.acc.jit)
     early = None
     if cfg.patience and run.pipes["val"] is not None:
@@ -207,7 +208,8 @@ def _fit(run: Run, phase: Phase, fit_model, optimizer, early, cache, done_in_pha
             f"{models.facts(model)['trainable_params']:,}" + (" (on cached activations)" if cache else ""))
     first = len(history)
     remaining = phase.epochs - done_in_phase
-    train_data = epoch_batches(train_x, dataset.train.y, run.batch, seed=run.cfg.seed,
+    labels = dataset.train.y if run.train_targets is None else run.train_targets
+    train_data = epoch_batches(train_x, labels, run.batch, seed=run.cfg.seed,
                                epochs=range(first, first + remaining))
     elapsed_before = state.elapsed
     phase_started = time.perf_counter()

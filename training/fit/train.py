@@ -27,7 +27,7 @@ import numpy as np
 
 from serving.base import storage
 from serving.base.errors import UserError
-from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, feature_cache, optim, phases
+from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, distill, feature_cache, optim, phases
 from training.data import sources as datasets
 from training.audit import guard as data_guard
 from training.record import metrics, records, tensorboard_logs
@@ -78,6 +78,8 @@ def train(cfg: TrainConfig, runs_dir: Path | None = None, *, log: Log = print, p
         shutil.rmtree(staging)
     if cfg.from_run:
         records.load_run(cfg.from_run, runs_dir)  # fail now, not after loading data
+    if cfg.teacher:
+        distill.check_teacher(cfg, runs_dir)
     # The folder appears with its config already in it, so a partial folder is always resumable.
     with storage.staged_dir(staging, overwrite=False) as fresh:
         storage.write_json(fresh / CONFIG, cfg.to_dict())
@@ -225,10 +227,12 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     data = _load_data(cfg, log)
     dataset = data.dataset
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
+    distilled = distill.targets(cfg, dataset, distill.check_teacher(cfg, runs_dir), data.weights, runs_dir, log) \
+        if cfg.teacher else None  # the class weights go into its targets
     with acc.strategy.scope():
         built, plan = phases.plan(cfg, dataset, source)
     run, cache_reason = _phases_run(cfg, acc, built, dataset, state, staging, shared, cluster, log, progress,
-                                    data.weights)
+                                    data.weights, distilled)
     if state.checkpoint:
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
@@ -237,7 +241,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
         log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
     for phase in plan:
         phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
-    record = _finish(run, cache_reason, data)
+    record = _finish(run, cache_reason, data, distilled)
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
         return records.Run(staging, record)  # the caller removes the temporary folder
@@ -270,7 +274,7 @@ def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> acce
 
 def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging: Path, shared: Path,
                 cluster: clusters.Cluster | None, log: Log, progress: bool | None,
-                weights) -> tuple[phases.Run, str]:
+                weights, distilled) -> tuple[phases.Run, str]:
     """What every phase shares (batches, pipelines, checkpoints, the feature cache decision), and why
     the cache is used or not."""
     use_cache, cache_reason = feature_cache.decide(cfg, built.backbone is not None)
@@ -284,11 +288,12 @@ def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging:
     ckpts = Checkpoints(staging, random_generators(built.model), read_from=shared)
     run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
                      shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
-                     class_weights=weights, use_cache=use_cache, batch=batch, pipes=pipes)
+                     class_weights=None if distilled else weights, use_cache=use_cache, batch=batch, pipes=pipes,
+                     train_targets=distilled.targets if distilled else None)
     return run, cache_reason
 
 
-def _finish(run: phases.Run, cache_reason: str, data: Loaded) -> records.RunRecord:
+def _finish(run: phases.Run, cache_reason: str, data: Loaded, distilled) -> records.RunRecord:
     """After the last phase: calibrate (on validation images that copy no training image), test (also on the
     test images that copy none), save the model and its files, and write the record."""
     cfg, model, dataset, state, staging = run.cfg, run.built.model, run.dataset, run.state, run.staging
@@ -314,7 +319,8 @@ def _finish(run: phases.Run, cache_reason: str, data: Loaded) -> records.RunReco
     record = records.build(cfg, dataset, model=model, input_size=run.built.input_size, history=state.history,
                            total_time=total_time, test=test, folder=staging, accel=run.acc,
                            training=_training_facts(run, cache_reason), calibration=calibrated.facts,
-                           data_check=data.data_check, excluded=data.excluded)
+                           data_check=data.data_check, excluded=data.excluded,
+                           distillation=distilled.facts if distilled else None)
     storage.write_json(staging / records.RECORD, record.to_dict())
     return record
 

@@ -56,6 +56,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--patience must be at least 0 (0 turns early stopping off)")
     if cfg.weight_decay < 0 or cfg.l2 < 0:
         raise UserError("--weight-decay and --l2 must be at least 0")
+    if cfg.distill_temperature <= 0 or not 0 <= cfg.distill_weight <= 1:
+        raise UserError("--distill-temperature must be above 0 and --distill-weight between 0 and 1")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError("--label-smoothing must be at least 0 and below 1")
     if cfg.logit_scale <= 0:

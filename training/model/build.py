@@ -156,27 +156,48 @@ def build(cfg: TrainConfig, image_size: tuple[int, int], num_classes: int) -> Bu
                                bn_momentum=cfg.bn_momentum, l2=cfg.l2)
         if len(x.shape) == 4:  # a spec without f/g still needs a vector for the classifier
             x = K.layers.GlobalAveragePooling2D()(x)
-    if cfg.tta == "flip":
-        x = tta_layer_classes()[1](name="tta_mean")(x)
-    if cfg.logit_scale == 1:
-        outputs = K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    else:
-        # Page's ResNet-9 scales its logits by 1/8: small initial logits and a slower-moving classifier.
-        x = K.layers.Dense(num_classes, dtype="float32", name="logits")(x)
-        x = K.layers.Rescaling(cfg.logit_scale, dtype="float32", name="logit_scale")(x)
-        outputs = K.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    model = K.Model(inputs, outputs, name=f"{cfg.backbone}_{cfg.strategy}")
+    model = K.Model(inputs, _outputs(x, cfg, num_classes), name=f"{cfg.backbone}_{cfg.strategy}")
     return BuiltModel(model, base, size, backbone_training, features)
 
 
-def _head(x, cfg: TrainConfig):
+def _outputs(x, cfg: TrainConfig, num_classes: int):
+    """The classifier on the head's (or CNN body's) vector: probabilities, in float32."""
+    K = keras()
+    if cfg.tta == "flip":
+        x = tta_layer_classes()[1](name="tta_mean")(x)
+    if cfg.logit_scale == 1:
+        return K.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    # Page's ResNet-9 scales its logits by 1/8: small initial logits and a slower-moving classifier.
+    x = K.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    x = K.layers.Rescaling(cfg.logit_scale, dtype="float32", name="logit_scale")(x)
+    return K.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+
+
+def head_model(cfg: TrainConfig, feature_shape: tuple[int, ...], num_classes: int):
+    """A pretrained backbone's head and classifier as a model of their own, on the backbone's output,
+    pooled when the head starts by pooling (POOLED_HEADS): what `tlserve tune` trains a frozen
+    configuration's trial on, from features cached once for every trial."""
+    K = keras()
+    inputs = K.Input(feature_shape, name="features")
+    return K.Model(inputs, _outputs(_head(inputs, cfg, pooled=pooled_head(cfg)), cfg, num_classes), name="head")
+
+
+POOLED_HEADS = ("gap", "gap-dense")  # heads whose first layer is global average pooling
+
+
+def pooled_head(cfg: TrainConfig) -> bool:
+    return (cfg.head or "gap") in POOLED_HEADS
+
+
+def _head(x, cfg: TrainConfig, *, pooled: bool = False):
+    """The head on the backbone's output (`pooled`: on its global average, for head_model)."""
     K = keras()
     head = cfg.head or "gap"
-    if head == "gap":
+    if head in POOLED_HEADS and not pooled:
         x = K.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if head == "gap":
         return K.layers.Dropout(cfg.dropout, name="head_dropout")(x) if cfg.dropout else x
     if head == "gap-dense":
-        x = K.layers.GlobalAveragePooling2D(name="head_pool")(x)
         x = K.layers.Dense(cfg.head_units, activation="relu", name="head_dense")(x)
         return K.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     if head == "flatten-dense-bn":

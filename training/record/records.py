@@ -181,6 +181,23 @@ class DataCheckFacts(_Section):
 
 
 @dataclass(kw_only=True)
+class DistillationFacts(_Section):
+    """training.fit.distill: the teacher a run learned from (--teacher), and how."""
+    teacher: str                     # the teacher run's name
+    teacher_backbone: str
+    teacher_strategy: str
+    teacher_test_accuracy: float     # from the teacher's record: the same test split as this run's
+    teacher_params: int
+    teacher_input_shape: list[int]   # [h, w, 3]: the images its probabilities were computed on
+    temperature: float
+    weight: float                    # share of the loss matching the teacher
+    train_label_agreement: float     # share of training images where the teacher's top class is the label
+    cache: str                       # the file holding the teacher's probabilities
+    cache_reused: bool               # read from it rather than computed
+    seconds: float                   # computing (or reading) them
+
+
+@dataclass(kw_only=True)
 class RunRecord(_Section):
     schema: int
     name: str
@@ -200,6 +217,7 @@ class RunRecord(_Section):
     environment: EnvironmentFacts | None = None
     calibration: CalibrationFacts | None = None
     data_check: DataCheckFacts | None = None  # None: --data-check off
+    distillation: DistillationFacts | None = optional()  # None: no --teacher (or an older record)
 
     SCHEMA = SCHEMA
 
@@ -210,7 +228,8 @@ class RunRecord(_Section):
 
 def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]], total_time: float,
           test: dict[str, Any], folder: Path, accel, training: dict[str, Any], calibration: dict[str, Any],
-          data_check: dict[str, Any] | None, excluded: dict[str, Any] | None = None) -> RunRecord:
+          data_check: dict[str, Any] | None, excluded: dict[str, Any] | None = None,
+          distillation: dict[str, Any] | None = None) -> RunRecord:
     """The record of a finished run whose model is saved in `folder`. Each part goes to its dataclass by
     keyword, so a key its producer adds without declaring a field here fails at once, not in a reader later."""
     from serving.base.machine import package_versions  # noqa: PLC0415
@@ -238,6 +257,7 @@ def build(cfg, dataset, *, model, input_size: int, history: list[dict[str, Any]]
         environment=EnvironmentFacts(machine=machine_facts(), versions=package_versions(), **accel.facts()),
         calibration=CalibrationFacts(**calibration),
         data_check=None if data_check is None else DataCheckFacts(**data_check),
+        distillation=None if distillation is None else DistillationFacts(**distillation),
     )
 
 
