@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from serving.base import formats, images, storage
-from serving.base.contract import Contract
+from serving.base.contract import Contract, optional
 from serving.base.errors import UserError
 from serving.base.manifest import Manifest, ModelFolder
 from serving.timing import check_url
