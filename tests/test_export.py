@@ -105,11 +105,12 @@ def test_int8_keeps_pixels_and_probabilities_float(cnn_model):
     assert producer[first_conv.input[1]].op_type == "DequantizeLinear"  # the network itself is int8
 
 
-def test_int8_weights_are_seven_bit(cnn_model):
-    """Full 8-bit weights saturate onnxruntime's AVX2 (no VNNI) uint8 x int8 kernel; 7 bits do not."""
+def test_int8_weights_use_all_eight_bits(cnn_model):
+    """7-bit weights (reduce_range) cost MobileNetV2 21 points on CIFAR-10 (docs/decisions.md); the file
+    uses the full int8 range, and CPUs without VNNI run it on exact kernels (serving.sessions)."""
     weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(cnn_model / "model.int8.onnx")).graph.initializer
                if t.data_type == onnx.TensorProto.INT8]
-    assert weights and all(int(np.abs(w.astype(np.int16)).max()) <= 64 for w in weights)
+    assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) > 64
 
 
 def test_savedmodel_loads_without_tlserve(cnn_model, tmp_path):
@@ -185,8 +186,8 @@ def test_failed_export_keeps_the_earlier_one(cnn_model, runs_root, run_cli):
     result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", cnn_model.parent)
     assert result.code == 2 and "already exists" in result.err
     result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", cnn_model.parent, "--overwrite",
-                     "--formats", "savedmodel,tflite")
-    assert result.code == 2 and "unknown format 'tflite'" in result.err
+                     "--formats", "savedmodel,tensorrt")
+    assert result.code == 2 and "unknown format 'tensorrt'" in result.err
     assert (cnn_model / "manifest.json").read_bytes() == before
     assert not [p for p in cnn_model.parent.iterdir() if p.name.startswith(".")]
 

@@ -59,6 +59,8 @@ def test_train_and_export_print_one_line_per_long_step(run_cli, tlserve_bin, tmp
                              str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models")],
                             capture_output=True, text=True, timeout=600)
     assert export.returncode == 0, export.stderr[-2000:]
-    assert _lines(export.stderr) == {"writing the SavedModel": 1, "converting to ONNX": 1, "test accuracy of model.onnx": 1,
-                                     "int8 calibration": 1, "test accuracy of model.int8.onnx": 1}
+    assert _lines(export.stderr) == {"OOD reference: training features": 1, "OOD threshold: validation features": 1,
+                                     "writing the SavedModel": 1, "converting to ONNX": 1, "test accuracy of model.onnx": 1,
+                                     "int8 calibration": 1, "test accuracy of model.int8.onnx (every convolution int8)": 1,
+                                     "timing int8 against fp32": 1}
     assert not BAR.search(export.stderr)

@@ -66,6 +66,8 @@ RUNTIMES = tuple(BY_RUNTIME)
 # A runtime and, for onnx, a --variant: how predict and eval name them (keras, savedmodel, onnx).
 BASE_RUNTIMES = tuple(f.runtime for f in FORMATS if f.variant in (None, "fp32"))
 EXPORT_FORMATS = tuple(dict.fromkeys(f.export_format for f in FORMATS if f.export_format))  # savedmodel, onnx, tflite
+# What `tlserve export` writes when --formats is not given: TFLite (for phones and boards) only when asked.
+EXPORT_DEFAULT = ("savedmodel", "onnx")
 # Modes of a row rather than rows: same file, same engine, another way to call it (bench only).
 BENCH_MODES = {"tf-function": "keras"}
 BENCH_RUNTIMES = tuple(name for f in FORMATS for name in (f.runtime, *[m for m, row in BENCH_MODES.items()

@@ -33,6 +33,11 @@ EMBED_MIN_PIXELS = 0.6
 # and keep it, a shape recoloured does not. (It replaced a mean-colour limit that a saturation x1.3 broke:
 # docs/decisions.md, benchmarks/label_issues.py.)
 MIN_COLOUR_CORRELATION = 0.8
+# ...and its mean colour may move only so far (L1 distance of the R, G, B shares of the mean): a channel's
+# pattern survives any per-channel gain and offset, so on its own it calls a shape redrawn in other colours
+# a copy. Saturation x1.3 moved the shares up to 0.19 on banana-leaf (0.13 on CIFAR-10; 300 images each),
+# the same shapes in other colours of the built-in synthetic set 0.38 at the median.
+MAX_CHROMA_SHIFT = 0.25
 FLAT_CHANNEL = 4.0       # grey levels (sd): a channel this flat has no pattern to compare
 
 
@@ -162,7 +167,8 @@ def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thr
 
 def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     """The lowest correlation over R, G and B between the colour thumbnails of ii and jj (jj mirrored
-    where `mirrored`); a channel flat in either image has no pattern and counts as agreeing."""
+    where `mirrored`); a channel flat in both images has no pattern and counts as agreeing, one flat in
+    only one image (and clearly patterned in the other) as disagreeing."""
     if len(ii) == 0:
         return np.zeros(0, np.float32)
     a = colour[ii].astype(np.float32)
@@ -173,9 +179,21 @@ def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrore
     b -= b.mean(axis=1, keepdims=True)
     num = (a * b).sum(axis=1)
     den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    flat = (a.std(axis=1) < FLAT_CHANNEL) | (b.std(axis=1) < FLAT_CHANNEL)
-    r = np.where(flat, 1.0, num / np.maximum(den, 1e-6))
+    sa, sb = a.std(axis=1), b.std(axis=1)
+    # Flat in both: no pattern to compare, so they agree. Flat in one only: a pattern that the other image
+    # lacks (a red shape on black against a green one) disagrees, unless the other is nearly flat too.
+    both = (sa < FLAT_CHANNEL) & (sb < FLAT_CHANNEL)
+    one = ((sa < FLAT_CHANNEL) | (sb < FLAT_CHANNEL)) & ~both
+    near_flat = np.maximum(sa, sb) < 2 * FLAT_CHANNEL
+    r = np.where(both | (one & near_flat), 1.0, np.where(one, 0.0, num / np.maximum(den, 1e-6)))
     return r.min(axis=1)
+
+
+def chroma_shift(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """How far the mean colour moved between ii and jj: L1 distance of its R, G, B shares."""
+    means = colour.reshape(len(colour), -1, 3).astype(np.float32).mean(axis=1) + 1.0  # +1: black has shares too
+    shares = means / means.sum(axis=1, keepdims=True)
+    return np.abs(shares[ii] - shares[jj]).sum(axis=1)
 
 
 def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds) -> list[Pair]:
@@ -186,7 +204,8 @@ def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds)
     flipped = np.einsum("kd,kd->k", prep.z[ii], prep.z_mirror[jj])
     corr = np.where(c.mirrored, flipped, direct)
     corr_any = np.maximum(direct, flipped)
-    same_colour = colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION
+    same_colour = ((colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION)
+                   & (chroma_shift(imgs.colour, ii, jj) <= MAX_CHROMA_SHIFT))
     out = []
     for k in range(len(ii)):
         i, j = int(ii[k]), int(jj[k])

@@ -267,7 +267,7 @@ def print_export(out: Console, path: Path, manifest: Manifest) -> None:
             _say(out, f"gate: {file} {gate_verdict(facts.gate)}")
     for file, facts in {**manifest.artifacts, **rejected}.items():
         if facts.kept_float is not None:
-            _say(out, f"{file}: {int8_summary(facts)}")
+            _say(out, f"int8 ({file}): {int8_summary(facts)}")
     _say(out, f"max diff: largest |output - Keras output| on the check batch; folder: {path}")
     if not manifest.export.check_informative:
         out.print("[bold yellow]note:[/] every check image gave the same output, so the agreement above says "
@@ -297,12 +297,13 @@ def print_predictions(out: Console, title: str, results: list) -> None:
     for p, r in zip(paths, results):
         row = [p.relative_to(base).as_posix(), ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r.top)]
         if scored:
-            row.append("-" if r.ood_score is None else
-                       f"{r.ood_score:.3g} ({'in' if r.in_distribution else 'OUT of'} distribution)")
+            row.append("-" if r.ood_score is None else f"{r.ood_score:.3g}" + ("" if r.in_distribution else " OUT"))
         rows.append(row)
     table(out, title, ["image", "prediction"] + (["OOD score"] if scored else []), rows, text=("image",),
-          prose=("prediction",) + (("OOD score",) if scored else ()))
+          prose=("prediction",))
     _say(out, f"image paths are relative to {base}")
+    if scored:
+        _say(out, "OOD score: how unlike the training images an image is; OUT: above the model's threshold")
 
 
 def print_errors(out: Console, failures: list[str]) -> None:

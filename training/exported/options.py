@@ -16,7 +16,7 @@ from training.exported.int8 import Budget
 @dataclass
 class ExportOptions:
     name: str | None = None
-    formats: tuple[str, ...] = formats.EXPORT_FORMATS  # savedmodel, onnx
+    formats: tuple[str, ...] = formats.EXPORT_DEFAULT  # savedmodel, onnx
     opset: int = 17
     fp16: bool = False
     int8: bool = False

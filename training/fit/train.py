@@ -198,7 +198,7 @@ class Loaded:
     weights: dict[int, float] | None         # class weights
 
 
-def _load_data(cfg: TrainConfig, log: Log) -> Loaded:
+def load_data(cfg: TrainConfig, log: Log) -> Loaded:
     """The dataset after --exclude and the data check, with what they found and the class weights, logged."""
     dataset = datasets.load_dataset(cfg.data)
     for name, why in dataset.skipped.items():
@@ -224,7 +224,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     """Train in `staging`. `shared` is where a restart reads from: the staging folder itself, except on a
     multi-worker run's non-chief, which writes to its own temporary folder and reads the chief's."""
     acc = _start(cfg, cluster, log)
-    data = _load_data(cfg, log)
+    data = load_data(cfg, log)
     dataset = data.dataset
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
     distilled = distill.targets(cfg, dataset, distill.check_teacher(cfg, runs_dir), data.weights, runs_dir, log) \

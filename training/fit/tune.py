@@ -110,9 +110,9 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
     if _exists(url, folder):
         _check_settings(_load(url, study_name, log), settings, study_name)
 
-    from training.fit.train import _load_data  # noqa: PLC0415 (the very data loading and checks of a run)
+    from training.fit.train import load_data  # noqa: PLC0415 (the very data loading and checks of a run)
 
-    dataset, _, _ = _load_data(base, log)
+    dataset = load_data(base, log).dataset
     folder.mkdir(parents=True, exist_ok=True)
     with _lock(folder / ".open.lock"):  # two processes creating the database's tables at once collide
         study = _open(url, study_name, opts, base.seed, settings, log)
