@@ -27,8 +27,11 @@ PER_WORKER_BATCH = 16
 # Measured on this config (2026-12-02, 2-core EPYC): test accuracy 0.4000 for both, per-epoch losses
 # equal to 4 decimals, largest per-layer |w2 - w1| / |w1| 0.0041 (float summation order differs
 # between one batch of 32 and two all-reduced halves). The bounds leave about 4x room.
+# On the generated set as it is since 2026-12-05 (tilted, stretched, ramped shapes): kernels within 0.0072,
+# biases (small vectors, so a small change is a large share) within 0.0525.
 ACCURACY_TOLERANCE = 0.02  # 4 of the 200 test images
-WEIGHT_TOLERANCE = 0.02    # relative, per layer
+WEIGHT_TOLERANCE = 0.02    # relative, per kernel
+BIAS_TOLERANCE = 0.15      # relative, per bias vector
 
 
 def _tf_configs() -> list[str]:
@@ -122,7 +125,8 @@ def test_two_workers_write_one_run_that_matches_one_worker(tmp_path):
         (record.test.accuracy, reference.test.accuracy)
     # The same initial weights and data order: the weights stay close, layer by layer.
     for a, b in zip(_weights(runs / "two"), _weights(runs / "one"), strict=True):
-        assert np.linalg.norm(a - b) <= WEIGHT_TOLERANCE * np.linalg.norm(b) + 1e-6
+        bound = BIAS_TOLERANCE if b.ndim == 1 else WEIGHT_TOLERANCE
+        assert np.linalg.norm(a - b) <= bound * np.linalg.norm(b) + 1e-6, (b.shape, np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_a_worker_killed_mid_epoch_and_restarted_loses_no_epoch(tmp_path, run_cli):

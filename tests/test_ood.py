@@ -110,9 +110,9 @@ def test_bad_ood_settings_are_one_line(env, message):
 @pytest.fixture(scope="module")
 def plain_model(cnn_run, runs_root, models_root) -> Path:
     """The shared run exported as before the OOD score (one output, no manifest.ood)."""
-    cli_call("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-plain", "--no-ood",
+    cli_call("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-pre-ood", "--no-ood",
              "--formats", "onnx", "--no-register")
-    return models_root / "cnn-plain"
+    return models_root / "cnn-pre-ood"
 
 
 def test_every_file_gives_the_score_beside_the_probabilities(cnn_model):
