@@ -44,15 +44,17 @@ def test_the_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
         inverse = np.linalg.inv(ood.ledoit_wolf(x - means[y])[0])
         return np.min([np.einsum("nd,de,ne->n", probe - m, inverse, probe - m) for m in means], axis=0) / x.shape[1]
 
-    ref = ood.fit(x, y, 3, rank=None)  # every direction but one kept apart: exact
+    ref = ood.fit(x, y, 3, rank=None, normalized=False)  # every direction but one kept apart: exact
     assert 0 < ref.shrinkage < 1  # 60 images in 20 dimensions: shrinkage is needed and partial
     np.testing.assert_allclose(ref.score(probe), explicit(x, y, probe), rtol=1e-4)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(ood.fit(x, y, 3, rank=None).score(probe), explicit(unit(x), y, unit(probe)), rtol=1e-4)
     # fewer images than features: the directions past the sample's rank share one variance, so a
     # reference keeping only the sample's rank is still exact
     few = np.concatenate([x[:, :15], rng.normal(size=(60, 25))], axis=1)[:24]
     wide_probe = rng.normal(size=(5, 40)) * 3
-    np.testing.assert_allclose(ood.fit(few, y[:24], 3, rank=21).score(wide_probe), explicit(few, y[:24], wide_probe),
-                               rtol=1e-4)
+    np.testing.assert_allclose(ood.fit(few, y[:24], 3, rank=21, normalized=False).score(wide_probe),
+                               explicit(few, y[:24], wide_probe), rtol=1e-4)
     assert ood.fit(few, y[:24], 3, rank=21).project.shape == (40, 21)
     assert ood.auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
     assert ood.auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5

@@ -106,6 +106,7 @@ class OodReference(Contract):
     train_images: int        # the stratified training sample the class means and covariance came from
     val_images: int
     shrinkage: float         # Ledoit-Wolf's weight on the identity in the shared covariance
+    normalized: Optional[bool] = optional()  # features scaled to unit length first (absent: exported before)
     rank: Optional[int] = optional()  # covariance directions kept apart; the others share one variance
     val_score_percentiles: dict = field(default_factory=dict)
     score_bins: list = field(default_factory=list)       # inner bin edges for the score's PSI

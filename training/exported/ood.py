@@ -3,7 +3,9 @@
 At export the model's penultimate features (the input of its last Dense layer: the pooled backbone
 features, or the head's hidden layer) are computed on a stratified sample of the training split; their
 class means and one shared, Ledoit-Wolf-shrunk covariance make a Mahalanobis reference (Lee et al.
-2018). The score of an image is its squared Mahalanobis distance to the nearest class mean, divided by
+2018), on the features scaled to unit length (without it a banana-leaf model's AUROC against CIFAR-10
+was 0.963 and 0.695 against a held-out disease; with it 0.9999 and 0.829, benchmarks/ood.py). The score
+of an image is its squared Mahalanobis distance to the nearest class mean, divided by
 the feature count (so in-distribution images score about 1, and float16 never overflows). It is built
 into the exported graph, so the SavedModel, every ONNX file and the TFLite files answer it in the same
 call as the probabilities. The threshold is the validation split's `accept` quantile: that share of
@@ -58,6 +60,8 @@ class Reference:
     project: np.ndarray    # (dims, rank): eigen-directions scaled by sqrt(1/floor - 1/variance)
     floor: float           # the variance of every direction outside `project`
     shrinkage: float       # Ledoit-Wolf's weight on the scaled identity
+    # Features scaled to unit length before anything else (references written before 2026-12-05: raw).
+    normalized: bool = False
 
     @property
     def dims(self) -> int:
@@ -66,19 +70,26 @@ class Reference:
     def score(self, features: np.ndarray) -> np.ndarray:
         """The exported graph's score in numpy (float64): squared Mahalanobis distance to the nearest class
         mean / dims, i.e. |f - m|^2 / floor - |(f - m) @ project|^2, divided by dims."""
-        z = np.asarray(features, np.float64)[:, None, :] - self.means.astype(np.float64)[None]
+        z = self.prepare(features)[:, None, :] - self.means.astype(np.float64)[None]
         d = (z ** 2).sum(-1) / self.floor - ((z @ self.project.astype(np.float64)) ** 2).sum(-1)
         return d.min(axis=1) / self.dims
 
+    def prepare(self, features: np.ndarray) -> np.ndarray:
+        """Features as the reference sees them (float64; unit length when `normalized`)."""
+        f = np.asarray(features, np.float64)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) if self.normalized else f
+
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        np.savez(buf, means=self.means, project=self.project, floor=self.floor, shrinkage=self.shrinkage)
+        np.savez(buf, means=self.means, project=self.project, floor=self.floor, shrinkage=self.shrinkage,
+                 normalized=self.normalized)
         storage.write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> "Reference":
         with np.load(path) as data:
-            return cls(data["means"], data["project"], float(data["floor"]), float(data["shrinkage"]))
+            normalized = bool(data["normalized"]) if "normalized" in data.files else False
+            return cls(data["means"], data["project"], float(data["floor"]), float(data["shrinkage"]), normalized)
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -102,11 +113,12 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     return shrunk, shrinkage
 
 
-def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | None = RANK) -> Reference:
+def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | None = RANK,
+        normalized: bool = True) -> Reference:
     """Class means and their shared (pooled within-class, shrunk) covariance, kept as its top `rank`
     directions plus one floor variance (None: every direction but one, which is exact). A class without
     training images has no mean: the score is the distance to the nearest class that has one."""
-    features = np.asarray(features, np.float64)
+    features = Reference(np.zeros(0), np.zeros(0), 1.0, 0.0, normalized).prepare(features)
     present = [c for c in range(num_classes) if np.any(labels == c)]
     if not present or len(features) < 2:
         raise UserError("the OOD reference needs at least two training images")
@@ -118,7 +130,8 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | 
     r = min(rank or len(values), len(values) - 1)
     floor = float(values[r:].mean())
     weights = np.sqrt(np.maximum(1 / floor - 1 / values[:r], 0.0))
-    return Reference(means.astype(np.float32), (vectors[:, :r] * weights).astype(np.float32), floor, shrinkage)
+    return Reference(means.astype(np.float32), (vectors[:, :r] * weights).astype(np.float32), floor, shrinkage,
+                     normalized)
 
 
 # ---- the model's features and scores --------------------------------------------------------
@@ -172,17 +185,28 @@ def score_layer_class():
             self._basis = np.where(kept > 0, project / norm, 0.0).astype(np.float32)   # orthonormal columns
             inverse = np.maximum(1 / reference.floor - kept, 0.0)                     # 1/variance
             self._inside = (np.sqrt(inverse) * scale).astype(np.float32)
-            self._means, self._outside = reference.means, float(scale / np.sqrt(reference.floor))
+            means = reference.means.astype(np.float64)
+            along = means @ self._basis.astype(np.float64)
+            # Each class mean split once, here: its coordinates along the kept directions, and the rest of it.
+            self._means_along = along.astype(np.float32)
+            self._means_rest = (means - along @ self._basis.astype(np.float64).T).astype(np.float32)
+            self._outside = float(scale / np.sqrt(reference.floor))
+            self._normalized = reference.normalized
 
         def build(self, input_shape):
-            for name, value in (("means", self._means), ("basis", self._basis), ("inside", self._inside)):
+            for name, value in (("means_along", self._means_along), ("means_rest", self._means_rest),
+                                ("basis", self._basis), ("inside", self._inside)):
                 setattr(self, name, self.add_weight(name=name, shape=value.shape, trainable=False,
                                                     initializer=K.initializers.Constant(value)))
 
         def call(self, features):
-            z = features[:, None, :] - self.means[None]                        # (N, classes, dims)
-            along = T.einsum("ncd,dr->ncr", z, self.basis)                     # (N, classes, rank)
-            rest = z - T.einsum("ncr,dr->ncd", along, self.basis)
+            if self._normalized:
+                features = T.math.l2_normalize(features, axis=-1, epsilon=1e-24)
+            # The image split the same way, once, whatever the number of classes: two dims x rank products.
+            coords = T.matmul(features, self.basis)                            # (N, rank)
+            rest_f = features - T.matmul(coords, self.basis, transpose_b=True)  # (N, dims)
+            along = coords[:, None, :] - self.means_along[None]                # (N, classes, rank)
+            rest = rest_f[:, None, :] - self.means_rest[None]                  # (N, classes, dims)
             d = (T.reduce_sum(T.square(along * self.inside), axis=-1)
                  + T.reduce_sum(T.square(rest * self._outside), axis=-1))
             return T.reduce_min(d, axis=-1)
@@ -246,6 +270,7 @@ def fit_for_export(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nd
         method=METHOD, output=OUTPUT, feature_layer=last_dense(model).name + ":input", dims=reference.dims,
         threshold=threshold, accept=accept, val_accepted=float(np.mean(val_scores <= threshold)),
         train_images=int(len(tidx)), val_images=int(len(vidx)), shrinkage=reference.shrinkage,
+        normalized=reference.normalized,
         rank=int(reference.project.shape[1]),
         val_score_percentiles={str(q): float(np.percentile(val_scores, q)) for q in (5, 50, 95, 99)},
         score_bins=edges, score_reference=shares,
