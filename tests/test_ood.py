@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def plain_model(cnn_run, runs_root, models_root) -> Path:
     """The shared run exported as before the OOD score (one output, no manifest.ood)."""
     cli_call("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-pre-ood", "--no-ood",
              "--formats", "onnx", "--no-register")
-    return models_root / "cnn-pre-ood"
+    yield models_root / "cnn-pre-ood"
+    # a second export of run cnn in the shared models folder would change which one compare reports
+    shutil.rmtree(models_root / "cnn-pre-ood", ignore_errors=True)
 
 
 def test_every_file_gives_the_score_beside_the_probabilities(cnn_model):
@@ -152,10 +155,11 @@ def test_tflite_files_agree_with_keras_and_run_everywhere(cnn_model, runs_root, 
     from serving.base.manifest import Manifest
     from training.model.build import load_model
 
-    result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", models_root, "--name", "cnn-tflite",
+    # its own models folder: a benchmarked second export of run cnn beside cnn_model changes compare's picks
+    result = run_cli("export", "cnn", "--runs-dir", runs_root, "--models-dir", tmp_path / "models", "--name", "cnn-tflite",
                      "--formats", "tflite", "--no-register", "--max-accuracy-drop", "100", "--max-class-drop", "100")
     assert result.code == 0, result.err
-    model = models_root / "cnn-tflite"
+    model = tmp_path / "models" / "cnn-tflite"
     m = Manifest.load(model)
     assert set(m.artifacts) == {"model.tflite", "model.fp16.tflite", "model.int8.tflite"}
     assert m.artifacts["model.tflite"].max_abs_diff <= 1e-4 and m.artifacts["model.int8.tflite"].gate is not None
