@@ -77,6 +77,7 @@ class _Prepared:
     z_mirror: np.ndarray
     emb: np.ndarray | None
     split_end: np.ndarray
+    shares: np.ndarray          # (N, 3) the mean colour's R, G, B shares (chroma_shift)
 
 
 @dataclass
@@ -115,7 +116,8 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
     n = len(imgs.labels)
     prep = _Prepared(_bits(imgs.phash), _bits(imgs.phash_mirror), _standardised(imgs.grey),
                      _standardised(imgs.grey[:, :, ::-1]), emb,
-                     np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"))
+                     np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"),
+                     colour_shares(imgs.colour))
     pairs: list[Pair] = []
     with progress.step("searching pairs", n, log=log, bar=bar) as advance:
         for start in range(0, n, SEARCH_BLOCK):
@@ -189,10 +191,14 @@ def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrore
     return r.min(axis=1)
 
 
-def chroma_shift(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
-    """How far the mean colour moved between ii and jj: L1 distance of its R, G, B shares."""
+def colour_shares(colour: np.ndarray) -> np.ndarray:
+    """Each image's mean colour as R, G, B shares (computed once per search, not per block)."""
     means = colour.reshape(len(colour), -1, 3).astype(np.float32).mean(axis=1) + 1.0  # +1: black has shares too
-    shares = means / means.sum(axis=1, keepdims=True)
+    return means / means.sum(axis=1, keepdims=True)
+
+
+def chroma_shift(shares: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """How far the mean colour moved between ii and jj: L1 distance of its R, G, B shares."""
     return np.abs(shares[ii] - shares[jj]).sum(axis=1)
 
 
@@ -205,7 +211,7 @@ def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds)
     corr = np.where(c.mirrored, flipped, direct)
     corr_any = np.maximum(direct, flipped)
     same_colour = ((colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION)
-                   & (chroma_shift(imgs.colour, ii, jj) <= MAX_CHROMA_SHIFT))
+                   & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT))
     out = []
     for k in range(len(ii)):
         i, j = int(ii[k]), int(jj[k])
