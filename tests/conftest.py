@@ -187,12 +187,7 @@ def bentoml_server(args: list[str], env: dict[str, str], log: Path):
             pytest.fail(f"server not ready in {SERVER_START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+        stop_group(proc, grace=30)
 
 
 def pytest_configure(config):
@@ -216,3 +211,13 @@ def pytest_collection_modifyitems(config, items):
     # The container tier last: xdist hands out files in this order, and by then the image made in the
     # background since the session began (container_tier.start) is ready, so no worker waits for it.
     items.sort(key=lambda item: item.get_closest_marker("container") is not None)
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a server's whole process group, SIGKILL it if it has not exited after `grace` seconds."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, stop_group
 
 TINY = ["--data", "synthetic", "--limit", "100", "--cnn-layers", "c8,p,f,d16", "--epochs", "2", "--data-check", "off",
         "--no-calibrate"]
@@ -99,12 +99,7 @@ def server(local_run, tmp_path_factory):
             pytest.fail(f"mlflow server not ready in {SERVER_BOUND}s")
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+        stop_group(proc, grace=10)
 
 
 def test_export_eval_and_tune_on_a_tracking_server(run_cli, local_run, server, tmp_path):
