@@ -1,13 +1,13 @@
 """Planted label flips and near-copies: what `tlserve data check` finds of them, and its time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/label_issues.py [--sets banana,cifar10k] [--copies 25]
-        [--part labels,copies,whole] [--mode full|fast]
+        [--part labels,copies,whole] [--mode full|fast] [--draws 3]
 
 labels   flips a known share of labels (5% of banana-leaf, 2% of a 10,000-image CIFAR-10 subset), once
          uniformly (to any other class) and once to the most similar class (the class whose mean
          embedding is nearest), runs the check's own label search (training.audit.labels: out-of-fold
          LogisticRegression + cleanlab) and prints recall among the top-k suspects (k = twice the flips),
-         and precision and recall of the default list; targets recall@2k >= 0.9, precision >= 0.5.
+         and precision and recall of the default list, per draw of flips and their mean; targets recall@2k >= 0.9, precision >= 0.5.
 copies   plants near-copies of each kind (saturation x1.3, a colour shift, a 5-15% crop resized back, a
          3-8 degree rotation, a mirror, and each of those re-encoded as JPEG quality 60) from training
          images into the test split, runs the check's pair search (training.audit.pairs) with its default
@@ -167,7 +167,7 @@ def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: in
 
 # ---- label flips ---------------------------------------------------------------------------------
 
-def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[str], seed: int) -> None:
+def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[str], seed: int, draws: int) -> None:
     side = embeddings.label_side(len(ims))
     t, c = time.perf_counter(), time.process_time()
     x = np.stack([np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), np.uint8) for im in ims])
@@ -181,22 +181,33 @@ def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[st
     similar = sim.argmax(axis=1)
     print(f"\n{name}: {len(y)} images, {k} classes, features at {side} px ({embed_s:.1f} s wall, {embed_cpu:.1f} s CPU); "
           f"most similar class: " + ", ".join(f"{class_names[a]}->{class_names[b]}" for a, b in enumerate(similar)))
-    rng = np.random.default_rng(seed)
     for how in ("uniform", "similar"):
-        flipped = rng.choice(len(y), int(round(FLIP_SHARE[name] * len(y))), replace=False)
-        noisy = y.copy()
-        noisy[flipped] = similar[y[flipped]] if how == "similar" else (y[flipped] + rng.integers(1, k, len(flipped))) % k
-        t, c = time.perf_counter(), time.process_time()
-        oof = labels.out_of_fold(features, noisy, k, seed=seed)
-        issues, scores = labels.ranked_issues(noisy, oof)
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        planted = set(flipped.tolist())
-        top = set(np.argsort(scores, kind="stable")[:2 * len(flipped)].tolist())
-        listed = set(issues.tolist())
-        print(f"  {how:8s} {len(flipped)} flipped: recall in top {2 * len(flipped)} {len(planted & top) / len(planted):.2f}; "
-              f"default list {len(listed)}: precision {len(planted & listed) / max(1, len(listed)):.2f}, recall "
-              f"{len(planted & listed) / len(planted):.2f}; out-of-fold accuracy on the true labels "
-              f"{(oof.probs.argmax(axis=1) == y).mean():.3f}; {wall:.1f} s wall, {cpu:.1f} s CPU")
+        rows = [_flip_draw(features, y, similar, name, how, seed + draw) for draw in range(draws)]
+        mean, sd = np.mean(rows, axis=0), np.std(rows, axis=0)
+        print(f"  {how:8s} mean over {draws} draws (sd): recall in top 2k {mean[0]:.2f} ({sd[0]:.2f}); default list "
+              f"precision {mean[1]:.2f} ({sd[1]:.2f}), recall {mean[2]:.2f} ({sd[2]:.2f})")
+
+
+def _flip_draw(features: np.ndarray, y: np.ndarray, similar: np.ndarray, name: str, how: str, seed: int) -> tuple:
+    """One draw of planted flips: (recall in the top 2k, precision and recall of the default list)."""
+    k = len(similar)
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(y), int(round(FLIP_SHARE[name] * len(y))), replace=False)
+    noisy = y.copy()
+    noisy[flipped] = similar[y[flipped]] if how == "similar" else (y[flipped] + rng.integers(1, k, len(flipped))) % k
+    t, c = time.perf_counter(), time.process_time()
+    oof = labels.out_of_fold(features, noisy, k, seed=seed)
+    issues, scores = labels.ranked_issues(noisy, oof)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    planted = set(flipped.tolist())
+    top = set(np.argsort(scores, kind="stable")[:2 * len(flipped)].tolist())
+    listed = set(issues.tolist())
+    recall_top, precision, recall = (len(planted & top) / len(planted), len(planted & listed) / max(1, len(listed)),
+                                     len(planted & listed) / len(planted))
+    print(f"  {how:8s} seed {seed}: {len(flipped)} flipped: recall in top {2 * len(flipped)} {recall_top:.2f}; "
+          f"default list {len(listed)}: precision {precision:.2f}, recall {recall:.2f}; out-of-fold accuracy on the "
+          f"true labels {(oof.probs.argmax(axis=1) == y).mean():.3f}; {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+    return recall_top, precision, recall
 
 
 # ---- the whole check on CIFAR-10 -----------------------------------------------------------------
@@ -227,6 +238,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=25, help="planted copies per kind (banana: at most 57)")
     parser.add_argument("--mode", default="full", choices=("fast", "full"), help="copies: hashes only, or + embeddings")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=3, help="labels: draws of planted flips (seeds seed, seed+1, ...)")
     args = parser.parse_args()
     parts = args.part.split(",")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -235,7 +247,7 @@ def main() -> None:
             break
         ims, y, class_names = load(name, args.seed)
         if "labels" in parts:
-            flips(name, ims, y, class_names, args.seed)
+            flips(name, ims, y, class_names, args.seed, args.draws)
         if "copies" in parts:
             copies(name, ims, args.copies, args.mode, args.seed)
     if "whole" in parts:

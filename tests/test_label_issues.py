@@ -174,6 +174,27 @@ def test_a_class_of_one_image_is_skipped_and_one_class_is_no_label_search(labell
     assert len(lines) == 1 and lines[0].startswith("note: label issues skipped:")
 
 
+def test_a_weak_fold_model_comes_with_a_caution_and_a_strong_one_without():
+    """Overlapping classes (the fold model right on about 60%) list mostly its own confusions: say so."""
+    from training.audit import labels
+    from training.audit.fingerprints import Images
+
+    rng = np.random.default_rng(1)
+    n = 300
+    y = np.arange(n) % 3
+    imgs = Images(split=np.zeros(n, np.int8), names=[f"f{i}.png" for i in range(n)], labels=y, exact=[], phash=None,
+                  phash_mirror=None, small=None, label_small=None, grey=None, colour=None, facts=[])
+    for separation, cautioned in ((0.8, True), (6.0, False)):
+        features = rng.normal(size=(n, 16)) + np.eye(3, 16)[y] * separation
+        lines: list[str] = []
+        issues = labels.find(features, imgs, ["a", "b", "c"], side=64, log=lines.append)
+        assert issues.status == "done"
+        assert (issues.out_of_fold_accuracy < labels.WEAK_FOLD_ACCURACY) is cautioned
+        assert (issues.caution is not None) is cautioned
+        assert [line for line in lines if "right on only" in line] == ([f"note: label issues: {issues.caution}"]
+                                                                       if cautioned else [])
+
+
 def test_without_cleanlab_the_check_goes_on_with_one_line(labelled_set, monkeypatch, tmp_path):
     import sys
 

@@ -111,6 +111,8 @@ def _labels_html(issues: LabelIssues | None, report: Report) -> str:
     head = (f"{title}<p>{html.escape(issues.method or '')}; {html.escape(issues.classifier or '')}; out-of-fold "
             f"accuracy {issues.out_of_fold_accuracy:.3f}; {html.escape(issues.why)}. Left: the image; middle: a typical "
             "image of its given class; right: of the suggested class.</p>")
+    if issues.caution:
+        head += f"<p class='caution'><b>Caution:</b> {html.escape(issues.caution)}</p>"
     cards = []
     for s in issues.suspects[:PAGE_SUSPECTS]:
         given, suggested = issues.typical.get(s.given), issues.typical.get(s.suggested)

@@ -101,6 +101,7 @@ class LabelIssues:
     folds: int | None = None
     images: int | None = None             # images ranked
     out_of_fold_accuracy: float | None = None
+    caution: str | None = None            # why the list may be mostly the fold model's own confusions
     skipped_classes: list[str] = field(default_factory=list)
     suspects: list[Suspect] = field(default_factory=list)     # cleanlab's list, most suspect first
     typical: dict[str, Entry] = field(default_factory=dict)   # class -> its most confidently held image

@@ -394,6 +394,8 @@ def _print_label_issues(out: Console, issues: LabelIssues | None, suspects: Path
           rows or [["none", "", "", "", "", ""]], text=("file", "given", "suggested"))
     if len(issues.suspects) > shown:
         out.print(f"... {len(issues.suspects) - shown:,} more in report.json", highlight=False)
+    if issues.caution:
+        out.print(f"caution: {issues.caution}", highlight=False)
     if suspects is not None:
         out.print(f"suspects' list: {suspects} (tlserve train --exclude {suspects} drops them from training)",
                   highlight=False)
