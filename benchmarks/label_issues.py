@@ -1,7 +1,7 @@
 """Planted label flips and near-copies: what `tlserve data check` finds of them, and its time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/label_issues.py [--sets banana,cifar10k] [--copies 25]
-        [--part labels,copies,whole] [--mode full|fast] [--draws 3]
+        [--part labels,copies,whole] [--mode full|fast] [--draws 3] [--fold-c C]
 
 labels   flips a known share of labels (5% of banana-leaf, 2% of a 10,000-image CIFAR-10 subset), once
          uniformly (to any other class) and once to the most similar class (the class whose mean
@@ -167,7 +167,8 @@ def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: in
 
 # ---- label flips ---------------------------------------------------------------------------------
 
-def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[str], seed: int, draws: int) -> None:
+def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[str], seed: int, draws: int,
+          fold_c: float) -> None:
     side = embeddings.label_side(len(ims))
     t, c = time.perf_counter(), time.process_time()
     x = np.stack([np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), np.uint8) for im in ims])
@@ -182,13 +183,14 @@ def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[st
     print(f"\n{name}: {len(y)} images, {k} classes, features at {side} px ({embed_s:.1f} s wall, {embed_cpu:.1f} s CPU); "
           f"most similar class: " + ", ".join(f"{class_names[a]}->{class_names[b]}" for a, b in enumerate(similar)))
     for how in ("uniform", "similar"):
-        rows = [_flip_draw(features, y, similar, name, how, seed + draw) for draw in range(draws)]
+        rows = [_flip_draw(features, y, similar, name, how, seed + draw, fold_c) for draw in range(draws)]
         mean, sd = np.mean(rows, axis=0), np.std(rows, axis=0)
         print(f"  {how:8s} mean over {draws} draws (sd): recall in top 2k {mean[0]:.2f} ({sd[0]:.2f}); default list "
               f"precision {mean[1]:.2f} ({sd[1]:.2f}), recall {mean[2]:.2f} ({sd[2]:.2f})")
 
 
-def _flip_draw(features: np.ndarray, y: np.ndarray, similar: np.ndarray, name: str, how: str, seed: int) -> tuple:
+def _flip_draw(features: np.ndarray, y: np.ndarray, similar: np.ndarray, name: str, how: str, seed: int,
+               fold_c: float) -> tuple:
     """One draw of planted flips: (recall in the top 2k, precision and recall of the default list)."""
     k = len(similar)
     rng = np.random.default_rng(seed)
@@ -196,7 +198,7 @@ def _flip_draw(features: np.ndarray, y: np.ndarray, similar: np.ndarray, name: s
     noisy = y.copy()
     noisy[flipped] = similar[y[flipped]] if how == "similar" else (y[flipped] + rng.integers(1, k, len(flipped))) % k
     t, c = time.perf_counter(), time.process_time()
-    oof = labels.out_of_fold(features, noisy, k, seed=seed)
+    oof = labels.out_of_fold(features, noisy, k, seed=seed, c=fold_c)
     issues, scores = labels.ranked_issues(noisy, oof)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     planted = set(flipped.tolist())
@@ -239,6 +241,7 @@ def main() -> None:
     parser.add_argument("--mode", default="full", choices=("fast", "full"), help="copies: hashes only, or + embeddings")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draws", type=int, default=3, help="labels: draws of planted flips (seeds seed, seed+1, ...)")
+    parser.add_argument("--fold-c", type=float, default=labels.C, help="labels: the fold model's C (the check's own by default)")
     args = parser.parse_args()
     parts = args.part.split(",")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -247,7 +250,7 @@ def main() -> None:
             break
         ims, y, class_names = load(name, args.seed)
         if "labels" in parts:
-            flips(name, ims, y, class_names, args.seed, args.draws)
+            flips(name, ims, y, class_names, args.seed, args.draws, args.fold_c)
         if "copies" in parts:
             copies(name, ims, args.copies, args.mode, args.seed)
     if "whole" in parts:
