@@ -6,7 +6,8 @@ Needs benchmarks/ood.py's models (benchmarks/.work/models/ood-*). For each setti
 benchmarks/.work/ood-features/: the penultimate features, logits, and global-average-pooled outputs of
 earlier MobileNetV2 blocks of the training sample the exported reference is fitted on, of the validation
 sample its threshold is set on, of the ID test images and of the OOD images. Every candidate is fitted on
-the training sample (and standardised on the validation sample) only; OOD images are only scored.
+the training sample (and standardised on the validation sample) only; OOD images are only scored. Then
+prints every candidate's AUROC in every setting (docs/decisions.md, "An OOD score in the model").
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def ood_images(label: str, manifest: Manifest) -> np.ndarray:
 
 
 def extractor(model):
-    """pixels -> {penultimate, probs, logits-free: every BLOCKS output pooled}, one pass."""
+    """pixels -> {penultimate, probs, every BLOCKS output pooled (and out_relu max-pooled)}, one pass."""
     from training.env import keras  # noqa: PLC0415
 
     K = keras()
@@ -107,13 +108,94 @@ def cache(label: str, refresh: bool) -> dict[str, np.ndarray]:
     return out
 
 
+# ---- candidates: each maps a setting's cached features to {part: scores} for val, test and ood --------
+
+Scores = dict[str, np.ndarray]
+PARTS = ("val", "test", "ood")
+
+
+def _unit(f: np.ndarray) -> np.ndarray:
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def mahalanobis(layer: str, normalized: bool = True, rank: int | None = ood.RANK):
+    """Lee et al. (2018) on one layer's (pooled) features, fitted on the training sample."""
+    def make(d: dict) -> Scores:
+        ref = ood.fit(d[f"train_{layer}"], d["train_y"], d["kernel"].shape[1], rank=rank, normalized=normalized)
+        return {p: ref.score(d[f"{p}_{layer}"]) for p in PARTS}
+    return make
+
+
+def energy(d: dict) -> Scores:
+    from scipy.special import logsumexp  # noqa: PLC0415
+
+    return {p: -logsumexp(d[f"{p}_penultimate"] @ d["kernel"] + d["bias"], axis=1) for p in PARTS}
+
+
+def msp(d: dict) -> Scores:
+    return {p: -d[f"{p}_probs"].max(axis=1) for p in PARTS}
+
+
+def feature_norm(d: dict) -> Scores:
+    """The norm unit-length features discard; low norm taken as OOD (Sun et al.'s observation)."""
+    return {p: -np.linalg.norm(d[f"{p}_penultimate"], axis=1) for p in PARTS}
+
+
+def knn(k: int):
+    """Sun et al. (ICML 2022): minus the cosine similarity to the k-th nearest training feature."""
+    def make(d: dict) -> Scores:
+        train = _unit(d["train_penultimate"])
+        return {p: -np.sort(_unit(d[f"{p}_penultimate"]) @ train.T, axis=1)[:, -k] for p in PARTS}
+    return make
+
+
+def summed(*makers, how: str = "z"):
+    """Scores each standardised on the ID validation sample, then summed (z) or the largest taken (max);
+    'median': each divided by its validation median, then summed."""
+    def make(d: dict) -> Scores:
+        parts = [m(d) for m in makers]
+        if how == "median":
+            scaled = [{p: s[p] / np.median(s["val"]) for p in PARTS} for s in parts]
+        else:
+            scaled = [{p: (s[p] - s["val"].mean()) / s["val"].std() for p in PARTS} for s in parts]
+        agg = np.max if how == "max" else np.sum
+        return {p: agg([s[p] for s in scaled], axis=0) for p in PARTS}
+    return make
+
+
+def candidates() -> dict[str, object]:
+    pen, pen128, b9, b9raw = (mahalanobis("penultimate", rank=256), mahalanobis("penultimate"),
+                              mahalanobis("block_9_add", rank=None), mahalanobis("block_9_add", False, rank=None))
+    out = {"mahalanobis, unit features, rank 256 (exported until 2026-12-05)": pen,
+           "same, rank 128": pen128, "max-softmax": msp, "energy": energy, "feature norm (low = OOD)": feature_norm,
+           "kNN k=1": knn(1), "kNN k=10": knn(10)}
+    for layer in ("block_5_add", "block_9_add", "block_12_add", "block_15_add", "block_16_project_BN"):
+        out[f"mahalanobis {layer}, unit"] = mahalanobis(layer, rank=None)
+        out[f"mahalanobis {layer}, raw"] = mahalanobis(layer, False, rank=None)
+    out["z-sum: penultimate + energy"] = summed(pen, energy)
+    out["z-sum: penultimate + block_9_add unit"] = summed(pen, b9)
+    out["max z: penultimate + block_9_add unit"] = summed(pen, b9, how="max")
+    out["median-scaled sum: penultimate + block_9_add unit"] = summed(pen, b9, how="median")
+    out["z-sum: penultimate + block_9_add raw"] = summed(pen, b9raw)
+    out["z-sum: penultimate + block_9_add unit + raw"] = summed(pen, b9, b9raw)
+    out["z-sum: penultimate rank 128 + block_9_add raw (exported since 2026-12-05)"] = summed(pen128, b9raw)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refresh", action="store_true")
     p.add_argument("--only", default=",".join(SETTINGS))
     args = p.parse_args()
-    for label in args.only.split(","):
-        cache(label, args.refresh)
+    labels = args.only.split(",")
+    data = {label: cache(label, args.refresh) for label in labels}
+    print("\n| candidate (AUROC) | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels))
+    for name, make in candidates().items():
+        row = []
+        for label in labels:
+            s = make(data[label])
+            row.append(f"{ood.auroc(s['test'], s['ood']):.4f}")
+        print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
