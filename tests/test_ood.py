@@ -71,6 +71,7 @@ def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
     from training.exported import ood
 
     K = keras()
+    K.utils.set_random_seed(0)
     inner_in = K.Input((8, 8, 3))
     mid = K.layers.Conv2D(4, 3, padding="same", activation="relu", name="mid")(inner_in)
     backbone = K.Model(inner_in, K.layers.Conv2D(6, 3, padding="same", activation="relu")(mid), name="backbone")
