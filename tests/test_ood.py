@@ -88,6 +88,9 @@ def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
     assert [t.layer for t in score.terms] == [ood.PENULTIMATE, "mid"] and fitted.entry.terms[1]["dims"] == 4
     feats, probs = ood.layer_features(model, probe, "probe", tap="mid")
     np.testing.assert_allclose(fitted.keras_scores, score.score(feats), rtol=1e-4)
+    for term in score.terms:  # the graph's basis (kept directions + the class means' rest) stays orthonormal
+        basis = ood._term_constants(term)["basis"].astype(np.float64)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(scored(probe)[0]), model.predict(probe, verbose=0), atol=1e-6)
     val_feats, _ = ood.layer_features(model, vx, "val", tap="mid")
     assert np.mean(score.score(val_feats)) == pytest.approx(1.0)  # weights scaled so validation averages 1

@@ -306,13 +306,22 @@ def _term_constants(reference: Reference) -> dict[str, Any]:
     inverse = np.maximum(1 / reference.floor - kept, 0.0)  # 1/variance
     means = reference.means.astype(np.float64)
     rest = means - (means @ basis) @ basis.T             # the class means outside the kept directions
+    rest -= (rest @ basis) @ basis.T                     # again: basis came from float32
     u, sv, _ = np.linalg.svd(rest.T, full_matrices=False)
-    extra = u[:, sv > sv.max(initial=0.0) * 1e-6] if sv.size and sv.max() > 0 else u[:, :0]
+    # Only directions the means really have: rounding leaves ~1e-7 of |mean| in every direction, and a
+    # column made of it is not orthogonal to the basis (block_9_add, 64 dims with 63 kept: 1e-6 of
+    # noise counted twice moved a leaf model's scores by half the threshold).
+    room = basis.shape[0] - int(np.sum(kept > 0))
+    real = sv > EXTRA_TOLERANCE * max(float(np.linalg.norm(means, axis=1).max()), 1e-30)
+    extra = u[:, :min(int(real.sum()), room)]
     full = np.concatenate([basis, extra], axis=1)
     inside = np.concatenate([np.sqrt(inverse), np.full(extra.shape[1], 1 / np.sqrt(reference.floor))]) * scale
     return {"basis": full.astype(np.float32), "inside": inside.astype(np.float32),
             "means_along": (means @ full).astype(np.float32),
             "outside": float(scale / np.sqrt(reference.floor)), "normalized": reference.normalized}
+
+
+EXTRA_TOLERANCE = 1e-4  # a class mean's part outside the kept directions, relative to |mean|, that counts
 
 
 @functools.cache
