@@ -164,10 +164,10 @@ def summed(*makers, how: str = "z"):
 
 
 def candidates() -> dict[str, object]:
-    pen, pen128, b9, b9raw = (mahalanobis("penultimate", rank=256), mahalanobis("penultimate"),
-                              mahalanobis("block_9_add", rank=None), mahalanobis("block_9_add", False, rank=None))
+    pen, pen128, pen64 = (mahalanobis("penultimate", rank=r) for r in (256, 128, 64))
+    b9, b9raw = mahalanobis("block_9_add", rank=None), mahalanobis("block_9_add", False, rank=None)
     out = {"mahalanobis, unit features, rank 256 (exported until 2026-12-05)": pen,
-           "same, rank 128": pen128, "max-softmax": msp, "energy": energy, "feature norm (low = OOD)": feature_norm,
+           "same, rank 128": pen128, "same, rank 64": pen64, "max-softmax": msp, "energy": energy, "feature norm (low = OOD)": feature_norm,
            "kNN k=1": knn(1), "kNN k=10": knn(10)}
     for layer in ("block_5_add", "block_9_add", "block_12_add", "block_15_add", "block_16_project_BN"):
         out[f"mahalanobis {layer}, unit"] = mahalanobis(layer, rank=None)
@@ -178,7 +178,8 @@ def candidates() -> dict[str, object]:
     out["median-scaled sum: penultimate + block_9_add unit"] = summed(pen, b9, how="median")
     out["z-sum: penultimate + block_9_add raw"] = summed(pen, b9raw)
     out["z-sum: penultimate + block_9_add unit + raw"] = summed(pen, b9, b9raw)
-    out["z-sum: penultimate rank 128 + block_9_add raw (exported since 2026-12-05)"] = summed(pen128, b9raw)
+    out["z-sum: penultimate rank 128 + block_9_add raw"] = summed(pen128, b9raw)
+    out["z-sum: penultimate rank 64 + block_9_add raw (exported since 2026-12-05)"] = summed(pen64, b9raw)
     return out
 
 

@@ -39,10 +39,11 @@ from training.env import keras, tf
 OUTPUT = "ood_score"
 METHOD = "mahalanobis"
 REFERENCE_FILE = "ood_reference.npz"
-# Covariance directions of the penultimate term kept apart from the floor (Reference). 128, not 256 as
-# until 2026-12-05: summed with the mid-level term, every benchmark row moved by at most 0.004 AUROC
-# (benchmarks/ood_candidates.py) and the graph's two projections halve (docs/decisions.md).
-RANK = 128
+# Covariance directions of the penultimate term kept apart from the floor (Reference). 64, not 256 as
+# until 2026-12-05: summed with the mid-level term, every benchmark row moved by at most 0.005 AUROC
+# from 256 and still met its target (benchmarks/ood_candidates.py), and the graph's two projections,
+# the score's largest nodes, shrink fourfold: batch-1 cost +5.4% and +4.8% at 128 (docs/decisions.md).
+RANK = 64
 PENULTIMATE = ""  # a term's layer: the input of the model's last Dense layer
 # The mid-level term's features stay raw: summed with the penultimate term, raw block_9_add features kept
 # every banana-leaf row at or above the penultimate term alone (sigatoka 0.875 against 0.829), unit-length
@@ -70,7 +71,7 @@ class Reference:
     are whenever the training sample has fewer images than features (Ledoit-Wolf lifts the sample
     covariance's null space to one value); otherwise the smallest directions share their mean variance.
     The exported graph then multiplies by a dims x rank matrix, not dims x dims: for MobileNetV2's 1280
-    features and rank 128, 0.66 MB and 0.16 M multiply-adds per projection instead of 6.6 MB and 1.6 M
+    features and rank 64, 0.33 MB and 82 k multiply-adds per projection instead of 6.6 MB and 1.6 M
     (docs/decisions.md, "An OOD score in the model")."""
     means: np.ndarray      # (classes, dims) class means of the training features
     project: np.ndarray    # (dims, rank): eigen-directions scaled by sqrt(1/floor - 1/variance)
