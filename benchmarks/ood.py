@@ -13,9 +13,11 @@ threshold as `tlserve export` sets them), then scored through the exported ONNX 
   cost       onnxruntime batch-1 latency with and without the score (same run exported twice), and
              serving.monitor.Monitor.observe per request under a multiprocess Prometheus registry
 
-Each OOD row prints the AUROC of the exported score (ONNX fp32, and int8 where kept; covariance rank 256)
-and of the same Mahalanobis score with every covariance direction kept, and, from the same Keras
-features, of the baselines: max-softmax probability (MSP), max logit, energy (-logsumexp of logits)
+Each OOD row prints the AUROC of the exported score (ONNX fp32, and int8 where kept: on MobileNetV2 the
+sum of the penultimate term, covariance rank 64, and the block_9_add term, training.exported.ood), of
+each term alone (the penultimate one is the score exported before 2026-12-05), of the penultimate
+Mahalanobis score with every covariance direction kept, and, from the same Keras features, of the
+baselines: max-softmax probability (MSP), max logit, energy (-logsumexp of logits)
 and relative Mahalanobis (class distance minus the distance to one background Gaussian, Ren et al.
 2021), plus the share of OOD images the exported threshold flags and of ID test images it accepts.
 Runs and models are kept under benchmarks/.work and reused (--retrain to train again).
@@ -101,7 +103,12 @@ def scores(model_dir: Path, x: np.ndarray, background) -> dict[str, np.ndarray]:
             out[f"exported ({variant})"] = np.concatenate(
                 [model.predict_scored(x[s:s + 64].astype(np.float32))[1] for s in range(0, len(x), 64)])
     keras_model = load_model(manifest.keras_path)
-    feats, probs = ood.features_and_probs(keras_model, x, "Keras features")
+    score = ood.Score.load(model_dir / manifest.ood.file)
+    layers, probs = ood.layer_features(keras_model, x, "Keras features", tap=score.tap)
+    feats = layers[ood.PENULTIMATE]
+    # Each term alone, unweighted: the first is the score exported before 2026-12-05 (same fit, same images).
+    for term in score.terms:
+        out[f"term alone: {term.layer or 'penultimate'}"] = replace(term, weight=1.0).score(layers[term.layer])
     dense = ood.last_dense(keras_model)
     kernel, bias = (w for w in dense.get_weights())
     logits = feats @ kernel + bias

@@ -63,6 +63,48 @@ def test_the_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
 
 
 @pytest.mark.fast
+def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
+    """A nested backbone's mid-level layer (BackboneSpec.ood_layer) adds a term: the exported graph gives
+    the numpy score, the probabilities stay the model's, the file round-trips, and an old one-term file
+    still loads."""
+    from training.env import keras
+    from training.exported import ood
+
+    K = keras()
+    K.utils.set_random_seed(0)
+    inner_in = K.Input((8, 8, 3))
+    mid = K.layers.Conv2D(4, 3, padding="same", activation="relu", name="mid")(inner_in)
+    backbone = K.Model(inner_in, K.layers.Conv2D(6, 3, padding="same", activation="relu")(mid), name="backbone")
+    image = K.Input((8, 8, 3), name="image")
+    x = K.layers.GlobalAveragePooling2D(name="head_pool")(backbone(image, training=False))
+    model = K.Model(image, K.layers.Dense(3, activation="softmax", name="probabilities")(x))
+    rng = np.random.default_rng(0)
+    tx, vx = rng.uniform(0, 1, (60, 8, 8, 3)), rng.uniform(0, 1, (30, 8, 8, 3))
+    ty, vy = np.arange(60) % 3, np.arange(30) % 3
+    probe = np.concatenate([vx[:3], rng.uniform(0, 4, (3, 8, 8, 3))]).astype(np.float32)
+    fitted, scored = ood.fit_for_export(model, (tx, ty), (vx, vy), probe, ["a", "b", "c"], accept=0.9, images=60,
+                                        seed=0, tap="mid")
+    score = fitted.reference
+    assert [t.layer for t in score.terms] == [ood.PENULTIMATE, "mid"] and fitted.entry.terms[1]["dims"] == 4
+    feats, probs = ood.layer_features(model, probe, "probe", tap="mid")
+    np.testing.assert_allclose(fitted.keras_scores, score.score(feats), rtol=1e-4)
+    for term in score.terms:  # the graph's basis (kept directions + the class means' rest) stays orthonormal
+        basis = ood._term_constants(term)["basis"].astype(np.float64)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scored(probe)[0]), model.predict(probe, verbose=0), atol=1e-6)
+    val_feats, _ = ood.layer_features(model, vx, "val", tap="mid")
+    assert np.mean(score.score(val_feats)) == pytest.approx(1.0)  # weights scaled so validation averages 1
+    score.save(tmp_path / "s.npz")
+    np.testing.assert_allclose(ood.Score.load(tmp_path / "s.npz").score(feats), score.score(feats))
+    one = score.terms[0]
+    np.savez(tmp_path / "old.npz", means=one.means, project=one.project, floor=one.floor, shrinkage=one.shrinkage)
+    assert ood.Score.load(tmp_path / "old.npz").terms[0].weight == 1.0
+    plain, _ = ood.fit_for_export(model, (tx, ty), (vx, vy), probe, ["a", "b", "c"], accept=0.9, images=60, seed=0,
+                                  tap="no_such_layer")
+    assert len(plain.reference.terms) == 1 and plain.entry.terms is None
+
+
+@pytest.mark.fast
 def test_psi_window_and_metrics_parse_with_prometheus_client():
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
@@ -133,8 +175,8 @@ def test_every_file_gives_the_score_beside_the_probabilities(cnn_model):
     assert m.ood.method == "mahalanobis" and m.ood.val_accepted >= m.ood.accept
     assert sha256_file(cnn_model / m.ood.file) == m.ood.sha256
     x = np.stack(_noise(4) + [np.full((32, 32, 3), 128, np.uint8)] * 2).astype(np.float32)
-    feats, keras_probs = ood.features_and_probs(load_model(m.keras_path), x, "features")
-    expected = ood.Reference.load(cnn_model / m.ood.file).score(feats)
+    feats, keras_probs = ood.layer_features(load_model(m.keras_path), x, "features")
+    expected = ood.Score.load(cnn_model / m.ood.file).score(feats)
     for variant, tolerance in (("fp32", 1e-4), ("fp16", 2e-2), ("int8", 2e-1)):
         file = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[variant]
         assert [o.name for o in onnx.load(str(cnn_model / file)).graph.output] == ["probabilities", "ood_score"]

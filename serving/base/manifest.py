@@ -96,9 +96,10 @@ class OodReference(Contract):
     """The out-of-distribution score the exported files give as their second output (training.exported.ood):
     how it is computed, its threshold (scores above it are out of distribution) and the validation
     distribution /metrics compares served images with. Absent in models exported before it existed."""
-    method: str              # mahalanobis: squared distance to the nearest class mean / dims
+    method: str              # mahalanobis: squared distance to the nearest class mean / dims (a weighted sum
+                             # of such terms when `terms` is given)
     output: str              # the model output that carries it (ood_score)
-    feature_layer: str
+    feature_layer: str       # "+"-joined when the score sums terms on several layers
     dims: int
     threshold: float
     accept: float            # the share of validation images the threshold was set to accept
@@ -113,6 +114,9 @@ class OodReference(Contract):
     score_reference: list = field(default_factory=list)  # validation share per bin
     class_reference: dict = field(default_factory=dict)  # validation share of each predicted class
     file: Optional[str] = optional()    # the reference (means, whitening) beside the manifest
+    # Each term of a summed score: layer, dims, normalized, rank, shrinkage, weight (absent: one term, the
+    # fields above; exported before 2026-12-05 or from a backbone without BackboneSpec.ood_layer).
+    terms: Optional[list] = optional()
     sha256: Optional[str] = optional()
 
     def summary(self) -> dict[str, Any]:

@@ -190,11 +190,20 @@ def _fit_ood(model, run: records.Run, check: _Check, opts: ExportOptions, log: L
     data = check.data
     fitted, scored = ood_scores.fit_for_export(
         model, (data.train.x, data.train.y), (data.val.x, data.val.y), check.images, check.class_names,
-        accept=opts.ood_accept, images=opts.ood_images, seed=int(run.record.config.get("seed", 0)))
+        accept=opts.ood_accept, images=opts.ood_images, seed=int(run.record.config.get("seed", 0)),
+        tap=_ood_layer(run))
     e = fitted.entry
-    log(f"OOD score: {e.method} on {e.dims} features of {e.train_images} training images (shrinkage "
-        f"{e.shrinkage:.3f}); threshold {e.threshold:.4g} accepts {e.val_accepted:.1%} of {e.val_images} validation images")
+    log(f"OOD score: {e.method} on {e.feature_layer} ({e.dims} features) of {e.train_images} training images "
+        f"(shrinkage {e.shrinkage:.3f}); threshold {e.threshold:.4g} accepts {e.val_accepted:.1%} of {e.val_images} validation images")
     return fitted, scored
+
+
+def _ood_layer(run: records.Run) -> str | None:
+    """The backbone's mid-level layer for the OOD score (None: an unknown or CNN backbone)."""
+    from training.model import backbones  # noqa: PLC0415
+
+    spec = backbones.REGISTRY.get(str(run.record.config.get("backbone", "")))
+    return spec.ood_layer if spec is not None else None
 
 
 def _compare(probs: np.ndarray, check: _Check) -> dict[str, Any]:

@@ -11,12 +11,20 @@ into the exported graph, so the SavedModel, every ONNX file and the TFLite files
 call as the probabilities. The threshold is the validation split's `accept` quantile: that share of
 held-out in-distribution images is accepted. docs/decisions.md ("An OOD score in the model") has the
 measurements behind Mahalanobis over max-softmax, max-logit and energy.
+
+Where the backbone names a mid-level layer (BackboneSpec.ood_layer: MobileNetV2's block_9_add), the
+score is a weighted sum of two such distances: the penultimate one above and one on that layer's
+globally averaged output (raw, not unit length), each weighted by 1 / its standard deviation over the
+validation split (then both scaled so validation images average 1). The late features alone miss what
+a small image of another domain is: banana leaves shrunk to 32 px land among a CIFAR-10 model's class
+means (AUROC 0.42), while the mid-level block still sees their colour and texture (0.99 alone, 0.96
+summed, without costing the leaf rows: docs/decisions.md, "An OOD score in the model").
 """
 from __future__ import annotations
 
 import functools
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +39,16 @@ from training.env import keras, tf
 OUTPUT = "ood_score"
 METHOD = "mahalanobis"
 REFERENCE_FILE = "ood_reference.npz"
-RANK = 256  # covariance directions kept apart from the floor (Reference)
+# Covariance directions of the penultimate term kept apart from the floor (Reference). 64, not 256 as
+# until 2026-12-05: summed with the mid-level term, every benchmark row moved by at most 0.005 AUROC
+# from 256 and still met its target (benchmarks/ood_candidates.py), and the graph's two projections,
+# the score's largest nodes, shrink fourfold: batch-1 cost +5.4% and +4.8% at 128 (docs/decisions.md).
+RANK = 64
+PENULTIMATE = ""  # a term's layer: the input of the model's last Dense layer
+# The mid-level term's features stay raw: summed with the penultimate term, raw block_9_add features kept
+# every banana-leaf row at or above the penultimate term alone (sigatoka 0.875 against 0.829), unit-length
+# ones lost sigatoka (0.816); CIFAR-10 against leaves 0.965 and 0.977 (benchmarks/ood_candidates.py).
+MID_NORMALIZED = False
 SCORE_BINS = 10  # population stability index bins of the score (validation quantiles)
 BATCH = 64
 Log = Callable[[str], None]
@@ -54,7 +71,7 @@ class Reference:
     are whenever the training sample has fewer images than features (Ledoit-Wolf lifts the sample
     covariance's null space to one value); otherwise the smallest directions share their mean variance.
     The exported graph then multiplies by a dims x rank matrix, not dims x dims: for MobileNetV2's 1280
-    features and rank 256, 1.3 MB and 0.33 M multiply-adds per image instead of 6.6 MB and 1.6 M
+    features and rank 64, 0.33 MB and 82 k multiply-adds per projection instead of 6.6 MB and 1.6 M
     (docs/decisions.md, "An OOD score in the model")."""
     means: np.ndarray      # (classes, dims) class means of the training features
     project: np.ndarray    # (dims, rank): eigen-directions scaled by sqrt(1/floor - 1/variance)
@@ -62,6 +79,8 @@ class Reference:
     shrinkage: float       # Ledoit-Wolf's weight on the scaled identity
     # Features scaled to unit length before anything else (references written before 2026-12-05: raw).
     normalized: bool = False
+    layer: str = PENULTIMATE  # where the features come from (another layer: its output, globally averaged)
+    weight: float = 1.0       # the term's weight in the summed score (Score)
 
     @property
     def dims(self) -> int:
@@ -72,24 +91,57 @@ class Reference:
         mean / dims, i.e. |f - m|^2 / floor - |(f - m) @ project|^2, divided by dims."""
         z = self.prepare(features)[:, None, :] - self.means.astype(np.float64)[None]
         d = (z ** 2).sum(-1) / self.floor - ((z @ self.project.astype(np.float64)) ** 2).sum(-1)
-        return d.min(axis=1) / self.dims
+        return self.weight * d.min(axis=1) / self.dims
 
     def prepare(self, features: np.ndarray) -> np.ndarray:
         """Features as the reference sees them (float64; unit length when `normalized`)."""
         f = np.asarray(features, np.float64)
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) if self.normalized else f
 
+    def arrays(self, prefix: str = "") -> dict[str, Any]:
+        return {prefix + k: v for k, v in (("means", self.means), ("project", self.project), ("floor", self.floor),
+                                           ("shrinkage", self.shrinkage), ("normalized", self.normalized),
+                                           ("layer", self.layer), ("weight", self.weight))}
+
+    @classmethod
+    def from_arrays(cls, data, prefix: str = "") -> "Reference":
+        def get(key: str, default: Any) -> Any:
+            return data[prefix + key] if prefix + key in data.files else default
+
+        return cls(data[prefix + "means"], data[prefix + "project"], float(data[prefix + "floor"]),
+                   float(data[prefix + "shrinkage"]), bool(get("normalized", False)), str(get("layer", PENULTIMATE)),
+                   float(get("weight", 1.0)))
+
+
+@dataclass
+class Score:
+    """The exported score: the sum of its terms' (weighted) Mahalanobis scores, each on its own layer's
+    features. One term (the penultimate features, weight 1) is the score as exported before 2026-12-05."""
+    terms: list[Reference]
+
+    @property
+    def tap(self) -> str | None:
+        """The mid-level layer a term reads, if any."""
+        return next((t.layer for t in self.terms if t.layer != PENULTIMATE), None)
+
+    def score(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """features: layer -> (N, dims) as layer_features gives them."""
+        return np.sum([t.score(features[t.layer]) for t in self.terms], axis=0)
+
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        np.savez(buf, means=self.means, project=self.project, floor=self.floor, shrinkage=self.shrinkage,
-                 normalized=self.normalized)
+        arrays = {"terms": len(self.terms)}
+        for i, term in enumerate(self.terms):
+            arrays.update(term.arrays(f"t{i}_"))
+        np.savez(buf, **arrays)
         storage.write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> "Reference":
+    def load(cls, path: Path) -> "Score":
         with np.load(path) as data:
-            normalized = bool(data["normalized"]) if "normalized" in data.files else False
-            return cls(data["means"], data["project"], float(data["floor"]), float(data["shrinkage"]), normalized)
+            if "terms" not in data.files:  # written before 2026-12-05: one reference, no prefix
+                return cls([Reference.from_arrays(data)])
+            return cls([Reference.from_arrays(data, f"t{i}_") for i in range(int(data["terms"]))])
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -114,7 +166,7 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | None = RANK,
-        normalized: bool = True) -> Reference:
+        normalized: bool = True, layer: str = PENULTIMATE) -> Reference:
     """Class means and their shared (pooled within-class, shrunk) covariance, kept as its top `rank`
     directions plus one floor variance (None: every direction but one, which is exact). A class without
     training images has no mean: the score is the distance to the nearest class that has one."""
@@ -131,7 +183,25 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | 
     floor = float(values[r:].mean())
     weights = np.sqrt(np.maximum(1 / floor - 1 / values[:r], 0.0))
     return Reference(means.astype(np.float32), (vectors[:, :r] * weights).astype(np.float32), floor, shrinkage,
-                     normalized)
+                     normalized, layer)
+
+
+def fit_score(train: dict[str, np.ndarray], labels: np.ndarray, val: dict[str, np.ndarray],
+              num_classes: int) -> Score:
+    """The penultimate term (unit-length features, RANK directions) and, when `train` has a mid-level
+    layer's features, a term on them (raw, every direction: they have few channels). With two terms each
+    is weighted by 1 / its standard deviation over the validation sample, i.e. the terms' z-scores are
+    summed (only in-distribution images set it); then both weights are scaled so validation images
+    average 1, which keeps the score positive and float16-safe like a single term's."""
+    terms = [fit(train[PENULTIMATE], labels, num_classes)]
+    terms += [fit(f, labels, num_classes, rank=None, normalized=MID_NORMALIZED, layer=layer)
+              for layer, f in train.items() if layer != PENULTIMATE]
+    if len(terms) == 1:
+        return Score(terms)
+    val_scores = [t.score(val[t.layer]) for t in terms]
+    spread = [max(float(np.std(v)), 1e-12 * float(np.mean(v)) + 1e-30) for v in val_scores]
+    total = sum(float(np.mean(v)) / sd for v, sd in zip(val_scores, spread))
+    return Score([replace(t, weight=1 / (sd * total)) for t, sd in zip(terms, spread)])
 
 
 # ---- the model's features and scores --------------------------------------------------------
@@ -145,80 +215,177 @@ def last_dense(model):
     return dense[-1]
 
 
-def feature_model(model):
-    """Raw pixels -> (penultimate features, probabilities), one pass."""
+def _find_tap(model, tap: str | None):
+    """(the nested model holding layer `tap`, or None when it is a top-level layer), or None when the
+    model has no such layer (another backbone, or one truncated before it)."""
     K = keras()
-    return K.Model(model.input, [last_dense(model).input, model.output])
+    if not tap:
+        return None
+    if any(layer.name == tap for layer in model.layers):
+        return (None,)
+    for layer in model.layers:
+        if isinstance(layer, K.Model) and any(inner.name == tap for inner in layer.layers):
+            return (layer,)
+    return None
+
+
+def tapped_model(model, tap: str | None = None):
+    """Raw pixels -> [probabilities, penultimate features] (+ layer `tap`'s output map), one pass.
+
+    Keras cannot read a layer inside the nested backbone from the outer graph, so with a tap the model's
+    layers are applied again in order (every model build() makes is such a chain), the backbone as a
+    two-output copy of itself; the same layers and weights, so the probabilities are the model's own
+    (fit_for_export checks them). Test-time augmentation's view mean is applied to the map too."""
+    K = keras()
+    return K.Model(model.input, _tapped_tensors(model, tap) or [model.output, last_dense(model).input])
+
+
+def _tapped_tensors(model, tap: str | None) -> list | None:
+    """[probabilities, penultimate, tap's map] in a graph on model.input, or None without that layer."""
+    K = keras()
+    found = _find_tap(model, tap)
+    if found is None:
+        return None
+    dense = last_dense(model)
+    (holder,) = found
+    x, tapped, penultimate = model.input, None, None
+    for layer in model.layers[1:]:
+        if layer is dense:
+            penultimate = x
+        if layer is holder:
+            two = K.Model(holder.input, [holder.output, holder.get_layer(tap).output], name=holder.name + "_tapped")
+            x, tapped = two(x, training=False)
+        else:
+            x = layer(x)
+            if layer.name == tap:
+                tapped = x
+            elif tapped is not None and layer.name == "tta_mean":
+                tapped = layer(tapped)
+    return [x, penultimate, tapped]
+
+
+def _pooled(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=(1, 2)) if x.ndim == 4 else x
+
+
+def layer_features(model, x: np.ndarray, what: str, log: Log | None = None,
+                   tap: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({PENULTIMATE: features, tap: its pooled output (when the model has it)}, probabilities)."""
+    both = tapped_model(model, tap)
+    feats: dict[str, list] = {}
+    probs = []
+    with progress.step(what, len(x), log=log) as advance:
+        for start in range(0, len(x), BATCH):
+            out = both(x[start:start + BATCH].astype(np.float32), training=False)
+            probs.append(np.asarray(out[0]))
+            feats.setdefault(PENULTIMATE, []).append(np.asarray(out[1]))
+            if len(out) > 2:
+                feats.setdefault(tap, []).append(_pooled(np.asarray(out[2])))
+            advance(min(BATCH, len(x) - start))
+    return {k: np.concatenate(v) for k, v in feats.items()}, np.concatenate(probs)
 
 
 def features_and_probs(model, x: np.ndarray, what: str, log: Log | None = None) -> tuple[np.ndarray, np.ndarray]:
-    both = feature_model(model)
-    feats, probs = [], []
-    with progress.step(what, len(x), log=log) as advance:
-        for start in range(0, len(x), BATCH):
-            f, p = both(x[start:start + BATCH].astype(np.float32), training=False)
-            feats.append(np.asarray(f))
-            probs.append(np.asarray(p))
-            advance(min(BATCH, len(x) - start))
-    return np.concatenate(feats), np.concatenate(probs)
+    """(penultimate features, probabilities)."""
+    feats, probs = layer_features(model, x, what, log)
+    return feats[PENULTIMATE], probs
+
+
+def _term_constants(reference: Reference) -> dict[str, Any]:
+    """One term's graph constants: the distance as squares of whitened parts (score_layer_class).
+
+    The kept directions are extended by the class means' parts outside them (at most one direction per
+    class, each with the floor variance, so the covariance is unchanged): every class mean then lies in
+    the extended basis, and what is left of an image outside it is one vector per image, not one per
+    class. The graph's largest tensors were (images, classes, dims) before: 0.11 of the score's 0.48 ms
+    per call (onnxruntime's profile of the banana-leaf model, load 7)."""
+    scale = np.sqrt(reference.weight / reference.dims)
+    project = reference.project.astype(np.float64)
+    kept = (project ** 2).sum(axis=0)                    # 1/floor - 1/variance per kept direction
+    norm = np.sqrt(np.where(kept > 0, kept, 1.0))
+    basis = np.where(kept > 0, project / norm, 0.0)      # orthonormal columns
+    inverse = np.maximum(1 / reference.floor - kept, 0.0)  # 1/variance
+    means = reference.means.astype(np.float64)
+    rest = means - (means @ basis) @ basis.T             # the class means outside the kept directions
+    rest -= (rest @ basis) @ basis.T                     # again: basis came from float32
+    u, sv, _ = np.linalg.svd(rest.T, full_matrices=False)
+    # Only directions the means really have: rounding leaves ~1e-7 of |mean| in every direction, and a
+    # column made of it is not orthogonal to the basis (block_9_add, 64 dims with 63 kept: 1e-6 of
+    # noise counted twice moved a leaf model's scores by half the threshold).
+    room = basis.shape[0] - int(np.sum(kept > 0))
+    real = sv > EXTRA_TOLERANCE * max(float(np.linalg.norm(means, axis=1).max()), 1e-30)
+    extra = u[:, :min(int(real.sum()), room)]
+    full = np.concatenate([basis, extra], axis=1)
+    inside = np.concatenate([np.sqrt(inverse), np.full(extra.shape[1], 1 / np.sqrt(reference.floor))]) * scale
+    return {"basis": full.astype(np.float32), "inside": inside.astype(np.float32),
+            "means_along": (means @ full).astype(np.float32),
+            "outside": float(scale / np.sqrt(reference.floor)), "normalized": reference.normalized}
+
+
+EXTRA_TOLERANCE = 1e-4  # a class mean's part outside the kept directions, relative to |mean|, that counts
 
 
 @functools.cache
 def score_layer_class():
-    """A layer holding the reference as constants: features -> the score (N,).
+    """A layer holding the score's terms as constants: [penultimate features, (tap map)] -> the score (N,).
 
-    The same distance as Reference.score, summed as squares of whitened parts, never as a difference
-    of two large sums: z's coordinates along the kept directions, each over its own variance, plus
-    what is left of z outside them over the floor variance. |z|^2 / floor - |z @ project|^2 cancels
+    Each term is the same distance as Reference.score, summed as squares of whitened parts, never as a
+    difference of two large sums: z's coordinates along the kept directions, each over its own variance,
+    plus what is left of z outside them over the floor variance. |z|^2 / floor - |z @ project|^2 cancels
     when the floor is small (a feature that barely varies): float32 kept 4 digits of it and float16
-    none (a CNN's fp16 score was 27% off). Every term is scaled by 1/sqrt(dims) before it is squared,
-    so sums stay near 1 and float16 files cannot overflow."""
+    none (a CNN's fp16 score was 27% off). Every term is scaled by sqrt(weight / dims) before it is
+    squared, so sums stay near 1 and float16 files cannot overflow. The tap map is averaged here, so
+    int8 keeps it float with the rest of the score's nodes (onnx_nodes)."""
     K, T = keras(), tf()
 
     class OodScore(K.layers.Layer):
-        def __init__(self, reference: Reference, **kwargs):
+        def __init__(self, score: Score, **kwargs):
             super().__init__(**kwargs)
-            scale = 1 / np.sqrt(reference.dims)
-            project = reference.project.astype(np.float64)
-            kept = (project ** 2).sum(axis=0)                    # 1/floor - 1/variance per kept direction
-            norm = np.sqrt(np.where(kept > 0, kept, 1.0))
-            self._basis = np.where(kept > 0, project / norm, 0.0).astype(np.float32)   # orthonormal columns
-            inverse = np.maximum(1 / reference.floor - kept, 0.0)                     # 1/variance
-            self._inside = (np.sqrt(inverse) * scale).astype(np.float32)
-            means = reference.means.astype(np.float64)
-            along = means @ self._basis.astype(np.float64)
-            # Each class mean split once, here: its coordinates along the kept directions, and the rest of it.
-            self._means_along = along.astype(np.float32)
-            self._means_rest = (means - along @ self._basis.astype(np.float64).T).astype(np.float32)
-            self._outside = float(scale / np.sqrt(reference.floor))
-            self._normalized = reference.normalized
+            self._terms = [_term_constants(t) for t in score.terms]
+            self._inputs = [0 if t.layer == PENULTIMATE else 1 for t in score.terms]
 
         def build(self, input_shape):
-            for name, value in (("means_along", self._means_along), ("means_rest", self._means_rest),
-                                ("basis", self._basis), ("inside", self._inside)):
-                setattr(self, name, self.add_weight(name=name, shape=value.shape, trainable=False,
-                                                    initializer=K.initializers.Constant(value)))
+            for i, term in enumerate(self._terms):
+                for name in ("means_along", "basis", "inside"):
+                    value = term[name]
+                    term[name + "_w"] = self.add_weight(name=f"t{i}_{name}", shape=value.shape, trainable=False,
+                                                        initializer=K.initializers.Constant(value))
 
-        def call(self, features):
-            if self._normalized:
+        def call(self, inputs):
+            inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+            if len(inputs) > 1 and len(inputs[1].shape) == 4:
+                inputs[1] = T.reduce_mean(inputs[1], axis=[1, 2])
+            total = None
+            for term, which in zip(self._terms, self._inputs):
+                d = self._distance(term, inputs[which])
+                total = d if total is None else total + d
+            return total
+
+        @staticmethod
+        def _distance(term: dict[str, Any], features):
+            if term["normalized"]:
                 features = T.math.l2_normalize(features, axis=-1, epsilon=1e-24)
-            # The image split the same way, once, whatever the number of classes: two dims x rank products.
-            coords = T.matmul(features, self.basis)                            # (N, rank)
-            rest_f = features - T.matmul(coords, self.basis, transpose_b=True)  # (N, dims)
-            along = coords[:, None, :] - self.means_along[None]                # (N, classes, rank)
-            rest = rest_f[:, None, :] - self.means_rest[None]                  # (N, classes, dims)
-            d = (T.reduce_sum(T.square(along * self.inside), axis=-1)
-                 + T.reduce_sum(T.square(rest * self._outside), axis=-1))
-            return T.reduce_min(d, axis=-1)
+            basis = term["basis_w"]
+            # The image split once, whatever the number of classes: two dims x (rank + classes) products.
+            coords = T.matmul(features, basis)                             # (N, rank + classes)
+            rest = features - T.matmul(coords, basis, transpose_b=True)    # (N, dims): no class mean there
+            along = coords[:, None, :] - term["means_along_w"][None]       # (N, classes, rank + classes)
+            return (T.reduce_min(T.reduce_sum(T.square(along * term["inside_w"]), axis=-1), axis=-1)
+                    + T.reduce_sum(T.square(rest * term["outside"]), axis=-1))
 
     return OodScore
 
 
-def scored_model(model, reference: Reference):
+def scored_model(model, score: Score):
     """The model with a second output: pixels -> [probabilities, ood_score], one graph."""
     K = keras()
-    score = score_layer_class()(reference, name=OUTPUT)(last_dense(model).input)
-    return K.Model(model.input, [model.output, score], name=model.name)
+    outputs = _tapped_tensors(model, score.tap)
+    if outputs is None:
+        probs, inputs = model.output, [last_dense(model).input]
+    else:
+        probs, inputs = outputs[0], list(outputs[1:])
+    value = score_layer_class()(score, name=OUTPUT)(inputs if len(inputs) > 1 else inputs[0])
+    return K.Model(model.input, [probs, value], name=model.name)
 
 
 def signature_outputs(model, image) -> dict[str, Any]:
@@ -233,7 +400,7 @@ def signature_outputs(model, image) -> dict[str, Any]:
 
 @dataclass
 class Fitted:
-    reference: Reference
+    reference: Score
     entry: OodReference
     keras_scores: np.ndarray   # the check batch's scores through Keras
 
@@ -248,8 +415,9 @@ def psi_bins(scores: np.ndarray, bins: int = SCORE_BINS) -> tuple[list[float], l
 
 def fit_for_export(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
                    check_images: np.ndarray, class_names: list[str], *, accept: float, images: int, seed: int,
-                   log: Log | None = None) -> tuple[Fitted, Any]:
-    """(the fitted reference and its manifest entry, the scored model to export)."""
+                   tap: str | None = None, log: Log | None = None) -> tuple[Fitted, Any]:
+    """(the fitted score and its manifest entry, the scored model to export). `tap`: the backbone's
+    mid-level layer (BackboneSpec.ood_layer); ignored when the model has no such layer."""
     from training.data.sources import balanced_sample  # noqa: PLC0415
 
     (tx, ty), (vx, vy) = train, val
@@ -257,25 +425,34 @@ def fit_for_export(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nd
         raise UserError("the run has no validation split; the OOD threshold is set on one (retrain with --val-split)")
     tidx = balanced_sample(ty, images, seed)
     vidx = balanced_sample(vy, images, seed)
-    tf_, _ = features_and_probs(model, tx[tidx], "OOD reference: training features", log)
-    reference = fit(tf_, ty[tidx], len(class_names))
-    vf, vp = features_and_probs(model, vx[vidx], "OOD threshold: validation features", log)
-    val_scores = reference.score(vf)
+    tf_, _ = layer_features(model, tx[tidx], "OOD reference: training features", log, tap)
+    vf, vp = layer_features(model, vx[vidx], "OOD threshold: validation features", log, tap)
+    score = fit_score(tf_, ty[tidx], vf, len(class_names))
+    val_scores = score.score(vf)
     threshold = float(np.quantile(val_scores, accept, method="higher"))
     edges, shares = psi_bins(val_scores)
     mix = np.bincount(vp.argmax(1), minlength=len(class_names)) / len(vp)
-    scored = scored_model(model, reference)
-    keras_scores = np.asarray(scored(check_images.astype(np.float32), training=False)[1], np.float64)
+    scored = scored_model(model, score)
+    check = check_images.astype(np.float32)
+    probs, keras_scores = (np.asarray(o, np.float64) for o in scored(check, training=False))
+    # The tapped graph applies the model's layers again: it must answer what the model answers.
+    if not np.allclose(probs, np.asarray(model(check, training=False)), atol=1e-5):
+        raise AssertionError(f"the OOD score's graph changed {model.name}'s probabilities (tap {score.tap})")
+    main = score.terms[0]
+    layers = [last_dense(model).name + ":input"] + [t.layer + ":mean" for t in score.terms[1:]]
     entry = OodReference(
-        method=METHOD, output=OUTPUT, feature_layer=last_dense(model).name + ":input", dims=reference.dims,
+        method=METHOD, output=OUTPUT, feature_layer="+".join(layers), dims=main.dims,
         threshold=threshold, accept=accept, val_accepted=float(np.mean(val_scores <= threshold)),
-        train_images=int(len(tidx)), val_images=int(len(vidx)), shrinkage=reference.shrinkage,
-        normalized=reference.normalized,
-        rank=int(reference.project.shape[1]),
+        train_images=int(len(tidx)), val_images=int(len(vidx)), shrinkage=main.shrinkage,
+        normalized=main.normalized,
+        rank=int(main.project.shape[1]),
         val_score_percentiles={str(q): float(np.percentile(val_scores, q)) for q in (5, 50, 95, 99)},
         score_bins=edges, score_reference=shares,
-        class_reference={name: float(m) for name, m in zip(class_names, mix)})
-    return Fitted(reference, entry, keras_scores), scored
+        class_reference={name: float(m) for name, m in zip(class_names, mix)},
+        terms=[{"layer": layer, "dims": t.dims, "normalized": t.normalized, "rank": int(t.project.shape[1]),
+                "shrinkage": t.shrinkage, "weight": t.weight} for layer, t in zip(layers, score.terms)]
+        if len(score.terms) > 1 else None)
+    return Fitted(score, entry, keras_scores.reshape(-1)), scored
 
 
 def write_reference(fitted: Fitted, folder: Path) -> None:

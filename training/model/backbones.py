@@ -22,6 +22,9 @@ class BackboneSpec:
     min_input: int = 32                 # smallest input keras.applications accepts
     default_input: int | None = None    # resize target when --input-size is not given (None: image size)
     batchnorm: bool = False             # cnn-bn: BatchNorm between every conv/dense and its activation
+    # The mid-level layer whose pooled output the OOD score adds to the penultimate features
+    # (training.exported.ood; None: the penultimate features alone). Set only where it was measured.
+    ood_layer: str | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -41,7 +44,8 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("cnn-bn", "a CNN with BatchNorm before each activation (--bn-momentum, --l2); "
                      "residual presets resnet9-*", batchnorm=True),
         BackboneSpec("mobilenetv2", "MobileNetV2 (depthwise-separable, 2.3M params), ImageNet weights",
-                     app="MobileNetV2", preprocess="mobilenet_v2", default_input=96),
+                     app="MobileNetV2", preprocess="mobilenet_v2", default_input=96,
+                     ood_layer="block_9_add"),
         BackboneSpec("vgg16", "VGG16 (13 conv + pools, 14.7M params), ImageNet weights",
                      app="VGG16", preprocess="vgg16", default_input=32),
         BackboneSpec("resnet50v2", "ResNet50V2 (pre-activation residual, 23.6M params), ImageNet weights",
