@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from serving.base import images  # noqa: E402
 from serving.base.machine import cpu_model  # noqa: E402
-from training.audit import embeddings, fingerprints, labels, pairs  # noqa: E402
+from training.audit import embeddings, fingerprints, geometry, labels, pairs  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+# The shared folder beside the checkout (/work/shared for /work/main); TLSERVE_SHARED for a worktree elsewhere.
+SHARED = Path(os.environ.get("TLSERVE_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 SETS = {"banana": SHARED / "datasets" / "banana-leaf", "cifar10k": SHARED / "datasets" / "cifar10-jpg"}
 FLIP_SHARE = {"banana": 0.05, "cifar10k": 0.02}
@@ -157,12 +158,27 @@ def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: in
         got = sum((int(originals[j]), int(n0 + j)) in hits for j in rows)
         how = sorted({p.how for p in found if p.b >= n0 and kinds[p.b - n0] == kind and root(p.a) == root(p.b)})
         print(f"  {kind:16s} recall {got / len(rows):.2f} ({got}/{len(rows)})  found by {', '.join(how) or '-'}")
+    aligned(imgs, n0, originals, kinds)
     false = [p for p in found if root(p.a) != root(p.b) and (p.a >= n0 or p.b >= n0)]
     print(f"  pairs between a copy and an image it was not made from: {len(false)}")
     clean, _ = pairs.search(subset(imgs, np.arange(n0)), clean_emb if mode == "full" else None, pairs.Thresholds(),
                             cross_only=False)
     by_how = {h: sum(p.how == h for p in clean) for h in sorted({p.how for p in clean})}
     print(f"  pairs on the clean set (no copies planted): {len(clean)} {by_how}")
+
+
+def aligned(imgs: fingerprints.Images, n0: int, originals: np.ndarray, kinds: np.ndarray) -> None:
+    """What set geometry.MIN_ALIGNED: the aligned correlation of each planted crop and rotation with its
+    original, against that of the clean images' own candidates (their top geometry.NEIGHBOURS)."""
+    rows = np.nonzero(np.isin(kinds, ["crop", "crop+jpeg", "rotation", "rotation+jpeg"]))[0]
+    planted = geometry.align(imgs.grey, originals[rows], n0 + rows).score
+    ii, jj = geometry.candidates(imgs.grey[:n0], imgs.split[:n0], cross_only=False)
+    clean = geometry.align(imgs.grey[:n0], ii, jj).score
+    q = np.quantile
+    print(f"  aligned correlation (geometry.MIN_ALIGNED {geometry.MIN_ALIGNED}): planted crops and rotations "
+          f"min {planted.min():.3f}, 2nd {np.sort(planted)[1]:.3f}, 5% {q(planted, 0.05):.3f}, median "
+          f"{q(planted, 0.5):.3f}; clean candidates ({len(ii):,}) 99% {q(clean, 0.99):.3f}, 99.9% {q(clean, 0.999):.3f}, "
+          f"max {clean.max():.3f}, at or above the threshold {int((clean >= geometry.MIN_ALIGNED).sum())}")
 
 
 # ---- label flips ---------------------------------------------------------------------------------
