@@ -90,6 +90,8 @@ class _Candidates:
     hamming: np.ndarray     # the better of direct and mirrored
     mirrored: np.ndarray    # the mirror hash was the closer one
     cosine: np.ndarray | None
+    nearest: tuple[np.ndarray, np.ndarray] | None = None  # each row's geometry.NEIGHBOURS nearest later images
+                                                          # by cosine: candidates for the crop/rotation check
 
 
 def _bits(h: np.ndarray) -> np.ndarray:
@@ -121,29 +123,37 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
                      _standardised(imgs.grey[:, :, ::-1]), emb,
                      np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"),
                      colour_shares(imgs.colour))
+    geometric = emb is not None if geometric is None else geometric
     pairs: list[Pair] = []
+    nearest: list[tuple[np.ndarray, np.ndarray]] = []
     with progress.step("searching pairs", n, log=log, bar=bar) as advance:
         for start in range(0, n, SEARCH_BLOCK):
             stop = min(n, start + SEARCH_BLOCK)
-            found = _block(imgs, prep, start, stop, thresholds, cross_only, candidates)
+            found = _block(imgs, prep, start, stop, thresholds, cross_only, candidates, geometric)
             if found is not None:
                 pairs.extend(judge(imgs, prep, found, thresholds))
+                if found.nearest is not None:
+                    nearest.append(found.nearest)
             advance(stop - start)
             if len(pairs) > MAX_PAIRS:
                 return pairs, True
-    if geometric if geometric is not None else emb is not None:
-        pairs.extend(geometric_pairs(imgs, prep, {(p.a, p.b) for p in pairs}, cross_only, log=log, bar=bar))
+    if geometric:
+        pairs.extend(geometric_pairs(imgs, prep, {(p.a, p.b) for p in pairs}, cross_only, nearest, log=log, bar=bar))
     return pairs, len(pairs) > MAX_PAIRS
 
 
 def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], cross_only: bool,
-                    log=None, bar: bool | None = None) -> list[Pair]:
-    """Crops and small rotations (training.audit.geometry): each image's few nearest by zoom descriptor,
-    kept when they align (band-passed grey) and keep their colours; pairs already found are not repeated."""
+                    nearest: list[tuple[np.ndarray, np.ndarray]] = (), log=None, bar: bool | None = None) -> list[Pair]:
+    """Crops and small rotations (training.audit.geometry): each image's few nearest by zoom descriptor
+    (and by embedding, `nearest`), kept when they align (band-passed grey) and keep their colours; pairs
+    already found are not repeated."""
     n = len(imgs.labels)
     with progress.step("aligning crops and rotations", n, log=log, bar=bar) as advance:
         ii, jj = geometry.candidates(imgs.grey, imgs.split, cross_only)
-        new = np.array([(int(i), int(j)) not in known for i, j in zip(ii, jj)], bool)
+        if nearest:
+            codes = np.unique(np.concatenate([ii * n + jj] + [a * n + b for a, b in nearest]))
+            ii, jj = codes // n, codes % n
+        new = np.array([(int(i), int(j)) not in known for i, j in zip(ii, jj)], bool).reshape(-1)
         ii, jj = ii[new], jj[new]
         al = geometry.align(imgs.grey, ii, jj)
         ok = al.score >= geometry.MIN_ALIGNED
@@ -163,7 +173,7 @@ def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], 
 
 
 def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thresholds, cross_only: bool,
-           candidates) -> _Candidates | None:
+           candidates, geometric: bool = False) -> _Candidates | None:
     """Candidate pairs of rows start..stop against every later row (cross-split only: later splits)."""
     n, split = len(imgs.labels), imgs.split
     cols = slice(int(prep.split_end[split[start]]) if cross_only else start, n)
@@ -195,7 +205,14 @@ def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thr
         cosines = np.einsum("kd,kd->k", prep.emb[ii], prep.emb[jj])
     else:
         cosines = None
-    return _Candidates(ii, jj, np.minimum(ham, ham_m), ham_m < ham, cosines)
+    nearest = None
+    if cos is not None and geometric:
+        # The embedding's nearest neighbours are crop and rotation candidates too: on CIFAR-10 they held the
+        # originals of JPEG'd crops that the zoom descriptor ranked past its top 10 (and the reverse).
+        # From this block's cosines (each pair seen from its earlier image), so no second product.
+        nearest = geometry.top_k(cos, start, split, cross_only, geometry.NEIGHBOURS,
+                                 col0=cols.start, later=True)
+    return _Candidates(ii, jj, np.minimum(ham, ham_m), ham_m < ham, cosines, nearest)
 
 
 def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
