@@ -76,9 +76,14 @@ def test_a_shape_redrawn_in_other_colours_is_not_a_geometric_copy():
     """The colour rule's spirit (pairs.MAX_CHROMA_SHIFT): the same layout in other colours aligns in grey
     but is not a copy."""
     rng = np.random.default_rng(9)
-    base = textured(rng)
-    r, g, b = base.split()
-    recoloured = Image.merge("RGB", (b, r, g))      # the channels swapped: same shapes, other colours
+    grey = np.asarray(textured(rng).convert("L"), np.float32)
+
+    def tinted(weights):  # the same grey pattern in one hue: every channel keeps it, the mean colour moves
+        return Image.fromarray(np.stack([grey * w for w in weights], axis=-1).astype(np.uint8))
+    base, recoloured = tinted((1.0, 0.5, 0.2)), tinted((0.2, 0.5, 1.0))
+    grey_imgs = columns([0, 2], ["#0", "#1"], [0, 0], [fingerprint(im, "fast") for im in (base, crop(recoloured))], [{}] * 2)
+    aligned = geometry.align(grey_imgs.grey, np.array([0]), np.array([1]))
+    assert float(aligned.score[0]) >= geometry.MIN_ALIGNED   # in grey it is a crop: only colour tells them apart
     images = [base, crop(recoloured)] + [textured(rng) for _ in range(8)]
     imgs = columns([0] + [2] * (len(images) - 1), [f"#{i}" for i in range(len(images))], [0] * len(images),
                    [fingerprint(im, "fast") for im in images], [{}] * len(images))
