@@ -179,6 +179,11 @@ def aligned(imgs: fingerprints.Images, n0: int, originals: np.ndarray, kinds: np
           f"min {planted.min():.3f}, 2nd {np.sort(planted)[1]:.3f}, 5% {q(planted, 0.05):.3f}, median "
           f"{q(planted, 0.5):.3f}; clean candidates ({len(ii):,}) 99% {q(clean, 0.99):.3f}, 99.9% {q(clean, 0.999):.3f}, "
           f"max {clean.max():.3f}, at or above the threshold {int((clean >= geometry.MIN_ALIGNED).sum())}")
+    # The trade-off the threshold picks from (the aligned score alone, before the colour rule).
+    for th in (0.86, 0.88, 0.90, 0.92, 0.94):
+        kept = " ".join(f"{k} {int((planted[kinds[rows] == k] >= th).sum())}/{int((kinds[rows] == k).sum())}"
+                        for k in ("crop", "crop+jpeg", "rotation", "rotation+jpeg"))
+        print(f"    at {th:.2f}: planted {kept}; clean candidates {int((clean >= th).sum())}")
 
 
 # ---- label flips ---------------------------------------------------------------------------------
