@@ -92,7 +92,7 @@ def _standardised(x: np.ndarray) -> np.ndarray:
 
 
 def _one_blas_thread():
-    """Many tiny products (425 x 144 by 144 x ~20) run 30x slower with OpenBLAS's threads than without on
+    """Many tiny products (225 x 144 by 144 x ~20) run 30x slower with OpenBLAS's threads than without on
     a busy 2-core machine (measured: 1.5 s against 0.05 s for 256 images); threadpoolctl comes with the
     label search's scikit-learn, and without it the products simply keep their threads."""
     try:
