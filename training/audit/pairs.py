@@ -109,21 +109,20 @@ def _standardised(grey: np.ndarray) -> np.ndarray:
 
 
 def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cross_only: bool,
-           log=None, bar: bool | None = None, candidates=None, geometric: bool | None = None) -> tuple[list[Pair], bool]:
+           log=None, bar: bool | None = None, candidates=None, geometric: bool = False) -> tuple[list[Pair], bool]:
     """Every pair within the thresholds; (pairs, truncated).
 
     A hash match alone is not enough: low-detail images (a shape on a plain ground, sky) share
     their few low frequencies without being copies, so a hash candidate must also correlate
     pixel for pixel (on phash's own 32x32 grey reduction, mirrored when the mirror hash matched).
     `candidates` (ann search: a sparse upper-triangular matrix from ann.ann_candidates) replaces the
-    all-pairs cosine: only its pairs are embedding candidates. `geometric` (default: in full mode, when
-    there are embeddings) adds the crops and rotations that training.audit.geometry aligns."""
+    all-pairs cosine: only its pairs are embedding candidates. `geometric` adds the crops and rotations
+    that training.audit.geometry aligns (off by default: see analysis.Options.crops)."""
     n = len(imgs.labels)
     prep = _Prepared(_bits(imgs.phash), _bits(imgs.phash_mirror), _standardised(imgs.grey),
                      _standardised(imgs.grey[:, :, ::-1]), emb,
                      np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"),
                      colour_shares(imgs.colour))
-    geometric = emb is not None if geometric is None else geometric
     pairs: list[Pair] = []
     nearest: list[tuple[np.ndarray, np.ndarray]] = []
     with progress.step("searching pairs", n, log=log, bar=bar) as advance:
