@@ -6,12 +6,17 @@ embeddings: the geometric search needs only the grey thumbnails (seconds).
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
+from conftest import SHARED
 from training.audit import geometry, pairs
 from training.audit.fingerprints import columns, fingerprint
 
+MOBILENET = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 SIZE = 96
 
 
@@ -43,6 +48,7 @@ def rotation(im: Image.Image, degrees: float = 6.0) -> Image.Image:
     return turned.crop((x0, x0, x0 + side, x0 + side)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
 
 
+@pytest.mark.fast  # seconds: grey thumbnails only
 def test_a_planted_crop_and_rotation_are_found_and_unrelated_images_are_not():
     rng = np.random.default_rng(3)
     train = [textured(rng) for _ in range(30)]
@@ -61,6 +67,7 @@ def test_a_planted_crop_and_rotation_are_found_and_unrelated_images_are_not():
     assert min(p.pixels for p in found) >= geometry.MIN_ALIGNED
 
 
+@pytest.mark.fast
 def test_alignment_recovers_the_crop_window_and_the_angle():
     rng = np.random.default_rng(5)
     a = textured(rng)
@@ -72,6 +79,7 @@ def test_alignment_recovers_the_crop_window_and_the_angle():
     assert float(al.score[0]) >= geometry.MIN_ALIGNED
 
 
+@pytest.mark.fast
 def test_a_shape_redrawn_in_other_colours_is_not_a_geometric_copy():
     """The colour rule's spirit (pairs.MAX_CHROMA_SHIFT): the same layout in other colours aligns in grey
     but is not a copy."""
@@ -89,3 +97,29 @@ def test_a_shape_redrawn_in_other_colours_is_not_a_geometric_copy():
                    [fingerprint(im, "fast") for im in images], [{}] * len(images))
     found, _ = pairs.search(imgs, None, pairs.Thresholds(), cross_only=True, bar=False, geometric=True)
     assert not [p for p in found if {p.a, p.b} == {0, 1}], [(p.a, p.b, p.how, p.pixels) for p in found]
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="needs ../shared/weights")
+def test_data_check_reports_crops_and_rotations_only_with_crops(run_cli, tmp_path):
+    """`tlserve data check --crops` names the planted crop and rotation; without --crops (the default)
+    the check is as before and does not look."""
+    rng = np.random.default_rng(11)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "set" / split / c).mkdir(parents=True)
+    train = [textured(rng) for _ in range(12)]
+    for i, im in enumerate(train):
+        im.save(tmp_path / "set" / "train" / "ab"[i % 2] / f"{i:02d}.png")
+    for i in range(4):
+        textured(rng).save(tmp_path / "set" / "test" / "ab"[i % 2] / f"other_{i}.png")
+    crop(train[2]).save(tmp_path / "set" / "test" / "a" / "crop.png")
+    rotation(train[5]).save(tmp_path / "set" / "test" / "b" / "rotation.png")
+    hows = {}
+    for flag in ("--crops", "--no-crops"):
+        res = run_cli("data", "check", "--data", f"folder:{tmp_path / 'set'}", "--out", tmp_path / flag, "--weights",
+                      MOBILENET, "--no-labels", flag, "--json")
+        assert res.code == 0, res.err
+        hows[flag] = {(p["a"]["file"], p["b"]["file"]): p["how"] for p in json.loads(res.out)["pairs"]}
+    assert hows["--crops"] == {("train/a/02.png", "test/a/crop.png"): "crop",
+                               ("train/b/05.png", "test/b/rotation.png"): "rotation"}, hows
+    assert not {h for h in hows["--no-crops"].values() if h in ("crop", "rotation")}
