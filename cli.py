@@ -561,6 +561,7 @@ def data_check(
     search: Annotated[str, typer.Option(help="Embedding pair search: auto (a faiss index past 200,000 images) | exact | ann (needs the [ann] extra: pip install 'tlserve[ann]').")] = "auto",
     labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Full mode: look for mislabelled images (k-fold classifier on the embeddings + cleanlab; the [labels] extra).")] = True,
     suspects: Annotated[Optional[Path], typer.Option(help="Also write the label suspects' paths to this file, one a line (for `tlserve train --exclude`).")] = None,
+    crops: Annotated[bool, typer.Option("--crops/--no-crops", help="Full mode: also look for crops and small rotations (aligned grey thumbnails; finds look-alike photos too: docs/decisions.md).")] = False,
 ) -> None:
     """Duplicates and leaks across splits, label conflicts, label issues, class balance, sizes/modes, unreadable files."""
     from training.audit.datacheck import check  # noqa: PLC0415
@@ -572,7 +573,7 @@ def data_check(
         raise UserError("--suspects needs the label search: --mode full with --labels")
     cfg = DataConfig(spec=data, classes=classes, val_split=val_split, seed=seed)
     report = check(cfg, mode=mode, thresholds=thresholds, weights=weights, log=_log(json_out), search=search,
-                   labels=labels)
+                   labels=labels, crops=crops)
     folder = write(report, out or default_out(), suspects=suspects)
     if json_out:
         _print_json(report.data)

@@ -1,7 +1,7 @@
 """Planted label flips and near-copies: what `tlserve data check` finds of them, and its time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/label_issues.py [--sets banana,cifar10k] [--copies 25]
-        [--part labels,copies,whole] [--mode full|fast] [--draws 3] [--fold-c C]
+        [--part labels,copies,whole] [--mode full|fast] [--no-crops] [--draws 3] [--fold-c C]
 
 labels   flips a known share of labels (5% of banana-leaf, 2% of a 10,000-image CIFAR-10 subset), once
          uniformly (to any other class) and once to the most similar class (the class whose mean
@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from serving.base import images  # noqa: E402
 from serving.base.machine import cpu_model  # noqa: E402
-from training.audit import embeddings, fingerprints, labels, pairs  # noqa: E402
+from training.audit import embeddings, fingerprints, geometry, labels, pairs  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+# The shared folder beside the checkout (/work/shared for /work/main); TLSERVE_SHARED for a worktree elsewhere.
+SHARED = Path(os.environ.get("TLSERVE_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 SETS = {"banana": SHARED / "datasets" / "banana-leaf", "cifar10k": SHARED / "datasets" / "cifar10-jpg"}
 FLIP_SHARE = {"banana": 0.05, "cifar10k": 0.02}
@@ -126,7 +127,7 @@ def subset(imgs: fingerprints.Images, rows: np.ndarray) -> fingerprints.Images:
 
 # ---- near-copies ---------------------------------------------------------------------------------
 
-def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: int) -> None:
+def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: int, crops: bool) -> None:
     rng = np.random.default_rng(seed)
     n0 = len(ims)
     originals = rng.choice(n0, per_kind * len(KINDS), replace=False)
@@ -143,7 +144,7 @@ def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: in
         features = embeddings.embeddings(imgs.small, str(WEIGHTS))
         emb = embeddings.project(features)
         clean_emb = embeddings.project(features[:n0])
-    found, _ = pairs.search(imgs, emb, pairs.Thresholds(), cross_only=False)
+    found, _ = pairs.search(imgs, emb, pairs.Thresholds(), cross_only=False, geometric=crops)
     seconds = time.perf_counter() - t
     family = {int(n0 + j): int(originals[j]) for j in range(len(made))}  # copy row -> its original
 
@@ -151,18 +152,40 @@ def copies(name: str, ims: list[Image.Image], per_kind: int, mode: str, seed: in
         return family.get(r, r)
     hits = {(p.a, p.b) for p in found}
     print(f"\n{name}: {len(made)} planted copies ({per_kind} per kind) of {n0} images, {mode} mode, default "
-          f"thresholds {pairs.Thresholds()}; fingerprints, embeddings and search {seconds:.1f} s")
+          f"thresholds {pairs.Thresholds()}, crops and rotations {'on' if crops else 'off'}; fingerprints, embeddings "
+          f"and search {seconds:.1f} s")
     for kind in KINDS:
         rows = np.nonzero(kinds == kind)[0]
         got = sum((int(originals[j]), int(n0 + j)) in hits for j in rows)
         how = sorted({p.how for p in found if p.b >= n0 and kinds[p.b - n0] == kind and root(p.a) == root(p.b)})
         print(f"  {kind:16s} recall {got / len(rows):.2f} ({got}/{len(rows)})  found by {', '.join(how) or '-'}")
+    if crops:
+        aligned(imgs, n0, originals, kinds)
     false = [p for p in found if root(p.a) != root(p.b) and (p.a >= n0 or p.b >= n0)]
     print(f"  pairs between a copy and an image it was not made from: {len(false)}")
     clean, _ = pairs.search(subset(imgs, np.arange(n0)), clean_emb if mode == "full" else None, pairs.Thresholds(),
-                            cross_only=False)
+                            cross_only=False, geometric=crops)
     by_how = {h: sum(p.how == h for p in clean) for h in sorted({p.how for p in clean})}
     print(f"  pairs on the clean set (no copies planted): {len(clean)} {by_how}")
+
+
+def aligned(imgs: fingerprints.Images, n0: int, originals: np.ndarray, kinds: np.ndarray) -> None:
+    """What set geometry.MIN_ALIGNED: the aligned correlation of each planted crop and rotation with its
+    original, against that of the clean images' own candidates (their top geometry.NEIGHBOURS)."""
+    rows = np.nonzero(np.isin(kinds, ["crop", "crop+jpeg", "rotation", "rotation+jpeg"]))[0]
+    planted = geometry.align(imgs.grey, originals[rows], n0 + rows).score
+    ii, jj = geometry.candidates(imgs.grey[:n0], imgs.split[:n0], cross_only=False)
+    clean = geometry.align(imgs.grey[:n0], ii, jj).score
+    q = np.quantile
+    print(f"  aligned correlation (geometry.MIN_ALIGNED {geometry.MIN_ALIGNED}): planted crops and rotations "
+          f"min {planted.min():.3f}, 2nd {np.sort(planted)[1]:.3f}, 5% {q(planted, 0.05):.3f}, median "
+          f"{q(planted, 0.5):.3f}; clean candidates ({len(ii):,}) 99% {q(clean, 0.99):.3f}, 99.9% {q(clean, 0.999):.3f}, "
+          f"max {clean.max():.3f}, at or above the threshold {int((clean >= geometry.MIN_ALIGNED).sum())}")
+    # The trade-off the threshold picks from (the aligned score alone, before the colour rule).
+    for th in (0.86, 0.88, 0.90, 0.92, 0.94):
+        kept = " ".join(f"{k} {int((planted[kinds[rows] == k] >= th).sum())}/{int((kinds[rows] == k).sum())}"
+                        for k in ("crop", "crop+jpeg", "rotation", "rotation+jpeg"))
+        print(f"    at {th:.2f}: planted {kept}; clean candidates {int((clean >= th).sum())}")
 
 
 # ---- label flips ---------------------------------------------------------------------------------
@@ -214,18 +237,20 @@ def _flip_draw(features: np.ndarray, y: np.ndarray, similar: np.ndarray, name: s
 
 # ---- the whole check on CIFAR-10 -----------------------------------------------------------------
 
-def whole() -> None:
+def whole(crops: bool) -> None:
     from training.audit.datacheck import check  # noqa: PLC0415
     from training.config import DataConfig  # noqa: PLC0415
 
     load_before = os.getloadavg()
     t = time.perf_counter()
-    report = check(DataConfig(spec=f"folder:{SETS['cifar10k']}"), mode="full", weights=str(WEIGHTS), labels=True)
+    report = check(DataConfig(spec=f"folder:{SETS['cifar10k']}"), mode="full", weights=str(WEIGHTS), labels=True,
+                   crops=crops)
     wall = time.perf_counter() - t
     self_, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     d = report.facts
     issues = d.label_issues
-    print(f"\nwhole check, CIFAR-10 (JPEG copy), {sum(d.splits.values()):,} images: {wall:.1f} s wall; CPU "
+    print(f"\nwhole check, CIFAR-10 (JPEG copy), {sum(d.splits.values()):,} images, crops and rotations "
+          f"{'on' if crops else 'off'}: {wall:.1f} s wall; CPU "
           f"{self_.ru_utime + kids.ru_utime:.1f} s user + {self_.ru_stime + kids.ru_stime:.1f} s system; steps "
           f"{d.seconds}; peak RSS {self_.ru_maxrss / 1024:,.0f} MB; load average before "
           f"{' '.join(f'{v:.1f}' for v in load_before)}, after {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -242,6 +267,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draws", type=int, default=3, help="labels: draws of planted flips (seeds seed, seed+1, ...)")
     parser.add_argument("--fold-c", type=float, default=labels.C, help="labels: the fold model's C (the check's own by default)")
+    parser.add_argument("--crops", action=argparse.BooleanOptionalAction, default=True,
+                        help="copies and whole: with the crop and rotation search (`tlserve data check --crops`)")
     args = parser.parse_args()
     parts = args.part.split(",")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -252,9 +279,9 @@ def main() -> None:
         if "labels" in parts:
             flips(name, ims, y, class_names, args.seed, args.draws, args.fold_c)
         if "copies" in parts:
-            copies(name, ims, args.copies, args.mode, args.seed)
+            copies(name, ims, args.copies, args.mode, args.seed, args.crops)
     if "whole" in parts:
-        whole()
+        whole(args.crops)
 
 
 if __name__ == "__main__":

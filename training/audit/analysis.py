@@ -59,6 +59,9 @@ class Options:
     search: str = "auto"
     cross_only: bool = False
     labels: bool = True          # full mode: rank label issues (training.audit.labels)
+    # Full mode: also crops and small rotations (training.audit.geometry). Off by default: it also pairs
+    # look-alike photos (a plane on a plain sky) and the built-in synthetic set's shapes (docs/decisions.md).
+    crops: bool = False
 
 
 def analyse(imgs: Images, meta: Meta, opts: Options, log, bar) -> Report:
@@ -72,7 +75,7 @@ def analyse(imgs: Images, meta: Meta, opts: Options, log, bar) -> Report:
         candidates = ann.ann_candidates(emb, opts.thresholds.cosine, log=log, bar=bar)
         seconds["ann_index"] = round(time.perf_counter() - t, 2)
     pairs, truncated = search(imgs, emb, opts.thresholds, cross_only=opts.cross_only, log=log, bar=bar,
-                              candidates=candidates)
+                              candidates=candidates, geometric=opts.crops and emb is not None)
     seconds["search"] = round(time.perf_counter() - t, 2)
     label_issues = _labels(imgs, features, meta.class_names, opts, log)
     if label_issues is not None and label_issues.seconds is not None:

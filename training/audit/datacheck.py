@@ -36,7 +36,8 @@ CHECK_MODES = ("fast", "full")
 
 
 def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thresholds(), weights: str = "imagenet",
-          log: progress.Log | None = None, bar: bool | None = None, search: str = "auto", labels: bool = True) -> Report:
+          log: progress.Log | None = None, bar: bool | None = None, search: str = "auto", labels: bool = True,
+          crops: bool = False) -> Report:
     """Check a `--data` source as training would split it."""
     thresholds.validate()
     if mode not in CHECK_MODES:
@@ -71,7 +72,7 @@ def check(cfg: DataConfig, *, mode: str = "full", thresholds: Thresholds = Thres
             return Image.fromarray(arrays[row])
     if len(imgs.labels) == 0:
         raise UserError(f"--data {cfg.spec}: no readable images to check")
-    report = analyse(imgs, meta, Options(mode, thresholds, weights, search, labels=labels), log, bar)
+    report = analyse(imgs, meta, Options(mode, thresholds, weights, search, labels=labels, crops=crops), log, bar)
     report.thumbnail = thumbnail
     report.facts.seconds["total"] = round(time.perf_counter() - start, 2)
     return report

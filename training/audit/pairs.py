@@ -14,6 +14,7 @@ import numpy as np
 
 from serving.base.errors import UserError
 from training import progress
+from training.audit import geometry
 from training.audit.fingerprints import SPLITS, Images
 
 SEARCH_BLOCK = 256       # rows per block: each 256 x 60k float32 matrix is 61 MB
@@ -62,10 +63,11 @@ class Pair:
     a: int
     b: int
     kind: str            # exact | near
-    how: str             # pixels | phash | phash-mirror | embedding
+    how: str             # pixels | phash | phash-mirror | embedding | crop | rotation (geometry.align)
     hamming: int
     cosine: float | None
-    pixels: float        # correlation of the 32x32 grey images (mirrored for a mirror match)
+    pixels: float        # correlation of the 32x32 grey images (mirrored for a mirror match); for a crop or
+                         # rotation, of the band-passed grey thumbnails once aligned
 
 
 @dataclass
@@ -88,6 +90,8 @@ class _Candidates:
     hamming: np.ndarray     # the better of direct and mirrored
     mirrored: np.ndarray    # the mirror hash was the closer one
     cosine: np.ndarray | None
+    nearest: tuple[np.ndarray, np.ndarray] | None = None  # each row's geometry.NEIGHBOURS nearest later images
+                                                          # by cosine: candidates for the crop/rotation check
 
 
 def _bits(h: np.ndarray) -> np.ndarray:
@@ -105,34 +109,70 @@ def _standardised(grey: np.ndarray) -> np.ndarray:
 
 
 def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cross_only: bool,
-           log=None, bar: bool | None = None, candidates=None) -> tuple[list[Pair], bool]:
+           log=None, bar: bool | None = None, candidates=None, geometric: bool = False) -> tuple[list[Pair], bool]:
     """Every pair within the thresholds; (pairs, truncated).
 
     A hash match alone is not enough: low-detail images (a shape on a plain ground, sky) share
     their few low frequencies without being copies, so a hash candidate must also correlate
     pixel for pixel (on phash's own 32x32 grey reduction, mirrored when the mirror hash matched).
     `candidates` (ann search: a sparse upper-triangular matrix from ann.ann_candidates) replaces the
-    all-pairs cosine: only its pairs are embedding candidates."""
+    all-pairs cosine: only its pairs are embedding candidates. `geometric` adds the crops and rotations
+    that training.audit.geometry aligns (off by default: see analysis.Options.crops)."""
     n = len(imgs.labels)
     prep = _Prepared(_bits(imgs.phash), _bits(imgs.phash_mirror), _standardised(imgs.grey),
                      _standardised(imgs.grey[:, :, ::-1]), emb,
                      np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"),
                      colour_shares(imgs.colour))
     pairs: list[Pair] = []
+    nearest: list[tuple[np.ndarray, np.ndarray]] = []
     with progress.step("searching pairs", n, log=log, bar=bar) as advance:
         for start in range(0, n, SEARCH_BLOCK):
             stop = min(n, start + SEARCH_BLOCK)
-            found = _block(imgs, prep, start, stop, thresholds, cross_only, candidates)
+            found = _block(imgs, prep, start, stop, thresholds, cross_only, candidates, geometric)
             if found is not None:
                 pairs.extend(judge(imgs, prep, found, thresholds))
+                if found.nearest is not None:
+                    nearest.append(found.nearest)
             advance(stop - start)
             if len(pairs) > MAX_PAIRS:
                 return pairs, True
-    return pairs, False
+    if geometric:
+        pairs.extend(geometric_pairs(imgs, prep, {(p.a, p.b) for p in pairs}, cross_only, nearest, log=log, bar=bar))
+    return pairs, len(pairs) > MAX_PAIRS
+
+
+def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], cross_only: bool,
+                    nearest: list[tuple[np.ndarray, np.ndarray]] = (), log=None, bar: bool | None = None) -> list[Pair]:
+    """Crops and small rotations (training.audit.geometry): each image's few nearest by zoom descriptor
+    (and by embedding, `nearest`), kept when they align (band-passed grey) and keep their colours; pairs
+    already found are not repeated."""
+    n = len(imgs.labels)
+    with progress.step("aligning crops and rotations", n, log=log, bar=bar) as advance:
+        ii, jj = geometry.candidates(imgs.grey, imgs.split, cross_only)
+        if nearest:
+            codes = np.unique(np.concatenate([ii * n + jj] + [a * n + b for a, b in nearest]))
+            ii, jj = codes // n, codes % n
+        new = np.array([(int(i), int(j)) not in known for i, j in zip(ii, jj)], bool).reshape(-1)
+        ii, jj = ii[new], jj[new]
+        al = geometry.align(imgs.grey, ii, jj)
+        ok = al.score >= geometry.MIN_ALIGNED
+        ii, jj = ii[ok], jj[ok]
+        al = geometry.Aligned(al.score[ok], al.zoomed[ok], al.transform[ok])
+        keep = ((geometry.colour_after(imgs.colour, ii, jj, al) >= geometry.MIN_ALIGNED_COLOUR)
+                & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT))
+        out = []
+        for k in np.nonzero(keep)[0]:
+            i, j = int(ii[k]), int(jj[k])
+            dot = max(float(prep.bits[i] @ prep.bits[j]), float(prep.bits[i] @ prep.mirror[j]))
+            cosine = None if prep.emb is None else round(float(prep.emb[i] @ prep.emb[j]), 4)
+            out.append(Pair(i, j, "near", geometry.kind_of(al.transform[k]), int(round((64 - dot) / 2)), cosine,
+                            round(float(al.score[k]), 4)))
+        advance(n)
+    return out
 
 
 def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thresholds, cross_only: bool,
-           candidates) -> _Candidates | None:
+           candidates, geometric: bool = False) -> _Candidates | None:
     """Candidate pairs of rows start..stop against every later row (cross-split only: later splits)."""
     n, split = len(imgs.labels), imgs.split
     cols = slice(int(prep.split_end[split[start]]) if cross_only else start, n)
@@ -164,7 +204,14 @@ def _block(imgs: Images, prep: _Prepared, start: int, stop: int, thresholds: Thr
         cosines = np.einsum("kd,kd->k", prep.emb[ii], prep.emb[jj])
     else:
         cosines = None
-    return _Candidates(ii, jj, np.minimum(ham, ham_m), ham_m < ham, cosines)
+    nearest = None
+    if cos is not None and geometric:
+        # The embedding's nearest neighbours are crop and rotation candidates too: on CIFAR-10 they held the
+        # originals of JPEG'd crops that the zoom descriptor ranked past its top 10 (and the reverse).
+        # From this block's cosines (each pair seen from its earlier image), so no second product.
+        nearest = geometry.top_k(cos, start, split, cross_only, geometry.NEIGHBOURS,
+                                 col0=cols.start, later=True)
+    return _Candidates(ii, jj, np.minimum(ham, ham_m), ham_m < ham, cosines, nearest)
 
 
 def colour_agreement(colour: np.ndarray, ii: np.ndarray, jj: np.ndarray, mirrored: np.ndarray) -> np.ndarray:

@@ -42,10 +42,10 @@ class PairItem:
     a: Entry
     b: Entry
     kind: str                   # exact | near
-    how: str                    # pixels | phash | phash-mirror | embedding
+    how: str                    # pixels | phash | phash-mirror | embedding | crop | rotation
     hamming: int
     cosine: float | None
-    pixel_correlation: float
+    pixel_correlation: float    # crop | rotation: of the band-passed grey thumbnails once aligned
 
 
 @dataclass
