@@ -112,14 +112,16 @@ def test_a_view_is_the_same_view_at_any_size(policy):
 
     params = views.draw(policy, 1, 6, seed=3)
     assert params.shape == (1, 6, 5) and np.array_equal(params, views.draw(policy, 1, 6, seed=3))
-    assert not np.array_equal(params, views.draw(policy, 1, 6, seed=4))
+    assert not np.array_equal(params, views.draw(policy, 1, 6, seed=4)) and params[0, :, 0].any()
     big, small = _picture(64), _picture(32)
     for k in range(6):
         v_big = views.render(big, params[:, k])[0].astype(float)
         v_small = views.render(small, params[:, k])[0].astype(float)
         shrunk = v_big.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
-        # the 64-px view shrunk to 32 px is the 32-px view (up to resampling), not the unaugmented picture
-        assert np.abs(shrunk - v_small).mean() < 6 < np.abs(v_small - small[0]).mean(), k
+        # the 64-px view shrunk to 32 px is the 32-px view (up to resampling), a mirrored one far from the picture
+        assert np.abs(shrunk - v_small).mean() < 4, k
+        if params[0, k, 0]:
+            assert np.abs(v_small - small[0]).mean() > 20, k
     same = np.array([[0, 0, 1, 0, 0]], np.float32)
     mirror = np.array([[1, 0, 1, 0, 0]], np.float32)
     assert np.array_equal(views.render(small, same), small)
