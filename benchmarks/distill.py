@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--cnn-layers", default=CNN)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", default="constant", help="--schedule of the CNN (alone and student)")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--weight", type=float, default=0.7)
     parser.add_argument("--views", type=int, default=0, help="--augment-views for alone and student (0: none)")
@@ -72,6 +74,8 @@ def main() -> None:
                "--weights", str(WEIGHTS), "--epochs", "30", "--patience", "8", "--head", "gap-dense", "--dropout", "0.3"]
     cnn = [*data, "--image-size", str(args.image_size), "-b", "cnn", "--cnn-layers", args.cnn_layers,
            "--epochs", str(args.epochs), "--patience", str(args.patience)]
+    if args.lr != 1e-3 or args.schedule != "constant":
+        cnn += ["--lr", str(args.lr), "--schedule", args.schedule]
     if args.views:
         cnn += ["--augment-views", str(args.views), "--augment-policy", args.policy]
     distil = ["--distill-temperature", str(args.temperature), "--distill-weight", str(args.weight)]
