@@ -155,7 +155,8 @@ def test_student_learns_from_the_teacher_on_its_own_views(run_cli, teacher):
     d, facts = record["distillation"], record["training"]["augment_views"]
     assert record["config"]["augment_views"] == views_k and d["views"] == views_k and d["views_policy"] == "seed"
     assert facts["views"] == views_k and facts["images"] == 150 * views_k and d["views_recipe"] == facts["recipe"]
-    assert f"probabilities on {views_k} views of each of 150 training images computed once" in result.err
+    said = " ".join(result.err.split())  # the log wraps long lines
+    assert f"probabilities on {views_k} views of each of 150 training images computed once" in said
     # The cache holds the teacher's probabilities on each view, row i * K + k, and they are what the
     # teacher says about that very view (not about the plain image).
     from training.config import DataConfig
@@ -191,7 +192,7 @@ def test_the_cnn_alone_trains_on_the_same_views(run_cli, teacher):
     assert record.get("distillation") is None
     assert record["training"]["augment_views"]["views"] == 2 and record["training"]["augment_views"]["policy"] == "flip-crop"
     assert record["training"]["augment_views"]["images"] == 300
-    assert "augmented views: 2 per training image (flip-crop)" in result.err
+    assert "augmented views: 2 per training image (flip-crop)" in " ".join(result.err.split())
 
 
 @pytest.mark.parametrize("options, message", [
