@@ -42,7 +42,7 @@ from serving.base import storage  # noqa: E402
 from training.record.records import RECORD, RunRecord  # noqa: E402
 
 # shared/ beside the repository (a helper's worktree sits one folder deeper)
-SHARED = next((p / "shared" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared").is_dir()), ROOT.parent / "shared")
+SHARED = next((p / "shared" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared").is_dir()), ROOT.parent / "shared").resolve()
 WEIGHTS = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
 CNN = "c16,p,c32,p,c64,p,g,d64,dr0.3"
 
