@@ -100,6 +100,7 @@ class TrainConfig(Contract):
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off
     seed: int = 0
+    split_seed: int | None = None      # the split's own seed (becomes data.seed); None: --seed draws the split too
     feature_cache: bool = True         # frozen backbones: extract features once, train the head on them
     data_check: str = "fast"           # off | fast (hashes, cross-split) | full (+ MobileNetV2 embeddings)
     drop_leaks: bool = False           # drop training images that duplicate a val or test image

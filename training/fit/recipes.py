@@ -102,8 +102,6 @@ def train_config(o: dict[str, Any]) -> TrainConfig:
     data_fields = {f.name for f in dataclasses.fields(DataConfig)} - {"spec"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
     data = DataConfig(spec=o.get("data", DataConfig.spec), **{k: o[k] for k in data_fields if k in o})
-    if o.get("split_seed") is not None:
-        data.seed = o["split_seed"]  # the split's own seed; without it --seed draws the split too
     values = {k: o[k] for k in fields if k in o}
     if "patience" in values:
         values["patience"] = values["patience"] or None  # the command line's 0 means off

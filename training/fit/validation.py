@@ -33,6 +33,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.weights = "imagenet" if spec.pretrained and cfg.strategy not in ("scratch",) else "none"
     if spec.pretrained and cfg.head is None:
         cfg.head = "gap"
+    if cfg.split_seed is not None:
+        cfg.data = dataclasses.replace(cfg.data, seed=cfg.split_seed)  # the record's data.seed: the split's seed
     check_data_spec(cfg.data)
     choose("--optimizer", cfg.optimizer, OPTIMIZERS)
     choose("--schedule", cfg.schedule, SCHEDULES)
