@@ -178,7 +178,7 @@ def test_student_learns_from_the_teacher_on_its_own_views(run_cli, teacher):
     other = run_cli("train", *options, "--name", "viewed-s1", "--seed", "1", "--split-seed", "0")
     assert other.code == 0, other.err
     o = json.loads(other.out)
-    assert o["config"]["seed"] == 1 and o["config"]["data"]["seed"] == 0
+    assert o["config"]["seed"] == 1 and o["config"]["split_seed"] == 0 and o["config"]["data"]["seed"] == 0
     assert o["distillation"]["views_recipe"] != d["views_recipe"] and not o["distillation"]["cache_reused"]
     again = run_cli("train", *options, "--name", "viewed-again")
     assert again.code == 0 and json.loads(again.out)["distillation"]["cache_reused"]
