@@ -93,3 +93,122 @@ def test_teacher_on_other_data_is_refused_before_training(run_cli, teacher, opti
     assert result.code == 2 and message in result.err, result.err
     assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
     assert not (teacher / "refused").exists() and not (teacher / ".refused.partial").exists()
+
+
+# --augment-views: consistent teaching (the teacher's probabilities on the views the student trains on)
+
+def _picture(size: int) -> np.ndarray:
+    """One smooth, asymmetric picture drawn at `size`: the same scene at any resolution."""
+    t = (np.arange(size) + 0.5) / size
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    disc = ((xx - 0.3) ** 2 + (yy - 0.4) ** 2 < 0.04) * 200.0
+    img = np.stack([disc + 40 * xx, 255 * yy * (1 - xx), 120 + 100 * np.sin(6 * xx + 2 * yy)], axis=-1)
+    return np.clip(img, 0, 255).astype(np.uint8)[None]
+
+
+@pytest.mark.parametrize("policy", ["seed", "flip-crop"])
+def test_a_view_is_the_same_view_at_any_size(policy):
+    from training.data import views
+
+    params = views.draw(policy, 1, 6, seed=3)
+    assert params.shape == (1, 6, 5) and np.array_equal(params, views.draw(policy, 1, 6, seed=3))
+    assert not np.array_equal(params, views.draw(policy, 1, 6, seed=4)) and params[0, :, 0].any()
+    big, small = _picture(64), _picture(32)
+    for k in range(6):
+        v_big = views.render(big, params[:, k])[0].astype(float)
+        v_small = views.render(small, params[:, k])[0].astype(float)
+        shrunk = v_big.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+        # the 64-px view shrunk to 32 px is the 32-px view (up to resampling), a mirrored one far from the picture
+        assert np.abs(shrunk - v_small).mean() < 4, k
+        if params[0, k, 0]:
+            assert np.abs(v_small - small[0]).mean() > 20, k
+    same = np.array([[0, 0, 1, 0, 0]], np.float32)
+    mirror = np.array([[1, 0, 1, 0, 0]], np.float32)
+    assert np.array_equal(views.render(small, same), small)
+    assert np.array_equal(views.render(small, mirror), small[:, :, ::-1])
+
+
+def test_an_epoch_takes_one_view_of_each_image():
+    from training.data.sources import epoch_batches
+
+    n, k = 10, 4
+    x = np.arange(n * k, dtype=np.float32).reshape(n * k, 1)  # row i * k + j: image i's view j
+    y = np.repeat(np.arange(n), k)
+    seen = []
+    for epoch in (0, 1):
+        rows = np.concatenate([xb.numpy()[:, 0] for xb, _ in epoch_batches(x, y, 3, seed=7, epochs=range(epoch, epoch + 1),
+                                                                          views=k)]).astype(int)
+        assert sorted(rows // k) == list(range(n))  # every image once
+        assert all(y[r] == r // k for r in rows)
+        seen.append(rows)
+    again = np.concatenate([xb.numpy()[:, 0] for xb, _ in epoch_batches(x, y, 3, seed=7, epochs=range(1, 2), views=k)])
+    assert np.array_equal(again.astype(int), seen[1])  # an epoch's views depend on (seed, epoch) alone
+    assert not np.array_equal(seen[0] % k, seen[1] % k) or not np.array_equal(seen[0], seen[1])
+
+
+def test_student_learns_from_the_teacher_on_its_own_views(run_cli, teacher):
+    views_k = 3
+    options = [*STUDENT, "--teacher", "teacher", "--augment-views", str(views_k), "--runs-dir", teacher, "--json"]
+    result = run_cli("train", *options, "--name", "viewed")
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
+    d, facts = record["distillation"], record["training"]["augment_views"]
+    assert record["config"]["augment_views"] == views_k and d["views"] == views_k and d["views_policy"] == "seed"
+    assert facts["views"] == views_k and facts["images"] == 150 * views_k and d["views_recipe"] == facts["recipe"]
+    said = " ".join(result.err.split())  # the log wraps long lines
+    assert f"probabilities on {views_k} views of each of 150 training images computed once" in said
+    # The cache holds the teacher's probabilities on each view, row i * K + k, and they are what the
+    # teacher says about that very view (not about the plain image).
+    from training.config import DataConfig
+    from training.data import views
+    from training.data.sources import load_dataset
+    from training.model.build import load_model
+
+    cached = np.load(d["cache"])
+    assert cached.shape == (150 * views_k, 10)
+    train = load_dataset(DataConfig(limit=150)).train
+    params = views.draw("seed", 150, views_k, seed=0)
+    model = load_model(teacher / "teacher" / "model.keras")
+    rows = [0, 1, 2, 3 * views_k + 1]
+    rendered = np.stack([views.render(train.x[[r // views_k]], params[r // views_k, [r % views_k]])[0] for r in rows])
+    np.testing.assert_allclose(cached[rows], model.predict(rendered.astype(np.float32), verbose=0), atol=1e-4)
+    plain = model.predict(train.x[[0]].astype(np.float32), verbose=0)
+    assert not np.allclose(cached[:views_k], plain, atol=1e-4)
+    # Another training seed on the same split (--split-seed): the teacher is accepted, the views are new.
+    other = run_cli("train", *options, "--name", "viewed-s1", "--seed", "1", "--split-seed", "0")
+    assert other.code == 0, other.err
+    o = json.loads(other.out)
+    assert o["config"]["seed"] == 1 and o["config"]["split_seed"] == 0 and o["config"]["data"]["seed"] == 0
+    assert o["distillation"]["views_recipe"] != d["views_recipe"] and not o["distillation"]["cache_reused"]
+    again = run_cli("train", *options, "--name", "viewed-again")
+    assert again.code == 0 and json.loads(again.out)["distillation"]["cache_reused"]
+
+
+def test_the_cnn_alone_trains_on_the_same_views(run_cli, teacher):
+    result = run_cli("train", *STUDENT, "--augment-views", "2", "--augment-policy", "flip-crop", "--name", "alone-views",
+                     "--runs-dir", teacher, "--json")
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
+    assert record.get("distillation") is None
+    assert record["training"]["augment_views"]["views"] == 2 and record["training"]["augment_views"]["policy"] == "flip-crop"
+    assert record["training"]["augment_views"]["images"] == 300
+    assert "augmented views: 2 per training image (flip-crop)" in " ".join(result.err.split())
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--augment-views", "-1"], "--augment-views must be between 0 (off) and 64"),
+    (["--augment-views", "65"], "--augment-views must be between 0 (off) and 64"),
+    (["--augment-views", "4", "--augment"], "--augment-views and --augment: pick one"),
+    (["--augment-views", "4", "--split-seed", "2"], "was trained on other data: seed 0 (here 2)"),
+])
+def test_bad_views_or_split_are_refused_before_training(run_cli, teacher, options, message):
+    result = run_cli("train", *STUDENT, "--teacher", "teacher", *options, "--name", "refused", "--runs-dir", teacher)
+    assert result.code == 2 and message in result.err, result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (teacher / "refused").exists() and not (teacher / ".refused.partial").exists()
+
+
+def test_tune_refuses_views(run_cli, tmp_path):
+    result = run_cli("tune", "--data", "synthetic", "--limit", "50", "--augment-views", "2", "--space", "lr=1e-4..1e-2:log",
+                     "--trials", "1", "--out", tmp_path / "study", "--runs-dir", tmp_path)
+    assert result.code == 2 and "tune does not search with --augment-views" in result.err, result.err

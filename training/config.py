@@ -54,7 +54,7 @@ class DataConfig(Contract):
     val_split: float = 0.1
     limit: int | None = None           # per split, for quick runs
     image_size: int | None = None      # folder sets: resize to this (default: own size or 224)
-    seed: int = 0
+    seed: int = 0                      # draws the split (and --limit's sample): `--split-seed`, default `--seed`
 
 
 @dataclass
@@ -69,6 +69,7 @@ class TrainConfig(Contract):
     dropout: float = 0.2
     augment: bool = False
     augment_policy: str = "seed"       # seed: flip/rotation/zoom | flip-crop: flip + 4-pixel translation (reflect)
+    augment_views: int = 0             # K > 0: train on K fixed augmented views per image (training.data.views)
     cnn_layers: str = "seed003"        # preset name or layer spec (see backbones.CNN_PRESETS)
     cnn_padding: str | None = None     # None: the preset's own
     bn_momentum: float = 0.99
@@ -99,6 +100,7 @@ class TrainConfig(Contract):
     target: float = 0.8
     patience: int | None = 5           # early stopping on val_loss; None = off
     seed: int = 0
+    split_seed: int | None = None      # the split's own seed (becomes data.seed); None: --seed draws the split too
     feature_cache: bool = True         # frozen backbones: extract features once, train the head on them
     data_check: str = "fast"           # off | fast (hashes, cross-split) | full (+ MobileNetV2 embeddings)
     drop_leaks: bool = False           # drop training images that duplicate a val or test image

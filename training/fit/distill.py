@@ -11,6 +11,12 @@ runs/.teacher-cache/, keyed by the teacher's model file and the images, for the 
 teacher is one of our runs, so it takes raw pixels at its own data's image size, and when the student
 loads the data at another size the teacher's images are loaded again at the teacher's.
 
+With --augment-views K the student trains on K fixed augmented views of each image (training.data.views)
+and the teacher's probabilities are taken on each of those views, rendered at the teacher's size with
+the same geometry: the student matches the teacher's function on the very inputs it sees ("consistent
+teaching", Beyer et al., CVPR 2022), not the teacher's opinion of an unaugmented image. They are
+cached like the plain ones, keyed by the views' recipe as well.
+
 They travel with the labels: a training batch's targets are [label, class weight, teacher's
 probabilities...] and the loss unpacks them; validation and test batches carry the plain label, for
 which the loss is the ordinary cross-entropy (so val_loss, early stopping and the test loss compare
@@ -31,7 +37,7 @@ from serving.base import storage
 from serving.base.errors import UserError
 from serving.base.manifest import sha256_file
 from training.config import TrainConfig
-from training.data import sources as datasets
+from training.data import sources as datasets, views
 from training.env import keras, tf
 from training.fit import optim
 from training.record import records
@@ -70,35 +76,43 @@ def _same(key: str, value: Any) -> Any:
 
 
 def targets(cfg: TrainConfig, dataset, teacher: records.Run, weights: dict[int, float] | None, runs_dir: Path | None,
-            log: Log) -> Distilled:
-    """The packed training targets, the teacher's probabilities from the cache or computed now."""
+            log: Log, augmented=None) -> Distilled:
+    """The packed training targets, the teacher's probabilities from the cache or computed now. With
+    --augment-views (`augmented`: training.fit.train.Augmented), one row per view: the teacher's
+    probabilities on that very view, rendered at the teacher's size."""
     if list(teacher.record.data.class_names) != list(dataset.class_names):
         raise UserError(f"--teacher {teacher.name} knows classes {teacher.record.data.class_names}, this data "
                         f"{dataset.class_names}; a teacher must have the student's classes in the same order")
     t0 = time.perf_counter()
     x = _teacher_images(cfg, dataset, teacher, log)
     model_file = teacher.model_path
-    key = hashlib.sha256(f"{sha256_file(model_file)} {x.shape} ".encode() +
+    recipe = "" if augmented is None else views.recipe_key(cfg.augment_policy, augmented.params)
+    key = hashlib.sha256(f"{sha256_file(model_file)} {x.shape} {recipe}".encode() +
                          hashlib.sha256(np.ascontiguousarray(x)).digest()).hexdigest()[:20]
     cached = storage.runs_dir(runs_dir) / CACHE / f"{teacher.name}-{key}.npy"
     if cached.is_file():
         probs, reused = np.load(cached), True
     else:
-        probs, reused = _predict(model_file, x), False
+        probs, reused = _predict(model_file, x, None if augmented is None else augmented.params), False
         storage.write_bytes(cached, _npy_bytes(probs))
     seconds = time.perf_counter() - t0
-    agree = float(np.mean(probs.argmax(axis=1) == dataset.train.y))
-    log(f"teacher {teacher.name}: probabilities on {len(probs)} training images "
+    k = 1 if augmented is None else augmented.params.shape[1]
+    labels = np.repeat(dataset.train.y, k)
+    agree = float(np.mean(probs.argmax(axis=1) == labels))
+    what = f"{len(probs)} training images" if k == 1 else f"{k} views of each of {len(dataset.train)} training images"
+    log(f"teacher {teacher.name}: probabilities on {what} "
         f"{'read from its cache' if reused else 'computed once'} in {seconds:.1f}s; it agrees with "
         f"{agree:.1%} of the labels")
-    w = np.array([(weights or {}).get(int(c), 1.0) for c in dataset.train.y], np.float32)
-    packed = np.concatenate([dataset.train.y[:, None].astype(np.float32), w[:, None], probs.astype(np.float32)], axis=1)
+    w = np.array([(weights or {}).get(int(c), 1.0) for c in labels], np.float32)
+    packed = np.concatenate([labels[:, None].astype(np.float32), w[:, None], probs.astype(np.float32)], axis=1)
     rec = teacher.record
     facts = {"teacher": teacher.name, "teacher_backbone": rec.model.backbone, "teacher_strategy": rec.model.strategy,
              "teacher_test_accuracy": rec.test.accuracy, "teacher_params": rec.model.total_params,
              "teacher_input_shape": list(rec.model.input_shape), "temperature": cfg.distill_temperature,
-             "weight": cfg.distill_weight, "train_label_agreement": round(agree, 6), "cache": str(cached),
-             "cache_reused": reused, "seconds": round(seconds, 4)}
+             "weight": cfg.distill_weight, "views": k if augmented is not None else 0,
+             "views_policy": cfg.augment_policy if augmented is not None else None, "views_recipe": recipe or None,
+             "train_label_agreement": round(agree, 6), "cache": str(cached), "cache_reused": reused,
+             "seconds": round(seconds, 4)}
     return Distilled(packed, facts)
 
 
@@ -116,11 +130,20 @@ def _teacher_images(cfg: TrainConfig, dataset, teacher: records.Run, log: Log) -
     return again.train.x[[where[name] for name in dataset.train.ids()]]
 
 
-def _predict(model_file: Path, x: np.ndarray) -> np.ndarray:
+def _predict(model_file: Path, x: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+    """The teacher's probabilities on x, or, given the views' params (n, K, 5), on each view of each
+    image ((n * K, classes), image i's view k at row i * K + k), rendered one view index at a time."""
     from training.model.build import load_model  # noqa: PLC0415
 
     teacher = load_model(model_file)
-    return teacher.predict(datasets.pipeline(datasets.Split(x, np.zeros(len(x), np.int64)), 64), verbose=0)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return teacher.predict(datasets.pipeline(datasets.Split(images, np.zeros(len(images), np.int64)), 64), verbose=0)
+
+    if params is None:
+        return predict(x)
+    per_view = [predict(views.render(x, params[:, k])) for k in range(params.shape[1])]
+    return np.stack(per_view, axis=1).reshape(len(x) * params.shape[1], -1)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

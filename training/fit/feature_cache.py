@@ -78,6 +78,8 @@ def decide_finetune(cfg: TrainConfig, base, start: int) -> tuple[bool, str]:
 def _cacheable(cfg: TrainConfig, yes: str) -> tuple[bool, str]:
     if cfg.augment:
         return False, "--augment changes every epoch's input, so features cannot be reused"
+    if cfg.augment_views:
+        return False, "--augment-views trains on augmented views, not the images the cache would hold"
     if cfg.tta != "none":
         return False, "--tta runs the backbone on each image and its mirror, so features are not one per image"
     if not cfg.feature_cache:

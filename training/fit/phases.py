@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from serving.base.errors import UserError
 from training.fit import callbacks, distill, feature_cache, optim
 from training.model import build as models, strategies
@@ -86,6 +88,8 @@ class Run:
     carried: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # a later phase's (plan, cache)
     extract_seconds: float = 0.0
     train_targets: Any = None           # --teacher: packed targets (training.fit.distill) in place of the labels
+    train_views: Any = None             # --augment-views: (n * K, h, w, 3) views in place of the training images
+    views: int = 1                      # K: rows per training image in train_views and the targets
 
     @property
     def steps_per_epoch(self) -> int:
@@ -203,14 +207,15 @@ def _fit(run: Run, phase: Phase, fit_model, optimizer, early, cache, done_in_pha
         train_x = cache.splits["train"]
         val_data = feature_cache.cached_pipeline(cache, "val", dataset.val.y, run.batch)
     else:
-        train_x, val_data = dataset.train.x, run.pipes["val"]
+        train_x = dataset.train.x if run.train_views is None else run.train_views
+        val_data = run.pipes["val"]
     run.log(f"phase {phase.name}: {phase.epochs} epoch(s) at lr {phase.lr:g}; trainable params "
             f"{models.facts(model)['trainable_params']:,}" + (" (on cached activations)" if cache else ""))
     first = len(history)
     remaining = phase.epochs - done_in_phase
-    labels = dataset.train.y if run.train_targets is None else run.train_targets
+    labels = np.repeat(dataset.train.y, run.views) if run.train_targets is None else run.train_targets
     train_data = epoch_batches(train_x, labels, run.batch, seed=run.cfg.seed,
-                               epochs=range(first, first + remaining))
+                               epochs=range(first, first + remaining), views=run.views)
     elapsed_before = state.elapsed
     phase_started = time.perf_counter()
 

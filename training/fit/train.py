@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from serving.base import storage
 from serving.base.errors import UserError
 from training.fit import accel as accelerators, calibration, callbacks, class_weights, cluster as clusters, distill, feature_cache, optim, phases
-from training.data import sources as datasets
+from training.data import sources as datasets, views
 from training.audit import guard as data_guard
 from training.record import metrics, records, tensorboard_logs
 from training import progress
@@ -227,12 +228,13 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     data = load_data(cfg, log)
     dataset = data.dataset
     source = records.load_run(cfg.from_run, runs_dir) if cfg.from_run else None
-    distilled = distill.targets(cfg, dataset, distill.check_teacher(cfg, runs_dir), data.weights, runs_dir, log) \
-        if cfg.teacher else None  # the class weights go into its targets
+    augmented = augmented_views(cfg, dataset, log) if cfg.augment_views else None
+    distilled = distill.targets(cfg, dataset, distill.check_teacher(cfg, runs_dir), data.weights, runs_dir, log,
+                                augmented) if cfg.teacher else None  # the class weights go into its targets
     with acc.strategy.scope():
         built, plan = phases.plan(cfg, dataset, source)
     run, cache_reason = _phases_run(cfg, acc, built, dataset, state, staging, shared, cluster, log, progress,
-                                    data.weights, distilled)
+                                    data.weights, distilled, augmented)
     if state.checkpoint:
         # Every finished epoch or phase left the weights it ended with; a resumed run starts from
         # exactly those, whatever is left to do (even nothing but the test and the save).
@@ -241,7 +243,7 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
         log("tensorboard: wrote the epochs a killed run had saved but not yet logged")
     for phase in plan:
         phases.fit_phase(run, phase, phase1_of_two=phase.name == "head" and len(plan) > 1)
-    record = _finish(run, cache_reason, data, distilled)
+    record = _finish(run, cache_reason, data, distilled, augmented)
     if cluster is not None and not cluster.is_chief:
         log(f"{cluster.task}: done; the chief writes runs/{cfg.name}")
         return records.Run(staging, record)  # the caller removes the temporary folder
@@ -251,6 +253,26 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
     for leftover in (CONFIG, STATE):
         (final / leftover).unlink(missing_ok=True)
     return records.Run(final, record)
+
+
+@dataclass
+class Augmented:
+    """--augment-views: the K views of every training image, rendered at the data's size."""
+    params: np.ndarray       # (n, K, 5): training.data.views.draw
+    x: np.ndarray            # (n * K, h, w, 3) uint8, image i's view k at row i * K + k
+    facts: dict[str, Any]    # the record's training.augment_views
+
+
+def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
+    t0 = time.perf_counter()
+    params = views.draw(cfg.augment_policy, len(dataset.train), cfg.augment_views, cfg.seed)
+    x = views.render_all(dataset.train.x, params)
+    seconds = time.perf_counter() - t0
+    log(f"augmented views: {cfg.augment_views} per training image ({cfg.augment_policy}), {len(x)} rendered in "
+        f"{seconds:.1f}s; one per image each epoch")
+    return Augmented(params, x, {"views": cfg.augment_views, "policy": cfg.augment_policy, "recipe_version": views.VERSION,
+                                 "recipe": views.recipe_key(cfg.augment_policy, params), "images": int(len(x)),
+                                 "seconds": round(seconds, 4)})
 
 
 def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> accelerators.Accel:
@@ -274,7 +296,7 @@ def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> acce
 
 def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging: Path, shared: Path,
                 cluster: clusters.Cluster | None, log: Log, progress: bool | None,
-                weights, distilled) -> tuple[phases.Run, str]:
+                weights, distilled, augmented: Augmented | None = None) -> tuple[phases.Run, str]:
     """What every phase shares (batches, pipelines, checkpoints, the feature cache decision), and why
     the cache is used or not."""
     use_cache, cache_reason = feature_cache.decide(cfg, built.backbone is not None)
@@ -289,11 +311,13 @@ def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging:
     run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
                      shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
                      class_weights=None if distilled else weights, use_cache=use_cache, batch=batch, pipes=pipes,
-                     train_targets=distilled.targets if distilled else None)
+                     train_targets=distilled.targets if distilled else None,
+                     train_views=augmented.x if augmented else None, views=cfg.augment_views or 1)
     return run, cache_reason
 
 
-def _finish(run: phases.Run, cache_reason: str, data: Loaded, distilled) -> records.RunRecord:
+def _finish(run: phases.Run, cache_reason: str, data: Loaded, distilled,
+            augmented: Augmented | None = None) -> records.RunRecord:
     """After the last phase: calibrate (on validation images that copy no training image), test (also on the
     test images that copy none), save the model and its files, and write the record."""
     cfg, model, dataset, state, staging = run.cfg, run.built.model, run.dataset, run.state, run.staging
@@ -318,21 +342,22 @@ def _finish(run: phases.Run, cache_reason: str, data: Loaded, distilled) -> reco
     shutil.rmtree(staging / BACKUP_DIR, ignore_errors=True)
     record = records.build(cfg, dataset, model=model, input_size=run.built.input_size, history=state.history,
                            total_time=total_time, test=test, folder=staging, accel=run.acc,
-                           training=_training_facts(run, cache_reason), calibration=calibrated.facts,
+                           training=_training_facts(run, cache_reason, augmented), calibration=calibrated.facts,
                            data_check=data.data_check, excluded=data.excluded,
                            distillation=distilled.facts if distilled else None)
     storage.write_json(staging / records.RECORD, record.to_dict())
     return record
 
 
-def _training_facts(run: phases.Run, cache_reason: str) -> dict[str, Any]:
+def _training_facts(run: phases.Run, cache_reason: str, augmented: Augmented | None = None) -> dict[str, Any]:
     """The record's `training` section: batches, caches, class weights and, on a cluster, the cluster."""
     cfg, acc, cluster = run.cfg, run.acc, run.cluster
     facts = {"class_weights": class_weights.by_name(run.class_weights, run.dataset.class_names),
              "feature_cache": run.use_cache, "feature_cache_reason": cache_reason, "caches": run.cache_facts,
              "peak_rss_bytes": feature_cache.peak_rss_bytes(),
              "extract_seconds": round(run.extract_seconds, 4), "global_batch_size": run.batch,
-             "per_replica_batch_size": cfg.batch_size, "resumed": run.state.resumed}
+             "per_replica_batch_size": cfg.batch_size, "resumed": run.state.resumed,
+             "augment_views": augmented.facts if augmented else None}
     if cluster is not None:
         facts["cluster"] = {
             **cluster.facts(), "replicas": acc.replicas, "global_batch_size": run.batch,

@@ -100,6 +100,8 @@ def tune(base: TrainConfig, opts: TuneOptions, runs_dir: Path | None = None, *, 
     base = resolve(dataclasses.replace(base, name=None, overwrite=False))
     if base.teacher:
         raise UserError("tune does not search with --teacher yet; tune the student's options without it")
+    if base.augment_views:
+        raise UserError("tune does not search with --augment-views yet; use --augment (layers in the model)")
     search_space.check(space, base)
     study_name = opts.study or default_study(base)
     if not _NAME.match(study_name):

@@ -8,6 +8,7 @@ from pathlib import Path
 from serving.base.errors import UserError, choose
 from training.model import backbones, strategies
 from training.fit import class_weights
+from training.data import views
 from training.data.sources import check_config
 from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DISTRIBUTIONS, HEADS, OPTIMIZERS,
                              PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, DataSpec, TrainConfig)
@@ -32,6 +33,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.weights = "imagenet" if spec.pretrained and cfg.strategy not in ("scratch",) else "none"
     if spec.pretrained and cfg.head is None:
         cfg.head = "gap"
+    if cfg.split_seed is not None:
+        cfg.data = dataclasses.replace(cfg.data, seed=cfg.split_seed)  # the record's data.seed: the split's seed
     check_data_spec(cfg.data)
     choose("--optimizer", cfg.optimizer, OPTIMIZERS)
     choose("--schedule", cfg.schedule, SCHEDULES)
@@ -58,6 +61,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--weight-decay and --l2 must be at least 0")
     if cfg.distill_temperature <= 0 or not 0 <= cfg.distill_weight <= 1:
         raise UserError("--distill-temperature must be above 0 and --distill-weight between 0 and 1")
+    if not 0 <= cfg.augment_views <= views.MAX_VIEWS:
+        raise UserError(f"--augment-views must be between 0 (off) and {views.MAX_VIEWS}")
+    if cfg.augment_views and cfg.augment:
+        raise UserError("--augment-views and --augment: pick one (views are drawn once, the layers every step)")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError("--label-smoothing must be at least 0 and below 1")
     if cfg.logit_scale <= 0:

@@ -126,6 +126,7 @@ class TrainingFacts(_Section):
     per_replica_batch_size: int | None = None
     resumed: bool                           # finished by `tlserve resume`
     cluster: dict[str, Any] | None = optional()  # multi-worker runs: the cluster, its batch and fault tolerance
+    augment_views: dict[str, Any] | None = optional()  # --augment-views: views, policy, recipe key, images, seconds
 
 
 @dataclass(kw_only=True)
@@ -191,6 +192,9 @@ class DistillationFacts(_Section):
     teacher_input_shape: list[int]   # [h, w, 3]: the images its probabilities were computed on
     temperature: float
     weight: float                    # share of the loss matching the teacher
+    views: int = optional(0)         # --augment-views: the teacher's probabilities on K views of each image
+    views_policy: str | None = optional()  # their recipe (--augment-policy) ...
+    views_recipe: str | None = optional()  # ... and its key (training.data.views.recipe_key)
     train_label_agreement: float     # share of training images where the teacher's top class is the label
     cache: str                       # the file holding the teacher's probabilities
     cache_reused: bool               # read from it rather than computed
