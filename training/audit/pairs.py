@@ -152,7 +152,8 @@ def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], 
         if nearest:
             codes = np.unique(np.concatenate([ii * n + jj] + [a * n + b for a, b in nearest]))
             ii, jj = codes // n, codes % n
-        new = np.array([(int(i), int(j)) not in known for i, j in zip(ii, jj)], bool).reshape(-1)
+        # One membership test over pair codes, not a Python set lookup per candidate (20 a row: 1.2M on 60k).
+        new = ~np.isin(ii * n + jj, np.fromiter((a * n + b for a, b in known), np.int64, len(known)))
         ii, jj = ii[new], jj[new]
         al = geometry.align(imgs.grey, ii, jj)
         ok = al.score >= geometry.MIN_ALIGNED

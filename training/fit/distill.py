@@ -86,7 +86,7 @@ def targets(cfg: TrainConfig, dataset, teacher: records.Run, weights: dict[int, 
     t0 = time.perf_counter()
     x = _teacher_images(cfg, dataset, teacher, log)
     model_file = teacher.model_path
-    recipe = "" if augmented is None else views.recipe_key(cfg.augment_policy, augmented.params)
+    recipe = "" if augmented is None else augmented.facts["recipe"]  # hashed once, in train.augmented_views
     key = hashlib.sha256(f"{sha256_file(model_file)} {x.shape} {recipe}".encode() +
                          hashlib.sha256(np.ascontiguousarray(x)).digest()).hexdigest()[:20]
     cached = storage.runs_dir(runs_dir) / CACHE / f"{teacher.name}-{key}.npy"
