@@ -325,6 +325,34 @@ def _term_constants(reference: Reference) -> dict[str, Any]:
 EXTRA_TOLERANCE = 1e-4  # a class mean's part outside the kept directions, relative to |mean|, that counts
 
 
+def _fused_constants(score: Score) -> dict[str, Any]:
+    """Every term's constants (_term_constants) laid out so the graph runs each step once for all terms.
+
+    Each term keeps its own basis (products by zero blocks of a block-diagonal one cost more than a node),
+    but the coordinates are concatenated (R = the terms' kept directions and class-mean extras summed):
+    `means_along` is (classes, 1, R), the terms' along-parts side by side (a term with fewer class means
+    repeats its first ones: a repeated mean leaves the nearest distance as it was), `inside` (R) scales
+    them and `indicator` (R x terms, 0/1) sums each term's squared parts per class; then the nearest
+    class per term is taken and those minima summed with the squared rest parts. A term whose basis
+    spans all its dims (the mid-level term: 63 kept directions and one class-mean extra in 64 dims) has
+    no rest: its back-projection would give rounding noise only, so `rest` lists the others, and
+    `outside` (one per dim of theirs, concatenated) scales them."""
+    terms = [_term_constants(t) for t in score.terms]
+    classes = max(len(t["means_along"]) for t in terms)
+    ranks = [t["basis"].shape[1] for t in terms]
+    r_at = np.cumsum([0] + ranks)
+    means = np.zeros((classes, 1, r_at[-1]), np.float32)
+    indicator = np.zeros((r_at[-1], len(terms)), np.float32)
+    for i, t in enumerate(terms):
+        means[:, 0, r_at[i]:r_at[i + 1]] = t["means_along"][np.arange(classes) % len(t["means_along"])]
+        indicator[r_at[i]:r_at[i + 1], i] = 1.0
+    rest = [i for i, t in enumerate(terms) if t["basis"].shape[1] < t["basis"].shape[0]]
+    outside = [np.full(terms[i]["basis"].shape[0], terms[i]["outside"], np.float32) for i in rest]
+    return {"bases": [t["basis"] for t in terms], "normalized": [t["normalized"] for t in terms],
+            "means_along": means, "inside": np.concatenate([t["inside"] for t in terms]), "indicator": indicator,
+            "rest": rest, "outside": np.concatenate(outside) if rest else None}
+
+
 @functools.cache
 def score_layer_class():
     """A layer holding the score's terms as constants: [penultimate features, (tap map)] -> the score (N,).
@@ -335,43 +363,54 @@ def score_layer_class():
     when the floor is small (a feature that barely varies): float32 kept 4 digits of it and float16
     none (a CNN's fp16 score was 27% off). Every term is scaled by sqrt(weight / dims) before it is
     squared, so sums stay near 1 and float16 files cannot overflow. The tap map is averaged here, so
-    int8 keeps it float with the rest of the score's nodes (onnx_nodes)."""
+    int8 keeps it float with the rest of the score's nodes (onnx_nodes).
+
+    The terms share their steps after the projections (_fused_constants): 21 ONNX nodes for
+    MobileNetV2's two terms where a chain per term took 35. At batch 1 the score's cost is its node
+    count more than its arithmetic: onnxruntime's profile gave 2.5-6 us to each node on vectors of at
+    most 1344 floats (docs/decisions.md, "An OOD score in the model")."""
     K, T = keras(), tf()
 
     class OodScore(K.layers.Layer):
         def __init__(self, score: Score, **kwargs):
             super().__init__(**kwargs)
-            self._terms = [_term_constants(t) for t in score.terms]
+            self._fused = _fused_constants(score)
             self._inputs = [0 if t.layer == PENULTIMATE else 1 for t in score.terms]
 
         def build(self, input_shape):
-            for i, term in enumerate(self._terms):
-                for name in ("means_along", "basis", "inside"):
-                    value = term[name]
-                    term[name + "_w"] = self.add_weight(name=f"t{i}_{name}", shape=value.shape, trainable=False,
-                                                        initializer=K.initializers.Constant(value))
+            c = self._fused
+
+            def constant(name: str, value: np.ndarray):
+                return self.add_weight(name=name, shape=value.shape, trainable=False,
+                                       initializer=K.initializers.Constant(value))
+
+            self._bases = [constant(f"t{i}_basis", b) for i, b in enumerate(c["bases"])]
+            self._means_along, self._inside, self._indicator = (
+                constant(name, c[name]) for name in ("means_along", "inside", "indicator"))
+            self._outside = constant("outside", c["outside"]) if c["rest"] else None
 
         def call(self, inputs):
             inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
             if len(inputs) > 1 and len(inputs[1].shape) == 4:
                 inputs[1] = T.reduce_mean(inputs[1], axis=[1, 2])
-            total = None
-            for term, which in zip(self._terms, self._inputs):
-                d = self._distance(term, inputs[which])
-                total = d if total is None else total + d
-            return total
+            c = self._fused
+            x = [self._unit(inputs[which]) if normalized else inputs[which]
+                 for which, normalized in zip(self._inputs, c["normalized"])]
+            # Each term's image split once, whatever the number of classes: dims x (rank + classes) products.
+            coords = [T.matmul(f, basis) for f, basis in zip(x, self._bases)]                # (N, R_t)
+            rest = [x[i] - T.matmul(coords[i], self._bases[i], transpose_b=True) for i in c["rest"]]
+            along = coords[0] if len(coords) == 1 else T.concat(coords, axis=-1)             # (N, R)
+            along = T.square((along - self._means_along) * self._inside)                     # (classes, N, R)
+            parts = [T.reduce_min(T.matmul(along, self._indicator), axis=0)]                 # (N, terms)
+            if rest:  # no class mean there: one vector per image
+                parts.append(T.square((rest[0] if len(rest) == 1 else T.concat(rest, axis=-1)) * self._outside))
+            return T.reduce_sum(parts[0] if len(parts) == 1 else T.concat(parts, axis=-1), axis=-1)
 
         @staticmethod
-        def _distance(term: dict[str, Any], features):
-            if term["normalized"]:
-                features = T.math.l2_normalize(features, axis=-1, epsilon=1e-24)
-            basis = term["basis_w"]
-            # The image split once, whatever the number of classes: two dims x (rank + classes) products.
-            coords = T.matmul(features, basis)                             # (N, rank + classes)
-            rest = features - T.matmul(coords, basis, transpose_b=True)    # (N, dims): no class mean there
-            along = coords[:, None, :] - term["means_along_w"][None]       # (N, classes, rank + classes)
-            return (T.reduce_min(T.reduce_sum(T.square(along * term["inside_w"]), axis=-1), axis=-1)
-                    + T.reduce_sum(T.square(rest * term["outside"]), axis=-1))
+        def _unit(features):
+            """features / |features| (l2_normalize's epsilon): 5 ONNX nodes where l2_normalize's rsqrt took 6."""
+            norm = T.sqrt(T.maximum(T.reduce_sum(T.square(features), axis=-1, keepdims=True), 1e-24))
+            return features / norm
 
     return OodScore
 
