@@ -105,7 +105,7 @@ def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
 
 
 @pytest.mark.fast
-def test_the_fused_graph_layer_gives_each_terms_numpy_score_summed():
+def test_the_fused_graph_layer_gives_each_terms_numpy_score_summed(monkeypatch):
     """The exported layer runs all terms as one set of ops (_fused_constants): the per-term numpy scores
     summed, whether a term keeps a rest outside its basis or spans its dims, when the terms have different
     class counts, and with one term."""
@@ -130,13 +130,16 @@ def test_the_fused_graph_layer_gives_each_terms_numpy_score_summed():
         "one term": ood.Score([ood.fit(pen, y, 3, rank=8)]),
     }
     layer_class = ood.score_layer_class()
-    for name, score in scores.items():
-        fused = ood._fused_constants(score)
-        expected = score.score(feats)
-        inputs = [probe_pen, probe_tap] if len(score.terms) > 1 else probe_pen
-        got = np.asarray(layer_class(score, name=ood.OUTPUT)(inputs), np.float64)
-        np.testing.assert_allclose(got, expected, rtol=2e-5, err_msg=name)
-        assert len(fused["rest"]) == {"two rests": 2, "one rest": 1, "one term": 1}[name], name
+    # FOLD_LIMIT 1: no scale folded into a constant, each applied by a node of its own
+    for limit, folded in ((ood.FOLD_LIMIT, True), (1.0, False)):
+        monkeypatch.setattr(ood, "FOLD_LIMIT", limit)
+        for name, score in scores.items():
+            fused = ood._fused_constants(score)
+            assert fused["folded"] == folded and len(fused["rest"]) == {"two rests": 2, "one rest": 1, "one term": 1}[name]
+            assert (fused["scale_after"][0] is None) == folded, name  # the penultimate term's scale: in its norm
+            inputs = [probe_pen, probe_tap] if len(score.terms) > 1 else probe_pen
+            got = np.asarray(layer_class(score, name=ood.OUTPUT)(inputs), np.float64)
+            np.testing.assert_allclose(got, score.score(feats), rtol=2e-5, err_msg=f"{name}, folded {folded}")
 
 
 def replace_weight(reference, weight: float):
