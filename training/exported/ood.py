@@ -375,7 +375,7 @@ def _fused_constants(score: Score) -> dict[str, Any]:
 
 
 FOLD_LIMIT = 1e4  # the largest factor _fused_constants folds into a constant (float16 holds 6.5e4)
-NORM_EPSILON = 1e-24  # |features|^2 below it: the features are not scaled up (l2_normalize's epsilon)
+NORM_EPSILON = 1e-24  # added to |features|^2 under the root: zero features stay zero (l2_normalize's, a floor there)
 
 
 @functools.cache
@@ -390,10 +390,11 @@ def score_layer_class():
     squared, so sums stay near 1 and float16 files cannot overflow. The tap map is averaged here, so
     int8 keeps it float with the rest of the score's nodes (onnx_nodes).
 
-    The terms share their steps after the projections (_fused_constants): 21 ONNX nodes for
-    MobileNetV2's two terms where a chain per term took 35. At batch 1 the score's cost is its node
-    count more than its arithmetic: onnxruntime's profile gave 2.5-6 us to each node on vectors of at
-    most 1344 floats (docs/decisions.md, "An OOD score in the model")."""
+    The terms share their steps after the projections and the scales live in the constants
+    (_fused_constants): 19 ONNX nodes for MobileNetV2's two terms (18 once onnxruntime makes the norm's
+    product and epsilon one Gemm) where a chain per term took 35. At batch 1 the score's cost is the two
+    1280 x 69 products and the count of small nodes, not their arithmetic (docs/decisions.md, "An OOD
+    score in the model")."""
     K, T = keras(), tf()
 
     class OodScore(K.layers.Layer):
