@@ -105,6 +105,50 @@ def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
 
 
 @pytest.mark.fast
+def test_the_fused_graph_layer_gives_each_terms_numpy_score_summed(monkeypatch):
+    """The exported layer runs all terms as one set of ops (_fused_constants): the per-term numpy scores
+    summed, whether a term keeps a rest outside its basis or spans its dims, when the terms have different
+    class counts, and with one term."""
+    from training.exported import ood
+
+    rng = np.random.default_rng(1)
+    n, y = 90, np.arange(90) % 3
+    pen = np.abs(rng.normal(size=(n, 40)) * rng.uniform(0.2, 2, 40)) + (y[:, None] == np.arange(40) % 3)
+    tap = rng.normal(size=(n, 2, 2, 12)) * rng.uniform(0.5, 3, 12) + y[:, None, None, None]
+    pooled = tap.mean(axis=(1, 2))
+    probe_pen = np.concatenate([pen[:4], np.abs(rng.normal(size=(4, 40))) * 3]).astype(np.float32)
+    probe_tap = np.concatenate([tap[:4], rng.normal(size=(4, 2, 2, 12)) * 4]).astype(np.float32)
+    feats = {ood.PENULTIMATE: probe_pen, "mid": probe_tap.mean(axis=(1, 2))}
+    scores = {
+        # both terms keep a rest (rank 8 of 40, 4 of 12), two classes in the second term
+        "two rests": ood.Score([replace_weight(ood.fit(pen, y, 3, rank=8), 0.6),
+                                replace_weight(ood.fit(pooled[y < 2], y[y < 2], 3, rank=4, normalized=False,
+                                                       layer="mid"), 0.3)]),
+        # the mid-level term spans its dims (as MobileNetV2's block_9_add): no rest for it
+        "one rest": ood.Score([replace_weight(ood.fit(pen, y, 3, rank=8), 0.6),
+                               replace_weight(ood.fit(pooled, y, 3, rank=None, normalized=False, layer="mid"), 0.3)]),
+        "one term": ood.Score([ood.fit(pen, y, 3, rank=8)]),
+    }
+    layer_class = ood.score_layer_class()
+    # FOLD_LIMIT 1: no scale folded into a constant, each applied by a node of its own
+    for limit, folded in ((ood.FOLD_LIMIT, True), (1.0, False)):
+        monkeypatch.setattr(ood, "FOLD_LIMIT", limit)
+        for name, score in scores.items():
+            fused = ood._fused_constants(score)
+            assert fused["folded"] == folded and len(fused["rest"]) == {"two rests": 2, "one rest": 1, "one term": 1}[name]
+            assert (fused["scale_after"][0] is None) == folded, name  # the penultimate term's scale: in its norm
+            inputs = [probe_pen, probe_tap] if len(score.terms) > 1 else probe_pen
+            got = np.asarray(layer_class(score, name=ood.OUTPUT)(inputs), np.float64)
+            np.testing.assert_allclose(got, score.score(feats), rtol=2e-5, err_msg=f"{name}, folded {folded}")
+
+
+def replace_weight(reference, weight: float):
+    from dataclasses import replace
+
+    return replace(reference, weight=weight)
+
+
+@pytest.mark.fast
 def test_psi_window_and_metrics_parse_with_prometheus_client():
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families

@@ -325,6 +325,59 @@ def _term_constants(reference: Reference) -> dict[str, Any]:
 EXTRA_TOLERANCE = 1e-4  # a class mean's part outside the kept directions, relative to |mean|, that counts
 
 
+def _fused_constants(score: Score) -> dict[str, Any]:
+    """Every term's constants (_term_constants) laid out so the graph runs each step once for all terms.
+
+    Each term keeps its own basis (products by zero blocks of a block-diagonal one cost more than a node),
+    but the coordinates are concatenated (R = the terms' kept directions and class-mean extras summed):
+    `means_along` is (classes, 1, R), the terms' along-parts side by side (a term with fewer class means
+    repeats its first ones: a repeated mean leaves the nearest distance as it was), and `indicator`
+    (R x terms, 0/1) sums each term's squared parts per class; then the nearest class per term is taken
+    and those minima summed with the squared rest parts. A term whose basis spans all its dims (the
+    mid-level term: 63 kept directions and one class-mean extra in 64 dims) has no rest: its
+    back-projection would give rounding noise only, so `rest` lists the others.
+
+    The scales are folded into constants, not applied by nodes of their own: a term with a rest enters
+    as its features times its `outside` scale a (a normalized term's norm is taken of the features over a:
+    `sum_weights` = 1/a^2, `epsilon` / a^2), its forward basis is divided by a and its back-projection
+    multiplied by it, so the rest comes out already scaled; with `folded`, each kept direction's `inside`
+    scale multiplies its forward column and the class means' coordinates and divides its back-projection
+    row. Only where every such factor stays within FOLD_LIMIT (float16 files hold them); otherwise
+    `inside` stays a node of its own and `scale_after` multiplies the features by a."""
+    terms = [_term_constants(t) for t in score.terms]
+    classes = max(len(t["means_along"]) for t in terms)
+    ranks = [t["basis"].shape[1] for t in terms]
+    r_at = np.cumsum([0] + ranks)
+    rest = [i for i, t in enumerate(terms) if t["basis"].shape[1] < t["basis"].shape[0]]
+    a = [float(t["outside"]) if i in rest else 1.0 for i, t in enumerate(terms)]
+    inside = [t["inside"].astype(np.float64) for t in terms]
+    folded = all(float(np.max(g / s)) <= FOLD_LIMIT for g, s in zip(inside, a)) and all(
+        float(np.min(inside[i])) > 0 and float(np.max(a[i] / inside[i])) <= FOLD_LIMIT for i in rest)
+    means = np.zeros((classes, 1, r_at[-1]), np.float64)
+    indicator = np.zeros((r_at[-1], len(terms)), np.float32)
+    forward, back, sum_weights, epsilon, scale_after = [], [], [], [], []
+    for i, t in enumerate(terms):
+        basis = t["basis"].astype(np.float64)
+        g = inside[i] if folded else np.ones_like(inside[i])
+        means[:, 0, r_at[i]:r_at[i + 1]] = t["means_along"][np.arange(classes) % len(t["means_along"])] * g
+        indicator[r_at[i]:r_at[i + 1], i] = 1.0
+        forward.append((basis * g / a[i]).astype(np.float32))
+        back.append((basis / g * a[i]).T.astype(np.float32) if i in rest else None)
+        into_norm = t["normalized"] and 1 / FOLD_LIMIT <= a[i] ** -2 <= FOLD_LIMIT
+        sum_weights.append(np.full((basis.shape[0], 1), a[i] ** -2 if into_norm else 1.0, np.float32)
+                           if t["normalized"] else None)
+        epsilon.append(NORM_EPSILON * (a[i] ** -2 if into_norm else 1.0))
+        scale_after.append(None if into_norm or a[i] == 1.0 else a[i])
+    return {"forward": forward, "back": back, "normalized": [t["normalized"] for t in terms],
+            "sum_weights": sum_weights, "epsilon": epsilon, "scale_after": scale_after, "rest": rest,
+            "means_along": means.astype(np.float32), "indicator": indicator, "folded": folded,
+            "inside": np.concatenate([t["inside"] for t in terms])}
+
+
+FOLD_LIMIT = 1e4  # the largest factor _fused_constants folds into a constant (float16 holds 6.5e4)
+NORM_EPSILON = 1e-24  # added to |features|^2 under the root: zero features stay zero (l2_normalize's, a floor there)
+
+
 @functools.cache
 def score_layer_class():
     """A layer holding the score's terms as constants: [penultimate features, (tap map)] -> the score (N,).
@@ -335,43 +388,57 @@ def score_layer_class():
     when the floor is small (a feature that barely varies): float32 kept 4 digits of it and float16
     none (a CNN's fp16 score was 27% off). Every term is scaled by sqrt(weight / dims) before it is
     squared, so sums stay near 1 and float16 files cannot overflow. The tap map is averaged here, so
-    int8 keeps it float with the rest of the score's nodes (onnx_nodes)."""
+    int8 keeps it float with the rest of the score's nodes (onnx_nodes).
+
+    The terms share their steps after the projections and the scales live in the constants
+    (_fused_constants): 19 ONNX nodes for MobileNetV2's two terms (18 once onnxruntime makes the norm's
+    product and epsilon one Gemm) where a chain per term took 35. At batch 1 the score's cost is the two
+    1280 x 69 products and the count of small nodes, not their arithmetic (docs/decisions.md, "An OOD
+    score in the model")."""
     K, T = keras(), tf()
 
     class OodScore(K.layers.Layer):
         def __init__(self, score: Score, **kwargs):
             super().__init__(**kwargs)
-            self._terms = [_term_constants(t) for t in score.terms]
+            self._fused = _fused_constants(score)
             self._inputs = [0 if t.layer == PENULTIMATE else 1 for t in score.terms]
 
         def build(self, input_shape):
-            for i, term in enumerate(self._terms):
-                for name in ("means_along", "basis", "inside"):
-                    value = term[name]
-                    term[name + "_w"] = self.add_weight(name=f"t{i}_{name}", shape=value.shape, trainable=False,
-                                                        initializer=K.initializers.Constant(value))
+            c = self._fused
+
+            def constant(name: str, value: np.ndarray | None):
+                return None if value is None else self.add_weight(
+                    name=name, shape=value.shape, trainable=False, initializer=K.initializers.Constant(value))
+
+            self._forward = [constant(f"t{i}_forward", v) for i, v in enumerate(c["forward"])]
+            self._back = [constant(f"t{i}_back", v) for i, v in enumerate(c["back"])]
+            self._sum_weights = [constant(f"t{i}_sum_weights", v) for i, v in enumerate(c["sum_weights"])]
+            self._means_along, self._indicator = constant("means_along", c["means_along"]), constant(
+                "indicator", c["indicator"])
+            self._inside = None if c["folded"] else constant("inside", c["inside"])
 
         def call(self, inputs):
             inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
             if len(inputs) > 1 and len(inputs[1].shape) == 4:
                 inputs[1] = T.reduce_mean(inputs[1], axis=[1, 2])
-            total = None
-            for term, which in zip(self._terms, self._inputs):
-                d = self._distance(term, inputs[which])
-                total = d if total is None else total + d
-            return total
-
-        @staticmethod
-        def _distance(term: dict[str, Any], features):
-            if term["normalized"]:
-                features = T.math.l2_normalize(features, axis=-1, epsilon=1e-24)
-            basis = term["basis_w"]
-            # The image split once, whatever the number of classes: two dims x (rank + classes) products.
-            coords = T.matmul(features, basis)                             # (N, rank + classes)
-            rest = features - T.matmul(coords, basis, transpose_b=True)    # (N, dims): no class mean there
-            along = coords[:, None, :] - term["means_along_w"][None]       # (N, classes, rank + classes)
-            return (T.reduce_min(T.reduce_sum(T.square(along * term["inside_w"]), axis=-1), axis=-1)
-                    + T.reduce_sum(T.square(rest * term["outside"]), axis=-1))
+            c = self._fused
+            x = []
+            for i, which in enumerate(self._inputs):
+                f = inputs[which]
+                if c["normalized"][i]:  # f / (|f| / a): |f|^2 / a^2 + epsilon as one product (onnxruntime: a Gemm)
+                    epsilon = np.full(1, c["epsilon"][i], np.float32)  # shape (1,), not a scalar: Gemm's bias
+                    f = f / T.sqrt(T.matmul(T.square(f), self._sum_weights[i]) + epsilon)
+                x.append(f if c["scale_after"][i] is None else f * c["scale_after"][i])
+            # Each term's image split once, whatever the number of classes: dims x (rank + classes) products.
+            coords = [T.matmul(f, forward) for f, forward in zip(x, self._forward)]          # (N, R_t)
+            rest = [x[i] - T.matmul(coords[i], self._back[i]) for i in c["rest"]]           # (N, D_t), scaled
+            along = (coords[0] if len(coords) == 1 else T.concat(coords, axis=-1)) - self._means_along
+            if self._inside is not None:
+                along = along * self._inside
+            parts = [T.reduce_min(T.matmul(T.square(along), self._indicator), axis=0)]      # (N, terms)
+            if rest:  # no class mean there: one vector per image
+                parts.append(T.square(rest[0] if len(rest) == 1 else T.concat(rest, axis=-1)))
+            return T.reduce_sum(parts[0] if len(parts) == 1 else T.concat(parts, axis=-1), axis=-1)
 
     return OodScore
 
