@@ -5,10 +5,12 @@ Labels", JAIR 70, 2021) on out-of-fold predicted probabilities: a light classifi
 multinomial LogisticRegression on the pooled MobileNetV2 features, centred and projected on their top
 LABEL_DIMS principal axes)
 is fitted FOLDS times, each time predicting the fold it did not see, so every image gets class
-probabilities from a model that never saw its label. cleanlab's `find_label_issues` (the reference
-implementation, the optional extra `pip install 'tlserve[labels]'`) then estimates the joint of given
-and true labels from those probabilities and lists the images most likely mislabelled; each is scored
-by its self-confidence (the fold model's probability of the given label; lower is more suspect).
+probabilities from a model that never saw its label; that is repeated over REPEATS different fold
+partitions and averaged (still out of fold: no model ever saw the image it predicts). cleanlab's
+`find_label_issues` (the reference implementation, the optional extra `pip install 'tlserve[labels]'`)
+then estimates the joint of given and true labels from those probabilities and lists the images most
+likely mislabelled; each is scored by its self-confidence (the fold model's probability of the given
+label; lower is more suspect).
 
 All splits are pooled: a wrong label in test costs as much as one in train, and more images make a
 better fold model. A class with fewer than two images cannot be cross-validated: it is skipped, said so.
@@ -26,6 +28,10 @@ from training.audit.fingerprints import SPLITS, Images, list_name
 from training.audit.report import Entry, LabelIssues, Suspect
 
 FOLDS = 5
+# Fold partitions averaged: fewer of a partition's chance splits in each image's probability. 3 against 1
+# (recall in the top 2k, self-confidence, 2026-12-05): banana-leaf 10 draws 0.879 -> 0.897 similar-class,
+# 0.962 -> 0.966 uniform; CIFAR-10 10k one draw 0.32 -> 0.33 and 0.745 -> 0.770. It costs 3x the fits.
+REPEATS = 3
 MIN_PER_CLASS = 2          # images a class needs to be in every fold's training part at least once
 # The fold model: LogisticRegression (C) on the features centred and projected on their top LABEL_DIMS
 # principal axes, unit length times sqrt(LABEL_DIMS). Measured (docs/decisions.md): on CIFAR-10 the 1,280
@@ -47,8 +53,14 @@ FILTER_BY = "low_self_confidence"
 # Below this out-of-fold accuracy the fold model's own confusions outnumber the labels it doubts: planted
 # flips made 90% of the default list on banana-leaf (0.91 out of fold) and 14% on a CIFAR-10 subset (0.72).
 WEAK_FOLD_ACCURACY = 0.85
+# The ranking (the score and the list's order): cleanlab's self-confidence, p(given). Its normalized margin
+# (p(given) - the largest other p) found more similar-class flips (recall in the top 2k, 3 partitions:
+# banana-leaf 0.897 -> 0.910, CIFAR-10 10k 0.33 -> 0.40) but far fewer uniform ones where the fold model
+# is weak (CIFAR-10 10k 0.77 -> 0.53: its own confident confusions outrank them); docs/decisions.md.
+RANK_BY = "self_confidence"
 METHOD = ("confident learning (Northcutt et al. 2021): cleanlab.filter.find_label_issues, "
-          f"filter_by={FILTER_BY}, ranked by self-confidence")
+          f"filter_by={FILTER_BY}, ranked by {RANK_BY.replace('_', ' ')}; out-of-fold probabilities "
+          f"averaged over {REPEATS} fold partitions")
 
 
 @dataclass
@@ -67,7 +79,7 @@ def _import_cleanlab():
 
 
 def out_of_fold(features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = FOLDS,
-                seed: int = 0, c: float = C) -> OutOfFold:
+                seed: int = 0, c: float = C, repeats: int = REPEATS) -> OutOfFold:
     """Each image's class probabilities from the fold model that did not train on it."""
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
     from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: PLC0415
@@ -78,9 +90,10 @@ def out_of_fold(features: np.ndarray, labels: np.ndarray, n_classes: int, *, fol
     present = np.unique(labels[kept])
     folds = int(min(folds, counts[present].min()))
     x = project(features[kept], min(LABEL_DIMS, features.shape[1])) * np.sqrt(LABEL_DIMS)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    probs_kept = cross_val_predict(LogisticRegression(C=c, max_iter=MAX_ITER), x, labels[kept], cv=cv,
-                                   method="predict_proba")
+    probs_kept = np.mean([
+        cross_val_predict(LogisticRegression(C=c, max_iter=MAX_ITER), x, labels[kept], method="predict_proba",
+                          cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r))
+        for r in range(repeats)], axis=0)
     probs = np.zeros((len(labels), n_classes), np.float32)
     probs[np.ix_(np.nonzero(kept)[0], present)] = probs_kept
     return OutOfFold(probs, kept, folds, skipped)
@@ -95,9 +108,9 @@ def ranked_issues(labels: np.ndarray, oof: OutOfFold) -> tuple[np.ndarray, np.nd
     probs = oof.probs[np.ix_(rows, present)]
     probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
     issues = cleanlab.filter.find_label_issues(local, probs, filter_by=FILTER_BY,
-                                               return_indices_ranked_by="self_confidence", n_jobs=1)
+                                               return_indices_ranked_by=RANK_BY, n_jobs=1)
     scores = np.ones(len(labels), np.float32)
-    scores[rows] = cleanlab.rank.get_label_quality_scores(local, probs, method="self_confidence")
+    scores[rows] = cleanlab.rank.get_label_quality_scores(local, probs, method=RANK_BY)
     return rows[np.asarray(issues, np.int64)], scores
 
 
