@@ -96,7 +96,7 @@ def train(
     head_units: HeadUnits = TrainConfig.head_units,
     dropout: Annotated[float, typer.Option(help="Head dropout rate.")] = TrainConfig.dropout,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random augmentation layers, active in training only.")] = TrainConfig.augment,
-    augment_policy: Annotated[str, typer.Option(help="With --augment or --augment-views: seed (random flip, rotation and zoom) | flip-crop (flip and 1/8-side shifts, a fast CIFAR-10 recipe).")] = TrainConfig.augment_policy,
+    augment_policy: Annotated[str, typer.Option(help="With --augment or --augment-views: seed (random flip, rotation and zoom) | flip-crop (flip and 1/8-side shifts, a fast CIFAR-10 recipe). With --augment-views only: crop (inception crop: 35-100 percent of the area, aspect 3/4-4/3) | mixup (seed's view mixed with another training image, lam ~ Beta(1, 1), labels mixed alike) | crop-mixup (crop, then mixup).")] = TrainConfig.augment_policy,
     augment_views: Annotated[int, typer.Option(help="Train on K augmented views of each image, drawn once by --augment-policy and --seed (one per image each epoch); with --teacher, the teacher's probabilities on each view. 0 = off.")] = TrainConfig.augment_views,
     cnn_layers: CnnLayers = TrainConfig.cnn_layers,
     cnn_padding: CnnPadding = TrainConfig.cnn_padding,

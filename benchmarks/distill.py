@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--views", type=int, default=16, help="--augment-views for alone and student (0: none)")
-    parser.add_argument("--policy", default="seed", help="--augment-policy of the views")
+    parser.add_argument("--policy", default="seed", help="--augment-policy of the views: seed, flip-crop, crop, mixup, crop-mixup")
     parser.add_argument("--fresh", action="store_true", help="train every run again, even if it is there")
     parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()

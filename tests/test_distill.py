@@ -212,3 +212,123 @@ def test_tune_refuses_views(run_cli, tmp_path):
     result = run_cli("tune", "--data", "synthetic", "--limit", "50", "--augment-views", "2", "--space", "lr=1e-4..1e-2:log",
                      "--trials", "1", "--out", tmp_path / "study", "--runs-dir", tmp_path)
     assert result.code == 2 and "tune does not search with --augment-views" in result.err, result.err
+
+
+# Stronger views: inception crops and mixup ("function matching"), the teacher asked about the mixed image
+
+@pytest.mark.parametrize("policy", ["crop", "mixup", "crop-mixup"])
+def test_crop_and_mixup_views_are_drawn_once_from_the_seed(policy):
+    from training.data import views
+
+    n, k = 20, 8
+    params = views.draw(policy, n, k, seed=3)
+    assert params.shape == (n, k, 8) and np.array_equal(params, views.draw(policy, n, k, seed=3))
+    assert not np.array_equal(params, views.draw(policy, n, k, seed=4))
+    flip, zoom, dx, dy, zoom_y, partner, lam = (params[..., i] for i in (0, 2, 3, 4, 5, 6, 7))
+    assert flip.any() and not flip.all()
+    if "crop" in policy:  # a window of 35-100% of the area, aspect 3/4-4/3, inside the image
+        area, aspect = zoom * zoom_y, zoom / zoom_y
+        assert (area >= 0.35 - 1e-5).all() and (area <= 1 + 1e-5).all() and area.min() < 0.5
+        assert (zoom <= 1).all() and (zoom_y <= 1).all() and (aspect <= 4 / 3 + 1e-4).all() and (aspect >= 0.75 - 1e-4).all()
+        assert (np.abs(dx) <= (1 - zoom) / 2 + 1e-6).all() and (np.abs(dy) <= (1 - zoom_y) / 2 + 1e-6).all()
+    else:  # seed's geometry, drawn as seed draws it
+        np.testing.assert_array_equal(params[..., :5], views.draw("seed", n, k, seed=3))
+    if "mixup" in policy:  # a partner that is another image, lam in [0, 1]
+        assert (partner >= 0).all() and (partner < n).all() and (partner != np.arange(n)[:, None]).all()
+        assert (lam >= 0).all() and (lam <= 1).all() and lam.std() > 0.1
+    else:
+        assert (partner == -1).all() and (lam == 1).all()
+    # Every policy keys the teacher's cache apart, and so does the seed.
+    keys = {views.recipe_key(p, views.draw(p, n, k, seed=3)) for p in views.POLICIES}
+    assert len(keys) == len(views.POLICIES)
+    assert views.recipe_key(policy, params) != views.recipe_key(policy, views.draw(policy, n, k, seed=4))
+
+
+def test_a_crop_is_the_same_crop_at_any_size_and_a_mixed_view_mixes_two():
+    from training.data import views
+
+    big, small = _picture(64), _picture(32)
+    params = views.draw("crop", 1, 6, seed=1)
+    for k in range(6):
+        shrunk = views.render(big, params[:, k])[0].astype(float).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+        assert np.abs(shrunk - views.render(small, params[:, k])[0].astype(float)).mean() < 4, k
+    # A window of the top-left quarter, stretched: the picture's top-left quarter at twice the size.
+    quarter = np.array([[0, 0, 0.5, -0.25, -0.25, 0.5, -1, 1]], np.float32)
+    zoomed = views.render(big, quarter)[0].astype(float)
+    assert np.abs(zoomed[::2, ::2] - big[0, :32, :32]).mean() < 6
+    # Mixed views: lam * view of i + (1 - lam) * the same view of the partner, at any size.
+    x = np.concatenate([_picture(32), 255 - _picture(32), _picture(32)[:, ::-1]])
+    p = np.array([[1, 0.1, 0.9, 0.05, 0, 0.9, 1, 0.3], [0, 0, 1, 0, 0, 1, 2, 0.8], [0, 0, 1, 0, 0, 1, -1, 1]], np.float32)
+    mixed = views.render_view(x, p).astype(float)
+    alone = views.render(x, p[:, :6]).astype(float)
+    partner = views.render(x[[1, 2, 2]], p[:, :6]).astype(float)
+    for i in (0, 1):
+        np.testing.assert_allclose(mixed[i], p[i, 7] * alone[i] + (1 - p[i, 7]) * partner[i], atol=1.01)
+    np.testing.assert_array_equal(mixed[2], alone[2])
+    all_views = views.render_all(x, np.stack([p, p[[1, 2, 0]]], axis=1))
+    np.testing.assert_array_equal(all_views[0], mixed[0])  # image i's view k at row i * K + k
+    # Their labels are mixed alike: lam of the image's own class, 1 - lam of the partner's.
+    soft = views.mixed_labels(np.array([0, 2, 1]), p[:, None], 3)
+    np.testing.assert_allclose(soft, [[0.3, 0, 0.7], [0, 0.2, 0.8], [0, 1, 0]], atol=1e-6)
+
+
+def test_mixed_labels_loss_alone_and_with_a_teacher():
+    from training.fit.distill import distillation_loss, label_targets
+    from training.env import tf
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], np.float32)
+    soft = np.array([[0.6, 0.4, 0], [0, 0.25, 0.75]], np.float32)
+    teacher = np.array([[0.5, 0.4, 0.1], [0.2, 0.6, 0.2]], np.float32)
+    packed = label_targets(soft, {0: 2.0, 1: 1.0, 2: 1.0})
+    np.testing.assert_allclose(packed[:, :2], [[0, 0.6 * 2 + 0.4], [2, 1]], rtol=1e-6)  # larger part's label, mixed weight
+    cross = -(soft * np.log(probs)).sum(1) * packed[:, 1]
+    alone = distillation_loss(3, 1.0, 1.0, 0.0, soft_labels=True, teacher=False)
+    np.testing.assert_allclose(alone(tf().constant(packed), probs), cross, rtol=1e-5)
+    np.testing.assert_allclose(alone(tf().constant(np.array([0, 1], np.float32)), probs), -np.log([0.7, 0.8]), rtol=1e-5)
+    both = np.concatenate([packed, teacher], axis=1)
+    student = lambda w: distillation_loss(3, 1.0, w, 0.0, soft_labels=True, teacher=True)(tf().constant(both), probs)  # noqa: E731
+    np.testing.assert_allclose(student(0.0), cross, rtol=1e-5)
+    kl = (teacher * np.log(teacher / probs)).sum(1) * packed[:, 1]
+    np.testing.assert_allclose(student(1.0), kl, rtol=1e-4)
+
+
+def test_student_and_alone_on_mixed_views(run_cli, teacher):
+    options = [*STUDENT, "--augment-views", "2", "--augment-policy", "crop-mixup", "--runs-dir", teacher, "--json"]
+    alone = run_cli("train", *options, "--name", "alone-mixup", "--class-weight", "balanced")
+    assert alone.code == 0, alone.err
+    a = json.loads(alone.out)
+    assert a["training"]["augment_views"]["policy"] == "crop-mixup" and a["training"]["augment_views"]["images"] == 300
+    student = run_cli("train", *options, "--teacher", "teacher", "--distill-weight", "0.5", "--name", "student-mixup")
+    assert student.code == 0, student.err
+    d = json.loads(student.out)["distillation"]
+    assert d["views_policy"] == "crop-mixup" and d["views_recipe"] == a["training"]["augment_views"]["recipe"]
+    # The teacher's probabilities are on the mixed views themselves, cached apart from the seed policy's.
+    from training.config import DataConfig
+    from training.data import views
+    from training.data.sources import load_dataset
+    from training.model.build import load_model
+
+    cached = np.load(d["cache"])
+    train = load_dataset(DataConfig(limit=150)).train
+    params = views.draw("crop-mixup", 150, 2, seed=0)
+    rows = [0, 3, 7]
+    rendered = np.stack([views.render_view(train.x, params[:, r % 2])[r // 2] for r in rows])
+    model = load_model(teacher / "teacher" / "model.keras")
+    np.testing.assert_allclose(cached[rows], model.predict(rendered.astype(np.float32), verbose=0), atol=1e-4)
+    seed_views = run_cli("train", *STUDENT, "--augment-views", "2", "--teacher", "teacher", "--runs-dir", teacher, "--json",
+                         "--name", "student-seed-views")
+    assert seed_views.code == 0, seed_views.err
+    s = json.loads(seed_views.out)["distillation"]
+    assert s["views_recipe"] != d["views_recipe"] and s["cache"] != d["cache"] and not s["cache_reused"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--augment-policy", "mixup"], "--augment-policy mixup draws fixed views: give --augment-views K"),
+    (["--augment-policy", "crop", "--augment"], "--augment-policy crop draws fixed views"),
+    (["--augment-views", "4", "--augment-policy", "mixupp"], "unknown --augment-policy 'mixupp'"),
+])
+def test_bad_views_policy_is_one_line_and_exit_2(run_cli, teacher, options, message):
+    result = run_cli("train", *STUDENT, *options, "--name", "refused", "--runs-dir", teacher)
+    assert result.code == 2 and message in result.err, result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (teacher / "refused").exists()

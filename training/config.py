@@ -15,7 +15,8 @@ from serving.base.errors import UserError, nearest
 STRATEGIES = ("scratch", "frozen", "finetune", "full")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 HEADS = ("gap", "gap-dense", "flatten-dense-bn")
-AUGMENT_POLICIES = ("seed", "flip-crop")
+AUGMENT_POLICIES = ("seed", "flip-crop")                                  # --augment (layers) and --augment-views
+VIEW_POLICIES = (*AUGMENT_POLICIES, "crop", "mixup", "crop-mixup")       # --augment-views (training.data.views)
 SCHEDULES = ("constant", "onecycle", "cosine")
 TTA_MODES = ("none", "flip")
 DATA_CHECKS = ("off", "fast", "full")
@@ -68,7 +69,7 @@ class TrainConfig(Contract):
     head_units: int = 256
     dropout: float = 0.2
     augment: bool = False
-    augment_policy: str = "seed"       # seed: flip/rotation/zoom | flip-crop: flip + 4-pixel translation (reflect)
+    augment_policy: str = "seed"       # seed: flip/rotation/zoom | flip-crop: flip + 4-pixel translation (reflect) | views only: crop, mixup, crop-mixup
     augment_views: int = 0             # K > 0: train on K fixed augmented views per image (training.data.views)
     cnn_layers: str = "seed003"        # preset name or layer spec (see backbones.CNN_PRESETS)
     cnn_padding: str | None = None     # None: the preset's own

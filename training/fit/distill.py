@@ -17,8 +17,14 @@ the same geometry: the student matches the teacher's function on the very inputs
 teaching", Beyer et al., CVPR 2022), not the teacher's opinion of an unaugmented image. They are
 cached like the plain ones, keyed by the views' recipe as well.
 
+With a mixing --augment-policy (mixup, crop-mixup) a view is two images mixed, lam * i + (1 - lam) * j,
+the teacher's probabilities are taken on that mixed image, and the hard term's label is the mixed one,
+lam * onehot(y_i) + (1 - lam) * onehot(y_j); the CNN alone trains on the same views with those mixed
+labels (`label_targets`), the fair baseline.
+
 They travel with the labels: a training batch's targets are [label, class weight, teacher's
-probabilities...] and the loss unpacks them; validation and test batches carry the plain label, for
+probabilities...] (with mixing: [label, class weight, mixed label..., teacher's probabilities...],
+the label being the larger part's, for the training accuracy) and the loss unpacks them; validation and test batches carry the plain label, for
 which the loss is the ordinary cross-entropy (so val_loss, early stopping and the test loss compare
 with runs trained without a teacher).
 """
@@ -97,14 +103,18 @@ def targets(cfg: TrainConfig, dataset, teacher: records.Run, weights: dict[int, 
         storage.write_bytes(cached, _npy_bytes(probs))
     seconds = time.perf_counter() - t0
     k = 1 if augmented is None else augmented.params.shape[1]
-    labels = np.repeat(dataset.train.y, k)
+    labels = np.repeat(dataset.train.y, k) if augmented is None or augmented.soft is None else augmented.soft.argmax(axis=1)
     agree = float(np.mean(probs.argmax(axis=1) == labels))
     what = f"{len(probs)} training images" if k == 1 else f"{k} views of each of {len(dataset.train)} training images"
     log(f"teacher {teacher.name}: probabilities on {what} "
         f"{'read from its cache' if reused else 'computed once'} in {seconds:.1f}s; it agrees with "
         f"{agree:.1%} of the labels")
-    w = np.array([(weights or {}).get(int(c), 1.0) for c in labels], np.float32)
-    packed = np.concatenate([labels[:, None].astype(np.float32), w[:, None], probs.astype(np.float32)], axis=1)
+    soft = None if augmented is None else augmented.soft
+    if soft is None:
+        w = np.array([(weights or {}).get(int(c), 1.0) for c in labels], np.float32)
+        packed = np.concatenate([labels[:, None].astype(np.float32), w[:, None], probs.astype(np.float32)], axis=1)
+    else:
+        packed = np.concatenate([label_targets(soft, weights), probs.astype(np.float32)], axis=1)
     rec = teacher.record
     facts = {"teacher": teacher.name, "teacher_backbone": rec.model.backbone, "teacher_strategy": rec.model.strategy,
              "teacher_test_accuracy": rec.test.accuracy, "teacher_params": rec.model.total_params,
@@ -142,7 +152,7 @@ def _predict(model_file: Path, x: np.ndarray, params: np.ndarray | None = None) 
 
     if params is None:
         return predict(x)
-    per_view = [predict(views.render(x, params[:, k])) for k in range(params.shape[1])]
+    per_view = [predict(views.render_view(x, params[:, k])) for k in range(params.shape[1])]
     return np.stack(per_view, axis=1).reshape(len(x) * params.shape[1], -1)
 
 
@@ -154,27 +164,57 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def mixing(cfg: TrainConfig) -> bool:
+    """Whether the run trains on mixed views, whose labels are mixed too (packed targets, even alone)."""
+    return bool(cfg.augment_views) and cfg.augment_policy in views.MIXING
+
+
+def label_targets(soft: np.ndarray, weights: dict[int, float] | None) -> np.ndarray:
+    """(rows, 2 + classes) float32: [the larger part's label, class weight, mixed label...]; the weight
+    mixed as the label is (sum over classes of the label's share times the class's weight)."""
+    w = np.array([(weights or {}).get(c, 1.0) for c in range(soft.shape[1])], np.float64)
+    return np.concatenate([soft.argmax(axis=1)[:, None].astype(np.float32), (soft @ w)[:, None].astype(np.float32),
+                           soft.astype(np.float32)], axis=1)
+
+
 def compile_args(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
-    """The loss and metrics a phase compiles with: the distillation loss with --teacher, else the usual."""
-    if not cfg.teacher:
+    """The loss and metrics a phase compiles with: the distillation loss with --teacher, the mixed-label
+    loss with a mixing views policy, else the usual."""
+    soft = mixing(cfg)
+    if not cfg.teacher and not soft:
         return {"loss": optim.loss(cfg.label_smoothing), "metrics": ["accuracy"]}
-    return {"loss": distillation_loss(num_classes, cfg.distill_temperature, cfg.distill_weight, cfg.label_smoothing),
+    return {"loss": distillation_loss(num_classes, cfg.distill_temperature, cfg.distill_weight, cfg.label_smoothing,
+                                      soft_labels=soft, teacher=bool(cfg.teacher)),
             "metrics": [keras().metrics.MeanMetricWrapper(_accuracy, name="accuracy")]}
 
 
-def distillation_loss(num_classes: int, temperature: float, weight: float, label_smoothing: float):
+def distillation_loss(num_classes: int, temperature: float, weight: float, label_smoothing: float, *,
+                      soft_labels: bool = False, teacher: bool = True):
+    """The packed targets' loss. soft_labels: the hard term is the cross-entropy with the mixed label
+    (label smoothing applied to it); without a teacher that is the whole loss."""
     T, K = tf(), keras()
     hard = K.losses.get(optim.loss(label_smoothing))
+    width = 2 + num_classes * (int(soft_labels) + int(teacher))
+
+    def soft_hard(mixed, y_pred):
+        return K.losses.categorical_crossentropy(mixed, y_pred, label_smoothing=label_smoothing)
 
     def distillation(y_true, y_pred):
-        if y_true.shape[-1] != 2 + num_classes:  # static: a validation or test batch carries the label alone
+        if y_true.shape[-1] != width:  # static: a validation or test batch carries the label alone
             return hard(y_true, y_pred)
-        labels, sample_weight, teacher = y_true[:, :1], y_true[:, 1], y_true[:, 2:]
+        labels, sample_weight = y_true[:, :1], y_true[:, 1]
+        if soft_labels:
+            hard_term = soft_hard(y_true[:, 2:2 + num_classes], y_pred)
+            if not teacher:
+                return sample_weight * hard_term
+            teacher_p = y_true[:, 2 + num_classes:]
+        else:
+            hard_term, teacher_p = hard(labels, y_pred), y_true[:, 2:]
         student_log = T.math.log(T.clip_by_value(y_pred, 1e-7, 1.0)) / temperature
-        teacher_soft = T.nn.softmax(T.math.log(T.clip_by_value(teacher, 1e-7, 1.0)) / temperature)
+        teacher_soft = T.nn.softmax(T.math.log(T.clip_by_value(teacher_p, 1e-7, 1.0)) / temperature)
         kl = T.reduce_sum(teacher_soft * (T.math.log(T.clip_by_value(teacher_soft, 1e-7, 1.0))
                                           - T.nn.log_softmax(student_log)), axis=-1)
-        mixed = (1 - weight) * hard(labels, y_pred) + weight * temperature ** 2 * kl
+        mixed = (1 - weight) * hard_term + weight * temperature ** 2 * kl
         return sample_weight * mixed
 
     return distillation

@@ -258,9 +258,10 @@ def _train_in(cfg, runs_dir, staging: Path, state: RunState, log: Log, progress:
 @dataclass
 class Augmented:
     """--augment-views: the K views of every training image, rendered at the data's size."""
-    params: np.ndarray       # (n, K, 5): training.data.views.draw
+    params: np.ndarray       # (n, K, 5 or 8): training.data.views.draw
     x: np.ndarray            # (n * K, h, w, 3) uint8, image i's view k at row i * K + k
     facts: dict[str, Any]    # the record's training.augment_views
+    soft: np.ndarray | None = None  # a mixing policy's labels, (n * K, classes): views.mixed_labels
 
 
 def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
@@ -270,9 +271,11 @@ def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
     seconds = time.perf_counter() - t0
     log(f"augmented views: {cfg.augment_views} per training image ({cfg.augment_policy}), {len(x)} rendered in "
         f"{seconds:.1f}s; one per image each epoch")
+    soft = (views.mixed_labels(dataset.train.y, params, len(dataset.class_names))
+            if cfg.augment_policy in views.MIXING else None)
     return Augmented(params, x, {"views": cfg.augment_views, "policy": cfg.augment_policy, "recipe_version": views.VERSION,
                                  "recipe": views.recipe_key(cfg.augment_policy, params), "images": int(len(x)),
-                                 "seconds": round(seconds, 4)})
+                                 "seconds": round(seconds, 4)}, soft)
 
 
 def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> accelerators.Accel:
@@ -305,13 +308,15 @@ def _phases_run(cfg: TrainConfig, acc, built, dataset, state: RunState, staging:
     if cfg.strategy in ("frozen", "finetune") and not use_cache:
         log(f"feature cache off: {cache_reason}")
     batch = cfg.batch_size * acc.replicas
+    # Mixed views carry mixed labels: packed targets (with the class weights in them), even without a teacher.
+    mixed = None if distilled or augmented is None or augmented.soft is None else distill.label_targets(augmented.soft, weights)
     pipes = {"val": datasets.pipeline(dataset.val, batch) if len(dataset.val) else None,
              "test": datasets.pipeline(dataset.test, batch)}
     ckpts = Checkpoints(staging, random_generators(built.model), read_from=shared)
     run = phases.Run(cfg=cfg, acc=acc, built=built, dataset=dataset, state=state, ckpts=ckpts, staging=staging,
                      shared=shared, cluster=cluster, log=log, interactive=sys.stdout.isatty() if progress is None else progress,
-                     class_weights=None if distilled else weights, use_cache=use_cache, batch=batch, pipes=pipes,
-                     train_targets=distilled.targets if distilled else None,
+                     class_weights=None if distilled or mixed is not None else weights, use_cache=use_cache,
+                     batch=batch, pipes=pipes, train_targets=distilled.targets if distilled else mixed,
                      train_views=augmented.x if augmented else None, views=cfg.augment_views or 1)
     return run, cache_reason
 

@@ -10,7 +10,7 @@ from training.model import backbones, strategies
 from training.fit import class_weights
 from training.data import views
 from training.data.sources import check_config
-from training.config import (AUGMENT_POLICIES, CNN_PADDINGS, DATA_CHECKS, DISTRIBUTIONS, HEADS, OPTIMIZERS,
+from training.config import (AUGMENT_POLICIES, VIEW_POLICIES, CNN_PADDINGS, DATA_CHECKS, DISTRIBUTIONS, HEADS, OPTIMIZERS,
                              PRECISIONS, SCHEDULES, STRATEGIES, TTA_MODES, DataConfig, DataSpec, TrainConfig)
 
 
@@ -38,7 +38,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     check_data_spec(cfg.data)
     choose("--optimizer", cfg.optimizer, OPTIMIZERS)
     choose("--schedule", cfg.schedule, SCHEDULES)
-    choose("--augment-policy", cfg.augment_policy, AUGMENT_POLICIES)
+    choose("--augment-policy", cfg.augment_policy, VIEW_POLICIES)
     choose("--tta", cfg.tta, TTA_MODES)
     choose("--data-check", cfg.data_check, DATA_CHECKS)
     choose("--precision", cfg.precision, PRECISIONS)
@@ -65,6 +65,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"--augment-views must be between 0 (off) and {views.MAX_VIEWS}")
     if cfg.augment_views and cfg.augment:
         raise UserError("--augment-views and --augment: pick one (views are drawn once, the layers every step)")
+    if cfg.augment_policy not in AUGMENT_POLICIES and not cfg.augment_views:
+        raise UserError(f"--augment-policy {cfg.augment_policy} draws fixed views: give --augment-views K "
+                        f"(--augment takes {' or '.join(AUGMENT_POLICIES)})")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError("--label-smoothing must be at least 0 and below 1")
     if cfg.logit_scale <= 0:
