@@ -14,7 +14,8 @@ threshold as `tlserve export` sets them), then scored through the exported ONNX 
              serving.monitor.Monitor.observe per request under a multiprocess Prometheus registry
 
 Each OOD row prints the AUROC of the exported score (ONNX fp32, and int8 where kept: on MobileNetV2 the
-sum of the penultimate term, covariance rank 64, and the block_9_add term, training.exported.ood), of
+sum of the penultimate term, covariance rank 64, and block_9_add's raw and unit-length terms,
+training.exported.ood), of
 each term alone (the penultimate one is the score exported before 2026-12-05), of the penultimate
 Mahalanobis score with every covariance direction kept, and, from the same Keras features, of the
 baselines: max-softmax probability (MSP), max logit, energy (-logsumexp of logits)
@@ -108,7 +109,8 @@ def scores(model_dir: Path, x: np.ndarray, background) -> dict[str, np.ndarray]:
     feats = layers[ood.PENULTIMATE]
     # Each term alone, unweighted: the first is the score exported before 2026-12-05 (same fit, same images).
     for term in score.terms:
-        out[f"term alone: {term.layer or 'penultimate'}"] = replace(term, weight=1.0).score(layers[term.layer])
+        form = "unit" if term.normalized else "raw"
+        out[f"term alone: {term.layer or 'penultimate'}, {form}"] = replace(term, weight=1.0).score(layers[term.layer])
     dense = ood.last_dense(keras_model)
     kernel, bias = (w for w in dense.get_weights())
     logits = feats @ kernel + bias

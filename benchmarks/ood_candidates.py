@@ -180,6 +180,7 @@ def candidates() -> dict[str, object]:
     out["z-sum: penultimate + block_9_add unit + raw"] = summed(pen, b9, b9raw)
     out["z-sum: penultimate rank 128 + block_9_add raw"] = summed(pen128, b9raw)
     out["z-sum: penultimate rank 64 + block_9_add raw (exported since 2026-12-05)"] = summed(pen64, b9raw)
+    out["z-sum: penultimate rank 64 + block_9_add unit + raw"] = summed(pen64, b9, b9raw)
     return out
 
 

@@ -85,7 +85,8 @@ def test_a_mid_level_term_is_summed_in_the_graph_as_in_numpy(tmp_path):
     fitted, scored = ood.fit_for_export(model, (tx, ty), (vx, vy), probe, ["a", "b", "c"], accept=0.9, images=60,
                                         seed=0, tap="mid")
     score = fitted.reference
-    assert [t.layer for t in score.terms] == [ood.PENULTIMATE, "mid"] and fitted.entry.terms[1]["dims"] == 4
+    assert [t.layer for t in score.terms] == [ood.PENULTIMATE, "mid", "mid"] and fitted.entry.terms[1]["dims"] == 4
+    assert [t.normalized for t in score.terms] == [True, *ood.MID_FORMS]   # the mid layer raw and unit length
     feats, probs = ood.layer_features(model, probe, "probe", tap="mid")
     np.testing.assert_allclose(fitted.keras_scores, score.score(feats), rtol=1e-4)
     for term in score.terms:  # the graph's basis (kept directions + the class means' rest) stays orthonormal

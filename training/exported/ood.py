@@ -13,12 +13,13 @@ held-out in-distribution images is accepted. docs/decisions.md ("An OOD score in
 measurements behind Mahalanobis over max-softmax, max-logit and energy.
 
 Where the backbone names a mid-level layer (BackboneSpec.ood_layer: MobileNetV2's block_9_add), the
-score is a weighted sum of two such distances: the penultimate one above and one on that layer's
-globally averaged output (raw, not unit length), each weighted by 1 / its standard deviation over the
-validation split (then both scaled so validation images average 1). The late features alone miss what
-a small image of another domain is: banana leaves shrunk to 32 px land among a CIFAR-10 model's class
-means (AUROC 0.42), while the mid-level block still sees their colour and texture (0.99 alone, 0.96
-summed, without costing the leaf rows: docs/decisions.md, "An OOD score in the model").
+score is a weighted sum of three such distances: the penultimate one above and two on that layer's
+globally averaged output (raw, and unit length: how strongly and which way it responds), each weighted
+by 1 / its standard deviation over the validation split (then all scaled so validation images average
+1). The late features alone miss what a small image of another domain is: banana leaves shrunk to 32 px
+land among a CIFAR-10 model's class means (AUROC 0.42), while the mid-level block still sees their
+colour and texture (0.99 alone, 0.986 summed, and every near-OOD leaf row at 0.77 or more:
+docs/decisions.md, "An OOD score in the model").
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ REFERENCE_FILE = "ood_reference.npz"
 # the score's largest nodes, shrink fourfold: batch-1 cost +5.4% and +4.8% at 128 (docs/decisions.md).
 RANK = 64
 PENULTIMATE = ""  # a term's layer: the input of the model's last Dense layer
-# The mid-level term's features stay raw: summed with the penultimate term, raw block_9_add features kept
-# every banana-leaf row at or above the penultimate term alone (sigatoka 0.875 against 0.829), unit-length
-# ones lost sigatoka (0.816); CIFAR-10 against leaves 0.965 and 0.977 (benchmarks/ood_candidates.py).
-MID_NORMALIZED = False
+# The mid-level layer gives two terms, its raw and its unit-length features (normalized flags, in order).
+# With the penultimate term (rank 64, benchmarks/ood_candidates.py, AUROC far-cifar / near sigatoka,
+# cordana, panama): raw alone 0.963 / 0.871, 0.717, 0.874 (cordana under the 0.75 target); unit alone
+# 0.977 / 0.816, 0.750, 0.912; both 0.986 / 0.851, 0.770, 0.901, the only one over every target.
+MID_FORMS = (False, True)
 SCORE_BINS = 10  # population stability index bins of the score (validation quantiles)
 BATCH = 64
 Log = Callable[[str], None]
@@ -189,13 +191,14 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, rank: int | 
 def fit_score(train: dict[str, np.ndarray], labels: np.ndarray, val: dict[str, np.ndarray],
               num_classes: int) -> Score:
     """The penultimate term (unit-length features, RANK directions) and, when `train` has a mid-level
-    layer's features, a term on them (raw, every direction: they have few channels). With two terms each
-    is weighted by 1 / its standard deviation over the validation sample, i.e. the terms' z-scores are
-    summed (only in-distribution images set it); then both weights are scaled so validation images
-    average 1, which keeps the score positive and float16-safe like a single term's."""
+    layer's features, a term on each of its forms (MID_FORMS: raw and unit length; every direction: they
+    have few channels). With several terms each is weighted by 1 / its standard deviation over the
+    validation sample, i.e. the terms' z-scores are summed (only in-distribution images set it); then all
+    weights are scaled so validation images average 1, which keeps the score positive and float16-safe
+    like a single term's."""
     terms = [fit(train[PENULTIMATE], labels, num_classes)]
-    terms += [fit(f, labels, num_classes, rank=None, normalized=MID_NORMALIZED, layer=layer)
-              for layer, f in train.items() if layer != PENULTIMATE]
+    terms += [fit(f, labels, num_classes, rank=None, normalized=form, layer=layer)
+              for layer, f in train.items() if layer != PENULTIMATE for form in MID_FORMS]
     if len(terms) == 1:
         return Score(terms)
     val_scores = [t.score(val[t.layer]) for t in terms]
@@ -391,8 +394,8 @@ def score_layer_class():
     int8 keeps it float with the rest of the score's nodes (onnx_nodes).
 
     The terms share their steps after the projections and the scales live in the constants
-    (_fused_constants): 19 ONNX nodes for MobileNetV2's two terms (18 once onnxruntime makes the norm's
-    product and epsilon one Gemm) where a chain per term took 35. At batch 1 the score's cost is the two
+    (_fused_constants): 25 ONNX nodes for MobileNetV2's three terms (19 for the two it had before
+    2026-12-05 late, where a chain per term took 35). At batch 1 the score's cost is the two
     1280 x 69 products and the count of small nodes, not their arithmetic (docs/decisions.md, "An OOD
     score in the model")."""
     K, T = keras(), tf()
@@ -506,7 +509,8 @@ def fit_for_export(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nd
     if not np.allclose(probs, np.asarray(model(check, training=False)), atol=1e-5):
         raise AssertionError(f"the OOD score's graph changed {model.name}'s probabilities (tap {score.tap})")
     main = score.terms[0]
-    layers = [last_dense(model).name + ":input"] + [t.layer + ":mean" for t in score.terms[1:]]
+    layers = [last_dense(model).name + ":input"] + [t.layer + (":mean:unit" if t.normalized else ":mean")
+                                                    for t in score.terms[1:]]
     entry = OodReference(
         method=METHOD, output=OUTPUT, feature_layer="+".join(layers), dims=main.dims,
         threshold=threshold, accept=accept, val_accepted=float(np.mean(val_scores <= threshold)),
