@@ -14,7 +14,7 @@ threshold as `tlserve export` sets them), then scored through the exported ONNX 
              serving.monitor.Monitor.observe per request under a multiprocess Prometheus registry
 
 Each OOD row prints the AUROC of the exported score (ONNX fp32, and int8 where kept: on MobileNetV2 the
-sum of the penultimate term, covariance rank 64, and block_9_add's raw and unit-length terms,
+sum of the penultimate term, covariance rank 32, and block_9_add's raw and unit-length terms,
 training.exported.ood), of
 each term alone (the penultimate one is the score exported before 2026-12-05), of the penultimate
 Mahalanobis score with every covariance direction kept, and, from the same Keras features, of the

@@ -40,11 +40,12 @@ from training.env import keras, tf
 OUTPUT = "ood_score"
 METHOD = "mahalanobis"
 REFERENCE_FILE = "ood_reference.npz"
-# Covariance directions of the penultimate term kept apart from the floor (Reference). 64, not 256 as
-# until 2026-12-05: summed with the mid-level term, every benchmark row moved by at most 0.005 AUROC
-# from 256 and still met its target (benchmarks/ood_candidates.py), and the graph's two projections,
-# the score's largest nodes, shrink fourfold: batch-1 cost +5.4% and +4.8% at 128 (docs/decisions.md).
-RANK = 64
+# Covariance directions of the penultimate term kept apart from the floor (Reference). 32 (256 until
+# 2026-12-05, then 64): summed with the mid-level terms every benchmark row still meets its target
+# (benchmarks/ood.py: 1.0000, 0.9861, near 0.842 / 0.777 / 0.893), and the graph's two 1280-wide
+# products, what is left of the score's cost, halve: batch-1 CPU +2.3% median against +4.6% at 64
+# (docs/decisions.md).
+RANK = 32
 PENULTIMATE = ""  # a term's layer: the input of the model's last Dense layer
 # The mid-level layer gives two terms, its raw and its unit-length features (normalized flags, in order).
 # With the penultimate term (rank 64, benchmarks/ood_candidates.py, AUROC far-cifar / near sigatoka,
@@ -73,7 +74,7 @@ class Reference:
     are whenever the training sample has fewer images than features (Ledoit-Wolf lifts the sample
     covariance's null space to one value); otherwise the smallest directions share their mean variance.
     The exported graph then multiplies by a dims x rank matrix, not dims x dims: for MobileNetV2's 1280
-    features and rank 64, 0.33 MB and 82 k multiply-adds per projection instead of 6.6 MB and 1.6 M
+    features and rank 32, 0.16 MB and 41 k multiply-adds per projection instead of 6.6 MB and 1.6 M
     (docs/decisions.md, "An OOD score in the model")."""
     means: np.ndarray      # (classes, dims) class means of the training features
     project: np.ndarray    # (dims, rank): eigen-directions scaled by sqrt(1/floor - 1/variance)
@@ -396,7 +397,7 @@ def score_layer_class():
     The terms share their steps after the projections and the scales live in the constants
     (_fused_constants): 25 ONNX nodes for MobileNetV2's three terms (19 for the two it had before
     2026-12-05 late, where a chain per term took 35). At batch 1 the score's cost is the two
-    1280 x 69 products and the count of small nodes, not their arithmetic (docs/decisions.md, "An OOD
+    1280 x (rank + classes) products and the count of small nodes, not their arithmetic (docs/decisions.md, "An OOD
     score in the model")."""
     K, T = keras(), tf()
 
