@@ -259,7 +259,7 @@ def test_a_crop_is_the_same_crop_at_any_size_and_a_mixed_view_mixes_two():
     # Mixed views: lam * view of i + (1 - lam) * the same view of the partner, at any size.
     x = np.concatenate([_picture(32), 255 - _picture(32), _picture(32)[:, ::-1]])
     p = np.array([[1, 0.1, 0.9, 0.05, 0, 0.9, 1, 0.3], [0, 0, 1, 0, 0, 1, 2, 0.8], [0, 0, 1, 0, 0, 1, -1, 1]], np.float32)
-    mixed = views.render_view(x, p).astype(float)
+    mixed = views.render(x, p).astype(float)
     alone = views.render(x, p[:, :6]).astype(float)
     partner = views.render(x[[1, 2, 2]], p[:, :6]).astype(float)
     for i in (0, 1):
@@ -312,7 +312,7 @@ def test_student_and_alone_on_mixed_views(run_cli, teacher):
     train = load_dataset(DataConfig(limit=150)).train
     params = views.draw("crop-mixup", 150, 2, seed=0)
     rows = [0, 3, 7]
-    rendered = np.stack([views.render_view(train.x, params[:, r % 2])[r // 2] for r in rows])
+    rendered = np.stack([views.render(train.x, params[:, r % 2])[r // 2] for r in rows])
     model = load_model(teacher / "teacher" / "model.keras")
     np.testing.assert_allclose(cached[rows], model.predict(rendered.astype(np.float32), verbose=0), atol=1e-4)
     seed_views = run_cli("train", *STUDENT, "--augment-views", "2", "--teacher", "teacher", "--runs-dir", teacher, "--json",

@@ -96,14 +96,13 @@ def recipe_key(policy: str, params: np.ndarray) -> str:
                           + np.ascontiguousarray(params).tobytes()).hexdigest()[:16]
 
 
-def render(x: np.ndarray, params: np.ndarray, chunk: int = 256, partners: np.ndarray | None = None) -> np.ndarray:
+def render(x: np.ndarray, params: np.ndarray, chunk: int = 256) -> np.ndarray:
     """x (n, h, w, c) uint8 and params (n, 5 or 8) -> the views (n, h, w, c) uint8, each image its own
-    view. A mixing view (partner index >= 0) mixes in the same view of `partners[index]` (the training
-    images the indices refer to; x itself when None)."""
+    view. A mixing view (partner index >= 0) mixes in the same view of x[index]: x is the training
+    images the indices refer to."""
     T = tf()
     n, h, w = x.shape[:3]
     out = np.empty_like(x)
-    source = x if partners is None else partners
     for start in range(0, n, chunk):
         p = params[start:start + chunk]
         t = T.convert_to_tensor(_transforms(p, h, w))
@@ -116,21 +115,16 @@ def render(x: np.ndarray, params: np.ndarray, chunk: int = 256, partners: np.nda
         view = moved(x[start:start + chunk])
         if p.shape[1] >= 8 and (p[:, 6] >= 0).any():
             partner, lam = p[:, 6].astype(np.int64), p[:, 7].astype(np.float32)[:, None, None, None]
-            other = moved(source[np.maximum(partner, 0)])
+            other = moved(x[np.maximum(partner, 0)])
             view = np.where((partner >= 0)[:, None, None, None], lam * view + (1 - lam) * other, view)
         out[start:start + chunk] = np.clip(np.round(view), 0, 255).astype(x.dtype)
     return out
 
 
-def render_view(x: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """x (n, h, w, c), the training images, and params (n, 5 or 8), one view of each -> (n, h, w, c)."""
-    return render(x, params, partners=x)
-
-
 def render_all(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     """x (n, h, w, c) and params (n, K, 5 or 8) -> (n * K, h, w, c): image i's view k at row i * K + k."""
     n, k = params.shape[:2]
-    return np.stack([render_view(x, params[:, j]) for j in range(k)], axis=1).reshape(n * k, *x.shape[1:])
+    return np.stack([render(x, params[:, j]) for j in range(k)], axis=1).reshape(n * k, *x.shape[1:])
 
 
 def _transforms(p: np.ndarray, h: int, w: int) -> np.ndarray:

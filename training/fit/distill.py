@@ -152,7 +152,7 @@ def _predict(model_file: Path, x: np.ndarray, params: np.ndarray | None = None) 
 
     if params is None:
         return predict(x)
-    per_view = [predict(views.render_view(x, params[:, k])) for k in range(params.shape[1])]
+    per_view = [predict(views.render(x, params[:, k])) for k in range(params.shape[1])]
     return np.stack(per_view, axis=1).reshape(len(x) * params.shape[1], -1)
 
 
