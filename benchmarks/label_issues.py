@@ -195,10 +195,11 @@ def flips(name: str, ims: list[Image.Image], y: np.ndarray, class_names: list[st
     side = embeddings.label_side(len(ims))
     t, c = time.perf_counter(), time.process_time()
     x = np.stack([np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), np.uint8) for im in ims])
-    features = embeddings.embeddings(x, str(WEIGHTS))
+    features = embeddings.embeddings(x, str(WEIGHTS), layers=embeddings.LABEL_LAYERS)  # what the check's classifier reads
     embed_s, embed_cpu = time.perf_counter() - t, time.process_time() - c
     k = len(class_names)
-    centres = np.stack([features[y == c].mean(axis=0) for c in range(k)])
+    last = embeddings.last_layer(features)  # "similar" by the last layer, as before the classifier read five
+    centres = np.stack([last[y == c].mean(axis=0) for c in range(k)])
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     sim = centres @ centres.T
     np.fill_diagonal(sim, -np.inf)

@@ -195,6 +195,25 @@ def test_a_weak_fold_model_comes_with_a_caution_and_a_strong_one_without():
                                                                        if cautioned else [])
 
 
+def test_the_label_features_are_five_depths_of_equal_variance_ending_in_the_pair_searchs(tmp_path):
+    """embeddings(layers=LABEL_LAYERS): one pass, each depth's pooled channels side by side at equal total
+    variance, its last block the near-copy search's own features up to a scale (which project ignores)."""
+    from training.audit import embeddings as E
+    from training.model import backbones
+
+    weights = str(tmp_path / "mobilenetv2.weights.h5")  # one set of random weights for both passes
+    backbones.build_pretrained(backbones.get("mobilenetv2"), 32, "none").save_weights(weights)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    last = E.embeddings(x, weights)
+    both = E.embeddings(x, weights, layers=E.LABEL_LAYERS)
+    assert last.shape == (12, E.POOLED_WIDTH) and both.shape == (12, 192 + 384 + 576 + 960 + 1280)
+    edges = np.cumsum([0, 192, 384, 576, 960, 1280])
+    spread = [((b - b.mean(axis=0)) ** 2).sum(axis=1).mean() for b in (both[:, i:j] for i, j in zip(edges, edges[1:]))]
+    assert spread == pytest.approx([1.0] * 5, rel=1e-3)
+    np.testing.assert_allclose(E.project(E.last_layer(both)), E.project(last), atol=1e-4)
+
+
 def test_without_cleanlab_the_check_goes_on_with_one_line(labelled_set, monkeypatch, tmp_path):
     import sys
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from serving.base.errors import UserError
 from training.audit import ann
-from training.audit.embeddings import PCA_DIMS, embeddings, project
+from training.audit.embeddings import LABEL_LAYERS, PCA_DIMS, POOLED, embeddings, last_layer, project
 from training.audit.fingerprints import EMBED_SIZE, SPLITS, Images
 from training.audit.pairs import Pair, Thresholds, search
 from training.audit.report import (Balance, DataCheckReport, Entry, ImageFacts, LabelIssues, Leak, PairItem,
@@ -67,7 +67,7 @@ class Options:
 def analyse(imgs: Images, meta: Meta, opts: Options, log, bar) -> Report:
     seconds: dict[str, float] = {}
     features, embed_note = _embed(imgs, opts, log, bar, seconds)
-    emb = None if features is None else project(features)
+    emb = None if features is None else project(last_layer(features))
     how = ann.choose_search(opts.search, len(imgs.labels), emb is not None, log)
     t = time.perf_counter()
     candidates = None
@@ -94,12 +94,14 @@ def analyse(imgs: Images, meta: Meta, opts: Options, log, bar) -> Report:
 
 
 def _embed(imgs: Images, opts: Options, log, bar, seconds: dict[str, float]) -> tuple[np.ndarray | None, str]:
-    """(pooled MobileNetV2 features or None, what the report says about them)."""
+    """(pooled MobileNetV2 features or None, what the report says about them). Where the label classifier
+    reads these same EMBED_SIZE images (no larger copies), the pass pools its LABEL_LAYERS too."""
     if opts.mode != "full" or imgs.small is None:
         return None, "fast mode: hashes only"
     t = time.perf_counter()
+    layers = LABEL_LAYERS if opts.labels and imgs.label_small is None else (POOLED,)
     try:
-        features = embeddings(imgs.small, opts.weights, log, bar)
+        features = embeddings(imgs.small, opts.weights, log, bar, layers)
         note = f"MobileNetV2 ({opts.weights}) at {EMBED_SIZE}px, centred, top {PCA_DIMS} PCA axes"
     except UserError as exc:
         # A check without embeddings still finds exact and hash-near copies: say so, do not fail.
@@ -123,7 +125,7 @@ def _labels(imgs: Images, features: np.ndarray | None, names: list[str], opts: O
     start, side = time.perf_counter(), EMBED_SIZE
     if imgs.label_small is not None:
         side = imgs.label_small.shape[1]
-        features = embeddings(imgs.label_small, opts.weights, log, False)
+        features = embeddings(imgs.label_small, opts.weights, log, False, LABEL_LAYERS)
         imgs.label_small = None
     issues = labels.find(features, imgs, names, side=side, log=log)
     issues.seconds = round(time.perf_counter() - start, 2)

@@ -2,8 +2,8 @@
 
 Confident learning (Northcutt, Jiang & Chuang, "Confident Learning: Estimating Uncertainty in Dataset
 Labels", JAIR 70, 2021) on out-of-fold predicted probabilities: a light classifier (scikit-learn's
-multinomial LogisticRegression on the pooled MobileNetV2 features, centred and projected on their top
-LABEL_DIMS principal axes)
+multinomial LogisticRegression on MobileNetV2's features pooled at five depths (embeddings.LABEL_LAYERS),
+centred and projected on their top LABEL_DIMS principal axes)
 is fitted FOLDS times, each time predicting the fold it did not see, so every image gets class
 probabilities from a model that never saw its label; that is repeated over REPEATS different fold
 partitions and averaged (still out of fold: no model ever saw the image it predicts). cleanlab's
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.audit.ann import warn
-from training.audit.embeddings import project
+from training.audit.embeddings import LABEL_LAYERS, project
 from training.audit.fingerprints import SPLITS, Images, list_name
 from training.audit.report import Entry, LabelIssues, Suspect
 
@@ -37,6 +37,7 @@ MIN_PER_CLASS = 2          # images a class needs to be in every fold's training
 # principal axes, unit length times sqrt(LABEL_DIMS). Measured (docs/decisions.md): on CIFAR-10 the 1,280
 # raw features overfit (out-of-fold accuracy 0.575 at 64 px, 0.701 at 128 px; 128 axes: 0.617, 0.729) and
 # cost 15x the CPU; on banana-leaf 128 axes match the raw features (0.936 against 0.934 at 224 px).
+# 256 axes of the five depths (embeddings.LABEL_LAYERS): banana-leaf no better, twice the 60k check's label time.
 LABEL_DIMS = 128
 # Stronger regularisation than sklearn's C 1 keeps the fold model from learning the flipped labels it is
 # meant to doubt: on banana-leaf, 3 draws of 5% flips (benchmarks/label_issues.py), C 0.03 against 0.1 gave
@@ -145,7 +146,8 @@ def find(features: np.ndarray, imgs: Images, names: list[str], *, side: int, log
         warn(log)(f"note: label issues: {caution}")
     return LabelIssues(
         status="done", why=f"{len(issues):,} of {len(kept):,} images listed", method=METHOD,
-        classifier=f"LogisticRegression (C {C}) on pooled MobileNetV2 features at {side} px, top {LABEL_DIMS} "
+        classifier=f"LogisticRegression (C {C}) on MobileNetV2 features pooled at {len(LABEL_LAYERS)} depths at "
+                   f"{side} px, top {LABEL_DIMS} "
                    f"principal axes; {oof.folds}-fold, all splits pooled",
         folds=oof.folds, images=len(kept), out_of_fold_accuracy=round(accuracy, 4), caution=caution,
         skipped_classes=[names[k] for k in oof.skipped_classes],
