@@ -5,7 +5,7 @@
 For each split seed S (--split-seed S: which images are train / val / test) one teacher is trained on
 that split; then, for each training seed R (--seed R: initial weights, shuffles, the views drawn), on
 the same split:
-  teacher  MobileNetV2@128, frozen, the real ImageNet weights (the data loaded at 128x128), seed S
+  teacher  MobileNetV2@128 (--teacher-size), frozen, the real ImageNet weights (the data loaded at 128x128), seed S
   alone    the small CNN at --image-size, labels only, with the same augmentation as the student
   student  the same CNN, same options, with --teacher (its probabilities computed at 128x128; with
            --views K on each of the K augmented views the CNN trains on: consistent teaching)
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--split-seeds", default="0,1,2", help="one teacher and one split per seed")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, on every split")
     parser.add_argument("--image-size", type=int, default=64, help="the CNN's image size")
+    parser.add_argument("--teacher-size", type=int, default=128, help="the teacher's image and input size")
     parser.add_argument("--cnn-layers", default=CNN)
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--patience", type=int, default=20)
@@ -70,7 +71,8 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true")
     args = parser.parse_args()
     data = ["--data", args.data, "--json"]
-    teacher = [*data, "--image-size", "128", "--input-size", "128", "-b", "mobilenetv2", "-s", "frozen",
+    size = str(args.teacher_size)
+    teacher = [*data, "--image-size", size, "--input-size", size, "-b", "mobilenetv2", "-s", "frozen",
                "--weights", str(WEIGHTS), "--epochs", "30", "--patience", "8", "--head", "gap-dense", "--dropout", "0.3"]
     cnn = [*data, "--image-size", str(args.image_size), "-b", "cnn", "--cnn-layers", args.cnn_layers,
            "--epochs", str(args.epochs), "--patience", str(args.patience)]
