@@ -21,7 +21,7 @@ POOLED = "out_relu"        # MobileNetV2's last activation: the near-copy cosine
 POOLED_WIDTH = 1280        # its channels
 # The label classifier sees five depths, not only the last: edges and textures as well as objects. Out-of-fold
 # accuracy, last layer -> these five (5-fold, 128 axes): banana-leaf 224 px 0.931 -> 0.946, CIFAR-10 10k
-# 160 px 0.721 -> 0.748; recall of planted flips in docs/decisions.md. From the same pass, at no extra pass.
+# 160 px 0.721 -> 0.748; recall of planted flips in docs/decisions.md. All from the one forward pass.
 LABEL_LAYERS = ("block_6_expand_relu", "block_10_expand_relu", "block_13_expand_relu", "block_16_expand_relu", POOLED)
 
 
