@@ -40,6 +40,12 @@ MIN_COLOUR_CORRELATION = 0.8
 # the same shapes in other colours of the built-in synthetic set 0.38 at the median.
 MAX_CHROMA_SHIFT = 0.25
 FLAT_CHANNEL = 4.0       # grey levels (sd): a channel this flat has no pattern to compare
+# A grey copy of a colour image (its saturation taken to zero) has no colour to keep or shift: where one image of
+# a pair is grey and the other is not, the colour rules give way and the grey ones (hash, pixel correlation,
+# alignment), which compare luminance alone, decide. Grey: its 16x16 colour thumbnail's channels differ by at
+# most this many levels on average (a grey image saved as RGB JPEG: 0.0; the greyest of banana-leaf's 577
+# photos: 8.2; CIFAR-10 holds real grey photos, 56 of 3,000 at or below it).
+GREY_SPREAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class _Prepared:
     emb: np.ndarray | None
     split_end: np.ndarray
     shares: np.ndarray          # (N, 3) the mean colour's R, G, B shares (chroma_shift)
+    grey: np.ndarray            # (N,) bool: an image without colour (GREY_SPREAD)
 
 
 @dataclass
@@ -122,7 +129,7 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
     prep = _Prepared(_bits(imgs.phash), _bits(imgs.phash_mirror), _standardised(imgs.grey),
                      _standardised(imgs.grey[:, :, ::-1]), emb,
                      np.searchsorted(imgs.split, np.arange(len(SPLITS)), side="right"),
-                     colour_shares(imgs.colour))
+                     colour_shares(imgs.colour), is_grey(imgs.colour))
     pairs: list[Pair] = []
     nearest: list[tuple[np.ndarray, np.ndarray]] = []
     with progress.step("searching pairs", n, log=log, bar=bar) as advance:
@@ -159,8 +166,8 @@ def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], 
         ok = al.score >= geometry.MIN_ALIGNED
         ii, jj = ii[ok], jj[ok]
         al = geometry.Aligned(al.score[ok], al.zoomed[ok], al.transform[ok])
-        keep = ((geometry.colour_after(imgs.colour, ii, jj, al) >= geometry.MIN_ALIGNED_COLOUR)
-                & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT))
+        keep = (((geometry.colour_after(imgs.colour, ii, jj, al) >= geometry.MIN_ALIGNED_COLOUR)
+                 & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT)) | one_grey(prep.grey, ii, jj))
         out = []
         for k in np.nonzero(keep)[0]:
             i, j = int(ii[k]), int(jj[k])
@@ -245,6 +252,17 @@ def colour_shares(colour: np.ndarray) -> np.ndarray:
     return means / means.sum(axis=1, keepdims=True)
 
 
+def is_grey(colour: np.ndarray) -> np.ndarray:
+    """(N,) bool: images whose colour thumbnails' channels are (nearly) equal everywhere (GREY_SPREAD)."""
+    c = colour.astype(np.int16)
+    return (c.max(axis=-1) - c.min(axis=-1)).reshape(len(c), -1).mean(axis=1) <= GREY_SPREAD
+
+
+def one_grey(grey: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """Pairs where exactly one image is grey: a grey copy of a colour one, whose colours cannot be compared."""
+    return grey[ii] != grey[jj]
+
+
 def chroma_shift(shares: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
     """How far the mean colour moved between ii and jj: L1 distance of its R, G, B shares."""
     return np.abs(shares[ii] - shares[jj]).sum(axis=1)
@@ -258,8 +276,8 @@ def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds)
     flipped = np.einsum("kd,kd->k", prep.z[ii], prep.z_mirror[jj])
     corr = np.where(c.mirrored, flipped, direct)
     corr_any = np.maximum(direct, flipped)
-    same_colour = ((colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION)
-                   & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT))
+    same_colour = (((colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION)
+                    & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT)) | one_grey(prep.grey, ii, jj))
     out = []
     for k in range(len(ii)):
         i, j = int(ii[k]), int(jj[k])
