@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from conftest import SHARED
 from training.audit import geometry, pairs
@@ -65,6 +65,25 @@ def test_a_planted_crop_and_rotation_are_found_and_unrelated_images_are_not():
     assert (got[(4, crop_row)].kind, got[(4, crop_row)].how) == ("near", "crop")
     assert (got[(11, rot_row)].kind, got[(11, rot_row)].how) == ("near", "rotation")
     assert min(p.pixels for p in found) >= geometry.MIN_ALIGNED
+
+
+@pytest.mark.fast
+def test_a_grey_copy_of_a_colour_image_is_a_copy_and_a_recoloured_one_is_not():
+    """Saturation to zero leaves no colour to keep: one image grey, the grey rules decide (hash and pixels,
+    or alignment for a grey crop). A shape recoloured in another hue is still not a copy."""
+    rng = np.random.default_rng(4)
+    train = [textured(rng) for _ in range(20)]
+    grey = lambda im: ImageOps.grayscale(im).convert("RGB")  # noqa: E731
+    g = np.asarray(train[9].convert("L"), np.float32)
+    recoloured = Image.fromarray(np.stack([g * 0.2, g * 0.5, g * 1.0], axis=-1).astype(np.uint8))
+    test = [textured(rng) for _ in range(6)] + [grey(train[2]), grey(crop(train[6])), recoloured]
+    images = train + test
+    imgs = columns([0] * len(train) + [2] * len(test), [f"#{i}" for i in range(len(images))], [0] * len(images),
+                   [fingerprint(im.convert("RGB"), "fast") for im in images], [{}] * len(images))
+    found, _ = pairs.search(imgs, None, pairs.Thresholds(), cross_only=True, bar=False, geometric=True)
+    first = len(train) + 6
+    assert {(p.a, p.b): p.how for p in found} == {(2, first): "phash", (6, first + 1): "crop"}, \
+        [(p.a, p.b, p.how, p.pixels) for p in found]
 
 
 @pytest.mark.fast
