@@ -5,9 +5,9 @@
 For each split seed S (--split-seed S: which images are train / val / test) one teacher is trained on
 that split; then, for each training seed R (--seed R: initial weights, shuffles, the views drawn), on
 the same split:
-  teacher  MobileNetV2@128 (--teacher-size), frozen, the real ImageNet weights (the data loaded at 128x128), seed S
+  teacher  MobileNetV2@128 (--teacher-size), frozen, the real ImageNet weights (the data loaded at that size), seed S
   alone    the small CNN at --image-size, labels only, with the same augmentation as the student
-  student  the same CNN, same options, with --teacher (its probabilities computed at 128x128; with
+  student  the same CNN, same options, with --teacher (its probabilities computed at the teacher's size; with
            --views K on each of the K augmented views the CNN trains on: consistent teaching)
 Printed: each run's test accuracy and its validation accuracy (at the epoch early stopping kept); per
 split seed, the mean and sd over training seeds and the paired student - alone difference of every

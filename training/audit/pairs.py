@@ -166,8 +166,7 @@ def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], 
         ok = al.score >= geometry.MIN_ALIGNED
         ii, jj = ii[ok], jj[ok]
         al = geometry.Aligned(al.score[ok], al.zoomed[ok], al.transform[ok])
-        keep = (((geometry.colour_after(imgs.colour, ii, jj, al) >= geometry.MIN_ALIGNED_COLOUR)
-                 & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT)) | one_grey(prep.grey, ii, jj))
+        keep = colour_kept(geometry.colour_after(imgs.colour, ii, jj, al), geometry.MIN_ALIGNED_COLOUR, prep, ii, jj)
         out = []
         for k in np.nonzero(keep)[0]:
             i, j = int(ii[k]), int(jj[k])
@@ -258,9 +257,12 @@ def is_grey(colour: np.ndarray) -> np.ndarray:
     return (c.max(axis=-1) - c.min(axis=-1)).reshape(len(c), -1).mean(axis=1) <= GREY_SPREAD
 
 
-def one_grey(grey: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
-    """Pairs where exactly one image is grey: a grey copy of a colour one, whose colours cannot be compared."""
-    return grey[ii] != grey[jj]
+def colour_kept(agreement: np.ndarray, floor: float, prep: _Prepared, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
+    """The colour rule of every pair kind: each channel keeps its pattern (agreement >= floor) and the mean
+    colour moves no more than MAX_CHROMA_SHIFT; or exactly one image is grey (GREY_SPREAD), with no colour to
+    compare."""
+    return (((agreement >= floor) & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT))
+            | (prep.grey[ii] != prep.grey[jj]))
 
 
 def chroma_shift(shares: np.ndarray, ii: np.ndarray, jj: np.ndarray) -> np.ndarray:
@@ -276,8 +278,7 @@ def judge(imgs: Images, prep: _Prepared, c: _Candidates, thresholds: Thresholds)
     flipped = np.einsum("kd,kd->k", prep.z[ii], prep.z_mirror[jj])
     corr = np.where(c.mirrored, flipped, direct)
     corr_any = np.maximum(direct, flipped)
-    same_colour = (((colour_agreement(imgs.colour, ii, jj, c.mirrored) >= MIN_COLOUR_CORRELATION)
-                    & (chroma_shift(prep.shares, ii, jj) <= MAX_CHROMA_SHIFT)) | one_grey(prep.grey, ii, jj))
+    same_colour = colour_kept(colour_agreement(imgs.colour, ii, jj, c.mirrored), MIN_COLOUR_CORRELATION, prep, ii, jj)
     out = []
     for k in range(len(ii)):
         i, j = int(ii[k]), int(jj[k])
