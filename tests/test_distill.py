@@ -218,6 +218,7 @@ def test_tune_refuses_views(run_cli, tmp_path):
 
 @pytest.mark.parametrize("policy", ["crop", "mixup", "crop-mixup"])
 def test_crop_and_mixup_views_are_drawn_once_from_the_seed(policy):
+    from training.config import VIEW_POLICIES
     from training.data import views
 
     n, k = 20, 8
@@ -239,8 +240,8 @@ def test_crop_and_mixup_views_are_drawn_once_from_the_seed(policy):
     else:
         assert (partner == -1).all() and (lam == 1).all()
     # Every policy keys the teacher's cache apart, and so does the seed.
-    keys = {views.recipe_key(p, views.draw(p, n, k, seed=3)) for p in views.POLICIES}
-    assert len(keys) == len(views.POLICIES)
+    keys = {views.recipe_key(p, views.draw(p, n, k, seed=3)) for p in VIEW_POLICIES}
+    assert len(keys) == len(VIEW_POLICIES)
     assert views.recipe_key(policy, params) != views.recipe_key(policy, views.draw(policy, n, k, seed=4))
 
 

@@ -32,12 +32,10 @@ import hashlib
 
 import numpy as np
 
-from training.config import VIEW_POLICIES
 from training.env import tf
 
 VERSION = 1        # bump when a recipe's drawing or rendering changes: it keys the teacher's cached views
 MAX_VIEWS = 64
-POLICIES = VIEW_POLICIES
 MIXING = ("mixup", "crop-mixup")                # the policies that mix two images (and their labels)
 CROP_AREA, CROP_ASPECT, MIX_ALPHA = (0.35, 1.0), (3 / 4, 4 / 3), 1.0
 

@@ -103,13 +103,13 @@ def targets(cfg: TrainConfig, dataset, teacher: records.Run, weights: dict[int, 
         storage.write_bytes(cached, _npy_bytes(probs))
     seconds = time.perf_counter() - t0
     k = 1 if augmented is None else augmented.params.shape[1]
-    labels = np.repeat(dataset.train.y, k) if augmented is None or augmented.soft is None else augmented.soft.argmax(axis=1)
+    soft = None if augmented is None else augmented.soft   # a mixing policy's mixed labels
+    labels = np.repeat(dataset.train.y, k) if soft is None else soft.argmax(axis=1)
     agree = float(np.mean(probs.argmax(axis=1) == labels))
     what = f"{len(probs)} training images" if k == 1 else f"{k} views of each of {len(dataset.train)} training images"
     log(f"teacher {teacher.name}: probabilities on {what} "
         f"{'read from its cache' if reused else 'computed once'} in {seconds:.1f}s; it agrees with "
         f"{agree:.1%} of the labels")
-    soft = None if augmented is None else augmented.soft
     if soft is None:
         w = np.array([(weights or {}).get(int(c), 1.0) for c in labels], np.float32)
         packed = np.concatenate([labels[:, None].astype(np.float32), w[:, None], probs.astype(np.float32)], axis=1)

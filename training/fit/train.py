@@ -272,7 +272,7 @@ def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
     log(f"augmented views: {cfg.augment_views} per training image ({cfg.augment_policy}), {len(x)} rendered in "
         f"{seconds:.1f}s; one per image each epoch")
     soft = (views.mixed_labels(dataset.train.y, params, len(dataset.class_names))
-            if cfg.augment_policy in views.MIXING else None)
+            if distill.mixing(cfg) else None)
     return Augmented(params, x, {"views": cfg.augment_views, "policy": cfg.augment_policy, "recipe_version": views.VERSION,
                                  "recipe": views.recipe_key(cfg.augment_policy, params), "images": int(len(x)),
                                  "seconds": round(seconds, 4)}, soft)
