@@ -9,24 +9,16 @@ export TLSERVE_HOME=${TLSERVE_HOME:-$PWD/demo}
 export BENTOML_HOME=${BENTOML_HOME:-$TLSERVE_HOME/bentoml}
 mkdir -p "$TLSERVE_HOME"
 tl=.venv/bin/tlserve
-py=.venv/bin/python
 name=demo-cnn
 port=${TLSERVE_DEMO_PORT:-3777}
 
-$tl train --data synthetic --backbone cnn --epochs 4 --name "$name" --overwrite
+$tl train --data synthetic --backbone cnn --epochs 8 --name "$name" --overwrite
 $tl runs
 $tl export "$name" --int8 --overwrite
 
-# One generated test image to send.
-image="$TLSERVE_HOME/example.png"
-$py - "$image" <<'PY'
-import sys
-from PIL import Image
-from training.data.sources import make_synthetic
-x, y, names = make_synthetic(1, seed=2024)
-Image.fromarray(x[0]).save(sys.argv[1])
-print(f"example image: {sys.argv[1]} (a {names[y[0]]})")
-PY
+# One image of each class from the test split (never trained on); send the circle.
+$tl data sample --data synthetic --per-class 1 --out "$TLSERVE_HOME/examples" --overwrite
+image="$TLSERVE_HOME/examples/circle/0.png"
 
 $tl serve "$name" --host 127.0.0.1 --port "$port" > "$TLSERVE_HOME/serve.log" 2>&1 &
 server=$!
