@@ -23,7 +23,7 @@ def check_data_spec(cfg: DataConfig) -> None:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other options, so the record holds the effective values,
     and check every choice: a mistake is one line before the data loads or a staging folder exists."""
-    spec = backbones.REGISTRY[choose("backbone", cfg.backbone, list(backbones.REGISTRY))]
+    spec = backbones.get(cfg.backbone)
     cfg = dataclasses.replace(cfg)
     if cfg.from_run:
         cfg.strategy = "from-run"

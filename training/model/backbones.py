@@ -76,10 +76,10 @@ _TOKEN = re.compile(r"^(c(\d+)(?:k(\d+))?|p(\d*)|dr(0?\.\d+|0|1)|f|gm?|d(\d+)|r(
 
 
 def get(name: str) -> BackboneSpec:
+    """The registered backbone; an unknown name is one line naming the nearest ones."""
     try:
         return REGISTRY[name]
     except KeyError:
-
         return REGISTRY[choose("backbone", name, list(REGISTRY))]
 
 
