@@ -144,15 +144,16 @@ def search(imgs: Images, emb: np.ndarray | None, thresholds: Thresholds, *, cros
             if len(pairs) > MAX_PAIRS:
                 return pairs, True
     if geometric:
-        pairs.extend(geometric_pairs(imgs, prep, {(p.a, p.b) for p in pairs}, cross_only, nearest, log=log, bar=bar))
+        known = np.array([p.a * n + p.b for p in pairs], np.int64)
+        pairs.extend(geometric_pairs(imgs, prep, known, cross_only, nearest, log=log, bar=bar))
     return pairs, len(pairs) > MAX_PAIRS
 
 
-def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], cross_only: bool,
+def geometric_pairs(imgs: Images, prep: _Prepared, known: np.ndarray, cross_only: bool,
                     nearest: list[tuple[np.ndarray, np.ndarray]] = (), log=None, bar: bool | None = None) -> list[Pair]:
     """Crops and small rotations (training.audit.geometry): each image's few nearest by zoom descriptor
     (and by embedding, `nearest`), kept when they align (band-passed grey) and keep their colours; pairs
-    already found are not repeated."""
+    already found (`known`: their codes a * n + b) are not repeated."""
     n = len(imgs.labels)
     with progress.step("aligning crops and rotations", n, log=log, bar=bar) as advance:
         ii, jj = geometry.candidates(imgs.grey, imgs.split, cross_only)
@@ -160,7 +161,7 @@ def geometric_pairs(imgs: Images, prep: _Prepared, known: set[tuple[int, int]], 
             codes = np.unique(np.concatenate([ii * n + jj] + [a * n + b for a, b in nearest]))
             ii, jj = codes // n, codes % n
         # One membership test over pair codes, not a Python set lookup per candidate (20 a row: 1.2M on 60k).
-        new = ~np.isin(ii * n + jj, np.fromiter((a * n + b for a, b in known), np.int64, len(known)))
+        new = ~np.isin(ii * n + jj, known)
         ii, jj = ii[new], jj[new]
         al = geometry.align(imgs.grey, ii, jj)
         ok = al.score >= geometry.MIN_ALIGNED
