@@ -1,12 +1,13 @@
 """Does a small CNN learn more from a MobileNetV2 teacher than from the labels alone, at its own latency?
 
-    nice -n 5 .venv/bin/python benchmarks/distill.py [--split-seeds 0,1,2] [--seeds 0,1,2] [--views 16] ...
+    nice -n 5 .venv/bin/python benchmarks/distill.py [--split-seeds 0,1,2] [--seeds 0,1,2] [--views 64] ...
 
 For each split seed S (--split-seed S: which images are train / val / test) one teacher is trained on
 that split; then, for each training seed R (--seed R: initial weights, shuffles, the views drawn), on
 the same split:
   teacher  MobileNetV2@128 (--teacher-size), frozen, the real ImageNet weights (the data loaded at that size), seed S
-  alone    the small CNN at --image-size, labels only, with the same augmentation as the student
+  alone    the small CNN at --image-size (the teacher's 128 px: at 64 the student cannot see what the
+           teacher knows; docs/tuning.md, P-R), labels only, with the same augmentation as the student
   student  the same CNN, same options, with --teacher (its probabilities computed at the teacher's size; with
            --views K on each of the K augmented views the CNN trains on: consistent teaching)
 Printed: each run's test accuracy and its validation accuracy (at the epoch early stopping kept); per
@@ -44,7 +45,7 @@ from training.record.records import RECORD, RunRecord  # noqa: E402
 # shared/ beside the repository (a helper's worktree sits one folder deeper)
 SHARED = next((p / "shared" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared").is_dir()), ROOT.parent / "shared").resolve()
 WEIGHTS = SHARED / "weights" / "mobilenetv2_1.0_imagenet_no_top.h5"
-CNN = "c32,p,c64,p,c128,p,g,d128,dr0.3"
+CNN = "c16,p,c32,p,c64,p,c128,p,g,d128,dr0.3"  # four blocks at 128 px: about the compute of three at 64
 
 
 def load() -> str:
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--data", default=f"folder:{SHARED / 'datasets' / 'banana-leaf'}")
     parser.add_argument("--split-seeds", default="0,1,2", help="one teacher and one split per seed")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, on every split")
-    parser.add_argument("--image-size", type=int, default=64, help="the CNN's image size")
+    parser.add_argument("--image-size", type=int, default=128, help="the CNN's image size")
     parser.add_argument("--teacher-size", type=int, default=128, help="the teacher's image and input size")
     parser.add_argument("--cnn-layers", default=CNN)
     parser.add_argument("--epochs", type=int, default=80)
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="cosine", help="--schedule of the CNN (alone and student)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--weight", type=float, default=1.0)
-    parser.add_argument("--views", type=int, default=16, help="--augment-views for alone and student (0: none)")
+    parser.add_argument("--views", type=int, default=64, help="--augment-views for alone and student (0: none)")
     parser.add_argument("--policy", default="seed", help="--augment-policy of the views: seed, flip-crop, crop, mixup, crop-mixup")
     parser.add_argument("--fresh", action="store_true", help="train every run again, even if it is there")
     parser.add_argument("--no-latency", action="store_true")
