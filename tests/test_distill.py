@@ -196,8 +196,8 @@ def test_the_cnn_alone_trains_on_the_same_views(run_cli, teacher):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--augment-views", "-1"], "--augment-views must be between 0 (off) and 64"),
-    (["--augment-views", "65"], "--augment-views must be between 0 (off) and 64"),
+    (["--augment-views", "-1"], "--augment-views must be between 0 (off) and 256"),
+    (["--augment-views", "257"], "--augment-views must be between 0 (off) and 256"),
     (["--augment-views", "4", "--augment"], "--augment-views and --augment: pick one"),
     (["--augment-views", "4", "--split-seed", "2"], "was trained on other data: seed 0 (here 2)"),
 ])
@@ -206,6 +206,30 @@ def test_bad_views_or_split_are_refused_before_training(run_cli, teacher, option
     assert result.code == 2 and message in result.err, result.err
     assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
     assert not (teacher / "refused").exists() and not (teacher / ".refused.partial").exists()
+
+
+def test_views_that_would_not_fit_in_memory_are_refused_before_rendering(run_cli, teacher, monkeypatch):
+    import collections
+
+    import psutil
+
+    free = collections.namedtuple("mem", "available")(2 * 2**20)  # 2 MB free: 150 images x 8 views do not fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    result = run_cli("train", *STUDENT, "--augment-views", "8", "--name", "too-many", "--runs-dir", teacher)
+    assert result.code == 2 and "--augment-views 8: 8 views of" in result.err and "GB free" in result.err, result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (teacher / "too-many").exists() and not (teacher / ".too-many.partial").exists()
+
+
+def test_render_all_lays_out_image_i_view_k_at_row_i_k():
+    from training.data import views
+
+    x = np.random.default_rng(0).integers(0, 256, (5, 12, 10, 3), dtype=np.uint8)
+    params = views.draw("seed", 5, 3, seed=1)
+    out = views.render_all(x, params)
+    assert out.shape == (15, 12, 10, 3) and views.views_bytes(5, 3, x.shape[1:]) == out.nbytes
+    for i, k in ((0, 0), (2, 1), (4, 2)):
+        np.testing.assert_array_equal(out[i * 3 + k], views.render(x, params[:, k])[i])
 
 
 def test_tune_refuses_views(run_cli, tmp_path):

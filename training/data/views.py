@@ -35,7 +35,7 @@ import numpy as np
 from training.env import tf
 
 VERSION = 1        # bump when a recipe's drawing or rendering changes: it keys the teacher's cached views
-MAX_VIEWS = 64
+MAX_VIEWS = 256    # a sanity bound; the memory the views would take is checked against what is free (views_bytes)
 MIXING = ("mixup", "crop-mixup")                # the policies that mix two images (and their labels)
 CROP_AREA, CROP_ASPECT, MIX_ALPHA = (0.35, 1.0), (3 / 4, 4 / 3), 1.0
 
@@ -119,10 +119,18 @@ def render(x: np.ndarray, params: np.ndarray, chunk: int = 256) -> np.ndarray:
     return out
 
 
+def views_bytes(images: int, k: int, image_shape: tuple[int, ...]) -> int:
+    """What render_all's array of K views of `images` images takes in memory (uint8)."""
+    return int(images) * int(k) * int(np.prod(image_shape))
+
+
 def render_all(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     """x (n, h, w, c) and params (n, K, 5 or 8) -> (n * K, h, w, c): image i's view k at row i * K + k."""
     n, k = params.shape[:2]
-    return np.stack([render(x, params[:, j]) for j in range(k)], axis=1).reshape(n * k, *x.shape[1:])
+    out = np.empty((n, k, *x.shape[1:]), x.dtype)  # filled view by view: no second copy at the peak
+    for j in range(k):
+        out[:, j] = render(x, params[:, j])
+    return out.reshape(n * k, *x.shape[1:])
 
 
 def _transforms(p: np.ndarray, h: int, w: int) -> np.ndarray:

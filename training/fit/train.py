@@ -265,6 +265,7 @@ class Augmented:
 
 
 def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
+    _views_fit_in_memory(cfg.augment_views, dataset.train.x)
     t0 = time.perf_counter()
     params = views.draw(cfg.augment_policy, len(dataset.train), cfg.augment_views, cfg.seed)
     x = views.render_all(dataset.train.x, params)
@@ -276,6 +277,17 @@ def augmented_views(cfg: TrainConfig, dataset, log: Log) -> Augmented:
     return Augmented(params, x, {"views": cfg.augment_views, "policy": cfg.augment_policy, "recipe_version": views.VERSION,
                                  "recipe": views.recipe_key(cfg.augment_policy, params), "images": int(len(x)),
                                  "seconds": round(seconds, 4)}, soft)
+
+
+def _views_fit_in_memory(k: int, x: np.ndarray) -> None:
+    """Refuse, before rendering, K views that would take more than half the memory free now: the
+    training batches, the model and the teacher's renders need the rest."""
+    import psutil  # noqa: PLC0415 (installed with bentoml; only --augment-views needs it)
+    need, free = views.views_bytes(len(x), k, x.shape[1:]), psutil.virtual_memory().available
+    if need > free / 2:
+        raise UserError(f"--augment-views {k}: {k} views of {len(x)} training images at {x.shape[1]}x{x.shape[2]} "
+                        f"take {need / 2**30:.1f} GB, more than half the {free / 2**30:.1f} GB free; "
+                        f"use fewer views, a smaller --image-size or --limit")
 
 
 def _start(cfg: TrainConfig, cluster: clusters.Cluster | None, log: Log) -> accelerators.Accel:
