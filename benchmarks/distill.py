@@ -1,13 +1,14 @@
 """Does a small CNN learn more from a MobileNetV2 teacher than from the labels alone, at its own latency?
 
-    nice -n 5 .venv/bin/python benchmarks/distill.py [--split-seeds 0,1,2] [--seeds 0,1,2] [--views 64] ...
+    nice -n 5 .venv/bin/python benchmarks/distill.py [--split-seeds 0,1,2] [--seeds 0,1,2] [--views 128] [--epochs 128] ...
 
 For each split seed S (--split-seed S: which images are train / val / test) one teacher is trained on
 that split; then, for each training seed R (--seed R: initial weights, shuffles, the views drawn), on
 the same split:
   teacher  MobileNetV2@128 (--teacher-size), frozen, the real ImageNet weights (the data loaded at that size), seed S
   alone    the small CNN at --image-size (the teacher's 128 px: at 64 the student cannot see what the
-           teacher knows; docs/tuning.md, P-R), labels only, with the same augmentation as the student
+           teacher knows; docs/tuning.md, P-S), labels only, with the same augmentation as the student
+           (128 views for 128 epochs: the defaults are S, the configuration that met the target)
   student  the same CNN, same options, with --teacher (its probabilities computed at the teacher's size; with
            --views K on each of the K augmented views the CNN trains on: consistent teaching)
 Printed: each run's test accuracy and its validation accuracy (at the epoch early stopping kept); per
@@ -60,13 +61,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="the CNN's image size")
     parser.add_argument("--teacher-size", type=int, default=128, help="the teacher's image and input size")
     parser.add_argument("--cnn-layers", default=CNN)
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=128)
+    parser.add_argument("--patience", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--schedule", default="cosine", help="--schedule of the CNN (alone and student)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--weight", type=float, default=1.0)
-    parser.add_argument("--views", type=int, default=64, help="--augment-views for alone and student (0: none)")
+    parser.add_argument("--views", type=int, default=128, help="--augment-views for alone and student (0: none)")
     parser.add_argument("--policy", default="seed", help="--augment-policy of the views: seed, flip-crop, crop, mixup, crop-mixup")
     parser.add_argument("--fresh", action="store_true", help="train every run again, even if it is there")
     parser.add_argument("--no-latency", action="store_true")
