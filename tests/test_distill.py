@@ -216,7 +216,7 @@ def test_views_that_would_not_fit_in_memory_are_refused_before_rendering(run_cli
     free = collections.namedtuple("mem", "available")(2 * 2**20)  # 2 MB free: 150 images x 8 views do not fit
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     result = run_cli("train", *STUDENT, "--augment-views", "8", "--name", "too-many", "--runs-dir", teacher)
-    assert result.code == 2 and "--augment-views 8: 8 views of" in result.err and "GB free" in result.err, result.err
+    assert result.code == 2 and "--augment-views 8: 8 views of 150 training images" in result.err and "MB free" in result.err, result.err
     assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
     assert not (teacher / "too-many").exists() and not (teacher / ".too-many.partial").exists()
 
