@@ -35,7 +35,7 @@ import numpy as np
 from training.env import tf
 
 VERSION = 1        # bump when a recipe's drawing or rendering changes: it keys the teacher's cached views
-MAX_VIEWS = 256    # a sanity bound; the memory the views would take is checked against what is free (views_bytes)
+MAX_VIEWS = 256    # a sanity bound; what the views take (K times the images' bytes) is checked against free memory
 MIXING = ("mixup", "crop-mixup")                # the policies that mix two images (and their labels)
 CROP_AREA, CROP_ASPECT, MIX_ALPHA = (0.35, 1.0), (3 / 4, 4 / 3), 1.0
 
@@ -117,11 +117,6 @@ def render(x: np.ndarray, params: np.ndarray, chunk: int = 256) -> np.ndarray:
             view = np.where((partner >= 0)[:, None, None, None], lam * view + (1 - lam) * other, view)
         out[start:start + chunk] = np.clip(np.round(view), 0, 255).astype(x.dtype)
     return out
-
-
-def views_bytes(images: int, k: int, image_shape: tuple[int, ...]) -> int:
-    """What render_all's array of K views of `images` images takes in memory (uint8)."""
-    return int(images) * int(k) * int(np.prod(image_shape))
 
 
 def render_all(x: np.ndarray, params: np.ndarray) -> np.ndarray:

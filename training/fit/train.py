@@ -283,7 +283,7 @@ def _views_fit_in_memory(k: int, x: np.ndarray) -> None:
     """Refuse, before rendering, K views that would take more than half the memory free now: the
     training batches, the model and the teacher's renders need the rest."""
     import psutil  # noqa: PLC0415 (only --augment-views needs it)
-    need, free = views.views_bytes(len(x), k, x.shape[1:]), psutil.virtual_memory().available
+    need, free = k * x.nbytes, psutil.virtual_memory().available  # render_all's array: K rows per image, x's dtype
     if need > free / 2:
         size = lambda b: f"{b / 2**30:.1f} GB" if b >= 2**30 else f"{b / 2**20:.1f} MB"  # noqa: E731
         raise UserError(f"--augment-views {k}: {k} views of {len(x)} training images at {x.shape[1]}x{x.shape[2]} "
